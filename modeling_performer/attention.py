@@ -1,0 +1,361 @@
+"""Attention kernels as pure functions.
+
+Shapes: B batch, H heads, T query length, S key length, D head dim, M random features.
+All FAVOR+ functions share one calling convention:
+
+    fn(q, k, v, projection, feature_map, key_padding_mask=None, state=None, ...)
+
+with q: [B, H, T, D], k/v: [B, H, S, D], projection W: [M, D], feature_map a name ("softmax",
+"relu") or a feature-map class, key_padding_mask: [B, S] (True / 1 = real token). The causal
+functions take and return a `LinearAttentionState`, so a sequence can be split anywhere and
+resumed: prefill with `causal_linear_attention`, then decode with `recurrent_linear_attention`.
+
+Numerics (see DESIGN.md, "The key stabiliser"): keys use exp(r - m) where m is a running
+maximum over unmasked keys and features. The carried state is rescaled by exp(m_old - m_new)
+whenever m grows, so the one-pass, chunked and token-by-token paths agree up to rounding. States
+and normalisers are fp32 whatever the input dtype (autocast is switched off inside), and the
+denominator is clamped at the smallest normal fp32 number instead of adding an epsilon (an
+additive epsilon would not cancel and would break that agreement). The stabiliser is detached:
+the output does not depend on it, so its gradient is exactly zero.
+"""
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .feature_maps import get_feature_map
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+class LinearAttentionState(NamedTuple):
+    """Running FAVOR+ state (all fp32).
+
+    kv: [B, H, M, D] sum of phi(k) v^T; normaliser: [B, H, M] sum of phi(k);
+    stabiliser: [B, H] the constant both are scaled by (exp(-stabiliser)); -inf when empty.
+    """
+
+    kv: torch.Tensor
+    normaliser: torch.Tensor
+    stabiliser: torch.Tensor
+
+
+def empty_state(batch: int, heads: int, num_features: int, head_dim: int, device=None) -> LinearAttentionState:
+    return LinearAttentionState(
+        torch.zeros(batch, heads, num_features, head_dim, device=device),
+        torch.zeros(batch, heads, num_features, device=device),
+        torch.full((batch, heads), float("-inf"), device=device),
+    )
+
+
+def _resolve(feature_map):
+    return get_feature_map(feature_map) if isinstance(feature_map, str) else feature_map
+
+
+def _finite(m: torch.Tensor) -> torch.Tensor:
+    """A stabiliser usable in a subtraction: -inf (nothing seen yet) becomes 0."""
+    return torch.where(torch.isinf(m), torch.zeros_like(m), m)
+
+
+def _check_qkv(q, k, v, key_padding_mask):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be [B, H, T, D] tensors, got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape[:3] != v.shape[:3] or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"Incompatible q/k/v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}: "
+            "q [B, H, T, D], k [B, H, S, D], v [B, H, S, Dv] expected"
+        )
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2]):
+        raise ValueError(
+            f"key_padding_mask must have shape [B, S] = {(k.shape[0], k.shape[2])}, got "
+            f"{tuple(key_padding_mask.shape)}; a general [T, S] mask cannot be applied by FAVOR+ "
+            "in linear time (use attention_type='softmax' for such masks)"
+        )
+
+
+def _key_terms(k, projection, fmap, key_padding_mask):
+    """Returns key logits r: [B, H, S, M] and per-token maxima [B, H, S] (-inf where padded)."""
+    r = fmap.key_logits(k, projection)
+    token_max = fmap.token_max(r)
+    if key_padding_mask is not None:
+        keep = key_padding_mask.to(torch.bool)[:, None, :]
+        token_max = token_max.masked_fill(~keep, float("-inf"))
+    return r, token_max
+
+
+def _masked_keys(fmap, r, stabiliser, key_padding_mask):
+    phi_k = fmap.keys(r, stabiliser)
+    if key_padding_mask is not None:
+        phi_k = phi_k * key_padding_mask.to(phi_k.dtype)[:, None, :, None]
+    return phi_k
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    return numerator / denominator.clamp_min(_TINY).unsqueeze(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Non-causal
+
+
+def linear_attention_state(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    feature_map="softmax",
+    key_padding_mask: Optional[torch.Tensor] = None,
+) -> LinearAttentionState:
+    """Summarises all keys/values once (encoder self-attention, cross-attention cache).
+
+    k, v: [B, H, S, D] -> state with kv [B, H, M, D], normaliser [B, H, M], stabiliser [B, H].
+    """
+    fmap = _resolve(feature_map)
+    with torch.autocast(device_type=k.device.type, enabled=False):
+        r, token_max = _key_terms(k, projection, fmap, key_padding_mask)
+        stabiliser = token_max.amax(dim=-1) if token_max.shape[-1] > 0 else token_max.new_full(token_max.shape[:2], float("-inf"))
+        phi_k = _masked_keys(fmap, r, _finite(stabiliser)[..., None, None], key_padding_mask)
+        kv = phi_k.transpose(-1, -2) @ v.float()
+        return LinearAttentionState(kv, phi_k.sum(dim=-2), stabiliser)
+
+
+def linear_attention_from_state(
+    q: torch.Tensor, state: LinearAttentionState, projection: torch.Tensor, feature_map="softmax"
+) -> torch.Tensor:
+    """q: [B, H, T, D] attends to everything summarised in state -> [B, H, T, D] in q's dtype."""
+    fmap = _resolve(feature_map)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        phi_q = fmap.queries(q, projection)
+        out = _ratio(phi_q @ state.kv, (phi_q @ state.normaliser.unsqueeze(-1)).squeeze(-1))
+    return out.to(q.dtype)
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    feature_map="softmax",
+    key_padding_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Non-causal FAVOR+: every query sees every unmasked key. -> [B, H, T, D]."""
+    _check_qkv(q, k, v, key_padding_mask)
+    state = linear_attention_state(k, v, projection, feature_map, key_padding_mask)
+    return linear_attention_from_state(q, state, projection, feature_map).to(v.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Causal
+
+
+def causal_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    feature_map="softmax",
+    key_padding_mask: Optional[torch.Tensor] = None,
+    state: Optional[LinearAttentionState] = None,
+    chunk_size: int = 128,
+) -> tuple[torch.Tensor, LinearAttentionState]:
+    """Causal FAVOR+, chunk by chunk: a masked C x C product inside each chunk plus the running
+    state of all earlier chunks. O(T) time and memory.
+
+    q, k, v: [B, H, T, D] (query t sees keys <= t, plus everything in `state`).
+    Returns ([B, H, T, D] in v's dtype, the state after the last token).
+    """
+    _check_qkv(q, k, v, key_padding_mask)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal attention needs as many queries as keys, got T={q.shape[2]}, S={k.shape[2]}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    fmap = _resolve(feature_map)
+    batch, heads, length, head_dim = q.shape
+    value_dim = v.shape[-1]
+    num_features = projection.shape[0]
+    if state is None:
+        state = empty_state(batch, heads, num_features, value_dim, device=q.device)
+    if length == 0:
+        return v.new_zeros(batch, heads, 0, value_dim), state
+
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        phi_q = fmap.queries(q, projection)
+        r, token_max = _key_terms(k, projection, fmap, key_padding_mask)
+        v32 = v.float()
+        mask = key_padding_mask.to(torch.bool) if key_padding_mask is not None else None
+
+        chunk = min(chunk_size, length)
+        padded = -length % chunk
+        if padded:
+            # Padded tail positions are masked keys: they change neither maxima nor state.
+            phi_q = F.pad(phi_q, (0, 0, 0, padded))
+            r = F.pad(r, (0, 0, 0, padded))
+            v32 = F.pad(v32, (0, 0, 0, padded))
+            token_max = F.pad(token_max, (0, padded), value=float("-inf"))
+            if mask is None:
+                mask = torch.ones(batch, length, dtype=torch.bool, device=q.device)
+            mask = F.pad(mask, (0, padded), value=False)
+        num_chunks = (length + padded) // chunk
+
+        # Running maximum at the end of every chunk; running[..., 0] is the incoming one.
+        chunk_max = token_max.view(batch, heads, num_chunks, chunk).amax(dim=-1)
+        running = torch.cummax(torch.cat([state.stabiliser.unsqueeze(-1), chunk_max], dim=-1), dim=-1).values
+        stabiliser = _finite(running[..., 1:])  # [B, H, NC]
+        decay = torch.exp(running[..., :-1] - stabiliser)  # rescales the carried state into chunk c
+
+        phi_k = fmap.keys(r.view(batch, heads, num_chunks, chunk, num_features), stabiliser[..., None, None])
+        if mask is not None:
+            phi_k = phi_k * mask.view(batch, 1, num_chunks, chunk, 1).to(phi_k.dtype)
+        phi_q = phi_q.view(batch, heads, num_chunks, chunk, num_features)
+        v32 = v32.view(batch, heads, num_chunks, chunk, value_dim)
+
+        # Inside each chunk: an explicit lower-triangular product.
+        scores = (phi_q @ phi_k.transpose(-1, -2)).tril()  # [B, H, NC, C, C]
+        numerator = scores @ v32
+        denominator = scores.sum(dim=-1)
+
+        # Across chunks: the state before chunk c, at chunk c's scale.
+        chunk_kv = phi_k.transpose(-1, -2) @ v32  # [B, H, NC, M, D]
+        chunk_z = phi_k.sum(dim=-2)  # [B, H, NC, M]
+        kv, z = state.kv, state.normaliser
+        kv_before, z_before = [], []
+        for c in range(num_chunks):
+            kv = kv * decay[..., c, None, None]
+            z = z * decay[..., c, None]
+            kv_before.append(kv)
+            z_before.append(z)
+            kv = kv + chunk_kv[:, :, c]
+            z = z + chunk_z[:, :, c]
+        numerator = numerator + phi_q @ torch.stack(kv_before, dim=2)
+        denominator = denominator + (phi_q @ torch.stack(z_before, dim=2).unsqueeze(-1)).squeeze(-1)
+
+        out = _ratio(numerator, denominator).reshape(batch, heads, num_chunks * chunk, value_dim)[:, :, :length]
+        new_state = LinearAttentionState(kv, z, running[..., -1])
+    return out.to(v.dtype), new_state
+
+
+def recurrent_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    feature_map="softmax",
+    key_padding_mask: Optional[torch.Tensor] = None,
+    state: Optional[LinearAttentionState] = None,
+) -> tuple[torch.Tensor, LinearAttentionState]:
+    """One decoding step of causal FAVOR+. q, k, v: [B, H, 1, D] -> ([B, H, 1, D], new state).
+
+    Cost and memory are independent of how many tokens the state has absorbed.
+    """
+    _check_qkv(q, k, v, key_padding_mask)
+    if q.shape[2] != 1 or k.shape[2] != 1:
+        raise ValueError(f"recurrent_linear_attention takes one token at a time, got T={q.shape[2]}")
+    fmap = _resolve(feature_map)
+    batch, heads, _, _ = q.shape
+    if state is None:
+        state = empty_state(batch, heads, projection.shape[0], v.shape[-1], device=q.device)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        phi_q = fmap.queries(q, projection)[:, :, 0]  # [B, H, M]
+        r, token_max = _key_terms(k, projection, fmap, key_padding_mask)
+        running = torch.maximum(state.stabiliser, token_max[..., 0])
+        stabiliser = _finite(running)
+        decay = torch.exp(state.stabiliser - stabiliser)
+        phi_k = _masked_keys(fmap, r, stabiliser[..., None, None], key_padding_mask)[:, :, 0]  # [B, H, M]
+        kv = state.kv * decay[..., None, None] + phi_k.unsqueeze(-1) * v.float()[:, :, 0].unsqueeze(-2)
+        z = state.normaliser * decay[..., None] + phi_k
+        numerator = (phi_q.unsqueeze(-2) @ kv).squeeze(-2)
+        denominator = (phi_q * z).sum(dim=-1)
+        out = _ratio(numerator, denominator).unsqueeze(2)
+    return out.to(v.dtype), LinearAttentionState(kv, z, running)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact softmax
+
+
+def build_attention_mask(
+    query_length: int,
+    key_length: int,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    causal: bool = False,
+    device=None,
+) -> Optional[torch.Tensor]:
+    """Boolean mask [B or 1, 1, T, S] (True = attend). With causal=True the T queries are the
+    last T positions of the S keys (earlier keys come from a cache)."""
+    mask = None
+    if causal:
+        offset = key_length - query_length
+        rows = torch.arange(query_length, device=device).unsqueeze(1) + offset
+        mask = (torch.arange(key_length, device=device).unsqueeze(0) <= rows)[None, None]
+    if key_padding_mask is not None:
+        pad = key_padding_mask.to(torch.bool)[:, None, None, :]
+        mask = pad if mask is None else mask & pad
+    return mask
+
+
+def softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    causal: bool = False,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Exact attention through torch SDPA. q: [B, H, T, D], k/v: [B, H, S, D] -> [B, H, T, D].
+
+    attn_mask: optional boolean [B or 1, 1 or H, T, S] (True = attend), combined with the others.
+    Queries that can see no key at all return zeros (SDPA would return NaN).
+    """
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2]):
+        raise ValueError(f"key_padding_mask must have shape [B, S] = {(k.shape[0], k.shape[2])}, got {tuple(key_padding_mask.shape)}")
+    mask = build_attention_mask(q.shape[2], k.shape[2], key_padding_mask, causal, device=q.device)
+    if attn_mask is not None:
+        attn_mask = attn_mask.to(torch.bool)
+        mask = attn_mask if mask is None else mask & attn_mask
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    if causal and key_padding_mask is None and attn_mask is None and q.shape[2] == k.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    visible = mask.any(dim=-1, keepdim=True)  # [B, 1, T, 1]
+    mask = mask | ~visible
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return out * visible.to(out.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Naive O(T^2) references (tests only)
+
+
+def naive_linear_attention(q, k, v, projection, feature_map="softmax", key_padding_mask=None, causal=False):
+    """The T x S matrix phi(q) phi(k)^T written out, in float64, with one global key constant."""
+    fmap = _resolve(feature_map)
+    q, k, v, projection = q.double(), k.double(), v.double(), projection.double()
+    head_dim = q.shape[-1]
+    qs, ks = q * head_dim**-0.25, k * head_dim**-0.25
+    if fmap.name == "softmax":
+        logits_q = qs @ projection.T
+        phi_q = torch.exp(logits_q - logits_q.amax(-1, keepdim=True))
+        r = ks @ projection.T - ks.pow(2).sum(-1, keepdim=True) / 2
+        valid = r if key_padding_mask is None else r.masked_fill(~key_padding_mask.bool()[:, None, :, None], float("-inf"))
+        phi_k = torch.exp(r - valid.amax(dim=(-1, -2), keepdim=True))
+    else:
+        phi_q = torch.relu(qs @ projection.T) + fmap.epsilon
+        phi_k = torch.relu(ks @ projection.T) + fmap.epsilon
+    scores = phi_q @ phi_k.transpose(-1, -2)
+    mask = build_attention_mask(q.shape[2], k.shape[2], key_padding_mask, causal, device=q.device)
+    if mask is not None:
+        scores = scores * mask
+    return scores @ v / scores.sum(-1, keepdim=True).clamp_min(1e-300)
+
+
+def naive_softmax_attention(q, k, v, key_padding_mask=None, causal=False):
+    """softmax(q k^T / sqrt(D)) v written out."""
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    mask = build_attention_mask(q.shape[2], k.shape[2], key_padding_mask, causal, device=q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return weights @ v

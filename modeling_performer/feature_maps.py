@@ -1,0 +1,119 @@
+"""Random projections and feature maps for FAVOR+ (Choromanski et al., 2020).
+
+Shapes: B batch, H heads, T query length, S key length, D head dim, M random features.
+
+The softmax kernel exp(q.k / sqrt(D)) is the expectation of phi(q').phi(k') with
+x' = x * D^-1/4 and phi(x) = exp(W x - |x|^2 / 2) / sqrt(M), W made of Gaussian rows.
+Each feature map exposes the same three pieces so that the attention kernels can apply a key
+stabiliser that gives identical results in one pass, chunk by chunk and token by token:
+
+- ``queries(q, W)``: phi(q) with a per-row constant removed (it cancels in the ratio);
+- ``key_logits(k, W)``: the pre-activation r (exponent of the softmax kernel);
+- ``keys(r, m)``: phi(k) computed from r with the stabiliser m subtracted;
+- ``token_max(r)``: the per-token maximum that the running stabiliser tracks.
+
+Everything is computed in fp32 whatever the input dtype.
+"""
+
+import math
+from typing import Optional
+
+import torch
+
+
+def gaussian_orthogonal_random_matrix(
+    num_features: int,
+    head_dim: int,
+    generator: Optional[torch.Generator] = None,
+    orthogonal: bool = True,
+) -> torch.Tensor:
+    """Draws the projection W: [M, D], on the CPU in fp32 so every process gets the same bits.
+
+    orthogonal=True: rows in blocks of D that are exactly orthogonal (QR of a Gaussian block,
+    signs fixed by R's diagonal so the block is Haar distributed), each row rescaled to a norm
+    drawn from chi(D) so that rows are marginally Gaussian. orthogonal=False: i.i.d. Gaussian rows.
+    """
+    if num_features < 1 or head_dim < 1:
+        raise ValueError(f"num_features and head_dim must be positive, got {num_features}, {head_dim}")
+    if not orthogonal:
+        return torch.randn(num_features, head_dim, generator=generator)
+    blocks = []
+    for _ in range(math.ceil(num_features / head_dim)):
+        gaussian = torch.randn(head_dim, head_dim, generator=generator)
+        q, r = torch.linalg.qr(gaussian)
+        q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+        blocks.append(q.T)
+    directions = torch.cat(blocks, dim=0)[:num_features]
+    norms = torch.randn(num_features, head_dim, generator=generator).norm(dim=1)
+    return directions * norms.unsqueeze(1)
+
+
+def _scaled_projection(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """x: [..., D] -> x' W^T: [..., M] in fp32, with x' = x * D^-1/4."""
+    head_dim = x.shape[-1]
+    x = x.float() * head_dim**-0.25
+    return x @ projection.float().T
+
+
+class SoftmaxFeatureMap:
+    """Positive random features of the softmax kernel (FAVOR+)."""
+
+    name = "softmax"
+
+    @staticmethod
+    def queries(q: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+        """q: [B, H, T, D] -> phi(q): [B, H, T, M]. The row maximum is removed: it and
+        |q'|^2/2 are constant per query and cancel between numerator and normaliser."""
+        logits = _scaled_projection(q, projection)
+        logits = logits - logits.amax(dim=-1, keepdim=True).detach()
+        return torch.exp(logits) * projection.shape[0] ** -0.5
+
+    @staticmethod
+    def key_logits(k: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+        """k: [B, H, S, D] -> r = W k' - |k'|^2 / 2: [B, H, S, M]."""
+        head_dim = k.shape[-1]
+        squared_norm = k.float().pow(2).sum(dim=-1, keepdim=True) * head_dim**-0.5 / 2
+        return _scaled_projection(k, projection) - squared_norm
+
+    @staticmethod
+    def token_max(r: torch.Tensor) -> torch.Tensor:
+        """r: [B, H, S, M] -> [B, H, S]; detached: the stabiliser cancels, so no gradient."""
+        return r.detach().amax(dim=-1)
+
+    @staticmethod
+    def keys(r: torch.Tensor, stabiliser: torch.Tensor) -> torch.Tensor:
+        """r: [..., S, M], stabiliser broadcastable to r (finite) -> phi(k) * exp(-stabiliser)."""
+        return torch.exp(r - stabiliser) * r.shape[-1] ** -0.5
+
+
+class ReluFeatureMap:
+    """Generalised-kernel features relu(W x') + eps (no stabiliser needed)."""
+
+    name = "relu"
+    # Keeps every key's features positive so that the normaliser never vanishes.
+    epsilon = 1e-3
+
+    @staticmethod
+    def queries(q: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+        return (torch.relu(_scaled_projection(q, projection)) + ReluFeatureMap.epsilon) * projection.shape[0] ** -0.5
+
+    @staticmethod
+    def key_logits(k: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+        return _scaled_projection(k, projection)
+
+    @staticmethod
+    def token_max(r: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(r.shape[:-1], dtype=r.dtype, device=r.device)
+
+    @staticmethod
+    def keys(r: torch.Tensor, stabiliser: torch.Tensor) -> torch.Tensor:
+        return (torch.relu(r) + ReluFeatureMap.epsilon) * r.shape[-1] ** -0.5
+
+
+FEATURE_MAPS = {"softmax": SoftmaxFeatureMap, "relu": ReluFeatureMap}
+
+
+def get_feature_map(name: str):
+    if name not in FEATURE_MAPS:
+        raise ValueError(f"Unknown feature_map {name!r}; valid values: {sorted(FEATURE_MAPS)}")
+    return FEATURE_MAPS[name]

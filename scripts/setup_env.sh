@@ -1,0 +1,15 @@
+# Sourced by the other shell scripts: makes and activates .venv with the CPU build of torch
+# and the package installed editable. Re-running is cheap: installs happen once.
+VENV="${PERFORMER_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+if [ ! -f "$VENV/.performer-installed" ] || [ pyproject.toml -nt "$VENV/.performer-installed" ]; then
+    python -m pip install -q --upgrade pip
+    # The package itself accepts any torch>=2.4 (GPU users); here we pin the CPU build.
+    python -m pip install -q "torch==2.13.0"
+    python -m pip install -q -e ".[dev]"
+    touch "$VENV/.performer-installed"
+fi

@@ -1,0 +1,256 @@
+"""Kernel tests: every fast path against the naive O(T^2) reference, forward and backward."""
+
+import pytest
+import torch
+
+from modeling_performer.attention import (
+    causal_linear_attention,
+    linear_attention,
+    naive_linear_attention,
+    naive_softmax_attention,
+    recurrent_linear_attention,
+    softmax_attention,
+)
+from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix
+
+B, H, D, M = 2, 3, 16, 32
+FEATURE_MAPS = ["softmax", "relu"]
+
+
+def projection(num_features=M, head_dim=D, seed=0, orthogonal=True):
+    return gaussian_orthogonal_random_matrix(num_features, head_dim, torch.Generator().manual_seed(seed), orthogonal)
+
+
+def qkv(length, seed=0, scale=1.0, batch=B):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, H, length, D, generator=g) * scale for _ in range(3)]
+
+
+def relative_error(actual, expected):
+    scale = expected.double().abs().max().clamp_min(1e-30)
+    return ((actual.double() - expected.double()).abs().max() / scale).item()
+
+
+def run_recurrent(q, k, v, w, feature_map, mask=None, state=None):
+    outs = []
+    for t in range(q.shape[2]):
+        step_mask = None if mask is None else mask[:, t : t + 1]
+        out, state = recurrent_linear_attention(
+            q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], w, feature_map, step_mask, state
+        )
+        outs.append(out)
+    return torch.cat(outs, dim=2), state
+
+
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("length,chunk_size", [(1, 8), (37, 8), (64, 16), (50, 128), (33, 1)], ids=lambda x: str(x))
+def test_causal_chunked_equals_naive_and_recurrent(feature_map, length, chunk_size):
+    w = projection()
+    q, k, v = qkv(length)
+    expected = naive_linear_attention(q, k, v, w, feature_map, causal=True)
+    chunked, chunked_state = causal_linear_attention(q, k, v, w, feature_map, chunk_size=chunk_size)
+    recurrent, recurrent_state = run_recurrent(q, k, v, w, feature_map)
+    assert relative_error(chunked, expected) < 1e-5
+    assert relative_error(recurrent, expected) < 1e-5
+    for a, b in zip(chunked_state, recurrent_state):
+        assert relative_error(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_gradients_match_naive(feature_map, causal):
+    w = projection()
+    length = 29
+    inputs = [t.requires_grad_() for t in qkv(length, seed=1)]
+    reference_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    weights = torch.randn(B, H, length, D, generator=torch.Generator().manual_seed(5))
+    if causal:
+        out, _ = causal_linear_attention(*inputs, w, feature_map, chunk_size=8)
+        recurrent_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+        (run_recurrent(*recurrent_inputs, w, feature_map)[0] * weights).sum().backward()
+    else:
+        out = linear_attention(*inputs, w, feature_map)
+    (out * weights).sum().backward()
+    (naive_linear_attention(*reference_inputs, w, feature_map, causal=causal) * weights).sum().backward()
+    for fast, ref in zip(inputs, reference_inputs):
+        assert relative_error(fast.grad, ref.grad) < 1e-5
+    if causal:
+        for rec, ref in zip(recurrent_inputs, reference_inputs):
+            assert relative_error(rec.grad, ref.grad) < 1e-5
+
+
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("splits", [(1,), (5, 20), (13, 14, 30), (40,)], ids=lambda s: "split" + "-".join(map(str, s)))
+def test_split_and_resume(feature_map, splits):
+    w = projection()
+    length = 41
+    q, k, v = qkv(length, seed=2)
+    whole, whole_state = causal_linear_attention(q, k, v, w, feature_map, chunk_size=8)
+    pieces, state = [], None
+    bounds = [0, *splits, length]
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        piece = slice(start, end)
+        if i % 2:  # alternate between the chunked and the token-by-token path
+            out, state = run_recurrent(q[:, :, piece], k[:, :, piece], v[:, :, piece], w, feature_map, state=state)
+        else:
+            out, state = causal_linear_attention(q[:, :, piece], k[:, :, piece], v[:, :, piece], w, feature_map, state=state, chunk_size=6)
+        pieces.append(out)
+    assert relative_error(torch.cat(pieces, dim=2), whole) < 1e-5
+    for a, b in zip(state, whole_state):
+        assert relative_error(a, b) < 1e-5
+
+
+def test_growing_key_logits_need_the_running_stabiliser():
+    """Keys move towards a projection row so r grows by ~100 over the sequence: a key constant
+    frozen at the first chunk overflows, a per-chunk constant without rescaling is wrong."""
+    w = projection() * 4.0
+    length = 48
+    q, _, v = qkv(length, seed=3)
+    direction = w[0] / w[0].norm()
+    target = w[0].norm() * D**0.25  # |k'| = |w0| maximises r along w0
+    growth = torch.linspace(0.05, 1.0, length).view(1, 1, length, 1)
+    k = growth * target * direction + 0.1 * torch.randn(B, H, length, D, generator=torch.Generator().manual_seed(9))
+    r_max = (k * D**-0.25) @ w.T - (k * D**-0.25).pow(2).sum(-1, keepdim=True) / 2
+    assert r_max.amax(-1)[..., -1].min() - r_max.amax(-1)[..., 0].max() > 80
+    expected = naive_linear_attention(q, k, v, w, "softmax", causal=True)
+    chunked, _ = causal_linear_attention(q, k, v, w, "softmax", chunk_size=8)
+    recurrent, _ = run_recurrent(q, k, v, w, "softmax")
+    assert torch.isfinite(chunked).all() and torch.isfinite(recurrent).all()
+    assert relative_error(chunked, expected) < 1e-5
+    assert relative_error(recurrent, expected) < 1e-5
+
+
+def favor_error(num_features, seed, orthogonal, length=128, head_dim=16, heads=4, scale=1.0):
+    """Returns (|approx - exact| / |exact|, |approx - exact| / |v|) over the whole output."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    q, k, v = [torch.randn(1, heads, length, head_dim, generator=g) for _ in range(3)]
+    q, k = q * scale, k * scale
+    w = gaussian_orthogonal_random_matrix(num_features, head_dim, torch.Generator().manual_seed(seed), orthogonal)
+    exact = naive_softmax_attention(q.double(), k.double(), v.double())
+    error = (linear_attention(q, k, v, w, "softmax").double() - exact).norm()
+    return (error / exact.norm()).item(), (error / v.double().norm()).item()
+
+
+def mean_favor_error(num_features, seeds=range(6), orthogonal=True, **kwargs):
+    return sum(favor_error(num_features, s, orthogonal, **kwargs)[0] for s in seeds) / len(seeds)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0], ids=["std0.5", "std1"])
+def test_favor_error_falls_with_more_features(scale):
+    errors = {m: mean_favor_error(m, scale=scale) for m in (16, 64, 256)}
+    assert errors[16] > errors[64] > errors[256], errors
+    if scale < 1:
+        assert errors[256] < 0.5 * errors[16], errors
+
+
+def test_orthogonal_features_beat_iid():
+    seeds = range(12)
+    orthogonal = mean_favor_error(64, seeds, True, scale=0.5)
+    iid = mean_favor_error(64, seeds, False, scale=0.5)
+    assert orthogonal < iid, (orthogonal, iid)
+
+
+def test_favor_error_at_reference_size():
+    """D=64, M=256, T=1024, unit-variance inputs: the figures quoted in the README. The exact
+    output averages ~1000 random values, so its norm is ~5% of V's and the error relative to it
+    is large; relative to V's scale it is ~0.2."""
+    relative, relative_to_v = favor_error(256, seed=0, orthogonal=True, length=1024, head_dim=64, heads=2)
+    assert relative < 5.0 and relative_to_v < 0.3, (relative, relative_to_v)
+    relative_half, _ = favor_error(256, seed=0, orthogonal=True, length=1024, head_dim=64, heads=2, scale=0.5)
+    assert relative_half < 0.6, relative_half
+
+
+def test_projection_rows_are_orthogonal_in_blocks_and_seeded():
+    w = projection(num_features=40, head_dim=16)
+    block = w[:16] / w[:16].norm(dim=1, keepdim=True)
+    assert torch.allclose(block @ block.T, torch.eye(16), atol=1e-5)
+    assert torch.equal(w, projection(num_features=40, head_dim=16))
+    assert not torch.equal(w, projection(num_features=40, head_dim=16, seed=1))
+
+
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("mode", ["noncausal", "causal-right", "causal-left"])
+def test_padded_keys_have_no_influence(feature_map, mode):
+    w = projection()
+    lengths = [11, 6]
+    total = max(lengths)
+    q, k, v = qkv(total, seed=4)
+    mask = torch.zeros(B, total, dtype=torch.bool)
+    positions = []
+    for b, n in enumerate(lengths):
+        real = slice(total - n, total) if mode == "causal-left" else slice(0, n)
+        mask[b, real] = True
+        positions.append(real)
+    # Garbage in padded positions must not leak anywhere.
+    k = torch.where(mask[:, None, :, None], k, torch.full_like(k, 30.0))
+    v = torch.where(mask[:, None, :, None], v, torch.full_like(v, 1e4))
+    if mode == "noncausal":
+        batched = linear_attention(q, k, v, w, feature_map, key_padding_mask=mask)
+    else:
+        batched, _ = causal_linear_attention(q, k, v, w, feature_map, key_padding_mask=mask, chunk_size=4)
+        recurrent, _ = run_recurrent(q, k, v, w, feature_map, mask=mask)
+        assert relative_error(recurrent, batched) < 1e-5
+    for b, real in enumerate(positions):
+        one = [t[b : b + 1, :, real] for t in (q, k, v)]
+        if mode == "noncausal":
+            alone = linear_attention(*one, w, feature_map)
+        else:
+            alone, _ = causal_linear_attention(*one, w, feature_map, chunk_size=4)
+        assert relative_error(batched[b : b + 1, :, real], alone) < 1e-5
+
+
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_large_norms_stay_finite(feature_map, dtype, causal):
+    w = projection()
+    q, k, v = qkv(40, seed=6)
+    q, k = [(t / t.norm(dim=-1, keepdim=True) * 50).requires_grad_() for t in (q, k)]
+    v.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != "fp32"):
+        if causal:
+            out, state = causal_linear_attention(q, k, v, w, feature_map, chunk_size=8)
+            assert all(torch.isfinite(t).all() for t in state)
+        else:
+            out = linear_attention(q, k, v, w, feature_map)
+    out.float().square().sum().backward()
+    assert torch.isfinite(out).all()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("mode", ["plain", "causal", "padded", "causal-with-past"])
+def test_softmax_attention_matches_naive(mode):
+    q, k, v = qkv(9, seed=7)
+    mask = None
+    if mode == "padded":
+        mask = torch.ones(B, 9, dtype=torch.bool)
+        mask[1, :4] = False
+    if mode == "causal-with-past":
+        q = q[:, :, -3:]
+    causal = mode.startswith("causal")
+    out = softmax_attention(q, k, v, key_padding_mask=mask, causal=causal)
+    expected = naive_softmax_attention(q, k, v, key_padding_mask=mask, causal=causal)
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_softmax_attention_query_seeing_no_key_is_zero_not_nan():
+    q, k, v = qkv(5, seed=8)
+    mask = torch.ones(B, 5, dtype=torch.bool)
+    mask[0, :3] = False  # left padding: the first two queries of row 0 see nothing causally
+    out = softmax_attention(q, k, v, key_padding_mask=mask, causal=True)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[0, :, :3], torch.zeros_like(out[0, :, :3]))
+
+
+def test_bad_shapes_and_general_masks_are_rejected():
+    w = projection()
+    q, k, v = qkv(6)
+    with pytest.raises(ValueError, match=r"\[B, S\]"):
+        linear_attention(q, k, v, w, key_padding_mask=torch.ones(B, 6, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="B, H, T, D"):
+        causal_linear_attention(q[0], k, v, w)
+    with pytest.raises(ValueError, match="one token"):
+        recurrent_linear_attention(q, k, v, w)
+    with pytest.raises(ValueError, match="feature_map"):
+        linear_attention(q, k, v, w, feature_map="cosine")
