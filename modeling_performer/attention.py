@@ -221,13 +221,14 @@ def causal_linear_attention(
         chunk_z = phi_k.sum(dim=-2)  # [B, H, NC, M]
         kv, z = state.kv, state.normaliser
         kv_before, z_before = [], []
-        for c in range(num_chunks):
-            kv = kv * decay[..., c, None, None]
-            z = z * decay[..., c, None]
+        # unbind once: indexing chunk_kv[:, :, c] in the loop would make backward quadratic.
+        for chunk_decay, kv_c, z_c in zip(decay.unbind(-1), chunk_kv.unbind(2), chunk_z.unbind(2)):
+            kv = kv * chunk_decay[..., None, None]
+            z = z * chunk_decay[..., None]
             kv_before.append(kv)
             z_before.append(z)
-            kv = kv + chunk_kv[:, :, c]
-            z = z + chunk_z[:, :, c]
+            kv = kv + kv_c
+            z = z + z_c
         numerator = numerator + phi_q @ torch.stack(kv_before, dim=2)
         denominator = denominator + (phi_q @ torch.stack(z_before, dim=2).unsqueeze(-1)).squeeze(-1)
 

@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Time and peak memory of attention forward+backward: FAVOR+ (ours) vs torch SDPA vs
+performer-pytorch (when installed), B=1, H=8, D=64, M=256, all measured in this run.
+
+Each (method, length) runs in a fresh subprocess so that its peak resident memory is its own.
+glibc's mmap/trim thresholds are raised for those processes: otherwise page faults from
+returning and re-faulting large buffers dominate CPU timings on small machines.
+
+    python scripts/bench_attention.py                      # T = 1k .. 32k
+    python scripts/bench_attention.py --lengths 1024 4096 --repeats 3
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = ["favor", "favor-causal", "sdpa", "sdpa-causal", "performer-pytorch", "performer-pytorch-causal"]
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+
+
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def measure(method, length, repeats, heads=8, head_dim=64, num_features=256, chunk_size=128):
+    """Runs inside the worker process; returns seconds (median) and peak extra bytes."""
+    import torch
+
+    torch.manual_seed(0)
+    q, k, v = [torch.randn(1, heads, length, head_dim, requires_grad=True) for _ in range(3)]
+    if method.startswith("favor"):
+        from modeling_performer.attention import causal_linear_attention, linear_attention
+        from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix
+
+        w = gaussian_orthogonal_random_matrix(num_features, head_dim, torch.Generator().manual_seed(0))
+        if method == "favor-causal":
+            fn = lambda: causal_linear_attention(q, k, v, w, chunk_size=chunk_size)[0]  # noqa: E731
+        else:
+            fn = lambda: linear_attention(q, k, v, w)  # noqa: E731
+    elif method.startswith("sdpa"):
+        causal = method.endswith("causal")
+        fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+    else:
+        from performer_pytorch import FastAttention
+
+        attention = FastAttention(dim_heads=head_dim, nb_features=num_features, causal=method.endswith("causal"))
+        fn = lambda: attention(q, k, v)  # noqa: E731
+
+    baseline = _rss_kib("VmRSS:")
+    times = []
+    for _ in range(repeats + 1):  # the first run is a warm-up
+        for t in (q, k, v):
+            t.grad = None
+        start = time.perf_counter()
+        fn().sum().backward()
+        times.append(time.perf_counter() - start)
+    peak = (_rss_kib("VmHWM:") - baseline) * 1024
+    return {"seconds": statistics.median(times[1:]), "peak_bytes": peak}
+
+
+def run_worker(method, length, repeats, timeout):
+    env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
+    cmd = [sys.executable, __file__, "--worker", method, str(length), "--repeats", str(repeats)]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout>{timeout}s"}
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["failed"])[-1]
+        return {"error": last[:60]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def performer_pytorch_available():
+    try:
+        import performer_pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (median), after one warm-up")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--max-sdpa-length", type=int, default=32768)
+    parser.add_argument("--max-performer-pytorch-length", type=int, default=8192,
+                        help="its causal CPU path keeps a [T, M, D] tensor per head: longer runs exhaust memory")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per point")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--worker", nargs=2, metavar=("METHOD", "LENGTH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        print(json.dumps(measure(args.worker[0], int(args.worker[1]), args.repeats)))
+        return
+
+    methods = [m for m in args.methods if not m.startswith("performer-pytorch") or performer_pytorch_available()]
+    if len(methods) < len(args.methods):
+        print("performer-pytorch is not installed (pip install performer-pytorch==1.1.4): skipping it")
+    results = {}
+    header = f"{'T':>6} " + " ".join(f"{m:>26}" for m in methods)
+    print("forward+backward, B=1 H=8 D=64 M=256; each cell: median seconds / peak MiB")
+    print(header, flush=True)
+    for length in args.lengths:
+        row = {}
+        for method in methods:
+            if (method.startswith("sdpa") and length > args.max_sdpa_length) or (
+                method.startswith("performer-pytorch") and length > args.max_performer_pytorch_length
+            ):
+                row[method] = {"error": "skipped"}
+                continue
+            repeats = args.repeats if length <= 8192 else max(1, args.repeats - 1)
+            row[method] = run_worker(method, length, repeats, args.timeout)
+        results[length] = row
+        cells = []
+        for method in methods:
+            r = row[method]
+            cells.append(f"{r['error']:>26}" if "error" in r else f"{r['seconds']:>15.3f} s {r['peak_bytes'] / 2**20:>7.0f} MiB")
+        print(f"{length:>6} " + " ".join(cells), flush=True)
+
+    print("\nRatios (same run):")
+    for length, row in results.items():
+        parts = []
+        for ours, other in [("favor-causal", "performer-pytorch-causal"), ("favor", "performer-pytorch"),
+                            ("favor-causal", "sdpa-causal"), ("favor", "sdpa")]:
+            a, b = row.get(ours, {}), row.get(other, {})
+            if "seconds" in a and "seconds" in b:
+                parts.append(f"{other}/{ours}: time x{b['seconds'] / a['seconds']:.2f}, "
+                             f"memory x{b['peak_bytes'] / max(a['peak_bytes'], 1):.2f}")
+        print(f"  T={length}: " + "; ".join(parts))
+    for ours, other in [("favor-causal", "sdpa-causal"), ("favor", "sdpa")]:
+        faster = [t for t, row in results.items() if "seconds" in row.get(ours, {}) and "seconds" in row.get(other, {})
+                  and row[ours]["seconds"] < row[other]["seconds"]]
+        print(f"  {ours} faster than {other} from T={min(faster) if faster else 'never (in this range)'}")
+    for method in ("favor", "favor-causal"):
+        points = [(t, row[method]["peak_bytes"]) for t, row in results.items() if "peak_bytes" in row.get(method, {})]
+        if len(points) >= 2:
+            (t0, m0), (t1, m1) = points[0], points[-1]
+            print(f"  {method}: peak memory {(m1 - m0) / (t1 - t0) / 1024:.1f} KiB per token "
+                  f"(slope between T={t0} and T={t1})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
