@@ -1,0 +1,176 @@
+"""Configuration of Performer models: one config class serves every head (as BART's does)."""
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+ATTENTION_TYPES = ("favor", "softmax")
+# Names used by earlier Performer code bases, accepted and normalised.
+ATTENTION_TYPE_ALIASES = {"linear": "favor", "causal_linear": "favor", "performer": "favor", "full": "softmax"}
+HIDDEN_ACTS = ("gelu", "gelu_new", "relu", "silu", "swiglu", "geglu", "reglu")
+FEATURE_MAP_NAMES = ("softmax", "relu")
+NORM_TYPES = ("pre_layernorm", "post_layernorm", "rezero", "pre_scalenorm")
+POSITION_TYPES = ("rotary", "learned")
+POOLING_TYPES = ("cls", "mean")
+PROJECTION_TYPES = ("orthogonal", "iid")
+
+# Keys that transformers itself writes into or passes through a config; anything else that is not
+# a field or an alias is a typo and is rejected rather than silently stored.
+_TRANSFORMERS_KEYS = {
+    "model_type", "transformers_version", "architectures", "auto_map", "torch_dtype", "num_labels",
+    "name_or_path", "_name_or_path", "_commit_hash", "output_attentions", "attn_implementation",
+    "_attn_implementation", "_attn_implementation_autoset", "experts_implementation", "per_layer_config",
+    "use_return_dict", "tie_encoder_decoder", "add_cross_attention", "cross_attention_hidden_size",
+    "pruned_heads", "torchscript", "task_specific_params", "finetuning_task", "tokenizer_class",
+    "prefix", "sep_token_id", "cls_token_id", "mask_token_id", "unk_token_id", "base_model_prefix",
+}
+
+
+class PerformerConfig(PreTrainedConfig):
+    r"""Configuration for every Performer head.
+
+    Canonical transformers names are used throughout; names from earlier Performer code bases are
+    accepted as aliases (`d_model`, `num_layers`, `num_heads`, `activation`, `nb_features`).
+    Invalid values and unknown keys raise `ValueError` naming the valid choices.
+
+    Example:
+        >>> from modeling_performer import PerformerConfig, PerformerForCausalLM
+        >>> config = PerformerConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4)
+        >>> model = PerformerForCausalLM(config)
+    """
+
+    model_type = "performer"
+    keys_to_ignore_at_inference = ["cache"]
+    attribute_map = {
+        "d_model": "hidden_size",
+        "num_layers": "num_hidden_layers",
+        "num_heads": "num_attention_heads",
+        "activation": "hidden_act",
+        "nb_features": "num_random_features",
+    }
+
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    num_hidden_layers: int = 6
+    # Seq2seq stacks; None means num_hidden_layers.
+    encoder_layers: int | None = None
+    decoder_layers: int | None = None
+    num_attention_heads: int = 8
+    intermediate_size: int = 2048
+    hidden_act: str = "gelu"
+    # "favor" | "softmax", or one entry per layer for a hybrid stack.
+    attention_type: str | list[str] = "favor"
+    # Cross-attention sees a fixed encoder output once: exact softmax is cheap enough by default.
+    cross_attention_type: str = "softmax"
+    feature_map: str = "softmax"
+    num_random_features: int = 256
+    projection_type: str = "orthogonal"
+    # Redraw the random projection every this many training steps (0 = never). Eval never redraws.
+    feature_redraw_interval: int = 0
+    # Seed of every projection draw: identical projections on every process.
+    projection_seed: int = 0
+    # Chunk length of causal FAVOR+ (a C x C product per chunk plus a running state).
+    chunk_size: int = 128
+    norm_type: str = "pre_layernorm"
+    position_embedding_type: str = "rotary"
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    # Token types (segment embeddings, as BERT); 0 disables them.
+    type_vocab_size: int = 0
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.0
+    classifier_dropout: float | None = None
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    classifier_pooling: str = "cls"
+    tie_word_embeddings: bool = True
+    is_decoder: bool = False
+    # Decoder-only stack with cross-attention to an external encoder output.
+    add_cross_attention: bool = False
+    is_encoder_decoder: bool = False
+    use_cache: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    decoder_start_token_id: int | None = None
+
+    def __post_init__(self, **kwargs: Any):
+        allowed = set(self.attribute_map) | _TRANSFORMERS_KEYS
+        unknown = sorted(k for k in kwargs if k not in allowed and not self._is_generation_key(k))
+        if unknown:
+            valid = sorted(f.name for f in self.__dataclass_fields__.values() if not f.name.startswith("_"))
+            raise ValueError(f"Unknown PerformerConfig key(s) {unknown}. Valid keys: {valid} (aliases: {sorted(self.attribute_map)})")
+        super().__post_init__(**kwargs)
+        if self.decoder_start_token_id is None:
+            self.decoder_start_token_id = self.bos_token_id if self.bos_token_id is not None else self.pad_token_id
+        self._normalise_and_validate()
+
+    @staticmethod
+    def _is_generation_key(key: str) -> bool:
+        from transformers import GenerationConfig
+
+        return key in GenerationConfig._get_default_generation_params()
+
+    def _normalise_and_validate(self):
+        def choose(name, value, valid):
+            if value not in valid:
+                raise ValueError(f"Invalid {name}={value!r}; valid values: {list(valid)}")
+            return value
+
+        def attention(value):
+            value = ATTENTION_TYPE_ALIASES.get(value, value)
+            return choose("attention_type", value, ATTENTION_TYPES)
+
+        if isinstance(self.attention_type, (list, tuple)):
+            self.attention_type = [attention(a) for a in self.attention_type]
+            for stack, n in self.stack_sizes().items():
+                if len(self.attention_type) != n:
+                    raise ValueError(
+                        f"attention_type lists one entry per layer: got {len(self.attention_type)} entries for the "
+                        f"{n}-layer {stack} stack"
+                    )
+        else:
+            self.attention_type = attention(self.attention_type)
+        self.cross_attention_type = ATTENTION_TYPE_ALIASES.get(self.cross_attention_type, self.cross_attention_type)
+        choose("cross_attention_type", self.cross_attention_type, ATTENTION_TYPES)
+        choose("hidden_act", self.hidden_act, HIDDEN_ACTS)
+        choose("feature_map", self.feature_map, FEATURE_MAP_NAMES)
+        choose("norm_type", self.norm_type, NORM_TYPES)
+        choose("position_embedding_type", self.position_embedding_type, POSITION_TYPES)
+        choose("classifier_pooling", self.classifier_pooling, POOLING_TYPES)
+        choose("projection_type", self.projection_type, PROJECTION_TYPES)
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "num_random_features", "chunk_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("encoder_layers", "decoder_layers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.position_embedding_type == "rotary" and self.head_dim % 2:
+            raise ValueError(f"rotary positions need an even head dimension, got {self.head_dim}")
+        if self.feature_redraw_interval < 0:
+            raise ValueError(f"feature_redraw_interval must be >= 0 (0 = never), got {self.feature_redraw_interval}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def stack_sizes(self) -> dict[str, int]:
+        if self.is_encoder_decoder:
+            return {"encoder": self.encoder_layers or self.num_hidden_layers,
+                    "decoder": self.decoder_layers or self.num_hidden_layers}
+        return {"decoder" if self.is_decoder else "encoder": self.num_hidden_layers}
+
+    def layer_attention_type(self, layer_idx: int) -> str:
+        if isinstance(self.attention_type, list):
+            return self.attention_type[layer_idx]
+        return self.attention_type

@@ -1,0 +1,900 @@
+"""Performer models: one universal layer, one stack, five heads.
+
+Design:
+- `PerformerLayer` = self-attention, optional cross-attention, feed-forward. Every sub-layer
+  goes through the same `PerformerResidual`, so the chosen norm (pre/post LayerNorm, ReZero,
+  PreScaleNorm) is applied consistently, cross-attention included.
+- `PerformerAttention` serves self- and cross-attention (BART style: `key_value_states`), with
+  exact softmax (SDPA) or FAVOR+; the random projection is a persistent buffer, so a saved model
+  reloads bit-exactly, and is redrawn only in training, from a seeded generator.
+- `PerformerModel` holds the embeddings and the stack `encoder` (a causal decoder when
+  `is_decoder`, as BERT's LM head model keeps its stack under `encoder`), plus `decoder` for
+  encoder-decoder models. Encoder and decoder share the one embedding module.
+- Decoding state lives in `PerformerCache` (constant size for FAVOR+ layers), never in modules.
+
+Shapes: B batch, T query length, S key length, H heads, D head dim, M random features, C hidden.
+"""
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    CausalLMOutputWithCrossAttentions,
+    MaskedLMOutput,
+    Seq2SeqLMOutput,
+    Seq2SeqModelOutput,
+    SequenceClassifierOutput,
+)
+from transformers.utils import ModelOutput
+
+from .attention import (
+    causal_linear_attention,
+    linear_attention,
+    linear_attention_from_state,
+    linear_attention_state,
+    recurrent_linear_attention,
+    softmax_attention,
+)
+from .cache_performer import PerformerCache, PerformerLayerCache
+from .configuration_performer import PerformerConfig
+from .feature_maps import gaussian_orthogonal_random_matrix
+
+# --------------------------------------------------------------------------------------------
+# Norms and residual connections
+
+
+class PerformerLayerNorm(nn.LayerNorm):
+    pass
+
+
+class PerformerScaleNorm(nn.Module):
+    """g * x / |x| with a single learned scale (Nguyen & Salazar, 2019)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(hidden_size**0.5))
+        self.eps = eps
+
+    def forward(self, x):
+        return x * (self.scale / x.norm(dim=-1, keepdim=True).clamp_min(self.eps))
+
+
+def make_norm(config: PerformerConfig) -> nn.Module:
+    if config.norm_type == "pre_scalenorm":
+        return PerformerScaleNorm(config.hidden_size, config.layer_norm_eps)
+    return PerformerLayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class PerformerResidual(nn.Module):
+    """x -> x + sublayer(x) with the configured norm: before (pre_*), after (post_layernorm), or a
+    learned scalar gate initialised at 0 (rezero)."""
+
+    def __init__(self, config: PerformerConfig):
+        super().__init__()
+        self.norm_type = config.norm_type
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        if self.norm_type == "rezero":
+            self.alpha = nn.Parameter(torch.zeros(1))
+        else:
+            self.norm = make_norm(config)
+
+    def forward(self, hidden_states, sublayer):
+        if self.norm_type == "rezero":
+            return hidden_states + self.alpha * self.dropout(sublayer(hidden_states))
+        if self.norm_type == "post_layernorm":
+            return self.norm(hidden_states + self.dropout(sublayer(hidden_states)))
+        return hidden_states + self.dropout(sublayer(self.norm(hidden_states)))
+
+
+# --------------------------------------------------------------------------------------------
+# Embeddings and positions
+
+
+class PerformerEmbeddings(nn.Module):
+    """Token (+ learned position) (+ token type) embeddings; LayerNorm after them for post-LN
+    stacks (as BERT), whose layers never normalise their input."""
+
+    def __init__(self, config: PerformerConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = (
+            nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            if config.position_embedding_type == "learned" else None
+        )
+        self.token_type_embeddings = (
+            nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size > 0 else None
+        )
+        self.LayerNorm = (
+            PerformerLayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm_type == "post_layernorm" else None
+        )
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.config = config
+
+    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, token_type_ids=None):
+        if inputs_embeds is None:
+            vocab = self.config.vocab_size
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+                bad = input_ids[(input_ids < 0) | (input_ids >= vocab)][0].item()
+                raise ValueError(
+                    f"input_ids contains {bad}, outside the vocabulary [0, {vocab}); check the tokenizer matches "
+                    "the model (resize_token_embeddings after adding tokens)"
+                )
+            inputs_embeds = self.word_embeddings(input_ids)
+        embeddings = inputs_embeds
+        if self.position_embeddings is not None:
+            limit = self.config.max_position_embeddings
+            if position_ids.numel() and int(position_ids.max()) >= limit:
+                raise ValueError(
+                    f"Position {int(position_ids.max())} is beyond max_position_embeddings={limit} of this model's "
+                    "learned positions: truncate the input, or use position_embedding_type='rotary'"
+                )
+            embeddings = embeddings + self.position_embeddings(position_ids)
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros(embeddings.shape[:2], dtype=torch.long, device=embeddings.device)
+            embeddings = embeddings + self.token_type_embeddings(token_type_ids)
+        elif token_type_ids is not None and bool((token_type_ids != 0).any()):
+            raise ValueError("token_type_ids were given but this model has type_vocab_size=0")
+        if self.LayerNorm is not None:
+            embeddings = self.LayerNorm(embeddings)
+        return self.dropout(embeddings)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids: [B, T] -> cos, sin: [B, 1, T, D/2]. Computed on the fly (no buffer to lose)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    angles = position_ids.float()[:, None, :, None] * inv_freq
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates pairs (first half, second half) of x: [B, H, T, D]."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Feed-forward
+
+
+class PerformerMLP(nn.Module):
+    """Two-layer MLP, or a gated linear unit (SwiGLU, GeGLU, ReGLU) with gate_proj."""
+
+    GATED = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
+
+    def __init__(self, config: PerformerConfig):
+        super().__init__()
+        gated = config.hidden_act in self.GATED
+        self.act = ACT2FN[self.GATED.get(config.hidden_act, config.hidden_act)]
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size) if gated else None
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x):
+        if self.gate_proj is None:
+            return self.down_proj(self.act(self.up_proj(x)))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+
+
+class PerformerAttention(nn.Module):
+    """Multi-head attention, exact (SDPA) or FAVOR+, for self- or cross-attention.
+
+    `projection_id` makes every module's random projection different but reproducible.
+    """
+
+    def __init__(self, config: PerformerConfig, attention_type: str, is_causal: bool, is_cross_attention: bool,
+                 projection_id: int):
+        super().__init__()
+        self.config = config
+        self.attention_type = attention_type
+        self.is_causal = is_causal and not is_cross_attention
+        self.is_cross_attention = is_cross_attention
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.projection_id = projection_id
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, hidden)
+        self.k_proj = nn.Linear(hidden, hidden)
+        self.v_proj = nn.Linear(hidden, hidden)
+        self.o_proj = nn.Linear(hidden, hidden)
+        if attention_type == "favor":
+            self.register_buffer("projection", self.draw_projection(0), persistent=True)
+        else:
+            self.projection = None
+
+    def draw_projection(self, draw: int) -> torch.Tensor:
+        """The projection for the given redraw count: [M, D], same bits on every process."""
+        seed = (self.config.projection_seed * 1_000_003 + draw * 10_007 + self.projection_id) % (2**63)
+        generator = torch.Generator().manual_seed(seed)
+        return gaussian_orthogonal_random_matrix(
+            self.config.num_random_features, self.head_dim, generator, self.config.projection_type == "orthogonal"
+        )
+
+    def _heads(self, x):
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        general_mask: Optional[torch.Tensor] = None,
+        rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        layer_cache: Optional[PerformerLayerCache] = None,
+    ) -> torch.Tensor:
+        """hidden_states: [B, T, C]; key_value_states: [B, S, C] (cross-attention);
+        attention_mask: [B, S] padding of the keys (self-attention with a cache: past + current);
+        general_mask: boolean [B, 1, T, S] (softmax layers only). -> [B, T, C]."""
+        batch, length, _ = hidden_states.shape
+        query = self._heads(self.q_proj(hidden_states))
+        if self.is_cross_attention:
+            out = self._cross_attention(query, key_value_states, attention_mask, layer_cache)
+        else:
+            key = self._heads(self.k_proj(hidden_states))
+            value = self._heads(self.v_proj(hidden_states))
+            if rotary is not None:
+                query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
+            out = self._self_attention(query, key, value, attention_mask, general_mask, layer_cache)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _self_attention(self, query, key, value, attention_mask, general_mask, layer_cache):
+        length = query.shape[2]
+        if self.attention_type == "softmax":
+            if layer_cache is not None:
+                if layer_cache.self_attention is not None:
+                    past_key, past_value = layer_cache.self_attention
+                    key, value = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
+                layer_cache.self_attention = (key, value)
+            dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
+            return softmax_attention(query, key, value, attention_mask, self.is_causal, general_mask, dropout)
+        if general_mask is not None:
+            raise ValueError(
+                "A [T, S] attention mask cannot be applied by a FAVOR+ layer in linear time: pass a 2-D [B, S] "
+                "padding mask, or use attention_type='softmax' (per layer, if needed) for general masks"
+            )
+        current_mask = None if attention_mask is None else attention_mask[:, -length:]
+        if not self.is_causal:
+            return linear_attention(query, key, value, self.projection, self.config.feature_map, current_mask)
+        state = layer_cache.self_attention if layer_cache is not None else None
+        if length == 1 and state is not None:
+            out, state = recurrent_linear_attention(
+                query, key, value, self.projection, self.config.feature_map, current_mask, state
+            )
+        else:
+            out, state = causal_linear_attention(
+                query, key, value, self.projection, self.config.feature_map, current_mask, state, self.config.chunk_size
+            )
+        if layer_cache is not None:
+            layer_cache.self_attention = state
+        return out
+
+    def _cross_attention(self, query, key_value_states, attention_mask, layer_cache):
+        cached = layer_cache.cross_attention if layer_cache is not None else None
+        if cached is None:
+            if key_value_states is None:
+                raise ValueError("cross-attention needs encoder_hidden_states (or a cache that already holds them)")
+            key = self._heads(self.k_proj(key_value_states))
+            value = self._heads(self.v_proj(key_value_states))
+            if self.attention_type == "favor":
+                cached = linear_attention_state(key, value, self.projection, self.config.feature_map, attention_mask)
+            else:
+                cached = (key, value)
+            if layer_cache is not None:
+                layer_cache.cross_attention = cached
+        if self.attention_type == "favor":
+            return linear_attention_from_state(query, cached, self.projection, self.config.feature_map).to(query.dtype)
+        dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
+        return softmax_attention(query, cached[0], cached[1], attention_mask, False, None, dropout)
+
+
+# --------------------------------------------------------------------------------------------
+# Layer and stack
+
+
+class PerformerLayer(GradientCheckpointingLayer):
+    """Self-attention, optional cross-attention, feed-forward; each behind a PerformerResidual."""
+
+    def __init__(self, config: PerformerConfig, layer_idx: int, is_causal: bool, has_cross_attention: bool,
+                 attention_type: Optional[str] = None, projection_offset: int = 0):
+        super().__init__()
+        self.layer_idx = layer_idx
+        attention_type = attention_type or config.layer_attention_type(layer_idx)
+        self.self_attn = PerformerAttention(config, attention_type, is_causal, False, projection_offset + 2 * layer_idx)
+        self.self_attn_residual = PerformerResidual(config)
+        if has_cross_attention:
+            self.cross_attn = PerformerAttention(
+                config, config.cross_attention_type, False, True, projection_offset + 2 * layer_idx + 1
+            )
+            self.cross_attn_residual = PerformerResidual(config)
+        else:
+            self.cross_attn = None
+        self.mlp = PerformerMLP(config)
+        self.mlp_residual = PerformerResidual(config)
+
+    def forward(self, hidden_states, attention_mask=None, general_mask=None, rotary=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, cache=None):
+        layer_cache = cache.layer(self.layer_idx) if cache is not None else None
+        hidden_states = self.self_attn_residual(
+            hidden_states,
+            lambda x: self.self_attn(x, attention_mask=attention_mask, general_mask=general_mask, rotary=rotary,
+                                     layer_cache=layer_cache),
+        )
+        if self.cross_attn is not None:
+            hidden_states = self.cross_attn_residual(
+                hidden_states,
+                lambda x: self.cross_attn(x, key_value_states=encoder_hidden_states,
+                                          attention_mask=encoder_attention_mask, layer_cache=layer_cache),
+            )
+        return self.mlp_residual(hidden_states, self.mlp)
+
+
+class PerformerStack(nn.Module):
+    """A stack of PerformerLayers with a final norm for pre-norm types."""
+
+    def __init__(self, config: PerformerConfig, num_layers: int, is_causal: bool, has_cross_attention: bool,
+                 projection_offset: int):
+        super().__init__()
+        self.config = config
+        self.is_causal = is_causal
+        types = config.attention_type if isinstance(config.attention_type, list) else [config.attention_type] * num_layers
+        self.layers = nn.ModuleList(
+            PerformerLayer(config, i, is_causal, has_cross_attention, types[i], projection_offset) for i in range(num_layers)
+        )
+        self.norm = make_norm(config) if config.norm_type in ("pre_layernorm", "pre_scalenorm") else None
+
+    def forward(self, hidden_states, attention_mask=None, general_mask=None, position_ids=None,
+                encoder_hidden_states=None, encoder_attention_mask=None, cache=None, output_hidden_states=False):
+        rotary = None
+        if self.config.position_embedding_type == "rotary":
+            rotary = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, hidden_states.dtype)
+        all_hidden = [hidden_states] if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask, general_mask, rotary, encoder_hidden_states,
+                                  encoder_attention_mask, cache)
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+        if self.norm is not None:
+            hidden_states = self.norm(hidden_states)
+            if output_hidden_states:
+                all_hidden[-1] = hidden_states
+        return hidden_states, tuple(all_hidden) if output_hidden_states else None
+
+
+# --------------------------------------------------------------------------------------------
+# Pretrained base
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_performer.PerformerConfig",
+    "AutoModel": "modeling_performer.PerformerModel",
+    "AutoModelForMaskedLM": "modeling_performer.PerformerForMaskedLM",
+    "AutoModelForSequenceClassification": "modeling_performer.PerformerForSequenceClassification",
+    "AutoModelForCausalLM": "modeling_performer.PerformerForCausalLM",
+    "AutoModelForSeq2SeqLM": "modeling_performer.PerformerForConditionalGeneration",
+}
+
+
+def _split_masks(attention_mask, batch, query_length, key_length, device):
+    """Validates attention_mask and returns (padding mask [B, S] bool or None, general mask
+    [B, 1, T, S] bool or None)."""
+    if attention_mask is None:
+        return None, None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+    if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError(
+                "attention_mask must hold 1 (attend) and 0 (padding); additive float masks (-inf) are not accepted"
+            )
+    elif attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 and 1")
+    attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+    if attention_mask.dim() == 2:
+        if tuple(attention_mask.shape) != (batch, key_length):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but [batch, key length] = "
+                f"{(batch, key_length)} was expected (with a cache: past + new tokens)"
+            )
+        return attention_mask, None
+    if attention_mask.dim() == 3:
+        attention_mask = attention_mask[:, None]
+    if attention_mask.dim() == 4 and attention_mask.shape[-2:] == (query_length, key_length) \
+            and attention_mask.shape[0] in (1, batch):
+        return None, attention_mask
+    raise ValueError(
+        f"attention_mask of shape {tuple(attention_mask.shape)} not understood: give [B, S] padding "
+        f"({(batch, key_length)}) or a boolean [B, 1, T, S] mask ({(batch, 1, query_length, key_length)})"
+    )
+
+
+def _positions(padding_mask, batch, length, past_length, device):
+    """Position ids [B, T]: counted over real tokens when a padding mask is given, so that
+    left-padded prompts start at 0."""
+    if padding_mask is None:
+        return torch.arange(past_length, past_length + length, device=device).expand(batch, length)
+    positions = padding_mask.long().cumsum(-1) - 1
+    return positions.clamp_min(0)[:, -length:]
+
+
+class PerformerPreTrainedModel(PreTrainedModel):
+    config_class = PerformerConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PerformerLayer", "PerformerEmbeddings"]
+    _supports_sdpa = True
+    # The decoding state is a recurrent cache object (see cache_performer.py).
+    _is_stateful = True
+    main_input_name = "input_ids"
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also writes the modeling files and an `auto_map` naming every head, so the folder loads
+        with `trust_remote_code=True` where this package is not installed."""
+        for name, class_name in AUTO_MAP.items():
+            if name != "AutoConfig" and class_name.endswith("." + type(self).__name__) and type(self)._auto_class is None:
+                type(self).register_for_auto_class(name)
+        if type(self.config)._auto_class is None:
+            type(self.config).register_for_auto_class("AutoConfig")
+        self.config.auto_map = dict(AUTO_MAP)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, PerformerAttention) and module.projection is not None:
+            init.copy_(module.projection, module.draw_projection(0))
+        elif isinstance(module, PerformerScaleNorm):
+            init.constant_(module.scale, self.config.hidden_size**0.5)
+        elif isinstance(module, PerformerResidual) and module.norm_type == "rezero":
+            init.zeros_(module.alpha)
+        elif isinstance(module, PerformerModel):
+            init.zeros_(module.projection_draws)
+            init.zeros_(module.training_forwards)
+
+    # -- random projections ------------------------------------------------------------------
+
+    def favor_modules(self):
+        return [m for m in self.modules() if isinstance(m, PerformerAttention) and m.projection is not None]
+
+    @torch.no_grad()
+    def redraw_projections(self, draw: Optional[int] = None):
+        """Redraws every FAVOR+ projection. `draw` picks the seeded draw (default: the next one);
+        the same draw gives the same projections on every process."""
+        model = self.base_model
+        draw = int(model.projection_draws) + 1 if draw is None else int(draw)
+        for module in self.favor_modules():
+            module.projection.copy_(module.draw_projection(draw).to(module.projection))
+        model.projection_draws.fill_(draw)
+
+    def _count_training_step(self):
+        interval = self.config.feature_redraw_interval
+        if not self.training or interval <= 0:
+            return
+        self.training_forwards += 1
+        if int(self.training_forwards) % interval == 0:
+            self.redraw_projections()
+
+
+class PerformerModel(PerformerPreTrainedModel):
+    """The bare stack: bidirectional encoder, causal decoder (`is_decoder`), or encoder-decoder
+    (`is_encoder_decoder`)."""
+
+    def __init__(self, config: PerformerConfig):
+        super().__init__(config)
+        self.embeddings = PerformerEmbeddings(config)
+        sizes = config.stack_sizes()
+        if config.is_encoder_decoder:
+            self.encoder = PerformerStack(config, sizes["encoder"], False, False, projection_offset=0)
+            self.decoder = PerformerStack(config, sizes["decoder"], True, True, projection_offset=1000)
+        else:
+            causal = bool(config.is_decoder)
+            self.encoder = PerformerStack(config, config.num_hidden_layers, causal, causal and config.add_cross_attention, 0)
+            self.decoder = None
+        # Persistent counters: resumed training continues the same sequence of projection draws.
+        self.register_buffer("projection_draws", torch.zeros((), dtype=torch.long), persistent=True)
+        self.register_buffer("training_forwards", torch.zeros((), dtype=torch.long), persistent=True)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def get_encoder(self, modality=None):
+        return PerformerEncoderView(self)
+
+    def _embed(self, input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, past_length):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds")
+        shape = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape[:2])
+        if len(shape) != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        batch, length = shape
+        if batch == 0 or length == 0:
+            raise ValueError(f"Empty input: batch size {batch}, sequence length {length}; give at least one token")
+        device = input_ids.device if input_ids is not None else inputs_embeds.device
+        padding_mask, general_mask = _split_masks(attention_mask, batch, length, past_length + length, device)
+        if position_ids is None:
+            position_ids = _positions(padding_mask, batch, length, past_length, device)
+        hidden = self.embeddings(input_ids, inputs_embeds, position_ids, token_type_ids)
+        return hidden, padding_mask, general_mask, position_ids
+
+    def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, token_type_ids=None, position_ids=None,
+               output_hidden_states=False):
+        hidden, padding_mask, general_mask, position_ids = self._embed(
+            input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, 0
+        )
+        last, all_hidden = self.encoder(hidden, padding_mask, general_mask, position_ids,
+                                        output_hidden_states=output_hidden_states)
+        return BaseModelOutput(last_hidden_state=last, hidden_states=all_hidden)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.LongTensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        decoder_input_ids: Optional[torch.LongTensor] = None,
+        decoder_attention_mask: Optional[torch.Tensor] = None,
+        decoder_position_ids: Optional[torch.LongTensor] = None,
+        decoder_inputs_embeds: Optional[torch.Tensor] = None,
+        encoder_outputs: Optional[Union[tuple, BaseModelOutput]] = None,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        encoder_attention_mask: Optional[torch.Tensor] = None,
+        cache: Optional[PerformerCache] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ):
+        if "past_key_values" in kwargs:
+            raise TypeError("Performer models take the decoding state as `cache=` (transformers >= 5.24), not past_key_values")
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self._count_training_step()
+
+        if self.config.is_encoder_decoder:
+            return self._forward_seq2seq(input_ids, attention_mask, token_type_ids, inputs_embeds, decoder_input_ids,
+                                         decoder_attention_mask, decoder_position_ids, decoder_inputs_embeds,
+                                         encoder_outputs, cache, use_cache, output_hidden_states, return_dict)
+
+        is_decoder = bool(self.config.is_decoder)
+        use_cache = is_decoder and (use_cache if use_cache is not None else (self.config.use_cache and not self.training))
+        if not is_decoder and cache is not None:
+            raise ValueError("A cache is only used by decoders (config.is_decoder=True)")
+        if use_cache and cache is None:
+            cache = PerformerCache(len(self.encoder.layers))
+        if cache is not None and not isinstance(cache, PerformerCache):
+            raise TypeError(f"Performer decoders need a PerformerCache, got {type(cache).__name__}")
+        past_length = cache.get_seq_length() if cache is not None else 0
+        hidden, padding_mask, general_mask, position_ids = self._embed(
+            input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, past_length
+        )
+        encoder_padding = None
+        if encoder_hidden_states is not None and encoder_attention_mask is not None:
+            encoder_padding, _ = _split_masks(encoder_attention_mask, hidden.shape[0], 0, encoder_hidden_states.shape[1],
+                                              hidden.device)
+        last, all_hidden = self.encoder(hidden, padding_mask, general_mask, position_ids, encoder_hidden_states,
+                                        encoder_padding, cache if use_cache or cache is not None else None,
+                                        output_hidden_states)
+        if cache is not None:
+            cache.seen_tokens += hidden.shape[1]
+        output = PerformerModelOutput(last_hidden_state=last, cache=cache if use_cache else None, hidden_states=all_hidden)
+        return output if return_dict else output.to_tuple()
+
+    def _forward_seq2seq(self, input_ids, attention_mask, token_type_ids, inputs_embeds, decoder_input_ids,
+                         decoder_attention_mask, decoder_position_ids, decoder_inputs_embeds, encoder_outputs, cache,
+                         use_cache, output_hidden_states, return_dict):
+        if encoder_outputs is None:
+            encoder_outputs = self.encode(input_ids, attention_mask, inputs_embeds, token_type_ids,
+                                          output_hidden_states=output_hidden_states)
+        elif not isinstance(encoder_outputs, BaseModelOutput):
+            encoder_outputs = BaseModelOutput(*encoder_outputs)
+        encoder_hidden = encoder_outputs.last_hidden_state
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            raise ValueError(
+                "The encoder-decoder model needs decoder_input_ids (or labels, from which the heads build them)"
+            )
+        encoder_padding = None
+        if attention_mask is not None:
+            encoder_padding, _ = _split_masks(attention_mask, encoder_hidden.shape[0], 0, encoder_hidden.shape[1],
+                                              encoder_hidden.device)
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache and cache is None:
+            cache = PerformerCache(len(self.decoder.layers))
+        if cache is not None and not isinstance(cache, PerformerCache):
+            raise TypeError(f"Performer decoders need a PerformerCache, got {type(cache).__name__}")
+        past_length = cache.get_seq_length() if cache is not None else 0
+        hidden, padding_mask, general_mask, position_ids = self._embed(
+            decoder_input_ids, decoder_inputs_embeds, decoder_attention_mask, decoder_position_ids, None, past_length
+        )
+        last, all_hidden = self.decoder(hidden, padding_mask, general_mask, position_ids, encoder_hidden,
+                                        encoder_padding, cache, output_hidden_states)
+        if cache is not None:
+            cache.seen_tokens += hidden.shape[1]
+        output = Seq2SeqModelOutput(
+            last_hidden_state=last, cache=cache if use_cache else None, decoder_hidden_states=all_hidden,
+            encoder_last_hidden_state=encoder_hidden, encoder_hidden_states=encoder_outputs.hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class PerformerEncoderView(nn.Module):
+    """What `get_encoder()` returns for generate(): runs the encoder half of an encoder-decoder
+    PerformerModel. Not registered as a submodule (it owns no weights)."""
+
+    def __init__(self, model: PerformerModel):
+        super().__init__()
+        object.__setattr__(self, "_model", model)
+
+    @property
+    def main_input_name(self):
+        return "input_ids"
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, token_type_ids=None,
+                output_hidden_states=None, output_attentions=None, return_dict=True):
+        return self._model.encode(input_ids, attention_mask, inputs_embeds, token_type_ids,
+                                  output_hidden_states=bool(output_hidden_states))
+
+
+@dataclass
+class PerformerModelOutput(ModelOutput):
+    last_hidden_state: Optional[torch.Tensor] = None
+    cache: Optional[PerformerCache] = None
+    hidden_states: Optional[tuple[torch.Tensor, ...]] = None
+
+
+# --------------------------------------------------------------------------------------------
+# Heads
+
+
+def _with_flags(config: PerformerConfig, **flags) -> PerformerConfig:
+    """Heads set the stack flags they need, on a copy so the caller's config is not changed."""
+    if all(getattr(config, k) == v for k, v in flags.items()):
+        return config
+    config = copy.deepcopy(config)
+    for key, value in flags.items():
+        setattr(config, key, value)
+    return config
+
+
+def token_loss(logits, labels, num_items_in_batch=None, ignore_index=-100):
+    """Cross-entropy over tokens. With num_items_in_batch (Trainer with gradient accumulation or
+    several processes) the sum is divided by the global token count, so every micro-batch and
+    process contributes on the same scale."""
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])} (batch, length), got {tuple(labels.shape)}")
+    real = labels[labels != ignore_index]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= logits.shape[-1]):
+        raise ValueError(f"labels must be in [0, {logits.shape[-1]}) or {ignore_index} (ignored), got {int(real.min())}..{int(real.max())}")
+    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1).to(logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index)
+    total = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum")
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+class PerformerLMHead(nn.Module):
+    """dense -> activation -> LayerNorm -> vocabulary (tied to the input embeddings), as BERT."""
+
+    def __init__(self, config: PerformerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = ACT2FN[PerformerMLP.GATED.get(config.hidden_act, config.hidden_act)]
+        self.LayerNorm = PerformerLayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, hidden_states):
+        return self.decoder(self.LayerNorm(self.act(self.dense(hidden_states))))
+
+
+class PerformerForMaskedLM(PerformerPreTrainedModel):
+    _tied_weights_keys = {"lm_head.decoder.weight": "model.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: PerformerConfig):
+        config = _with_flags(config, is_decoder=False, is_encoder_decoder=False)
+        super().__init__(config)
+        self.model = PerformerModel(config)
+        self.lm_head = PerformerLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, value):
+        self.lm_head.decoder = value
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                labels=None, output_hidden_states=None, return_dict=None, num_items_in_batch=None, **kwargs):
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                             output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = token_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        output = MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return output if return_dict else output.to_tuple()
+
+
+class PerformerForSequenceClassification(PerformerPreTrainedModel):
+    """Pools the encoder output (first token, or mean over real tokens), then classifies or
+    regresses; `problem_type` as in transformers."""
+
+    def __init__(self, config: PerformerConfig):
+        config = _with_flags(config, is_decoder=False, is_encoder_decoder=False)
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = PerformerModel(config)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                labels=None, output_hidden_states=None, return_dict=None, **kwargs):
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                             output_hidden_states=output_hidden_states, return_dict=True)
+        hidden = outputs.last_hidden_state
+        if self.config.classifier_pooling == "mean":
+            if attention_mask is not None and attention_mask.dim() == 2:
+                weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
+                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+            else:
+                pooled = hidden.mean(dim=1)
+        else:
+            pooled = hidden[:, 0]
+        logits = self.classifier(self.dropout(torch.tanh(self.dense(self.dropout(pooled)))))
+        loss = self._loss(logits, labels) if labels is not None else None
+        output = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return output if return_dict else output.to_tuple()
+
+    def _loss(self, logits, labels):
+        labels = labels.to(logits.device)
+        if self.config.problem_type is None:
+            if self.num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        if self.config.problem_type == "regression":
+            if labels.numel() != logits.shape[0] * self.num_labels:
+                raise ValueError(f"regression labels must have {logits.shape[0] * self.num_labels} values, got shape {tuple(labels.shape)}")
+            return F.mse_loss(logits.squeeze(-1) if self.num_labels == 1 else logits, labels.float().view_as(
+                logits.squeeze(-1) if self.num_labels == 1 else logits))
+        if self.config.problem_type == "single_label_classification":
+            if labels.shape != (logits.shape[0],):
+                raise ValueError(f"single-label classification needs labels of shape ({logits.shape[0]},), got {tuple(labels.shape)}")
+            if int(labels.min()) < 0 or int(labels.max()) >= self.num_labels:
+                raise ValueError(f"labels must be in [0, {self.num_labels}), got values {int(labels.min())}..{int(labels.max())}")
+            return F.cross_entropy(logits, labels)
+        if labels.shape != logits.shape:
+            raise ValueError(f"multi-label classification needs labels of shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+
+
+class PerformerForCausalLM(PerformerPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: PerformerConfig):
+        config = _with_flags(config, is_decoder=True, is_encoder_decoder=False)
+        super().__init__(config)
+        self.model = PerformerModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                token_type_ids=None, output_hidden_states=None, return_dict=None, logits_to_keep=0,
+                num_items_in_batch=None, **kwargs):
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                             encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+                             cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                             return_dict=True, **kwargs)
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:-1]:
+                raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])} (the input's), got {tuple(labels.shape)}")
+            # Predict token t+1 from position t.
+            loss = token_loss(logits[:, :-1], labels[:, 1:], num_items_in_batch)
+        output = CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, cache=outputs.cache,
+                                                   hidden_states=outputs.hidden_states)
+        return output if return_dict else output.to_tuple()
+
+
+def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
+    """labels -> decoder inputs: start token first, everything moved one step right, -100 -> pad."""
+    if pad_token_id is None or decoder_start_token_id is None:
+        raise ValueError("config.pad_token_id and config.decoder_start_token_id must be set to build decoder inputs")
+    shifted = input_ids.new_full(input_ids.shape, decoder_start_token_id)
+    shifted[:, 1:] = input_ids[:, :-1]
+    return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+class PerformerForConditionalGeneration(PerformerPreTrainedModel, GenerationMixin):
+    """Encoder-decoder with shared embeddings. `labels` are the target tokens; decoder inputs
+    are built from them with `shift_tokens_right`, and the loss compares position t with
+    label t (no second shift)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: PerformerConfig):
+        config = _with_flags(config, is_encoder_decoder=True, is_decoder=False)
+        super().__init__(config)
+        self.model = PerformerModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def get_encoder(self, modality=None):
+        return self.model.get_encoder()
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor):
+        return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                decoder_position_ids=None, encoder_outputs=None, cache=None, inputs_embeds=None,
+                decoder_inputs_embeds=None, labels=None, use_cache=None, token_type_ids=None,
+                output_hidden_states=None, return_dict=None, num_items_in_batch=None, **kwargs):
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
+            decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+        outputs = self.model(input_ids, attention_mask, token_type_ids, None, inputs_embeds, decoder_input_ids,
+                             decoder_attention_mask, decoder_position_ids, decoder_inputs_embeds, encoder_outputs,
+                             cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                             return_dict=True, **kwargs)
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = token_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        output = Seq2SeqLMOutput(
+            loss=loss, logits=logits, cache=outputs.cache, decoder_hidden_states=outputs.decoder_hidden_states,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state, encoder_hidden_states=outputs.encoder_hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "PerformerPreTrainedModel",
+    "PerformerModel",
+    "PerformerForMaskedLM",
+    "PerformerForSequenceClassification",
+    "PerformerForCausalLM",
+    "PerformerForConditionalGeneration",
+    "shift_tokens_right",
+]
