@@ -93,8 +93,19 @@ def _masked_keys(fmap, r, stabiliser, key_padding_mask):
     return phi_k
 
 
-def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    return numerator / denominator.clamp_min(_TINY).unsqueeze(-1)
+def _with_ones(v: torch.Tensor) -> torch.Tensor:
+    """v: [..., S, D] -> [..., S, D + 1] fp32. The extra column of ones makes one matrix product
+    give both phi(k)^T v and the normaliser sum of phi(k)."""
+    return torch.cat([v.float(), v.new_ones(*v.shape[:-1], 1, dtype=torch.float32)], dim=-1)
+
+
+def _divide(augmented: torch.Tensor) -> torch.Tensor:
+    """[..., D + 1] (numerator, normaliser) -> [..., D], the normaliser clamped away from 0."""
+    return augmented[..., :-1] / augmented[..., -1:].clamp_min(_TINY)
+
+
+def _join(state: LinearAttentionState) -> torch.Tensor:
+    return torch.cat([state.kv, state.normaliser.unsqueeze(-1)], dim=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,8 +128,8 @@ def linear_attention_state(
         r, token_max = _key_terms(k, projection, fmap, key_padding_mask)
         stabiliser = token_max.amax(dim=-1) if token_max.shape[-1] > 0 else token_max.new_full(token_max.shape[:2], float("-inf"))
         phi_k = _masked_keys(fmap, r, _finite(stabiliser)[..., None, None], key_padding_mask)
-        kv = phi_k.transpose(-1, -2) @ v.float()
-        return LinearAttentionState(kv, phi_k.sum(dim=-2), stabiliser)
+        kvz = phi_k.transpose(-1, -2) @ _with_ones(v)
+        return LinearAttentionState(kvz[..., :-1], kvz[..., -1], stabiliser)
 
 
 def linear_attention_from_state(
@@ -127,8 +138,7 @@ def linear_attention_from_state(
     """q: [B, H, T, D] attends to everything summarised in state -> [B, H, T, D] in q's dtype."""
     fmap = _resolve(feature_map)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        phi_q = fmap.queries(q, projection)
-        out = _ratio(phi_q @ state.kv, (phi_q @ state.normaliser.unsqueeze(-1)).squeeze(-1))
+        out = _divide(fmap.queries(q, projection) @ _join(state))
     return out.to(q.dtype)
 
 
@@ -183,7 +193,7 @@ def causal_linear_attention(
     with torch.autocast(device_type=q.device.type, enabled=False):
         phi_q = fmap.queries(q, projection)
         r, token_max = _key_terms(k, projection, fmap, key_padding_mask)
-        v32 = v.float()
+        v1 = _with_ones(v)  # [B, H, T, D + 1]
         mask = key_padding_mask.to(torch.bool) if key_padding_mask is not None else None
 
         chunk = min(chunk_size, length)
@@ -192,7 +202,7 @@ def causal_linear_attention(
             # Padded tail positions are masked keys: they change neither maxima nor state.
             phi_q = F.pad(phi_q, (0, 0, 0, padded))
             r = F.pad(r, (0, 0, 0, padded))
-            v32 = F.pad(v32, (0, 0, 0, padded))
+            v1 = F.pad(v1, (0, 0, 0, padded))
             token_max = F.pad(token_max, (0, padded), value=float("-inf"))
             if mask is None:
                 mask = torch.ones(batch, length, dtype=torch.bool, device=q.device)
@@ -209,31 +219,24 @@ def causal_linear_attention(
         if mask is not None:
             phi_k = phi_k * mask.view(batch, 1, num_chunks, chunk, 1).to(phi_k.dtype)
         phi_q = phi_q.view(batch, heads, num_chunks, chunk, num_features)
-        v32 = v32.view(batch, heads, num_chunks, chunk, value_dim)
+        v1 = v1.view(batch, heads, num_chunks, chunk, value_dim + 1)
 
         # Inside each chunk: an explicit lower-triangular product.
-        scores = (phi_q @ phi_k.transpose(-1, -2)).tril()  # [B, H, NC, C, C]
-        numerator = scores @ v32
-        denominator = scores.sum(dim=-1)
+        out = (phi_q @ phi_k.transpose(-1, -2)).tril() @ v1  # [B, H, NC, C, D + 1]
 
         # Across chunks: the state before chunk c, at chunk c's scale.
-        chunk_kv = phi_k.transpose(-1, -2) @ v32  # [B, H, NC, M, D]
-        chunk_z = phi_k.sum(dim=-2)  # [B, H, NC, M]
-        kv, z = state.kv, state.normaliser
-        kv_before, z_before = [], []
-        # unbind once: indexing chunk_kv[:, :, c] in the loop would make backward quadratic.
-        for chunk_decay, kv_c, z_c in zip(decay.unbind(-1), chunk_kv.unbind(2), chunk_z.unbind(2)):
-            kv = kv * chunk_decay[..., None, None]
-            z = z * chunk_decay[..., None]
-            kv_before.append(kv)
-            z_before.append(z)
-            kv = kv + kv_c
-            z = z + z_c
-        numerator = numerator + phi_q @ torch.stack(kv_before, dim=2)
-        denominator = denominator + (phi_q @ torch.stack(z_before, dim=2).unsqueeze(-1)).squeeze(-1)
+        chunk_kvz = phi_k.transpose(-1, -2) @ v1  # [B, H, NC, M, D + 1]
+        kvz = _join(state)
+        before = []
+        # unbind once: indexing chunk_kvz[:, :, c] in the loop would make backward quadratic.
+        for chunk_decay, kvz_c in zip(decay.unbind(-1), chunk_kvz.unbind(2)):
+            kvz = kvz * chunk_decay[..., None, None]
+            before.append(kvz)
+            kvz = kvz + kvz_c
+        out = out + phi_q @ torch.stack(before, dim=2)
 
-        out = _ratio(numerator, denominator).reshape(batch, heads, num_chunks * chunk, value_dim)[:, :, :length]
-        new_state = LinearAttentionState(kv, z, running[..., -1])
+        out = _divide(out).reshape(batch, heads, num_chunks * chunk, value_dim)[:, :, :length]
+        new_state = LinearAttentionState(kvz[..., :-1], kvz[..., -1], running[..., -1])
     return out.to(v.dtype), new_state
 
 
@@ -264,11 +267,9 @@ def recurrent_linear_attention(
         stabiliser = _finite(running)
         decay = torch.exp(state.stabiliser - stabiliser)
         phi_k = _masked_keys(fmap, r, stabiliser[..., None, None], key_padding_mask)[:, :, 0]  # [B, H, M]
-        kv = state.kv * decay[..., None, None] + phi_k.unsqueeze(-1) * v.float()[:, :, 0].unsqueeze(-2)
-        z = state.normaliser * decay[..., None] + phi_k
-        numerator = (phi_q.unsqueeze(-2) @ kv).squeeze(-2)
-        denominator = (phi_q * z).sum(dim=-1)
-        out = _ratio(numerator, denominator).unsqueeze(2)
+        kvz = _join(state) * decay[..., None, None] + phi_k.unsqueeze(-1) * _with_ones(v)[:, :, 0].unsqueeze(-2)
+        out = _divide(phi_q.unsqueeze(-2) @ kvz)  # [B, H, 1, D]
+        kv, z = kvz[..., :-1], kvz[..., -1]
     return out.to(v.dtype), LinearAttentionState(kv, z, running)
 
 

@@ -12,6 +12,8 @@ stabiliser that gives identical results in one pass, chunk by chunk and token by
 - ``keys(r, m)``: phi(k) computed from r with the stabiliser m subtracted;
 - ``token_max(r)``: the per-token maximum that the running stabiliser tracks.
 
+Constant factors common to all queries or to all keys (1/sqrt(M), the query's row maximum,
+|q'|^2/2) cancel between the numerator and the normaliser of attention and are left out.
 Everything is computed in fp32 whatever the input dtype.
 """
 
@@ -51,8 +53,8 @@ def gaussian_orthogonal_random_matrix(
 def _scaled_projection(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
     """x: [..., D] -> x' W^T: [..., M] in fp32, with x' = x * D^-1/4."""
     head_dim = x.shape[-1]
-    x = x.float() * head_dim**-0.25
-    return x @ projection.float().T
+    # Scaling W (M x D) instead of x (T x D) saves a pass over the sequence.
+    return x.float() @ (projection.float() * head_dim**-0.25).T
 
 
 class SoftmaxFeatureMap:
@@ -65,8 +67,7 @@ class SoftmaxFeatureMap:
         """q: [B, H, T, D] -> phi(q): [B, H, T, M]. The row maximum is removed: it and
         |q'|^2/2 are constant per query and cancel between numerator and normaliser."""
         logits = _scaled_projection(q, projection)
-        logits = logits - logits.amax(dim=-1, keepdim=True).detach()
-        return torch.exp(logits) * projection.shape[0] ** -0.5
+        return torch.exp(logits - logits.amax(dim=-1, keepdim=True).detach())
 
     @staticmethod
     def key_logits(k: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,7 @@ class SoftmaxFeatureMap:
     @staticmethod
     def keys(r: torch.Tensor, stabiliser: torch.Tensor) -> torch.Tensor:
         """r: [..., S, M], stabiliser broadcastable to r (finite) -> phi(k) * exp(-stabiliser)."""
-        return torch.exp(r - stabiliser) * r.shape[-1] ** -0.5
+        return torch.exp(r - stabiliser)
 
 
 class ReluFeatureMap:
@@ -95,7 +96,7 @@ class ReluFeatureMap:
 
     @staticmethod
     def queries(q: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
-        return (torch.relu(_scaled_projection(q, projection)) + ReluFeatureMap.epsilon) * projection.shape[0] ** -0.5
+        return torch.relu(_scaled_projection(q, projection)) + ReluFeatureMap.epsilon
 
     @staticmethod
     def key_logits(k: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
@@ -107,7 +108,7 @@ class ReluFeatureMap:
 
     @staticmethod
     def keys(r: torch.Tensor, stabiliser: torch.Tensor) -> torch.Tensor:
-        return (torch.relu(r) + ReluFeatureMap.epsilon) * r.shape[-1] ** -0.5
+        return torch.relu(r) + ReluFeatureMap.epsilon
 
 
 FEATURE_MAPS = {"softmax": SoftmaxFeatureMap, "relu": ReluFeatureMap}
