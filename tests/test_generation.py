@@ -1,0 +1,168 @@
+"""generate() with the recurrent cache: cached == uncached, prefill + decode == full forward."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from modeling_performer import PerformerCache, PerformerForCausalLM, PerformerForConditionalGeneration
+
+from .conftest import tiny_config
+
+ATTENTION = {"favor": "favor", "softmax": "softmax", "hybrid": ["favor", "softmax"]}
+
+
+def causal_lm(attention, **overrides):
+    return PerformerForCausalLM(tiny_config(attention_type=ATTENTION[attention], **overrides)).eval()
+
+
+def seq2seq(attention, **overrides):
+    return PerformerForConditionalGeneration(tiny_config(attention_type=ATTENTION[attention], **overrides)).eval()
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
+@pytest.mark.parametrize("position", ["rotary", "learned"])
+def test_prefill_then_decode_equals_full_forward_causal_lm(attention, position):
+    model = causal_lm(attention, position_embedding_type=position)
+    ids = torch.randint(3, 99, (2, 13))
+    full = model(ids, use_cache=False).logits
+    out = model(ids[:, :6], use_cache=True)
+    pieces, cache = [out.logits], out.cache
+    for t in range(6, 13):
+        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        pieces.append(out.logits)
+        cache = out.cache
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.get_seq_length() == 13
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
+@pytest.mark.parametrize("cross", ["softmax", "favor"])
+def test_prefill_then_decode_equals_full_forward_seq2seq(attention, cross):
+    model = seq2seq(attention, cross_attention_type=cross)
+    src, mask = torch.randint(3, 99, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    mask[1, -3:] = 0
+    tgt = torch.randint(3, 99, (2, 8))
+    full = model(src, attention_mask=mask, decoder_input_ids=tgt, use_cache=False).logits
+    encoder_outputs = model.get_encoder()(src, attention_mask=mask)
+    out = model(attention_mask=mask, encoder_outputs=encoder_outputs, decoder_input_ids=tgt[:, :3], use_cache=True)
+    pieces, cache = [out.logits], out.cache
+    for t in range(3, 8):
+        out = model(attention_mask=mask, encoder_outputs=encoder_outputs, decoder_input_ids=tgt[:, t : t + 1],
+                    cache=cache, use_cache=True)
+        pieces.append(out.logits)
+        cache = out.cache
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+GENERATE_MODES = {
+    "greedy": dict(do_sample=False),
+    "sampling": dict(do_sample=True, top_k=20),
+    "beam": dict(do_sample=False, num_beams=3),
+}
+
+
+def generate(model, mode, use_cache, **kwargs):
+    torch.manual_seed(1234)
+    return model.generate(**kwargs, max_new_tokens=8, use_cache=use_cache, pad_token_id=0, **GENERATE_MODES[mode])
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
+@pytest.mark.parametrize("mode", GENERATE_MODES)
+def test_cached_equals_uncached_generation_causal_lm(attention, mode):
+    model = causal_lm(attention, eos_token_id=None)
+    ids = torch.randint(3, 99, (2, 5))
+    cached = generate(model, mode, True, input_ids=ids)
+    uncached = generate(model, mode, False, input_ids=ids)
+    assert cached.shape == (2, 13)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
+@pytest.mark.parametrize("mode", GENERATE_MODES)
+def test_cached_equals_uncached_generation_seq2seq(attention, mode):
+    model = seq2seq(attention, eos_token_id=None)
+    src = torch.randint(3, 99, (2, 7))
+    cached = generate(model, mode, True, input_ids=src)
+    uncached = generate(model, mode, False, input_ids=src)
+    assert cached.shape[1] == 9
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_left_padded_batch_generates_like_each_prompt_alone(attention):
+    model = causal_lm(attention, eos_token_id=None)
+    prompts = [torch.randint(3, 99, (n,)) for n in (7, 4, 2)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    batched = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for i, p in enumerate(prompts):
+        alone = model.generate(input_ids=p[None], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(batched[i, width:], alone[0, len(p):]), i
+
+
+def test_left_padded_logits_match_unpadded_full_forward():
+    model = causal_lm("favor")
+    prompt = torch.randint(3, 99, (1, 5))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt], dim=1)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    torch.testing.assert_close(model(padded, attention_mask=mask).logits[:, 3:], model(prompt).logits,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_favor_cache_size_is_constant():
+    model = causal_lm("favor", max_position_embeddings=4096)
+    ids = torch.randint(3, 99, (1, 4))
+    sizes = {}
+    cache = None
+    out = model(ids, use_cache=True)
+    cache = out.cache
+    token = out.logits[:, -1:].argmax(-1)
+    for step in range(1, 1025):
+        out = model(token, cache=cache, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        if step in (16, 1024):
+            sizes[step] = cache.num_bytes()
+    assert sizes[16] == sizes[1024] > 0
+    assert cache.get_seq_length() == 1028
+    assert torch.isfinite(out.logits).all()
+
+
+def test_softmax_cache_grows():
+    model = causal_lm("softmax")
+    out = model(torch.randint(3, 99, (1, 4)), use_cache=True)
+    before = out.cache.num_bytes()
+    out = model(torch.tensor([[5]]), cache=out.cache, use_cache=True)
+    assert out.cache.num_bytes() > before
+
+
+def test_cache_reorder_reset_and_crop():
+    model = causal_lm("hybrid")
+    out = model(torch.randint(3, 99, (3, 4)), use_cache=True)
+    cache: PerformerCache = out.cache
+    state = cache.layers[0].self_attention.kv.clone()
+    cache.reorder_cache(torch.tensor([2, 2, 0]))
+    assert torch.equal(cache.layers[0].self_attention.kv[0], state[2])
+    assert torch.equal(cache.layers[0].self_attention.kv[2], state[0])
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(1)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.num_bytes() == 0
+
+
+def test_generate_after_from_pretrained(tmp_path):
+    model = causal_lm("favor")
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(3, 99, (2, 5))
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False),
+                       loaded.generate(ids, max_new_tokens=6, do_sample=False))
+
+
+def test_past_key_values_name_is_refused():
+    model = causal_lm("favor")
+    with pytest.raises(TypeError, match="cache="):
+        model(torch.tensor([[4, 5]]), past_key_values=PerformerCache())
