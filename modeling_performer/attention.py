@@ -13,9 +13,9 @@ resumed: prefill with `causal_linear_attention`, then decode with `recurrent_lin
 Numerics (see DESIGN.md, "The key stabiliser"): keys use exp(r - m) where m is a running
 maximum over unmasked keys and features. The carried state is rescaled by exp(m_old - m_new)
 whenever m grows, so the one-pass, chunked and token-by-token paths agree up to rounding. States
-and normalisers are fp32 whatever the input dtype (autocast is switched off inside), and the
-denominator is clamped at the smallest normal fp32 number instead of adding an epsilon (an
-additive epsilon would not cancel and would break that agreement). The stabiliser is detached:
+and normalisers are fp32 whatever the input dtype (autocast is switched off inside), and a
+query whose normaliser underflows (it overlaps no key in fp32) returns 0 instead of dividing by
+an epsilon (an additive epsilon would not cancel and would break that agreement). The stabiliser is detached:
 the output does not depend on it, so its gradient is exactly zero.
 """
 
@@ -26,7 +26,10 @@ import torch.nn.functional as F
 
 from .feature_maps import get_feature_map
 
-_TINY = torch.finfo(torch.float32).tiny
+# A normaliser below the smallest normal fp32 number has underflowed: the query overlaps no key
+# in fp32 and the estimate is meaningless. Such rows return 0 with zero gradient (dividing by a
+# clamped denominator would send gradients of 1/tiny ~ 1e38 back and overflow).
+_DENOMINATOR_FLOOR = torch.finfo(torch.float32).tiny
 
 
 class LinearAttentionState(NamedTuple):
@@ -86,11 +89,14 @@ def _key_terms(k, projection, fmap, key_padding_mask):
     return r, token_max
 
 
-def _masked_keys(fmap, r, stabiliser, key_padding_mask):
-    phi_k = fmap.keys(r, stabiliser)
-    if key_padding_mask is not None:
-        phi_k = phi_k * key_padding_mask.to(phi_k.dtype)[:, None, :, None]
-    return phi_k
+def _masked_keys(fmap, r, stabiliser, keep):
+    """phi(k) with padded keys zeroed. keep: [B, 1, ..., S, 1] bool (or None). Padded logits are
+    set to -inf first: they take no part in the stabiliser, so exp(r - m) could overflow there,
+    and inf * 0 would poison the state with NaN."""
+    if keep is None:
+        return fmap.keys(r, stabiliser)
+    phi_k = fmap.keys(r.masked_fill(~keep, float("-inf")), stabiliser)
+    return phi_k * keep.to(phi_k.dtype)
 
 
 def _with_ones(v: torch.Tensor) -> torch.Tensor:
@@ -100,8 +106,11 @@ def _with_ones(v: torch.Tensor) -> torch.Tensor:
 
 
 def _divide(augmented: torch.Tensor) -> torch.Tensor:
-    """[..., D + 1] (numerator, normaliser) -> [..., D], the normaliser clamped away from 0."""
-    return augmented[..., :-1] / augmented[..., -1:].clamp_min(_TINY)
+    """[..., D + 1] (numerator, normaliser) -> [..., D]; rows whose normaliser underflowed -> 0."""
+    numerator, denominator = augmented[..., :-1], augmented[..., -1:]
+    valid = denominator > _DENOMINATOR_FLOOR
+    safe = torch.where(valid, denominator, torch.ones_like(denominator))
+    return torch.where(valid, numerator / safe, torch.zeros_like(numerator))
 
 
 def _join(state: LinearAttentionState) -> torch.Tensor:
@@ -127,7 +136,8 @@ def linear_attention_state(
     with torch.autocast(device_type=k.device.type, enabled=False):
         r, token_max = _key_terms(k, projection, fmap, key_padding_mask)
         stabiliser = token_max.amax(dim=-1) if token_max.shape[-1] > 0 else token_max.new_full(token_max.shape[:2], float("-inf"))
-        phi_k = _masked_keys(fmap, r, _finite(stabiliser)[..., None, None], key_padding_mask)
+        keep = None if key_padding_mask is None else key_padding_mask.to(torch.bool)[:, None, :, None]
+        phi_k = _masked_keys(fmap, r, _finite(stabiliser)[..., None, None], keep)
         kvz = phi_k.transpose(-1, -2) @ _with_ones(v)
         return LinearAttentionState(kvz[..., :-1], kvz[..., -1], stabiliser)
 
@@ -215,9 +225,8 @@ def causal_linear_attention(
         stabiliser = _finite(running[..., 1:])  # [B, H, NC]
         decay = torch.exp(running[..., :-1] - stabiliser)  # rescales the carried state into chunk c
 
-        phi_k = fmap.keys(r.view(batch, heads, num_chunks, chunk, num_features), stabiliser[..., None, None])
-        if mask is not None:
-            phi_k = phi_k * mask.view(batch, 1, num_chunks, chunk, 1).to(phi_k.dtype)
+        keep = None if mask is None else mask.view(batch, 1, num_chunks, chunk, 1)
+        phi_k = _masked_keys(fmap, r.view(batch, heads, num_chunks, chunk, num_features), stabiliser[..., None, None], keep)
         phi_q = phi_q.view(batch, heads, num_chunks, chunk, num_features)
         v1 = v1.view(batch, heads, num_chunks, chunk, value_dim + 1)
 
@@ -266,7 +275,8 @@ def recurrent_linear_attention(
         running = torch.maximum(state.stabiliser, token_max[..., 0])
         stabiliser = _finite(running)
         decay = torch.exp(state.stabiliser - stabiliser)
-        phi_k = _masked_keys(fmap, r, stabiliser[..., None, None], key_padding_mask)[:, :, 0]  # [B, H, M]
+        keep = None if key_padding_mask is None else key_padding_mask.to(torch.bool)[:, None, :, None]
+        phi_k = _masked_keys(fmap, r, stabiliser[..., None, None], keep)[:, :, 0]  # [B, H, M]
         kvz = _join(state) * decay[..., None, None] + phi_k.unsqueeze(-1) * _with_ones(v)[:, :, 0].unsqueeze(-2)
         out = _divide(phi_q.unsqueeze(-2) @ kvz)  # [B, H, 1, D]
         kv, z = kvz[..., :-1], kvz[..., -1]

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Per-token decoding latency and cache size against context length: a FAVOR+ Performer LM
+(recurrent state) vs transformers' GPT-2 of the same shape (SDPA, growing KV cache), both with
+random weights, measured in the same run.
+
+    python scripts/bench_generate.py                       # contexts 128, 1k, 4k, 8k
+    python scripts/bench_generate.py --contexts 128 2048 --steps 8
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+
+
+def cache_bytes(cache):
+    if hasattr(cache, "num_bytes"):
+        return cache.num_bytes()
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if tensor is not None:
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def decode_latency(model, context, steps, vocab):
+    import torch
+
+    ids = torch.randint(3, vocab, (1, context))
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        cache = out.cache
+        token = out.logits[:, -1:].argmax(-1)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            times.append(time.perf_counter() - start)
+            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+    return statistics.median(times), cache_bytes(cache)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 2048, 4096, 8192])
+    parser.add_argument("--steps", type=int, default=16, help="decoded tokens timed per context (median)")
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--features", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=8000)
+    args = parser.parse_args()
+    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from modeling_performer import PerformerConfig, PerformerForCausalLM
+
+    torch.manual_seed(0)
+    longest = max(args.contexts) + args.steps + 1
+    performer = PerformerForCausalLM(PerformerConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        intermediate_size=4 * args.hidden, num_random_features=args.features, attention_type="favor",
+        max_position_embeddings=longest,
+    )).eval()
+    gpt2 = GPT2LMHeadModel(GPT2Config(
+        vocab_size=args.vocab, n_embd=args.hidden, n_layer=args.layers, n_head=args.heads, n_positions=longest,
+        attn_implementation="sdpa",
+    )).eval()
+    print(f"{args.layers} layers, hidden {args.hidden}, {args.heads} heads, FAVOR+ M={args.features}; "
+          f"median of {args.steps} decoded tokens after a prefill of the context; torch threads {torch.get_num_threads()}")
+    print(f"{'context':>8} {'performer ms/token':>19} {'gpt2 ms/token':>14} {'gpt2/performer':>15} "
+          f"{'performer cache':>16} {'gpt2 cache':>12}")
+    rows = []
+    for context in args.contexts:
+        ours, ours_bytes = decode_latency(performer, context, args.steps, args.vocab)
+        theirs, theirs_bytes = decode_latency(gpt2, context, args.steps, args.vocab)
+        rows.append((context, ours, theirs))
+        print(f"{context:>8} {ours * 1e3:>19.2f} {theirs * 1e3:>14.2f} {theirs / ours:>15.2f} "
+              f"{ours_bytes / 2**20:>12.2f} MiB {theirs_bytes / 2**20:>8.1f} MiB", flush=True)
+    first, last = rows[0], rows[-1]
+    print(f"performer latency at {last[0]} / at {first[0]}: x{last[1] / first[1]:.2f}")
+    faster = [c for c, ours, theirs in rows if ours < theirs]
+    print(f"performer faster per token than GPT-2 from context {min(faster) if faster else 'never (in this range)'}")
+
+
+if __name__ == "__main__":
+    main()
