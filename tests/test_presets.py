@@ -1,0 +1,37 @@
+"""The four presets of the original design load and have the documented sizes (+-10%)."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from modeling_performer import PerformerConfig
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXPECTED_MILLIONS = {
+    "performer-small-encoder": 1.6,
+    "performer-medium-encoder": 25.0,
+    "performer-medium-decoder": 31.0,
+    "performer-seq2seq": 57.0,
+}
+
+
+@pytest.mark.parametrize("name", EXPECTED_MILLIONS)
+def test_preset_parameter_counts(name):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from count_parameters import count
+    finally:
+        sys.path.pop(0)
+    millions = count(ROOT / "configuration" / "presets" / f"{name}.json") / 1e6
+    assert abs(millions - EXPECTED_MILLIONS[name]) <= 0.1 * EXPECTED_MILLIONS[name], millions
+    assert isinstance(PerformerConfig.from_json_file(str(ROOT / "configuration" / "presets" / f"{name}.json")),
+                      PerformerConfig)
+
+
+def test_count_script_prints_every_preset():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "count_parameters.py")], capture_output=True,
+                          text=True, check=True)
+    for name in EXPECTED_MILLIONS:
+        assert name in done.stdout
