@@ -80,22 +80,23 @@ def _check_qkv(q, k, v, key_padding_mask):
 
 
 def _key_terms(k, projection, fmap, key_padding_mask):
-    """Returns key logits r: [B, H, S, M] and per-token maxima [B, H, S] (-inf where padded)."""
-    r = fmap.key_logits(k, projection)
-    token_max = fmap.token_max(r)
+    """Returns key logits [B, H, S, M], offsets [B, H, S] (r = logits - offset) and per-token
+    maxima of r [B, H, S] (-inf where padded)."""
+    logits, offset = fmap.key_logits(k, projection)
+    token_max = fmap.token_max(logits, offset)
     if key_padding_mask is not None:
         keep = key_padding_mask.to(torch.bool)[:, None, :]
         token_max = token_max.masked_fill(~keep, float("-inf"))
-    return r, token_max
+    return logits, offset, token_max
 
 
-def _masked_keys(fmap, r, stabiliser, keep):
-    """phi(k) with padded keys zeroed. keep: [B, 1, ..., S, 1] bool (or None). Padded logits are
-    set to -inf first: they take no part in the stabiliser, so exp(r - m) could overflow there,
-    and inf * 0 would poison the state with NaN."""
+def _masked_keys(fmap, logits, shift, keep):
+    """phi(k) with padded keys zeroed. shift: [..., S, 1] offset + stabiliser; keep: [B, 1, ..., S, 1]
+    bool (or None). Padded logits are set to -inf first: they take no part in the stabiliser, so
+    exp(r - m) could overflow there, and inf * 0 would poison the state with NaN."""
     if keep is None:
-        return fmap.keys(r, stabiliser)
-    phi_k = fmap.keys(r.masked_fill(~keep, float("-inf")), stabiliser)
+        return fmap.keys(logits, shift)
+    phi_k = fmap.keys(logits.masked_fill(~keep, float("-inf")), shift)
     return phi_k * keep.to(phi_k.dtype)
 
 
@@ -134,11 +135,14 @@ def linear_attention_state(
     """
     fmap = _resolve(feature_map)
     with torch.autocast(device_type=k.device.type, enabled=False):
-        r, token_max = _key_terms(k, projection, fmap, key_padding_mask)
+        logits, offset, token_max = _key_terms(k, projection, fmap, key_padding_mask)
         stabiliser = token_max.amax(dim=-1) if token_max.shape[-1] > 0 else token_max.new_full(token_max.shape[:2], float("-inf"))
         keep = None if key_padding_mask is None else key_padding_mask.to(torch.bool)[:, None, :, None]
-        phi_k = _masked_keys(fmap, r, _finite(stabiliser)[..., None, None], keep)
-        kvz = phi_k.transpose(-1, -2) @ _with_ones(v)
+        shift = (offset + _finite(stabiliser)[..., None]).unsqueeze(-1)
+        phi_k = _masked_keys(fmap, logits, shift, keep)
+        # (v^T phi_k)^T rather than phi_k^T v: backward then yields phi_k's gradient in its own
+        # layout instead of a transposed one that would be copied.
+        kvz = (_with_ones(v).transpose(-1, -2) @ phi_k).transpose(-1, -2)
         return LinearAttentionState(kvz[..., :-1], kvz[..., -1], stabiliser)
 
 
@@ -202,7 +206,7 @@ def causal_linear_attention(
 
     with torch.autocast(device_type=q.device.type, enabled=False):
         phi_q = fmap.queries(q, projection)
-        r, token_max = _key_terms(k, projection, fmap, key_padding_mask)
+        logits, offset, token_max = _key_terms(k, projection, fmap, key_padding_mask)
         v1 = _with_ones(v)  # [B, H, T, D + 1]
         mask = key_padding_mask.to(torch.bool) if key_padding_mask is not None else None
 
@@ -211,7 +215,8 @@ def causal_linear_attention(
         if padded:
             # Padded tail positions are masked keys: they change neither maxima nor state.
             phi_q = F.pad(phi_q, (0, 0, 0, padded))
-            r = F.pad(r, (0, 0, 0, padded))
+            logits = F.pad(logits, (0, 0, 0, padded))
+            offset = F.pad(offset, (0, padded))
             v1 = F.pad(v1, (0, 0, 0, padded))
             token_max = F.pad(token_max, (0, padded), value=float("-inf"))
             if mask is None:
@@ -226,7 +231,8 @@ def causal_linear_attention(
         decay = torch.exp(running[..., :-1] - stabiliser)  # rescales the carried state into chunk c
 
         keep = None if mask is None else mask.view(batch, 1, num_chunks, chunk, 1)
-        phi_k = _masked_keys(fmap, r.view(batch, heads, num_chunks, chunk, num_features), stabiliser[..., None, None], keep)
+        shift = (offset.view(batch, heads, num_chunks, chunk) + stabiliser[..., None]).unsqueeze(-1)
+        phi_k = _masked_keys(fmap, logits.view(batch, heads, num_chunks, chunk, num_features), shift, keep)
         phi_q = phi_q.view(batch, heads, num_chunks, chunk, num_features)
         v1 = v1.view(batch, heads, num_chunks, chunk, value_dim + 1)
 
@@ -234,7 +240,7 @@ def causal_linear_attention(
         out = (phi_q @ phi_k.transpose(-1, -2)).tril() @ v1  # [B, H, NC, C, D + 1]
 
         # Across chunks: the state before chunk c, at chunk c's scale.
-        chunk_kvz = phi_k.transpose(-1, -2) @ v1  # [B, H, NC, M, D + 1]
+        chunk_kvz = (v1.transpose(-1, -2) @ phi_k).transpose(-1, -2)  # [B, H, NC, M, D + 1]
         kvz = _join(state)
         before = []
         # unbind once: indexing chunk_kvz[:, :, c] in the loop would make backward quadratic.
@@ -271,12 +277,13 @@ def recurrent_linear_attention(
         state = empty_state(batch, heads, projection.shape[0], v.shape[-1], device=q.device)
     with torch.autocast(device_type=q.device.type, enabled=False):
         phi_q = fmap.queries(q, projection)[:, :, 0]  # [B, H, M]
-        r, token_max = _key_terms(k, projection, fmap, key_padding_mask)
+        logits, offset, token_max = _key_terms(k, projection, fmap, key_padding_mask)
         running = torch.maximum(state.stabiliser, token_max[..., 0])
         stabiliser = _finite(running)
         decay = torch.exp(state.stabiliser - stabiliser)
         keep = None if key_padding_mask is None else key_padding_mask.to(torch.bool)[:, None, :, None]
-        phi_k = _masked_keys(fmap, r, stabiliser[..., None, None], keep)[:, :, 0]  # [B, H, M]
+        shift = (offset + stabiliser[..., None]).unsqueeze(-1)
+        phi_k = _masked_keys(fmap, logits, shift, keep)[:, :, 0]  # [B, H, M]
         kvz = _join(state) * decay[..., None, None] + phi_k.unsqueeze(-1) * _with_ones(v)[:, :, 0].unsqueeze(-2)
         out = _divide(phi_q.unsqueeze(-2) @ kvz)  # [B, H, 1, D]
         kv, z = kvz[..., :-1], kvz[..., -1]

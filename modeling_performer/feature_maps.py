@@ -8,9 +8,10 @@ Each feature map exposes the same three pieces so that the attention kernels can
 stabiliser that gives identical results in one pass, chunk by chunk and token by token:
 
 - ``queries(q, W)``: phi(q) with a per-row constant removed (it cancels in the ratio);
-- ``key_logits(k, W)``: the pre-activation r (exponent of the softmax kernel);
-- ``keys(r, m)``: phi(k) computed from r with the stabiliser m subtracted;
-- ``token_max(r)``: the per-token maximum that the running stabiliser tracks.
+- ``key_logits(k, W)``: (W k', offset) with r = W k' - offset the exponent of the softmax kernel
+  (offset = |k'|^2 / 2 per key); kept apart so that exp(r - m) costs one pass over [S, M];
+- ``token_max(logits, offset)``: the per-token maximum of r that the running stabiliser tracks;
+- ``keys(logits, shift)``: phi(k) with shift = offset + stabiliser subtracted in the exponent.
 
 Constant factors common to all queries or to all keys (1/sqrt(M), the query's row maximum,
 |q'|^2/2) cancel between the numerator and the normaliser of attention and are left out.
@@ -70,21 +71,21 @@ class SoftmaxFeatureMap:
         return torch.exp(logits - logits.amax(dim=-1, keepdim=True).detach())
 
     @staticmethod
-    def key_logits(k: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
-        """k: [B, H, S, D] -> r = W k' - |k'|^2 / 2: [B, H, S, M]."""
+    def key_logits(k: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k: [B, H, S, D] -> (W k': [B, H, S, M], |k'|^2 / 2: [B, H, S])."""
         head_dim = k.shape[-1]
-        squared_norm = k.float().pow(2).sum(dim=-1, keepdim=True) * head_dim**-0.5 / 2
-        return _scaled_projection(k, projection) - squared_norm
+        offset = k.float().pow(2).sum(dim=-1) * head_dim**-0.5 / 2
+        return _scaled_projection(k, projection), offset
 
     @staticmethod
-    def token_max(r: torch.Tensor) -> torch.Tensor:
-        """r: [B, H, S, M] -> [B, H, S]; detached: the stabiliser cancels, so no gradient."""
-        return r.detach().amax(dim=-1)
+    def token_max(logits: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """-> max over features of r: [B, H, S]; detached: the stabiliser cancels, no gradient."""
+        return logits.detach().amax(dim=-1) - offset.detach()
 
     @staticmethod
-    def keys(r: torch.Tensor, stabiliser: torch.Tensor) -> torch.Tensor:
-        """r: [..., S, M], stabiliser broadcastable to r (finite) -> phi(k) * exp(-stabiliser)."""
-        return torch.exp(r - stabiliser)
+    def keys(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """logits: [..., S, M], shift: [..., S, 1] (offset + finite stabiliser) -> phi(k) * exp(-stabiliser)."""
+        return torch.exp(logits - shift)
 
 
 class ReluFeatureMap:
@@ -99,16 +100,17 @@ class ReluFeatureMap:
         return torch.relu(_scaled_projection(q, projection)) + ReluFeatureMap.epsilon
 
     @staticmethod
-    def key_logits(k: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
-        return _scaled_projection(k, projection)
+    def key_logits(k: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = _scaled_projection(k, projection)
+        return logits, logits.new_zeros(logits.shape[:-1])
 
     @staticmethod
-    def token_max(r: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(r.shape[:-1], dtype=r.dtype, device=r.device)
+    def token_max(logits: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(offset)
 
     @staticmethod
-    def keys(r: torch.Tensor, stabiliser: torch.Tensor) -> torch.Tensor:
-        return torch.relu(r) + ReluFeatureMap.epsilon
+    def keys(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return torch.relu(logits) + ReluFeatureMap.epsilon
 
 
 FEATURE_MAPS = {"softmax": SoftmaxFeatureMap, "relu": ReluFeatureMap}

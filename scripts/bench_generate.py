@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """Per-token decoding latency and cache size against context length: a FAVOR+ Performer LM
 (recurrent state) vs transformers' GPT-2 of the same shape (SDPA, growing KV cache), both with
-random weights, measured in the same run.
+random weights, measured in the same run. Each (model, context) point runs in a fresh process so
+that one point's large allocations do not slow the next.
 
     python scripts/bench_generate.py                       # contexts 128, 1k, 4k, 8k
     python scripts/bench_generate.py --contexts 128 2048 --steps 8
 """
 
 import argparse
+import json
 import os
+import subprocess
 import statistics
 import sys
 import time
@@ -45,47 +48,77 @@ def decode_latency(model, context, steps, vocab):
     return statistics.median(times), cache_bytes(cache)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 2048, 4096, 8192])
-    parser.add_argument("--steps", type=int, default=16, help="decoded tokens timed per context (median)")
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--features", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--flush-denormal", action="store_true",
-                        help="torch.set_flush_denormal(True): tiny FAVOR+ state entries stop costing slow denormal arithmetic")
-    args = parser.parse_args()
-    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
-
+def build(kind, args, longest):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from modeling_performer import PerformerConfig, PerformerForCausalLM
 
     torch.manual_seed(0)
+    if kind == "performer":
+        return PerformerForCausalLM(PerformerConfig(
+            vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+            num_attention_heads=args.heads, intermediate_size=4 * args.hidden, num_random_features=args.features,
+            attention_type="favor", max_position_embeddings=longest,
+        )).eval()
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=args.vocab, n_embd=args.hidden, n_layer=args.layers, n_head=args.heads, n_positions=longest,
+        attn_implementation="sdpa", bos_token_id=0, eos_token_id=0,
+    )).eval()
+
+
+def worker(args):
+    import torch
+
     if args.flush_denormal:
         torch.set_flush_denormal(True)
-    longest = max(args.contexts) + args.steps + 1
-    performer = PerformerForCausalLM(PerformerConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        intermediate_size=4 * args.hidden, num_random_features=args.features, attention_type="favor",
-        max_position_embeddings=longest,
-    )).eval()
-    gpt2 = GPT2LMHeadModel(GPT2Config(
-        vocab_size=args.vocab, n_embd=args.hidden, n_layer=args.layers, n_head=args.heads, n_positions=longest,
-        attn_implementation="sdpa",
-    )).eval()
+    kind, context = args.worker[0], int(args.worker[1])
+    model = build(kind, args, max(args.contexts) + args.steps + 1)
+    seconds, size = decode_latency(model, context, args.steps, args.vocab)
+    print(json.dumps({"seconds": seconds, "bytes": size, "threads": torch.get_num_threads()}))
+
+
+def measure(kind, context, argv):
+    cmd = [sys.executable, __file__, *argv, "--worker", kind, str(context)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
+    if done.returncode:
+        raise SystemExit(done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 2048, 4096, 8192])
+    parser.add_argument("--steps", type=int, default=32, help="decoded tokens timed per context (median)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="fresh processes per point, interleaved across contexts (median of their medians)")
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--features", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="torch.set_flush_denormal(True) in the measuring processes")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    argv = [a for a in sys.argv[1:]]
     print(f"{args.layers} layers, hidden {args.hidden}, {args.heads} heads, FAVOR+ M={args.features}; "
-          f"median of {args.steps} decoded tokens after a prefill of the context; torch threads {torch.get_num_threads()}")
+          f"median of {args.steps} decoded tokens after a prefill of the context, median of {args.repeats} processes")
     print(f"{'context':>8} {'performer ms/token':>19} {'gpt2 ms/token':>14} {'gpt2/performer':>15} "
           f"{'performer cache':>16} {'gpt2 cache':>12}")
+    runs = {}
+    for _ in range(args.repeats):  # interleaved: slow phases of a noisy machine hit every point alike
+        for context in args.contexts:
+            for kind in ("performer", "gpt2"):
+                runs.setdefault((kind, context), []).append(measure(kind, context, argv))
     rows = []
     for context in args.contexts:
-        ours, ours_bytes = decode_latency(performer, context, args.steps, args.vocab)
-        theirs, theirs_bytes = decode_latency(gpt2, context, args.steps, args.vocab)
+        ours = statistics.median(r["seconds"] for r in runs["performer", context])
+        theirs = statistics.median(r["seconds"] for r in runs["gpt2", context])
+        ours_bytes, theirs_bytes = runs["performer", context][0]["bytes"], runs["gpt2", context][0]["bytes"]
         rows.append((context, ours, theirs))
         print(f"{context:>8} {ours * 1e3:>19.2f} {theirs * 1e3:>14.2f} {theirs / ours:>15.2f} "
               f"{ours_bytes / 2**20:>12.2f} MiB {theirs_bytes / 2**20:>8.1f} MiB", flush=True)
