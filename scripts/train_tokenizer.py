@@ -8,6 +8,8 @@ Line breaks are folded into spaces (SentencePiece splits on whitespace; the fast
 normaliser does the same).
 
     python scripts/train_tokenizer.py --corpus data_cache/text/train.jsonl --output configuration/tokenizer
+    python scripts/train_tokenizer.py --corpus data_cache/bible/train.jsonl --fields en es \
+        --output data_cache/bible/tokenizer     # joint English/Spanish vocabulary for seq2seq
 """
 
 import argparse
@@ -18,13 +20,14 @@ import tempfile
 SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "mask_token": "<mask>"}
 
 
-def read_texts(path, max_rows=0):
+def read_texts(path, max_rows=0, fields=("text",)):
     texts = []
     with open(path) as f:
-        for line in f:
-            texts.append(json.loads(line)["text"])
-            if max_rows and len(texts) >= max_rows:
+        for i, line in enumerate(f):
+            if max_rows and i >= max_rows:
                 break
+            row = json.loads(line)
+            texts.extend(row[field] for field in fields)
     return texts
 
 
@@ -69,8 +72,10 @@ def main():
     parser.add_argument("--output", default="configuration/tokenizer")
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--max-rows", type=int, default=0)
+    parser.add_argument("--fields", nargs="+", default=["text"],
+                        help="JSON fields to train on (e.g. `en es` for the parallel bible corpus)")
     args = parser.parse_args()
-    texts = read_texts(args.corpus, args.max_rows)
+    texts = read_texts(args.corpus, args.max_rows, args.fields)
     with tempfile.TemporaryDirectory() as tmp:
         sp = train_sentencepiece(texts, args.vocab_size, str(pathlib.Path(tmp) / "spm"))
         fast = to_fast_tokenizer(sp)

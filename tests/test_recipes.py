@@ -34,6 +34,8 @@ def read(path):
 
 
 def test_prepare_data_writes_splits(data):
+    pairs = read(data / "bible" / "train.jsonl")
+    assert pairs and all(p["en"] and p["es"] for p in pairs)
     for name in ("text", "rotten_tomatoes"):
         for split in ("train", "validation", "test"):
             rows = read(data / name / f"{split}.jsonl")
@@ -80,15 +82,21 @@ TINY = {"model_type": "performer", "vocab_size": 100, "hidden_size": 32, "num_hi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["clm", "mlm", "classification"])
+@pytest.mark.parametrize("task", ["clm", "mlm", "classification", "seq2seq"])
 def test_trainer_recipe_learns_saves_and_reloads(task, data, tmp_path):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
-    dataset = data / ("rotten_tomatoes" if task == "classification" else "text")
+    dataset = data / {"classification": "rotten_tomatoes", "seq2seq": "bible"}.get(task, "text")
     output = tmp_path / "out"
+    extra = ["--bleu-rows", "8"]
+    if task == "seq2seq":
+        sp = train_tokenizer.train_sentencepiece(train_tokenizer.read_texts(dataset / "train.jsonl", 0, ("en", "es")),
+                                                 300, str(tmp_path / "spm"))
+        train_tokenizer.to_fast_tokenizer(sp).save_pretrained(tmp_path / "tok")
+        extra += ["--tokenizer", str(tmp_path / "tok")]
     metrics = train.main(["--task", task, "--config", str(config), "--data", str(dataset), "--output", str(output),
                           "--max-steps", "40", "--eval-steps", "20", "--batch-size", "8", "--seq-len", "32",
-                          "--learning-rate", "3e-3", "--quiet"])
+                          "--learning-rate", "3e-3", "--quiet", *extra])
     state = json.loads(next(output.glob("checkpoint-*/trainer_state.json")).read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert losses[-1] < losses[0], losses
@@ -98,9 +106,13 @@ def test_trainer_recipe_learns_saves_and_reloads(task, data, tmp_path):
     model = AutoModel.from_pretrained(output).eval()
     tokenizer = AutoTokenizer.from_pretrained(output)
     batch = tokenizer(["To be, or not to be"], return_tensors="pt")
+    if task == "seq2seq":
+        batch["decoder_input_ids"] = batch["input_ids"]
     assert torch.isfinite(model(**batch).last_hidden_state).all()
     assert (output / "model.safetensors").exists() and (output / "modeling_performer.py").exists()
     if task == "classification":
         assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    elif task == "seq2seq":
+        assert 0.0 <= metrics["test_bleu"] <= 100.0 and 0.0 <= metrics["test_chrf"] <= 100.0
     else:
         assert metrics["validation_perplexity"] > 1.0
