@@ -9,6 +9,6 @@ cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 python scripts/prepare_data.py --datasets text
-python scripts/train.py --task clm --config performer-small-encoder --max-steps "${STEPS:-800}" \
+python scripts/train.py --task clm --config performer-small-encoder --max-steps "${STEPS:-500}" \
     --eval-steps 200 --batch-size 16 --seq-len 128 --learning-rate 2e-3 --output outputs/quickstart-lm "$@"
 python scripts/generate.py outputs/quickstart-lm

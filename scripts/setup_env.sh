@@ -13,3 +13,7 @@ if [ ! -f "$VENV/.performer-installed" ] || [ pyproject.toml -nt "$VENV/.perform
     python -m pip install -q -e ".[dev]"
     touch "$VENV/.performer-installed"
 fi
+# Large tensors are freed and re-allocated every step: keep glibc from returning them to the OS
+# (otherwise page faults dominate CPU training time on small machines).
+export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-17179869184}"
+export MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-17179869184}"
