@@ -34,6 +34,8 @@ from .modeling_performer import (
     shift_tokens_right,
 )
 
+from .pipeline_performer import TASK as TEXT2TEXT_TASK, PerformerText2TextPipeline, register as _register_pipeline
+
 __version__ = "0.1.0"
 
 AUTO_CLASSES = {
@@ -49,6 +51,7 @@ PerformerConfig.register_for_auto_class("AutoConfig")
 for _name, (_auto, _model_class) in AUTO_CLASSES.items():
     _auto.register(PerformerConfig, _model_class, exist_ok=True)
     _model_class.register_for_auto_class(_name)
+_register_pipeline()
 
 __all__ = [
     "PerformerConfig",
@@ -69,4 +72,6 @@ __all__ = [
     "softmax_attention",
     "FEATURE_MAPS",
     "gaussian_orthogonal_random_matrix",
+    "PerformerText2TextPipeline",
+    "TEXT2TEXT_TASK",
 ]
