@@ -8,7 +8,8 @@ Tasks:  clm             causal LM on data_cache/text            (metric: perplex
                         train a joint tokenizer first, see scripts/train_tokenizer.py --fields en es)
 
 The output folder is ready for the Hub: weights (safetensors), config with auto_map, modeling
-files (trust_remote_code), tokenizer, generation config and metrics.json. Training resumes from
+files (trust_remote_code), tokenizer, generation config, metrics.json and a model card (README.md,
+from model_cards/performer.md, filled with the measured metrics). Training resumes from
 the last checkpoint in the output folder with --resume.
 
     python scripts/train.py --task clm --max-steps 300 --output outputs/clm
@@ -215,6 +216,9 @@ def main(argv=None):
     trainer.save_model(args.output)
     tokenizer.save_pretrained(args.output)
     pathlib.Path(args.output, "metrics.json").write_text(json.dumps(metrics, indent=2))
+    from make_model_card import make_card
+
+    make_card(args.output)
     print(json.dumps(metrics, indent=2))
     assert modeling_performer  # registered with the Auto classes
     return metrics

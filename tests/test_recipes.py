@@ -110,6 +110,11 @@ def test_trainer_recipe_learns_saves_and_reloads(task, data, tmp_path):
         batch["decoder_input_ids"] = batch["input_ids"]
     assert torch.isfinite(model(**batch).last_hidden_state).all()
     assert (output / "model.safetensors").exists() and (output / "modeling_performer.py").exists()
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(output / "README.md")
+    assert card.data.library_name == "transformers" and "performer" in card.data.tags
+    assert card.data.eval_results and all(r.metric_value == r.metric_value for r in card.data.eval_results)
     if task == "classification":
         assert 0.0 <= metrics["test_accuracy"] <= 1.0
     elif task == "seq2seq":
