@@ -203,6 +203,15 @@ def main(argv=None):
 
     metrics = {"task": args.task, "attention_type": model.config.attention_type, "steps": args.max_steps,
                "parameters": sum(p.numel() for p in model.parameters())}
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every rank must hold the same random projections (seeded redraws): compare them.
+        favor = [m.projection for m in model.favor_modules()] if hasattr(model, "favor_modules") else []
+        local = torch.cat([p.flatten().float() for p in favor]) if favor else torch.zeros(1)
+        gathered = [torch.zeros_like(local) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(gathered, local)
+        metrics["world_size"] = torch.distributed.get_world_size()
+        metrics["projections_identical_across_ranks"] = all(torch.equal(g, gathered[0]) for g in gathered)
+        metrics["projection_draws"] = int(model.base_model.projection_draws)
     for split in ("validation", "test"):
         result = trainer.evaluate(data[split], metric_key_prefix=split)
         metrics.update({k: v for k, v in result.items() if isinstance(v, (int, float))})
@@ -214,12 +223,13 @@ def main(argv=None):
         metrics.update(scores)
         print("sample translations:", *[f"  {r['en']}\n  -> {h}" for r, h in zip(rows[:3], hypotheses[:3])], sep="\n")
     trainer.save_model(args.output)
-    tokenizer.save_pretrained(args.output)
-    pathlib.Path(args.output, "metrics.json").write_text(json.dumps(metrics, indent=2))
-    from make_model_card import make_card
+    if trainer.is_world_process_zero():  # one writer when several processes train
+        tokenizer.save_pretrained(args.output)
+        pathlib.Path(args.output, "metrics.json").write_text(json.dumps(metrics, indent=2))
+        from make_model_card import make_card
 
-    make_card(args.output)
-    print(json.dumps(metrics, indent=2))
+        make_card(args.output)
+        print(json.dumps(metrics, indent=2))
     assert modeling_performer  # registered with the Auto classes
     return metrics
 
