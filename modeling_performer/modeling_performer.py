@@ -430,6 +430,16 @@ def _positions(padding_mask, batch, length, past_length, device):
     return positions.clamp_min(0)[:, -length:]
 
 
+class PerformerRedrawState(nn.Module):
+    """Persistent counters (a module of their own, so device maps can place them): resumed
+    training continues the same sequence of seeded projection draws."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long), persistent=True)
+        self.register_buffer("training_forwards", torch.zeros((), dtype=torch.long), persistent=True)
+
+
 class PerformerPreTrainedModel(PreTrainedModel):
     config_class = PerformerConfig
     base_model_prefix = "model"
@@ -463,8 +473,8 @@ class PerformerPreTrainedModel(PreTrainedModel):
             init.constant_(module.scale, self.config.hidden_size**0.5)
         elif isinstance(module, PerformerResidual) and module.norm_type == "rezero":
             init.zeros_(module.alpha)
-        elif isinstance(module, PerformerModel):
-            init.zeros_(module.projection_draws)
+        elif isinstance(module, PerformerRedrawState):
+            init.zeros_(module.draws)
             init.zeros_(module.training_forwards)
 
     # -- random projections ------------------------------------------------------------------
@@ -477,17 +487,17 @@ class PerformerPreTrainedModel(PreTrainedModel):
         """Redraws every FAVOR+ projection. `draw` picks the seeded draw (default: the next one);
         the same draw gives the same projections on every process."""
         model = self.base_model
-        draw = int(model.projection_draws) + 1 if draw is None else int(draw)
+        draw = int(model.redraw_state.draws) + 1 if draw is None else int(draw)
         for module in self.favor_modules():
             module.projection.copy_(module.draw_projection(draw).to(module.projection))
-        model.projection_draws.fill_(draw)
+        model.redraw_state.draws.fill_(draw)
 
     def _count_training_step(self):
         interval = self.config.feature_redraw_interval
         if not self.training or interval <= 0:
             return
-        self.training_forwards += 1
-        if int(self.training_forwards) % interval == 0:
+        self.redraw_state.training_forwards += 1
+        if int(self.redraw_state.training_forwards) % interval == 0:
             self.redraw_projections()
 
 
@@ -506,9 +516,7 @@ class PerformerModel(PerformerPreTrainedModel):
             causal = bool(config.is_decoder)
             self.encoder = PerformerStack(config, config.num_hidden_layers, causal, causal and config.add_cross_attention, 0)
             self.decoder = None
-        # Persistent counters: resumed training continues the same sequence of projection draws.
-        self.register_buffer("projection_draws", torch.zeros((), dtype=torch.long), persistent=True)
-        self.register_buffer("training_forwards", torch.zeros((), dtype=torch.long), persistent=True)
+        self.redraw_state = PerformerRedrawState()
         self.post_init()
 
     def get_input_embeddings(self):

@@ -211,7 +211,7 @@ def main(argv=None):
         torch.distributed.all_gather(gathered, local)
         metrics["world_size"] = torch.distributed.get_world_size()
         metrics["projections_identical_across_ranks"] = all(torch.equal(g, gathered[0]) for g in gathered)
-        metrics["projection_draws"] = int(model.base_model.projection_draws)
+        metrics["projection_draws"] = int(model.base_model.redraw_state.draws)
     for split in ("validation", "test"):
         result = trainer.evaluate(data[split], metric_key_prefix=split)
         metrics.update({k: v for k, v in result.items() if isinstance(v, (int, float))})

@@ -50,5 +50,5 @@ def test_two_process_training_with_accelerate(tmp_path):
     import modeling_performer  # noqa: F401
 
     model = AutoModelForCausalLM.from_pretrained(output)
-    assert int(model.model.projection_draws) == metrics["projection_draws"]
+    assert int(model.model.redraw_state.draws) == metrics["projection_draws"]
     assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()

@@ -166,3 +166,4 @@ def test_past_key_values_name_is_refused():
     model = causal_lm("favor")
     with pytest.raises(TypeError, match="cache="):
         model(torch.tensor([[4, 5]]), past_key_values=PerformerCache())
+
