@@ -421,6 +421,39 @@ def _split_masks(attention_mask, batch, query_length, key_length, device):
     )
 
 
+def _encoder_padding(encoder_attention_mask, encoder_hidden_states):
+    """Validated [B, S] padding mask of the encoder output (or None)."""
+    if encoder_attention_mask is None or encoder_hidden_states is None:
+        return None
+    batch, length = encoder_hidden_states.shape[:2]
+    padding, _ = _split_masks(encoder_attention_mask, batch, 0, length, encoder_hidden_states.device)
+    return padding
+
+
+def _decoder_cache(cache, use_cache, num_layers):
+    """The cache a decoder forward reads and updates (a new one when use_cache asks for it), and
+    the number of tokens it already holds."""
+    if use_cache and cache is None:
+        cache = PerformerCache(num_layers)
+    if cache is not None and not isinstance(cache, PerformerCache):
+        raise TypeError(f"Performer decoders need a PerformerCache, got {type(cache).__name__}")
+    return cache, cache.get_seq_length() if cache is not None else 0
+
+
+# Keywords that transformers (Trainer, generate, pipelines) may pass without the model using them.
+_IGNORED_KWARGS = {"num_items_in_batch", "cache_position", "return_loss"}
+
+
+def _reject_unknown_kwargs(kwargs):
+    """A misspelt or outdated keyword must fail, not vanish into **kwargs (an old cache name
+    would otherwise silently decode without the cache)."""
+    if kwargs.get("output_attentions"):
+        raise ValueError("output_attentions is not supported: FAVOR+ never forms the [T, S] attention weights")
+    unknown = sorted(k for k in kwargs if k not in _IGNORED_KWARGS and k != "output_attentions")
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; the decoding state is passed as `cache=`")
+
+
 def _positions(padding_mask, batch, length, past_length, device):
     """Position ids [B, T]: counted over real tokens when a padding mask is given, so that
     left-padded prompts start at 0."""
@@ -573,8 +606,7 @@ class PerformerModel(PerformerPreTrainedModel):
         return_dict: Optional[bool] = None,
         **kwargs,
     ):
-        if "past_key_values" in kwargs:
-            raise TypeError("Performer models take the decoding state as `cache=` (transformers >= 5.24), not past_key_values")
+        _reject_unknown_kwargs(kwargs)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         self._count_training_step()
@@ -588,21 +620,13 @@ class PerformerModel(PerformerPreTrainedModel):
         use_cache = is_decoder and (use_cache if use_cache is not None else (self.config.use_cache and not self.training))
         if not is_decoder and cache is not None:
             raise ValueError("A cache is only used by decoders (config.is_decoder=True)")
-        if use_cache and cache is None:
-            cache = PerformerCache(len(self.encoder.layers))
-        if cache is not None and not isinstance(cache, PerformerCache):
-            raise TypeError(f"Performer decoders need a PerformerCache, got {type(cache).__name__}")
-        past_length = cache.get_seq_length() if cache is not None else 0
+        cache, past_length = _decoder_cache(cache, use_cache, len(self.encoder.layers))
         hidden, padding_mask, general_mask, position_ids = self._embed(
             input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, past_length
         )
-        encoder_padding = None
-        if encoder_hidden_states is not None and encoder_attention_mask is not None:
-            encoder_padding, _ = _split_masks(encoder_attention_mask, hidden.shape[0], 0, encoder_hidden_states.shape[1],
-                                              hidden.device)
+        encoder_padding = _encoder_padding(encoder_attention_mask, encoder_hidden_states)
         last, all_hidden = self.encoder(hidden, padding_mask, general_mask, position_ids, encoder_hidden_states,
-                                        encoder_padding, cache if use_cache or cache is not None else None,
-                                        output_hidden_states)
+                                        encoder_padding, cache, output_hidden_states)
         if cache is not None:
             cache.seen_tokens += hidden.shape[1]
         output = PerformerModelOutput(last_hidden_state=last, cache=cache if use_cache else None, hidden_states=all_hidden)
@@ -621,16 +645,9 @@ class PerformerModel(PerformerPreTrainedModel):
             raise ValueError(
                 "The encoder-decoder model needs decoder_input_ids (or labels, from which the heads build them)"
             )
-        encoder_padding = None
-        if attention_mask is not None:
-            encoder_padding, _ = _split_masks(attention_mask, encoder_hidden.shape[0], 0, encoder_hidden.shape[1],
-                                              encoder_hidden.device)
+        encoder_padding = _encoder_padding(attention_mask, encoder_hidden)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if use_cache and cache is None:
-            cache = PerformerCache(len(self.decoder.layers))
-        if cache is not None and not isinstance(cache, PerformerCache):
-            raise TypeError(f"Performer decoders need a PerformerCache, got {type(cache).__name__}")
-        past_length = cache.get_seq_length() if cache is not None else 0
+        cache, past_length = _decoder_cache(cache, use_cache, len(self.decoder.layers))
         hidden, padding_mask, general_mask, position_ids = self._embed(
             decoder_input_ids, decoder_inputs_embeds, decoder_attention_mask, decoder_position_ids, None, past_length
         )
@@ -736,7 +753,7 @@ class PerformerForMaskedLM(PerformerPreTrainedModel):
                 labels=None, output_hidden_states=None, return_dict=None, num_items_in_batch=None, **kwargs):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                             output_hidden_states=output_hidden_states, return_dict=True)
+                             output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
         logits = self.lm_head(outputs.last_hidden_state)
         loss = token_loss(logits, labels, num_items_in_batch) if labels is not None else None
         output = MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
@@ -762,7 +779,7 @@ class PerformerForSequenceClassification(PerformerPreTrainedModel):
                 labels=None, output_hidden_states=None, return_dict=None, **kwargs):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                             output_hidden_states=output_hidden_states, return_dict=True)
+                             output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
         hidden = outputs.last_hidden_state
         if self.config.classifier_pooling == "mean":
             if attention_mask is not None and attention_mask.dim() == 2:
@@ -802,11 +819,15 @@ class PerformerForSequenceClassification(PerformerPreTrainedModel):
         return F.binary_cross_entropy_with_logits(logits, labels.float())
 
 
-class PerformerForCausalLM(PerformerPreTrainedModel, GenerationMixin):
+class _PerformerGenerativeModel(PerformerPreTrainedModel, GenerationMixin):
+    """A PerformerModel with the stack flags in `_stack_flags` and a bias-free vocabulary
+    projection tied to the input embeddings."""
+
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.word_embeddings.weight"}
+    _stack_flags: dict = {}
 
     def __init__(self, config: PerformerConfig):
-        config = _with_flags(config, is_decoder=True, is_encoder_decoder=False)
+        config = _with_flags(config, **self._stack_flags)
         super().__init__(config)
         self.model = PerformerModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -817,6 +838,10 @@ class PerformerForCausalLM(PerformerPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value):
         self.lm_head = value
+
+
+class PerformerForCausalLM(_PerformerGenerativeModel):
+    _stack_flags = {"is_decoder": True, "is_encoder_decoder": False}
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, encoder_hidden_states=None, encoder_attention_mask=None,
@@ -851,25 +876,12 @@ def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int, decoder_start
     return shifted.masked_fill(shifted == -100, pad_token_id)
 
 
-class PerformerForConditionalGeneration(PerformerPreTrainedModel, GenerationMixin):
+class PerformerForConditionalGeneration(_PerformerGenerativeModel):
     """Encoder-decoder with shared embeddings. `labels` are the target tokens; decoder inputs
     are built from them with `shift_tokens_right`, and the loss compares position t with
     label t (no second shift)."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embeddings.word_embeddings.weight"}
-
-    def __init__(self, config: PerformerConfig):
-        config = _with_flags(config, is_encoder_decoder=True, is_decoder=False)
-        super().__init__(config)
-        self.model = PerformerModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
+    _stack_flags = {"is_encoder_decoder": True, "is_decoder": False}
 
     def get_encoder(self, modality=None):
         return self.model.get_encoder()

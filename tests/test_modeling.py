@@ -423,6 +423,11 @@ def test_bad_inputs():
     seq2seq = PerformerForConditionalGeneration(tiny_config())
     with pytest.raises(ValueError, match="decoder_input_ids"):
         seq2seq(torch.randint(3, 99, (1, 4)))
+    mlm = PerformerForMaskedLM(tiny_config())
+    with pytest.raises(TypeError, match="atention_mask"):
+        mlm(torch.tensor([[5, 6, 7]]), atention_mask=torch.ones(1, 3))
+    with pytest.raises(ValueError, match="output_attentions"):
+        mlm(torch.tensor([[5, 6, 7]]), output_attentions=True)
 
 
 def test_general_mask_allowed_for_softmax_layers():
