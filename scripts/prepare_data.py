@@ -58,6 +58,16 @@ def write_splits(rows_by_split: dict, folder: pathlib.Path):
         print(f"  {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {len(rows)} rows", flush=True)
 
 
+def shuffled_splits(rows, train_end, validation_end, seed, max_rows):
+    """Shuffles rows with the seed (in place) and cuts train / validation / test at the given
+    fractions of the length, each cut to max_rows when given."""
+    random.Random(seed).shuffle(rows)
+    n = len(rows)
+    train_end, validation_end = int(train_end * n), int(validation_end * n)
+    splits = {"train": rows[:train_end], "validation": rows[train_end:validation_end], "test": rows[validation_end:]}
+    return {k: v[:max_rows] for k, v in splits.items()} if max_rows else splits
+
+
 def passages(text: str, max_chars: int):
     """Blank-line separated speeches, packed into passages of at most max_chars."""
     current = ""
@@ -101,11 +111,8 @@ def prepare_rotten_tomatoes(downloads, out, seed, max_rows):
     labels = {"rotten": 0, "fresh": 1}
     rows = [{"text": r["text"], "label": labels[r["category"]]} for r in csv.DictReader(io.StringIO(raw))
             if r["category"] in labels]
-    random.Random(seed).shuffle(rows)
     n = len(rows)
-    splits = {"train": rows[: int(0.8 * n)], "validation": rows[int(0.8 * n) : int(0.9 * n)], "test": rows[int(0.9 * n) :]}
-    if max_rows:
-        splits = {k: v[:max_rows] for k, v in splits.items()}
+    splits = shuffled_splits(rows, 0.8, 0.9, seed, max_rows)
     print(f"rotten_tomatoes: {n} labelled snippets (fresh=1, rotten=0)")
     write_splits(splits, out / "rotten_tomatoes")
 
@@ -151,11 +158,8 @@ def prepare_bible(downloads, out, seed, max_rows):
                 pairs.extend({"en": " ".join(a.split()), "es": " ".join(b.split())} for a, b in zip(en, es)
                              if a.strip() and b.strip())
         print(f"  read {len(pairs)} verse pairs", flush=True)
-    random.Random(seed).shuffle(pairs)
     n = len(pairs)
-    splits = {"train": pairs[: int(0.9 * n)], "validation": pairs[int(0.9 * n) : int(0.95 * n)], "test": pairs[int(0.95 * n) :]}
-    if max_rows:
-        splits = {k: v[:max_rows] for k, v in splits.items()}
+    splits = shuffled_splits(pairs, 0.9, 0.95, seed, max_rows)
     print(f"bible: {n} aligned verse pairs (en, es)")
     write_splits(splits, out / "bible")
 
