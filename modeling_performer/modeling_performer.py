@@ -89,6 +89,8 @@ class PerformerResidual(nn.Module):
             self.norm = make_norm(config)
 
     def forward(self, hidden_states, sublayer):
+        # `sublayer` is a closure, never an nn.Module: device-map hooks move every module argument to
+        # the execution device, which fails for offloaded (meta) weights.
         if self.norm_type == "rezero":
             return hidden_states + self.alpha * self.dropout(sublayer(hidden_states))
         if self.norm_type == "post_layernorm":
@@ -340,7 +342,7 @@ class PerformerLayer(GradientCheckpointingLayer):
                 lambda x: self.cross_attn(x, key_value_states=encoder_hidden_states,
                                           attention_mask=encoder_attention_mask, layer_cache=layer_cache),
             )
-        return self.mlp_residual(hidden_states, self.mlp)
+        return self.mlp_residual(hidden_states, lambda x: self.mlp(x))
 
 
 class PerformerStack(nn.Module):

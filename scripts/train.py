@@ -202,7 +202,9 @@ def main(argv=None):
     trainer.train(resume_from_checkpoint=True if args.resume else None)
 
     metrics = {"task": args.task, "attention_type": model.config.attention_type, "steps": args.max_steps,
-               "parameters": sum(p.numel() for p in model.parameters())}
+               "parameters": sum(p.numel() for p in model.parameters()),
+               "train_loss_history": [[e["step"], e["loss"], e.get("grad_norm")]
+                                      for e in trainer.state.log_history if "loss" in e]}
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Every rank must hold the same random projections (seeded redraws): compare them.
         favor = [m.projection for m in model.favor_modules()] if hasattr(model, "favor_modules") else []
