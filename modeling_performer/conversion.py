@@ -1,0 +1,274 @@
+"""Conversion of pretrained softmax Transformers (BERT, RoBERTa, MiniLM, GPT-2) into Performers.
+
+The converted model keeps every weight of the source; only the attention computation changes
+(`attention_type="favor"`), or nothing at all (`attention_type="softmax"`, which reproduces the
+source's hidden states and is how the mapping is tested).
+
+    model, tokenizer = convert_to_performer("path/to/bert", attention_type="favor")
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional
+
+import torch
+
+from .configuration_performer import PerformerConfig
+from .modeling_performer import (
+    PerformerForCausalLM,
+    PerformerForMaskedLM,
+    PerformerForSequenceClassification,
+    PerformerModel,
+)
+
+ENCODER_TYPES = ("bert", "roberta")
+DECODER_TYPES = ("gpt2",)
+SUPPORTED_TYPES = ENCODER_TYPES + DECODER_TYPES
+HEADS = {
+    "base": PerformerModel,
+    "masked-lm": PerformerForMaskedLM,
+    "classification": PerformerForSequenceClassification,
+    "causal-lm": PerformerForCausalLM,
+}
+# Source architecture (config.architectures[0]) -> the Performer head it becomes by default.
+DEFAULT_HEADS = {
+    "BertModel": "base", "BertForMaskedLM": "masked-lm", "BertForPreTraining": "masked-lm",
+    "BertForSequenceClassification": "classification",
+    "RobertaModel": "base", "RobertaForMaskedLM": "masked-lm", "RobertaForSequenceClassification": "classification",
+    "GPT2Model": "base", "GPT2LMHeadModel": "causal-lm",
+}
+SOURCE_CLASSES = {
+    "masked-lm": {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM"},
+    "classification": {"bert": "BertForSequenceClassification", "roberta": "RobertaForSequenceClassification"},
+    "causal-lm": {"gpt2": "GPT2LMHeadModel"},
+}
+
+
+class ConversionError(ValueError):
+    """The source checkpoint cannot be converted (unsupported architecture or option)."""
+
+
+def _source_config(source):
+    from transformers import AutoConfig
+
+    if not os.path.isdir(source):
+        raise ConversionError(f"SOURCE must be a local model folder (config.json + weights); {source!r} is not a folder")
+    if not os.path.isfile(os.path.join(source, "config.json")):
+        raise ConversionError(f"{source!r} has no config.json: not a transformers model folder")
+    config = AutoConfig.from_pretrained(source)
+    if config.model_type not in SUPPORTED_TYPES:
+        raise ConversionError(
+            f"Unsupported source model_type {config.model_type!r}: convert_to_performer maps {list(SUPPORTED_TYPES)} "
+            "(MiniLM checkpoints are model_type 'bert')"
+        )
+    if config.model_type in ENCODER_TYPES:
+        position = getattr(config, "position_embedding_type", "absolute")
+        if position != "absolute":
+            raise ConversionError(f"position_embedding_type={position!r} is not supported; only 'absolute' positions map")
+        if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+            raise ConversionError("BERT-family decoders / cross-attention checkpoints are not supported; convert an encoder")
+    else:
+        for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+            if getattr(config, flag, False):
+                raise ConversionError(f"GPT-2 checkpoints with {flag}=True are not supported")
+        if not getattr(config, "scale_attn_weights", True):
+            raise ConversionError("GPT-2 checkpoints with scale_attn_weights=False are not supported")
+    return config
+
+
+def performer_config(source_config, attention_type="favor", num_random_features: Optional[int] = None,
+                     **overrides) -> PerformerConfig:
+    """The PerformerConfig with the source's shapes, norms, activation and positions."""
+    c = source_config
+    if c.model_type in ENCODER_TYPES:
+        offset = c.pad_token_id + 1 if c.model_type == "roberta" else 0  # RoBERTa counts positions from pad+1
+        values = dict(
+            vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size, hidden_act=c.hidden_act,
+            norm_type="post_layernorm", position_embedding_type="learned",
+            max_position_embeddings=c.max_position_embeddings - offset, type_vocab_size=c.type_vocab_size,
+            hidden_dropout_prob=c.hidden_dropout_prob, attention_probs_dropout_prob=c.attention_probs_dropout_prob,
+            layer_norm_eps=c.layer_norm_eps, initializer_range=c.initializer_range, pad_token_id=c.pad_token_id,
+            bos_token_id=getattr(c, "bos_token_id", None), eos_token_id=getattr(c, "eos_token_id", None),
+            tie_word_embeddings=True,
+        )
+    else:
+        values = dict(
+            vocab_size=c.vocab_size, hidden_size=c.n_embd, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+            intermediate_size=c.n_inner or 4 * c.n_embd, hidden_act=c.activation_function, norm_type="pre_layernorm",
+            position_embedding_type="learned", max_position_embeddings=c.n_positions, type_vocab_size=0,
+            hidden_dropout_prob=c.resid_pdrop, attention_probs_dropout_prob=c.attn_pdrop,
+            layer_norm_eps=c.layer_norm_epsilon, initializer_range=c.initializer_range,
+            pad_token_id=getattr(c, "pad_token_id", None), bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+            tie_word_embeddings=True, is_decoder=True,
+        )
+    values["attention_type"] = attention_type
+    if num_random_features is not None:
+        values["num_random_features"] = num_random_features
+    for key in ("num_labels", "id2label", "label2id", "problem_type"):
+        if key not in overrides and getattr(c, "architectures", None) and "SequenceClassification" in c.architectures[0]:
+            overrides[key] = getattr(c, key)
+    values.update(overrides)
+    return PerformerConfig(**values)
+
+
+def _encoder_weights(base: dict, config) -> dict:
+    """BertModel / RobertaModel state dict -> PerformerModel state dict (post-LN encoder)."""
+    offset = config.pad_token_id + 1 if config.model_type == "roberta" else 0
+    out = {
+        "embeddings.word_embeddings.weight": base.pop("embeddings.word_embeddings.weight"),
+        "embeddings.position_embeddings.weight": base.pop("embeddings.position_embeddings.weight")[offset:],
+        "embeddings.token_type_embeddings.weight": base.pop("embeddings.token_type_embeddings.weight"),
+        "embeddings.LayerNorm.weight": base.pop("embeddings.LayerNorm.weight"),
+        "embeddings.LayerNorm.bias": base.pop("embeddings.LayerNorm.bias"),
+    }
+    names = {
+        "attention.self.query": "self_attn.q_proj", "attention.self.key": "self_attn.k_proj",
+        "attention.self.value": "self_attn.v_proj", "attention.output.dense": "self_attn.o_proj",
+        "attention.output.LayerNorm": "self_attn_residual.norm", "intermediate.dense": "mlp.up_proj",
+        "output.dense": "mlp.down_proj", "output.LayerNorm": "mlp_residual.norm",
+    }
+    pattern = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$")
+    for key in [k for k in base if k.startswith("encoder.layer.")]:
+        match = pattern.match(key)
+        if match and match.group(2) in names:
+            out[f"encoder.layers.{match.group(1)}.{names[match.group(2)]}.{match.group(3)}"] = base.pop(key)
+    return out
+
+
+def _gpt2_weights(base: dict, config) -> dict:
+    """GPT2Model state dict -> PerformerModel state dict (pre-LN decoder). GPT-2's Conv1D stores
+    weights as [in, out]: transposed here."""
+    hidden = config.n_embd
+    out = {"embeddings.word_embeddings.weight": base.pop("wte.weight"),
+           "embeddings.position_embeddings.weight": base.pop("wpe.weight"),
+           "encoder.norm.weight": base.pop("ln_f.weight"), "encoder.norm.bias": base.pop("ln_f.bias")}
+    for i in range(config.n_layer):
+        p, q = f"h.{i}.", f"encoder.layers.{i}."
+        for name, target in (("ln_1", "self_attn_residual.norm"), ("ln_2", "mlp_residual.norm")):
+            out[q + target + ".weight"] = base.pop(p + name + ".weight")
+            out[q + target + ".bias"] = base.pop(p + name + ".bias")
+        qkv_w, qkv_b = base.pop(p + "attn.c_attn.weight").t(), base.pop(p + "attn.c_attn.bias")
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            out[q + f"self_attn.{name}.weight"] = qkv_w[j * hidden:(j + 1) * hidden]
+            out[q + f"self_attn.{name}.bias"] = qkv_b[j * hidden:(j + 1) * hidden]
+        for source, target in (("attn.c_proj", "self_attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"),
+                               ("mlp.c_proj", "mlp.down_proj")):
+            out[q + target + ".weight"] = base.pop(p + source + ".weight").t()
+            out[q + target + ".bias"] = base.pop(p + source + ".bias")
+    return out
+
+
+def _take(state: dict, out: dict, source: str, target: str):
+    """Moves source.{weight,bias} to target.{weight,bias} when the source has them."""
+    for suffix in (".weight", ".bias"):
+        if source + suffix in state:
+            out[target + suffix] = state.pop(source + suffix)
+
+
+def _head_weights(head: str, model_type: str, state: dict) -> dict:
+    """Head weights of the source (base model stripped off) -> Performer head names. What the source
+    lacks stays freshly initialised (and is reported by convert_to_performer)."""
+    out = {}
+    if head == "masked-lm":
+        prefix, norm = ("cls.predictions.", "transform.LayerNorm") if model_type == "bert" else ("lm_head.", "layer_norm")
+        _take(state, out, prefix + ("transform.dense" if model_type == "bert" else "dense"), "lm_head.dense")
+        _take(state, out, prefix + norm, "lm_head.LayerNorm")
+        if prefix + "bias" in state:
+            out["lm_head.decoder.bias"] = state.pop(prefix + "bias")
+        state.pop(prefix + "decoder.bias", None)  # the same tensor under a second name
+        state.pop(prefix + "decoder.weight", None)  # tied to the word embeddings
+    elif head == "classification":
+        if model_type == "bert":
+            _take(state, out, "pooler.dense", "dense")
+            _take(state, out, "classifier", "classifier")
+        else:
+            _take(state, out, "classifier.dense", "dense")
+            _take(state, out, "classifier.out_proj", "classifier")
+    elif head == "causal-lm":
+        state.pop("lm_head.weight", None)  # tied to the word embeddings
+    return out
+
+
+BASE_CLASSES = {"bert": "BertModel", "roberta": "RobertaModel", "gpt2": "GPT2Model"}
+# Source weights that have no counterpart and carry nothing a Performer head uses.
+IGNORED_SOURCE_WEIGHTS = ("cls.seq_relationship.", "position_ids", ".attn.bias", ".attn.masked_bias")
+
+
+def convert_to_performer(source: str, attention_type: str = "favor", num_random_features: Optional[int] = None,
+                         head: str = "auto", **config_overrides):
+    """Loads a BERT / RoBERTa / MiniLM / GPT-2 folder and returns (performer_model, tokenizer).
+
+    head: "auto" (from the source's architecture), "base", "masked-lm", "classification" or
+    "causal-lm". config_overrides go to PerformerConfig (e.g. num_labels=2, classifier_pooling="mean").
+    Every source weight is mapped or the conversion fails (a "base" conversion drops the source's
+    head on purpose); head weights the source does not have are initialised as in a fresh model and
+    logged.
+    """
+    import transformers
+    from transformers import AutoTokenizer
+    from transformers.utils import logging
+
+    source = os.fspath(source)
+    source_config = _source_config(source)
+    model_type = source_config.model_type
+    architecture = (getattr(source_config, "architectures", None) or [BASE_CLASSES[model_type]])[0]
+    if head == "auto":
+        if architecture not in DEFAULT_HEADS:
+            raise ConversionError(f"Cannot infer the head for architecture {architecture!r}; pass head= one of {list(HEADS)}")
+        head = DEFAULT_HEADS[architecture]
+    if head not in HEADS:
+        raise ConversionError(f"Unknown head {head!r}; valid: {list(HEADS)} or 'auto'")
+    if (head == "causal-lm" and model_type not in DECODER_TYPES) or (
+            head in ("masked-lm", "classification") and model_type not in ENCODER_TYPES):
+        raise ConversionError(f"A {model_type} checkpoint cannot become a {head} Performer")
+
+    class_name = architecture if architecture in DEFAULT_HEADS else BASE_CLASSES[model_type]
+    source_model = getattr(transformers, class_name).from_pretrained(source, dtype=torch.float32)
+    state = {k: v.detach().clone() for k, v in source_model.state_dict().items()}
+    if source_model.base_model is source_model:
+        base, state = state, {}
+    else:
+        prefix = source_model.base_model_prefix + "."
+        base = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+    for key in [k for k in base if k.startswith("pooler.")]:
+        state[key] = base.pop(key)  # BERT's pooler is the classification head's dense layer
+
+    config = performer_config(source_config, attention_type, num_random_features, **config_overrides)
+    weights = _encoder_weights(base, source_config) if model_type in ENCODER_TYPES else _gpt2_weights(base, source_config)
+    model = HEADS[head](config)
+    if head == "base":
+        state = {}  # the source's head is dropped on purpose
+    else:
+        weights = {model.base_model_prefix + "." + k: v for k, v in weights.items()}
+        weights.update(_head_weights(head, model_type, state))
+    leftover = [k for k in [*base, *state] if not any(s in k for s in IGNORED_SOURCE_WEIGHTS)]
+    if leftover:
+        raise ConversionError(f"Source weights without a Performer counterpart: {leftover[:8]}")
+
+    target = model.state_dict()
+    for key, value in weights.items():
+        if key not in target:
+            raise ConversionError(f"Mapped weight {key!r} does not exist in {type(model).__name__}")
+        if target[key].shape != value.shape:
+            raise ConversionError(f"{key}: source shape {tuple(value.shape)} != Performer shape {tuple(target[key].shape)}")
+    missing = model.load_state_dict(weights, strict=False).missing_keys
+    fresh = [k for k in missing if not k.endswith(("projection", "draws", "training_forwards"))
+             and k not in ("lm_head.decoder.weight", "lm_head.weight")]
+    if any(k.startswith(model.base_model_prefix + ".") or head == "base" for k in fresh):
+        raise ConversionError(f"Performer weights the source does not provide: {fresh[:8]}")
+    if fresh:
+        logging.get_logger(__name__).warning(
+            "%s has no weights for %s: initialised fresh, train them before use", class_name, ", ".join(fresh)
+        )
+    model.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return model.eval(), tokenizer
+
+
+def save_converted(model, tokenizer, output: str):
+    """Writes a folder that AutoModel (and the head's Auto class) loads, tokenizer included."""
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)

