@@ -105,6 +105,16 @@ class PerformerConfig(PreTrainedConfig):
             self.decoder_start_token_id = self.bos_token_id if self.bos_token_id is not None else self.pad_token_id
         self._normalise_and_validate()
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        other = config_dict.get("model_type")
+        if other is not None and other != cls.model_type:
+            raise ValueError(
+                f"This config.json describes a {other!r} model, not a Performer (model_type {cls.model_type!r}): load it "
+                "with its own class, or convert a BERT/RoBERTa/GPT-2 checkpoint with scripts/convert_to_performer.py"
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     @staticmethod
     def _is_generation_key(key: str) -> bool:
         from transformers import GenerationConfig
@@ -156,6 +166,15 @@ class PerformerConfig(PreTrainedConfig):
             raise ValueError(f"rotary positions need an even head dimension, got {self.head_dim}")
         if self.feature_redraw_interval < 0:
             raise ValueError(f"feature_redraw_interval must be >= 0 (0 = never), got {self.feature_redraw_interval}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            raise ValueError(f"type_vocab_size must be an integer >= 0 (0 = no token types), got {self.type_vocab_size!r}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+            value = getattr(self, name, None)
+            ids = value if isinstance(value, (list, tuple)) else [value]
+            if any(i is not None and not (isinstance(i, int) and 0 <= i < self.vocab_size) for i in ids):
+                raise ValueError(f"{name}={value!r} is outside the vocabulary [0, {self.vocab_size})")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -17,6 +17,7 @@ Shapes: B batch, T query length, S key length, H heads, D head dim, M random fea
 
 import copy
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -35,7 +36,7 @@ from transformers.modeling_outputs import (
     Seq2SeqModelOutput,
     SequenceClassifierOutput,
 )
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .attention import (
     causal_linear_attention,
@@ -45,9 +46,12 @@ from .attention import (
     recurrent_linear_attention,
     softmax_attention,
 )
+from .checkpoint_performer import add_checksum, verify, weight_files
 from .cache_performer import PerformerCache, PerformerLayerCache
 from .configuration_performer import PerformerConfig
 from .feature_maps import gaussian_orthogonal_random_matrix
+
+logger = logging.get_logger(__name__)
 
 # --------------------------------------------------------------------------------------------
 # Norms and residual connections
@@ -144,6 +148,13 @@ class PerformerEmbeddings(nn.Module):
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros(embeddings.shape[:2], dtype=torch.long, device=embeddings.device)
+            elif tuple(token_type_ids.shape) != tuple(embeddings.shape[:2]):
+                raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}; expected {tuple(embeddings.shape[:2])}")
+            elif token_type_ids.numel() and int(token_type_ids.max()) >= self.config.type_vocab_size:
+                raise ValueError(
+                    f"token_type_ids contains {int(token_type_ids.max())}, but this model has type_vocab_size="
+                    f"{self.config.type_vocab_size}"
+                )
             embeddings = embeddings + self.token_type_embeddings(token_type_ids)
         elif token_type_ids is not None and bool((token_type_ids != 0).any()):
             raise ValueError("token_type_ids were given but this model has type_vocab_size=0")
@@ -390,6 +401,25 @@ AUTO_MAP = {
 }
 
 
+def _local_folder(name_or_path, kwargs):
+    """The folder holding the weight files (local path or the Hub cache), or None."""
+    subfolder = kwargs.get("subfolder") or ""
+    path = os.path.join(os.fspath(name_or_path), subfolder)
+    if os.path.isdir(path):
+        return path
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("model.safetensors", "model.safetensors.index.json"):
+            cached = try_to_load_from_cache(str(name_or_path), os.path.join(subfolder, filename) if subfolder else filename,
+                                            revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"))
+            if isinstance(cached, str):
+                return os.path.dirname(cached)
+    except Exception:  # not a Hub id: transformers reports the real problem
+        return None
+    return None
+
+
 def _split_masks(attention_mask, batch, query_length, key_length, device):
     """Validates attention_mask and returns (padding mask [B, S] bool or None, general mask
     [B, 1, T, S] bool or None)."""
@@ -397,7 +427,9 @@ def _split_masks(attention_mask, batch, query_length, key_length, device):
         return None, None
     if not isinstance(attention_mask, torch.Tensor):
         raise ValueError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
-    if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+    if attention_mask.dtype.is_complex:
+        raise ValueError(f"attention_mask must be bool, integer or float 0/1, got dtype {attention_mask.dtype}")
+    if attention_mask.dtype.is_floating_point:
         if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError(
                 "attention_mask must hold 1 (attend) and 0 (padding); additive float masks (-inf) are not accepted"
@@ -498,7 +530,36 @@ class PerformerPreTrainedModel(PreTrainedModel):
         if type(self.config)._auto_class is None:
             type(self.config).register_for_auto_class("AutoConfig")
         self.config.auto_map = dict(AUTO_MAP)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            for path in weight_files(str(save_directory)):
+                add_checksum(path)
+        return result
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_missing_weights: bool = False, **kwargs):
+        """transformers' from_pretrained, with two guarantees: damaged weight files (truncated, or
+        data that no longer matches the checksum save_pretrained wrote) fail before loading, and
+        a checkpoint that lacks weights of the Performer stack itself (random projections
+        included) fails instead of returning a half-initialised model. Head weights missing from
+        a base checkpoint are initialised as usual. `allow_missing_weights=True` initialises
+        whatever is missing (new projections are drawn from the config's seed) with a warning."""
+        folder = _local_folder(pretrained_model_name_or_path, kwargs)
+        if folder is not None:
+            for path in weight_files(folder):
+                verify(path)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        base = "" if model.base_model is model else model.base_model_prefix + "."
+        missing = sorted(k for k in info.get("missing_keys", ()) if k.startswith(base) and "redraw_state" not in k)
+        if missing:
+            message = (f"{pretrained_model_name_or_path} has no weights for {len(missing)} tensor(s) of the Performer "
+                       f"stack, e.g. {missing[:4]}; the checkpoint is incomplete or was saved with another config "
+                       "(layers, attention_type). Pass allow_missing_weights=True to initialise them fresh.")
+            if not allow_missing_weights:
+                raise ValueError(message)
+            logger.warning(message.replace("Pass allow_missing_weights=True to initialise", "Initialised"))
+        return (model, info) if want_info else model
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -536,7 +597,24 @@ class PerformerPreTrainedModel(PreTrainedModel):
             self.redraw_projections()
 
 
-class PerformerModel(PerformerPreTrainedModel):
+class _NotGenerative:
+    """For heads without generate(): asking for it says which head can, instead of a bare
+    AttributeError. (hasattr stays False, so transformers' checks are unaffected.)"""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "generate":
+                raise AttributeError(
+                    f"{type(self).__name__} cannot generate text: load the checkpoint with PerformerForCausalLM "
+                    "(AutoModelForCausalLM) or PerformerForConditionalGeneration (AutoModelForSeq2SeqLM); for "
+                    "masked-token filling use pipeline('fill-mask')"
+                ) from None
+            raise
+
+
+class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
     """The bare stack: bidirectional encoder, causal decoder (`is_decoder`), or encoder-decoder
     (`is_encoder_decoder`)."""
 
@@ -566,9 +644,19 @@ class PerformerModel(PerformerPreTrainedModel):
     def _embed(self, input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, past_length):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds")
-        shape = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape[:2])
-        if len(shape) != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+            if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+                raise ValueError(f"input_ids must be integer token ids (torch.long), got dtype {input_ids.dtype}")
+            shape = tuple(input_ids.shape)
+        else:
+            hidden_size = self.config.hidden_size
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must be [batch, length, hidden_size={hidden_size}], got shape {tuple(inputs_embeds.shape)}"
+                )
+            shape = tuple(inputs_embeds.shape[:2])
         batch, length = shape
         if batch == 0 or length == 0:
             raise ValueError(f"Empty input: batch size {batch}, sequence length {length}; give at least one token")
@@ -576,6 +664,13 @@ class PerformerModel(PerformerPreTrainedModel):
         padding_mask, general_mask = _split_masks(attention_mask, batch, length, past_length + length, device)
         if position_ids is None:
             position_ids = _positions(padding_mask, batch, length, past_length, device)
+        elif tuple(position_ids.shape) not in ((batch, length), (1, length)):
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected {(batch, length)} or (1, {length})")
+        else:
+            position_ids = position_ids.expand(batch, length)
+        for name, ids in (("position_ids", position_ids), ("token_type_ids", token_type_ids)):
+            if ids is not None and ids.numel() and int(ids.min()) < 0:
+                raise ValueError(f"{name} must be >= 0, got {int(ids.min())}")
         hidden = self.embeddings(input_ids, inputs_embeds, position_ids, token_type_ids)
         return hidden, padding_mask, general_mask, position_ids
 
@@ -735,7 +830,7 @@ class PerformerLMHead(nn.Module):
         return self.decoder(self.LayerNorm(self.act(self.dense(hidden_states))))
 
 
-class PerformerForMaskedLM(PerformerPreTrainedModel):
+class PerformerForMaskedLM(_NotGenerative, PerformerPreTrainedModel):
     _tied_weights_keys = {"lm_head.decoder.weight": "model.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: PerformerConfig):
@@ -762,7 +857,7 @@ class PerformerForMaskedLM(PerformerPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-class PerformerForSequenceClassification(PerformerPreTrainedModel):
+class PerformerForSequenceClassification(_NotGenerative, PerformerPreTrainedModel):
     """Pools the encoder output (first token, or mean over real tokens), then classifies or
     regresses; `problem_type` as in transformers."""
 
