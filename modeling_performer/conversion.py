@@ -239,8 +239,14 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
     config = performer_config(source_config, attention_type, num_random_features, **config_overrides)
     weights = _encoder_weights(base, source_config) if model_type in ENCODER_TYPES else _gpt2_weights(base, source_config)
     model = HEADS[head](config)
-    if head == "base":
-        state = {}  # the source's head is dropped on purpose
+    if head == "base":  # the source's head (and BERT's pooler) is dropped on purpose: say so
+        dropped = sorted({k.rsplit(".", 1)[0] for k in state if not any(s in k for s in IGNORED_SOURCE_WEIGHTS)})
+        if dropped:
+            logging.get_logger(__name__).warning(
+                "A base Performer has no place for the source's %s; pass head='classification' (or the source's own "
+                "head) to keep them", ", ".join(dropped)
+            )
+        state = {}
     else:
         weights = {model.base_model_prefix + "." + k: v for k, v in weights.items()}
         weights.update(_head_weights(head, model_type, state))
