@@ -16,7 +16,6 @@ Shapes: B batch, T query length, S key length, H heads, D head dim, M random fea
 """
 
 import copy
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional, Union

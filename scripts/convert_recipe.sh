@@ -19,7 +19,7 @@ for attention in softmax favor; do
         --num-random-features 256 --head classification --num-labels 2 --classifier-pooling mean
 done
 python scripts/distill_converted.py $out/minilm-softmax-cls $out/minilm-favor-cls $out/minilm-favor-distilled \
-    --steps $((300 * s))
+    --steps $((400 * s)) --learning-rate 3e-4
 for name in softmax favor favor-distilled; do
     init=$out/minilm-$name; [ -d "$init" ] || init=$out/minilm-$name-cls
     python scripts/train.py --task classification --init "$init" --tokenizer "$init" --output $out/rt-$name \
