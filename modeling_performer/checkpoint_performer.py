@@ -76,8 +76,10 @@ def verify(path: str) -> None:
     """Raises CorruptCheckpointError if the file is truncated or its data does not match the
     recorded checksum."""
     with open(path, "rb") as handle:
-        _, header = _read_header(handle, path)
-        checksum, length = _data_digest(handle)
+        start, header = _read_header(handle, path)
+        expected = (header.get("__metadata__") or {}).get(CHECKSUM_KEY)
+        # Files without a checksum (written elsewhere) are only checked for length: no need to read them.
+        checksum, length = _data_digest(handle) if expected is not None else (None, os.path.getsize(path) - start)
     tensors = [v for k, v in header.items() if k != "__metadata__"]
     try:
         needed = max((int(t["data_offsets"][1]) for t in tensors), default=0)
@@ -88,7 +90,6 @@ def verify(path: str) -> None:
             f"{path} is truncated: its header describes {needed} bytes of tensor data but only {length} are present; "
             "re-save or re-download it"
         )
-    expected = (header.get("__metadata__") or {}).get(CHECKSUM_KEY)
     if expected is not None and expected != checksum:
         raise CorruptCheckpointError(
             f"{path} is corrupted: the SHA-256 of its tensor data does not match the checksum written when it was "
@@ -97,4 +98,6 @@ def verify(path: str) -> None:
 
 
 def weight_files(folder: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    """The model's weight files in a folder (model.safetensors, its shards and variants); other
+    safetensors files a user keeps there are neither rewritten nor checked."""
+    return sorted(glob.glob(os.path.join(folder, "model*.safetensors")))

@@ -14,6 +14,7 @@ import re
 from typing import Optional
 
 import torch
+from transformers.utils import logging
 
 from .configuration_performer import PerformerConfig
 from .modeling_performer import (
@@ -22,6 +23,8 @@ from .modeling_performer import (
     PerformerForSequenceClassification,
     PerformerModel,
 )
+
+logger = logging.get_logger(__name__)
 
 ENCODER_TYPES = ("bert", "roberta")
 DECODER_TYPES = ("gpt2",)
@@ -39,13 +42,6 @@ DEFAULT_HEADS = {
     "RobertaModel": "base", "RobertaForMaskedLM": "masked-lm", "RobertaForSequenceClassification": "classification",
     "GPT2Model": "base", "GPT2LMHeadModel": "causal-lm",
 }
-SOURCE_CLASSES = {
-    "masked-lm": {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM"},
-    "classification": {"bert": "BertForSequenceClassification", "roberta": "RobertaForSequenceClassification"},
-    "causal-lm": {"gpt2": "GPT2LMHeadModel"},
-}
-
-
 class ConversionError(ValueError):
     """The source checkpoint cannot be converted (unsupported architecture or option)."""
 
@@ -78,17 +74,21 @@ def _source_config(source):
     return config
 
 
+def _position_offset(config) -> int:
+    """RoBERTa's position table starts at pad_token_id + 1; the first rows are never used."""
+    return config.pad_token_id + 1 if config.model_type == "roberta" else 0
+
+
 def performer_config(source_config, attention_type="favor", num_random_features: Optional[int] = None,
                      **overrides) -> PerformerConfig:
     """The PerformerConfig with the source's shapes, norms, activation and positions."""
     c = source_config
     if c.model_type in ENCODER_TYPES:
-        offset = c.pad_token_id + 1 if c.model_type == "roberta" else 0  # RoBERTa counts positions from pad+1
         values = dict(
             vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
             num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size, hidden_act=c.hidden_act,
             norm_type="post_layernorm", position_embedding_type="learned",
-            max_position_embeddings=c.max_position_embeddings - offset, type_vocab_size=c.type_vocab_size,
+            max_position_embeddings=c.max_position_embeddings - _position_offset(c), type_vocab_size=c.type_vocab_size,
             hidden_dropout_prob=c.hidden_dropout_prob, attention_probs_dropout_prob=c.attention_probs_dropout_prob,
             layer_norm_eps=c.layer_norm_eps, initializer_range=c.initializer_range, pad_token_id=c.pad_token_id,
             bos_token_id=getattr(c, "bos_token_id", None), eos_token_id=getattr(c, "eos_token_id", None),
@@ -116,10 +116,9 @@ def performer_config(source_config, attention_type="favor", num_random_features:
 
 def _encoder_weights(base: dict, config) -> dict:
     """BertModel / RobertaModel state dict -> PerformerModel state dict (post-LN encoder)."""
-    offset = config.pad_token_id + 1 if config.model_type == "roberta" else 0
     out = {
         "embeddings.word_embeddings.weight": base.pop("embeddings.word_embeddings.weight"),
-        "embeddings.position_embeddings.weight": base.pop("embeddings.position_embeddings.weight")[offset:],
+        "embeddings.position_embeddings.weight": base.pop("embeddings.position_embeddings.weight")[_position_offset(config):],
         "embeddings.token_type_embeddings.weight": base.pop("embeddings.token_type_embeddings.weight"),
         "embeddings.LayerNorm.weight": base.pop("embeddings.LayerNorm.weight"),
         "embeddings.LayerNorm.bias": base.pop("embeddings.LayerNorm.bias"),
@@ -197,6 +196,10 @@ BASE_CLASSES = {"bert": "BertModel", "roberta": "RobertaModel", "gpt2": "GPT2Mod
 IGNORED_SOURCE_WEIGHTS = ("cls.seq_relationship.", "position_ids", ".attn.bias", ".attn.masked_bias")
 
 
+def _ignored(key: str) -> bool:
+    return any(part in key for part in IGNORED_SOURCE_WEIGHTS)
+
+
 def convert_to_performer(source: str, attention_type: str = "favor", num_random_features: Optional[int] = None,
                          head: str = "auto", **config_overrides):
     """Loads a BERT / RoBERTa / MiniLM / GPT-2 folder and returns (performer_model, tokenizer).
@@ -209,7 +212,6 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
     """
     import transformers
     from transformers import AutoTokenizer
-    from transformers.utils import logging
 
     source = os.fspath(source)
     source_config = _source_config(source)
@@ -227,7 +229,7 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
 
     class_name = architecture if architecture in DEFAULT_HEADS else BASE_CLASSES[model_type]
     source_model = getattr(transformers, class_name).from_pretrained(source, dtype=torch.float32)
-    state = {k: v.detach().clone() for k, v in source_model.state_dict().items()}
+    state = dict(source_model.state_dict())  # the source model is dropped after this: no copies needed
     if source_model.base_model is source_model:
         base, state = state, {}
     else:
@@ -240,9 +242,9 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
     weights = _encoder_weights(base, source_config) if model_type in ENCODER_TYPES else _gpt2_weights(base, source_config)
     model = HEADS[head](config)
     if head == "base":  # the source's head (and BERT's pooler) is dropped on purpose: say so
-        dropped = sorted({k.rsplit(".", 1)[0] for k in state if not any(s in k for s in IGNORED_SOURCE_WEIGHTS)})
+        dropped = sorted({k.rsplit(".", 1)[0] for k in state if not _ignored(k)})
         if dropped:
-            logging.get_logger(__name__).warning(
+            logger.warning(
                 "A base Performer has no place for the source's %s; pass head='classification' (or the source's own "
                 "head) to keep them", ", ".join(dropped)
             )
@@ -250,7 +252,7 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
     else:
         weights = {model.base_model_prefix + "." + k: v for k, v in weights.items()}
         weights.update(_head_weights(head, model_type, state))
-    leftover = [k for k in [*base, *state] if not any(s in k for s in IGNORED_SOURCE_WEIGHTS)]
+    leftover = [k for k in [*base, *state] if not _ignored(k)]
     if leftover:
         raise ConversionError(f"Source weights without a Performer counterpart: {leftover[:8]}")
 
@@ -266,7 +268,7 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
     if any(k.startswith(model.base_model_prefix + ".") or head == "base" for k in fresh):
         raise ConversionError(f"Performer weights the source does not provide: {fresh[:8]}")
     if fresh:
-        logging.get_logger(__name__).warning(
+        logger.warning(
             "%s has no weights for %s: initialised fresh, train them before use", class_name, ", ".join(fresh)
         )
     model.tie_weights()

@@ -149,6 +149,8 @@ class PerformerEmbeddings(nn.Module):
                 token_type_ids = torch.zeros(embeddings.shape[:2], dtype=torch.long, device=embeddings.device)
             elif tuple(token_type_ids.shape) != tuple(embeddings.shape[:2]):
                 raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}; expected {tuple(embeddings.shape[:2])}")
+            elif token_type_ids.numel() and int(token_type_ids.min()) < 0:
+                raise ValueError(f"token_type_ids must be >= 0, got {int(token_type_ids.min())}")
             elif token_type_ids.numel() and int(token_type_ids.max()) >= self.config.type_vocab_size:
                 raise ValueError(
                     f"token_type_ids contains {int(token_type_ids.max())}, but this model has type_vocab_size="
@@ -665,11 +667,10 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
             position_ids = _positions(padding_mask, batch, length, past_length, device)
         elif tuple(position_ids.shape) not in ((batch, length), (1, length)):
             raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected {(batch, length)} or (1, {length})")
+        elif int(position_ids.min()) < 0:  # only given positions can be negative: no check per decode step
+            raise ValueError(f"position_ids must be >= 0, got {int(position_ids.min())}")
         else:
             position_ids = position_ids.expand(batch, length)
-        for name, ids in (("position_ids", position_ids), ("token_type_ids", token_type_ids)):
-            if ids is not None and ids.numel() and int(ids.min()) < 0:
-                raise ValueError(f"{name} must be >= 0, got {int(ids.min())}")
         hidden = self.embeddings(input_ids, inputs_embeds, position_ids, token_type_ids)
         return hidden, padding_mask, general_mask, position_ids
 
