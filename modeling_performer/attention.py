@@ -92,11 +92,12 @@ def _key_terms(k, projection, fmap, key_padding_mask):
 
 def _masked_keys(fmap, logits, shift, keep):
     """phi(k) with padded keys zeroed. shift: [..., S, 1] offset + stabiliser; keep: [B, 1, ..., S, 1]
-    bool (or None). Padded logits are set to -inf first: they take no part in the stabiliser, so
-    exp(r - m) could overflow there, and inf * 0 would poison the state with NaN."""
+    bool (or None). Padded logits are set to the map's padding logit first (-inf for FAVOR+: they take
+    no part in the stabiliser, so exp(r - m) could overflow there, and inf * 0 would poison the
+    state with NaN)."""
     if keep is None:
         return fmap.keys(logits, shift)
-    phi_k = fmap.keys(logits.masked_fill(~keep, float("-inf")), shift)
+    phi_k = fmap.keys(logits.masked_fill(~keep, fmap.padding_logit), shift)
     return phi_k * keep.to(phi_k.dtype)
 
 
@@ -198,61 +199,73 @@ def causal_linear_attention(
     fmap = _resolve(feature_map)
     batch, heads, length, head_dim = q.shape
     value_dim = v.shape[-1]
-    num_features = projection.shape[0]
     if state is None:
-        state = empty_state(batch, heads, num_features, value_dim, device=q.device)
+        state = empty_state(batch, heads, fmap.num_features(projection), value_dim, device=q.device)
     if length == 0:
         return v.new_zeros(batch, heads, 0, value_dim), state
 
     with torch.autocast(device_type=q.device.type, enabled=False):
         phi_q = fmap.queries(q, projection)
         logits, offset, token_max = _key_terms(k, projection, fmap, key_padding_mask)
-        v1 = _with_ones(v)  # [B, H, T, D + 1]
-        mask = key_padding_mask.to(torch.bool) if key_padding_mask is not None else None
-
-        chunk = min(chunk_size, length)
-        padded = -length % chunk
-        if padded:
-            # Padded tail positions are masked keys: they change neither maxima nor state.
-            phi_q = F.pad(phi_q, (0, 0, 0, padded))
-            logits = F.pad(logits, (0, 0, 0, padded))
-            offset = F.pad(offset, (0, padded))
-            v1 = F.pad(v1, (0, 0, 0, padded))
-            token_max = F.pad(token_max, (0, padded), value=float("-inf"))
-            if mask is None:
-                mask = torch.ones(batch, length, dtype=torch.bool, device=q.device)
-            mask = F.pad(mask, (0, padded), value=False)
-        num_chunks = (length + padded) // chunk
-
-        # Running maximum at the end of every chunk; running[..., 0] is the incoming one.
-        chunk_max = token_max.view(batch, heads, num_chunks, chunk).amax(dim=-1)
-        running = torch.cummax(torch.cat([state.stabiliser.unsqueeze(-1), chunk_max], dim=-1), dim=-1).values
-        stabiliser = _finite(running[..., 1:])  # [B, H, NC]
-        decay = torch.exp(running[..., :-1] - stabiliser)  # rescales the carried state into chunk c
-
-        keep = None if mask is None else mask.view(batch, 1, num_chunks, chunk, 1)
-        shift = (offset.view(batch, heads, num_chunks, chunk) + stabiliser[..., None]).unsqueeze(-1)
-        phi_k = _masked_keys(fmap, logits.view(batch, heads, num_chunks, chunk, num_features), shift, keep)
-        phi_q = phi_q.view(batch, heads, num_chunks, chunk, num_features)
-        v1 = v1.view(batch, heads, num_chunks, chunk, value_dim + 1)
-
-        # Inside each chunk: an explicit lower-triangular product.
-        out = (phi_q @ phi_k.transpose(-1, -2)).tril() @ v1  # [B, H, NC, C, D + 1]
-
-        # Across chunks: the state before chunk c, at chunk c's scale.
-        chunk_kvz = (v1.transpose(-1, -2) @ phi_k).transpose(-1, -2)  # [B, H, NC, M, D + 1]
-        kvz = _join(state)
-        before = []
-        # unbind once: indexing chunk_kvz[:, :, c] in the loop would make backward quadratic.
-        for chunk_decay, kvz_c in zip(decay.unbind(-1), chunk_kvz.unbind(2)):
-            kvz = kvz * chunk_decay[..., None, None]
-            before.append(kvz)
-            kvz = kvz + kvz_c
-        out = out + phi_q @ torch.stack(before, dim=2)
-
-        out = _divide(out).reshape(batch, heads, num_chunks * chunk, value_dim)[:, :, :length]
-        new_state = LinearAttentionState(kvz[..., :-1], kvz[..., -1], running[..., -1])
+        out, _, new_state = _causal_terms(fmap, phi_q, logits, offset, token_max, _with_ones(v), key_padding_mask,
+                                          state, chunk_size)
+        out = _divide(out)
     return out.to(v.dtype), new_state
+
+
+def _causal_terms(fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, state, chunk_size):
+    """The unnormalised causal sums, chunk by chunk. phi_q: [B, H, T, M]; logits, offset,
+    token_max as `_key_terms` returns them; v1: [B, H, T, D + 1] (values and a column of ones).
+    -> (sum_{j <= t} phi(q_t) phi(k_j) [v_j, 1]: [B, H, T, D + 1] at the scale exp(-stabiliser_t),
+        stabiliser_t: [B, H, T] (finite), the state after the last token)."""
+    batch, heads, length, _ = phi_q.shape
+    value_dim = v1.shape[-1] - 1
+    num_features = phi_q.shape[-1]
+    mask = key_padding_mask.to(torch.bool) if key_padding_mask is not None else None
+
+    chunk = min(chunk_size, length)
+    padded = -length % chunk
+    if padded:
+        # Padded tail positions are masked keys: they change neither maxima nor state.
+        phi_q = F.pad(phi_q, (0, 0, 0, padded))
+        logits = F.pad(logits, (0, 0, 0, padded))
+        offset = F.pad(offset, (0, padded))
+        v1 = F.pad(v1, (0, 0, 0, padded))
+        token_max = F.pad(token_max, (0, padded), value=float("-inf"))
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.bool, device=phi_q.device)
+        mask = F.pad(mask, (0, padded), value=False)
+    num_chunks = (length + padded) // chunk
+
+    # Running maximum at the end of every chunk; running[..., 0] is the incoming one.
+    chunk_max = token_max.view(batch, heads, num_chunks, chunk).amax(dim=-1)
+    running = torch.cummax(torch.cat([state.stabiliser.unsqueeze(-1), chunk_max], dim=-1), dim=-1).values
+    stabiliser = _finite(running[..., 1:])  # [B, H, NC]
+    decay = torch.exp(running[..., :-1] - stabiliser)  # rescales the carried state into chunk c
+
+    keep = None if mask is None else mask.view(batch, 1, num_chunks, chunk, 1)
+    shift = (offset.view(batch, heads, num_chunks, chunk) + stabiliser[..., None]).unsqueeze(-1)
+    phi_k = _masked_keys(fmap, logits.view(batch, heads, num_chunks, chunk, logits.shape[-1]), shift, keep)
+    phi_q = phi_q.view(batch, heads, num_chunks, chunk, num_features)
+    v1 = v1.view(batch, heads, num_chunks, chunk, value_dim + 1)
+
+    # Inside each chunk: an explicit lower-triangular product.
+    out = (phi_q @ phi_k.transpose(-1, -2)).tril() @ v1  # [B, H, NC, C, D + 1]
+
+    # Across chunks: the state before chunk c, at chunk c's scale.
+    chunk_kvz = (v1.transpose(-1, -2) @ phi_k).transpose(-1, -2)  # [B, H, NC, M, D + 1]
+    kvz = _join(state)
+    before = []
+    # unbind once: indexing chunk_kvz[:, :, c] in the loop would make backward quadratic.
+    for chunk_decay, kvz_c in zip(decay.unbind(-1), chunk_kvz.unbind(2)):
+        kvz = kvz * chunk_decay[..., None, None]
+        before.append(kvz)
+        kvz = kvz + kvz_c
+    out = out + phi_q @ torch.stack(before, dim=2)
+
+    out = out.reshape(batch, heads, num_chunks * chunk, value_dim + 1)[:, :, :length]
+    per_token = stabiliser[..., None].expand(batch, heads, num_chunks, chunk).reshape(batch, heads, -1)[..., :length]
+    return out, per_token, LinearAttentionState(kvz[..., :-1], kvz[..., -1], running[..., -1])
 
 
 def recurrent_linear_attention(
@@ -274,7 +287,7 @@ def recurrent_linear_attention(
     fmap = _resolve(feature_map)
     batch, heads, _, _ = q.shape
     if state is None:
-        state = empty_state(batch, heads, projection.shape[0], v.shape[-1], device=q.device)
+        state = empty_state(batch, heads, fmap.num_features(projection), v.shape[-1], device=q.device)
     with torch.autocast(device_type=q.device.type, enabled=False):
         phi_q = fmap.queries(q, projection)[:, :, 0]  # [B, H, M]
         logits, offset, token_max = _key_terms(k, projection, fmap, key_padding_mask)
@@ -288,6 +301,284 @@ def recurrent_linear_attention(
         out = _divide(phi_q.unsqueeze(-2) @ kvz)  # [B, H, 1, D]
         kv, z = kvz[..., :-1], kvz[..., -1]
     return out.to(v.dtype), LinearAttentionState(kv, z, running)
+
+
+# --------------------------------------------------------------------------------------------
+# Linear attention combined with an exact local window
+#
+# Query i attends exactly (softmax scores s_ij = q_i.k_j / sqrt(D)) to the keys with |i - j| < W
+# (and j <= i when causal); every other unmasked key goes through the linear part. One
+# normaliser serves both (see DESIGN.md, "Learned feature maps and the local window"):
+#
+#   out_i = (sum_win exp(s_ij - m_i) v_j + g_h phi(q_i).S_i) / (sum_win exp(s_ij - m_i) + g_h phi(q_i).z_i)
+#
+# with m_i the maximum score over the window, g_h = exp(linear_log_weight_h), and S_i, z_i the
+# linear sums over the keys outside the window. For FAVOR+ (a calibrated map) phi(q).phi(k) is
+# the unbiased estimate of exp(s), so it is taken at the window's scale exp(-m_i): with g_h = 1
+# the combined normaliser estimates softmax's own. Each path computes the same quantities, so
+# one pass, chunk by chunk and token by token agree to rounding.
+
+
+class WindowedAttentionState(NamedTuple):
+    """Decoding state of a windowed layer, constant in size.
+
+    kv, normaliser, stabiliser: the linear state of the keys that have left the window (as in
+    `LinearAttentionState`); keys: [B, H, W, D], values: [B, H, W, D], key_mask: [B, W] bool, the
+    last W keys (oldest first; False where a slot is empty or padded).
+    """
+
+    kv: torch.Tensor
+    normaliser: torch.Tensor
+    stabiliser: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    key_mask: torch.Tensor
+
+
+def empty_window_state(batch, heads, num_features, head_dim, value_dim, window, device=None, dtype=torch.float32):
+    linear = empty_state(batch, heads, num_features, value_dim, device=device)
+    return WindowedAttentionState(
+        *linear,
+        torch.zeros(batch, heads, window, head_dim, device=device, dtype=dtype),
+        torch.zeros(batch, heads, window, value_dim, device=device, dtype=dtype),
+        torch.zeros(batch, window, dtype=torch.bool, device=device),
+    )
+
+
+def _check_window(window, q, k):
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"local window must be a positive integer, got {window!r}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"local-window attention needs as many queries as keys, got T={q.shape[2]}, S={k.shape[2]}")
+
+
+def _window_scores(q, keys, allowed):
+    """q: [..., C, D], keys: [..., K, D], allowed: bool broadcastable to [..., C, K].
+    -> (sum_j exp(s - m) v-weights [..., C, K] (0 where not allowed), m: [..., C] (-inf if none))."""
+    scores = (q.float() @ keys.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    top = scores.amax(dim=-1)
+    weights = torch.exp(scores - _finite(top)[..., None])  # exp(-inf) = 0 where not allowed
+    return weights, top
+
+
+def _combine(window_num, window_den, window_max, linear, linear_stabiliser, query_log_scale, linear_log_weight,
+             calibrated):
+    """One normaliser for both parts. window_num: [B, H, T, D], window_den, window_max: [B, H, T];
+    linear: [B, H, T, D + 1] (phi(q) sums at the scale exp(-linear_stabiliser)); query_log_scale:
+    [B, H, T]; linear_log_weight: [H] or None. -> [B, H, T, D] fp32."""
+    heads = linear.shape[1]
+    log_weight = (linear_log_weight.float().view(1, heads, 1) if linear_log_weight is not None
+                  else linear.new_zeros(1, heads, 1))
+    if calibrated:
+        log_weight = log_weight + query_log_scale + linear_stabiliser - _finite(window_max)
+    # Scale both parts by exp(-max(a, 0)): neither factor can overflow, the ratio is unchanged.
+    top = log_weight.clamp_min(0.0)
+    window_factor, linear_factor = torch.exp(-top)[..., None], torch.exp(log_weight - top)[..., None]
+    combined = torch.cat([window_num, window_den[..., None]], dim=-1) * window_factor + linear * linear_factor
+    return _divide(combined)
+
+
+def windowed_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    feature_map="softmax",
+    window: int = 64,
+    linear_log_weight: Optional[torch.Tensor] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Non-causal linear attention plus an exact window |i - j| < W. q, k, v: [B, H, T, D] -> [B, H, T, D].
+
+    Blocks of C = W/2 positions: the window of block b lies in blocks b-2..b+2 (a band of 5C
+    keys); blocks b-2 and b+2 also hold keys outside it (linear, masked per pair); every other
+    block enters through prefix and suffix sums of per-block states. O(T (W + M) D) time and
+    O(T) memory, never a T x T matrix. linear_log_weight: [H], log g_h (None = 0).
+    """
+    _check_qkv(q, k, v, key_padding_mask)
+    _check_window(window, q, k)
+    fmap = _resolve(feature_map)
+    batch, heads, length, head_dim = q.shape
+    value_dim = v.shape[-1]
+    reach, block = (2, window // 2) if window >= 2 else (1, 1)
+    num_blocks = -(-length // block)
+    padded = num_blocks * block - length
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        mask = (key_padding_mask.to(torch.bool) if key_padding_mask is not None
+                else torch.ones(batch, length, dtype=torch.bool, device=q.device))
+        mask = F.pad(mask, (0, padded), value=False)
+        phi_q, log_scale = fmap.queries_with_log_scale(q, projection)
+        logits, offset, token_max = _key_terms(k, projection, fmap, key_padding_mask)
+        stabiliser = token_max.amax(dim=-1)  # [B, H]: one constant for every key
+        shift = (offset + _finite(stabiliser)[..., None]).unsqueeze(-1)
+        phi_k = _masked_keys(fmap, logits, shift, mask[:, None, :length, None])
+        pad = (0, 0, 0, padded)
+        phi_q, phi_k, v1 = F.pad(phi_q, pad), F.pad(phi_k, pad), F.pad(_with_ones(v), pad)
+        qb, kb, vb = F.pad(q.float(), pad), F.pad(k.float(), pad), F.pad(v.float(), pad)
+
+        def blocks(x):  # [B, H, NB * C, X] -> [B, H, NB, C, X]
+            return x.view(x.shape[0], x.shape[1], num_blocks, block, x.shape[-1])
+
+        def around(x, offsets):  # the blocks b + o for each o, side by side: [B, H, NB, len(offsets) * C, X]
+            x = F.pad(blocks(x), (0, 0, 0, 0, reach, reach))
+            return torch.cat([x[:, :, reach + o: reach + o + num_blocks] for o in offsets], dim=3)
+
+        local = torch.arange(block, device=q.device)
+        # distance d = j - i between key (block b + o, slot a') and query (block b, slot a)
+        def distance(offsets):
+            return torch.cat([o * block + local[None, :] - local[:, None] for o in offsets], dim=1)
+
+        band = list(range(-reach, reach + 1))
+        key_ok = around(mask[:, None, :, None].float(), band)[..., 0].bool()[:, :, :, None, :]  # [B, 1, NB, 1, 5C]
+        weights, top = _window_scores(blocks(qb), around(kb, band), key_ok & (distance(band).abs() < window))
+        window_num = weights @ around(vb, band)
+        window_den = weights.sum(-1)
+
+        # Linear part: blocks b-R and b+R, pair by pair, plus everything farther through block sums.
+        edges = [-reach, reach]
+        outside = (distance(edges).abs() >= window).to(phi_q.dtype)
+        phi_qb = blocks(phi_q)
+        linear = ((phi_qb @ around(phi_k, edges).transpose(-1, -2)) * outside) @ around(v1, edges)
+        block_kvz = (blocks(v1).transpose(-1, -2) @ blocks(phi_k)).transpose(-1, -2)  # [B, H, NB, M, D + 1]
+        prefix = F.pad(block_kvz.cumsum(dim=2), (0, 0, 0, 0, reach + 1, 0))[:, :, :num_blocks]
+        suffix = F.pad(block_kvz.flip(2).cumsum(dim=2).flip(2), (0, 0, 0, 0, 0, reach + 1))[:, :, reach + 1:]
+        linear = linear + phi_qb @ (prefix + suffix)
+
+        def flat(x):
+            return x.reshape(batch, heads, num_blocks * block, *x.shape[4:])[:, :, :length]
+
+        out = _combine(flat(window_num), flat(window_den), flat(top), flat(linear),
+                       _finite(stabiliser)[..., None], log_scale, linear_log_weight, fmap.calibrated)
+    return out.to(v.dtype)
+
+
+def _causal_window_terms(q, keys, values, key_mask, window):
+    """Exact part of causal windowed attention. q: [B, H, T, D]; keys/values: [B, H, W + T, D],
+    the W keys before the first query then the T new ones; key_mask: [B, W + T]. Query t sees
+    combined positions t+1 .. t+W. -> (numerator [B, H, T, D], denominator [B, H, T], max [B, H, T])."""
+    batch, heads, length, head_dim = q.shape
+    block = window
+    num_blocks = -(-length // block)
+    q = F.pad(q.float(), (0, 0, 0, num_blocks * block - length))
+    total = (num_blocks + 1) * block
+    extra = total - keys.shape[2]
+    keys, values = F.pad(keys.float(), (0, 0, 0, extra)), F.pad(values.float(), (0, 0, 0, extra))
+    key_mask = F.pad(key_mask, (0, extra), value=False)
+
+    def band(x):  # [B, H, (NB + 1) C, X] -> blocks b and b+1 side by side: [B, H, NB, 2C, X]
+        x = x.view(x.shape[0], x.shape[1], num_blocks + 1, block, x.shape[-1])
+        return torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3)
+
+    local = torch.arange(block, device=q.device)
+    ahead = torch.arange(2 * block, device=q.device)[None, :] - local[:, None]  # key slot a' - query slot a
+    allowed = (ahead >= 1) & (ahead <= window) & band(key_mask[:, None, :, None])[..., 0].bool()[:, :, :, None, :]
+    weights, top = _window_scores(q.view(batch, heads, num_blocks, block, head_dim), band(keys), allowed)
+    numerator = weights @ band(values)
+
+    def flat(x):
+        return x.reshape(batch, heads, num_blocks * block, *x.shape[4:])[:, :, :length]
+
+    return flat(numerator), flat(weights.sum(-1)), flat(top)
+
+
+def causal_windowed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    feature_map="softmax",
+    window: int = 64,
+    linear_log_weight: Optional[torch.Tensor] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    state: Optional[WindowedAttentionState] = None,
+    chunk_size: int = 128,
+) -> tuple[torch.Tensor, WindowedAttentionState]:
+    """Causal linear attention plus an exact window of the last W keys (query t sees t-W+1..t
+    exactly and every earlier key through the linear part). q, k, v: [B, H, T, D] ->
+    ([B, H, T, D], state). The linear part is causal linear attention over the keys delayed by W
+    positions (the state's buffer first), so it costs what `causal_linear_attention` costs; the
+    window adds a [W, 2W] score block per W queries."""
+    _check_qkv(q, k, v, key_padding_mask)
+    _check_window(window, q, k)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    fmap = _resolve(feature_map)
+    batch, heads, length, head_dim = q.shape
+    if state is None:
+        state = empty_window_state(batch, heads, fmap.num_features(projection), head_dim, v.shape[-1], window,
+                                   q.device, k.dtype)
+    if state.keys.shape[2] != window:
+        raise ValueError(f"the state holds {state.keys.shape[2]} keys but local window is {window}")
+    if length == 0:
+        return v.new_zeros(batch, heads, 0, v.shape[-1]), state
+    mask = (key_padding_mask.to(torch.bool) if key_padding_mask is not None
+            else torch.ones(batch, length, dtype=torch.bool, device=q.device))
+    keys = torch.cat([state.keys.to(k.dtype), k], dim=2)  # [B, H, W + T, D]
+    values = torch.cat([state.values.to(v.dtype), v], dim=2)
+    key_mask = torch.cat([state.key_mask, mask], dim=1)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        phi_q, log_scale = fmap.queries_with_log_scale(q, projection)
+        delayed_mask = key_mask[:, :length]
+        logits, offset, token_max = _key_terms(keys[:, :, :length], projection, fmap, delayed_mask)
+        linear_state = LinearAttentionState(state.kv, state.normaliser, state.stabiliser)
+        linear, linear_stabiliser, linear_state = _causal_terms(
+            fmap, phi_q, logits, offset, token_max, _with_ones(values[:, :, :length]), delayed_mask, linear_state,
+            chunk_size,
+        )
+        window_num, window_den, window_max = _causal_window_terms(q, keys, values, key_mask, window)
+        out = _combine(window_num, window_den, window_max, linear, linear_stabiliser, log_scale, linear_log_weight,
+                       fmap.calibrated)
+    new_state = WindowedAttentionState(*linear_state, keys[:, :, length:], values[:, :, length:], key_mask[:, length:])
+    return out.to(v.dtype), new_state
+
+
+def recurrent_windowed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    feature_map="softmax",
+    window: int = 64,
+    linear_log_weight: Optional[torch.Tensor] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    state: Optional[WindowedAttentionState] = None,
+) -> tuple[torch.Tensor, WindowedAttentionState]:
+    """One decoding step of causal windowed attention. q, k, v: [B, H, 1, D] -> ([B, H, 1, D], state).
+    The oldest buffered key leaves the window into the linear state; the new key joins the buffer."""
+    _check_qkv(q, k, v, key_padding_mask)
+    if q.shape[2] != 1 or k.shape[2] != 1:
+        raise ValueError(f"recurrent_windowed_attention takes one token at a time, got T={q.shape[2]}")
+    _check_window(window, q, k)
+    fmap = _resolve(feature_map)
+    batch, heads, _, head_dim = q.shape
+    if state is None:
+        state = empty_window_state(batch, heads, fmap.num_features(projection), head_dim, v.shape[-1], window,
+                                   q.device, k.dtype)
+    if state.keys.shape[2] != window:
+        raise ValueError(f"the state holds {state.keys.shape[2]} keys but local window is {window}")
+    mask = (key_padding_mask.to(torch.bool) if key_padding_mask is not None
+            else torch.ones(batch, 1, dtype=torch.bool, device=q.device))
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        leaving_mask = state.key_mask[:, :1]
+        logits, offset, token_max = _key_terms(state.keys[:, :, :1], projection, fmap, leaving_mask)
+        running = torch.maximum(state.stabiliser, token_max[..., 0])
+        stabiliser = _finite(running)
+        decay = torch.exp(state.stabiliser - stabiliser)
+        shift = (offset + stabiliser[..., None]).unsqueeze(-1)
+        phi_k = _masked_keys(fmap, logits, shift, leaving_mask[:, None, :, None])[:, :, 0]  # [B, H, M]
+        kvz = _join(state) * decay[..., None, None] + phi_k.unsqueeze(-1) * _with_ones(state.values[:, :, :1])[:, :, 0].unsqueeze(-2)
+        phi_q, log_scale = fmap.queries_with_log_scale(q, projection)
+        linear = phi_q @ kvz  # [B, H, 1, D + 1]
+
+        keys = torch.cat([state.keys[:, :, 1:], k.to(state.keys.dtype)], dim=2)
+        values = torch.cat([state.values[:, :, 1:], v.to(state.values.dtype)], dim=2)
+        key_mask = torch.cat([state.key_mask[:, 1:], mask], dim=1)
+        weights, top = _window_scores(q, keys, key_mask[:, None, None, :])
+        out = _combine(weights @ values.float(), weights.sum(-1), top, linear, stabiliser[..., None], log_scale,
+                       linear_log_weight, fmap.calibrated)
+    new_state = WindowedAttentionState(kvz[..., :-1], kvz[..., -1], running, keys, values, key_mask)
+    return out.to(v.dtype), new_state
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,13 +652,56 @@ def naive_linear_attention(q, k, v, projection, feature_map="softmax", key_paddi
         valid = r if key_padding_mask is None else r.masked_fill(~key_padding_mask.bool()[:, None, :, None], float("-inf"))
         phi_k = torch.exp(r - valid.amax(dim=(-1, -2), keepdim=True))
     else:
-        phi_q = torch.relu(qs @ projection.T) + fmap.epsilon
-        phi_k = torch.relu(ks @ projection.T) + fmap.epsilon
+        phi_q, phi_k = _naive_features(fmap, q, k, projection)
     scores = phi_q @ phi_k.transpose(-1, -2)
     mask = build_attention_mask(q.shape[2], k.shape[2], key_padding_mask, causal, device=q.device)
     if mask is not None:
         scores = scores * mask
     return scores @ v / scores.sum(-1, keepdim=True).clamp_min(1e-300)
+
+
+def _naive_features(fmap, q, k, projection):
+    """float64 phi(q), phi(k) of the uncalibrated maps (ReLU, Hedgehog), written out."""
+    if fmap.name == "hedgehog":
+        def phi(x, w):
+            logits = torch.einsum("bhtd,hdf->bhtf", x, w)
+            return torch.cat([torch.softmax(logits, -1), torch.softmax(-logits, -1)], dim=-1)
+        return phi(q, projection[0]), phi(k, projection[1])
+    head_dim = q.shape[-1]
+    qs, ks = q * head_dim**-0.25, k * head_dim**-0.25
+    return torch.relu(qs @ projection.T) + fmap.epsilon, torch.relu(ks @ projection.T) + fmap.epsilon
+
+
+def naive_windowed_attention(q, k, v, projection, feature_map="softmax", window=64, linear_log_weight=None,
+                             key_padding_mask=None, causal=False):
+    """The combined window + linear formula (DESIGN.md) with T x S matrices, in float64. FAVOR+
+    features carry their exact constants, exp(W x' - |x'|^2 / 2) / sqrt(M)."""
+    fmap = _resolve(feature_map)
+    q, k, v, projection = q.double(), k.double(), v.double(), projection.double()
+    head_dim = q.shape[-1]
+    scores = q @ k.transpose(-1, -2) / head_dim**0.5
+    positions = torch.arange(q.shape[2], device=q.device)
+    distance = positions[:, None] - positions[None, :]  # i - j
+    in_window = (distance >= 0) & (distance < window) if causal else distance.abs() < window
+    outside = distance >= window if causal else distance.abs() >= window
+    if key_padding_mask is not None:
+        real = key_padding_mask.bool()[:, None, None, :]
+        in_window, outside = in_window & real, outside & real
+    top = scores.masked_fill(~in_window, float("-inf")).amax(-1, keepdim=True)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    exact = torch.exp(scores - top) * in_window
+    if fmap.calibrated:
+        qs, ks = q * head_dim**-0.25, k * head_dim**-0.25
+        phi_q = torch.exp(qs @ projection.T - qs.pow(2).sum(-1, keepdim=True) / 2) / projection.shape[0] ** 0.5
+        phi_k = torch.exp(ks @ projection.T - ks.pow(2).sum(-1, keepdim=True) / 2) / projection.shape[0] ** 0.5
+        linear = (phi_q @ phi_k.transpose(-1, -2)) * torch.exp(-top)
+    else:
+        phi_q, phi_k = _naive_features(fmap, q, k, projection)
+        linear = phi_q @ phi_k.transpose(-1, -2)
+    if linear_log_weight is not None:
+        linear = linear * torch.exp(linear_log_weight.double()).view(1, -1, 1, 1)
+    weights = exact + linear * outside
+    return weights @ v / weights.sum(-1, keepdim=True).clamp_min(1e-300)
 
 
 def naive_softmax_attention(q, k, v, key_padding_mask=None, causal=False):

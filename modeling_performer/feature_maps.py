@@ -1,4 +1,5 @@
-"""Random projections and feature maps for FAVOR+ (Choromanski et al., 2020).
+"""Feature maps of linear attention: FAVOR+ random features (Choromanski et al., 2020), the ReLU
+kernel, and learned Hedgehog maps (Zhang et al., 2024).
 
 Shapes: B batch, H heads, T query length, S key length, D head dim, M random features.
 
@@ -14,7 +15,15 @@ stabiliser that gives identical results in one pass, chunk by chunk and token by
 - ``keys(logits, shift)``: phi(k) with shift = offset + stabiliser subtracted in the exponent.
 
 Constant factors common to all queries or to all keys (1/sqrt(M), the query's row maximum,
-|q'|^2/2) cancel between the numerator and the normaliser of attention and are left out.
+|q'|^2/2) cancel between the numerator and the normaliser of attention and are left out. When
+linear attention is combined with an exact local window they no longer cancel:
+``queries_with_log_scale`` also returns the log of the factor removed from each query, so that
+phi(q).phi(k) * exp(log_scale + stabiliser) is the unbiased estimate of exp(q.k / sqrt(D)).
+Maps whose ``calibrated`` is False (ReLU, Hedgehog) estimate no absolute scale; a learned
+per-head weight sets their share against the window instead.
+
+``projection`` is the parameter tensor of the map: the random matrix W [M, D] for FAVOR+ and
+ReLU, the stacked query and key weights [2, H, D, F] for Hedgehog (M = 2F features).
 Everything is computed in fp32 whatever the input dtype.
 """
 
@@ -62,6 +71,23 @@ class SoftmaxFeatureMap:
     """Positive random features of the softmax kernel (FAVOR+)."""
 
     name = "softmax"
+    calibrated = True
+    # Padded keys get this logit: exp(-inf) = 0 keeps them out of the state and the stabiliser.
+    padding_logit = float("-inf")
+
+    @staticmethod
+    def num_features(projection: torch.Tensor) -> int:
+        return projection.shape[0]
+
+    @staticmethod
+    def queries_with_log_scale(q: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (phi(q) as `queries` returns it: [B, H, T, M], log of the factor it lacks: [B, H, T]).
+        The row maximum is detached (it cancels against the features); |q'|^2 / 2 keeps its gradient."""
+        head_dim = q.shape[-1]
+        logits = _scaled_projection(q, projection)
+        row_max = logits.amax(dim=-1, keepdim=True).detach()
+        log_scale = row_max[..., 0] - q.float().pow(2).sum(dim=-1) * head_dim**-0.5 / 2 - math.log(projection.shape[0])
+        return torch.exp(logits - row_max), log_scale
 
     @staticmethod
     def queries(q: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
@@ -92,8 +118,18 @@ class ReluFeatureMap:
     """Generalised-kernel features relu(W x') + eps (no stabiliser needed)."""
 
     name = "relu"
+    calibrated = False
+    padding_logit = 0.0
     # Keeps every key's features positive so that the normaliser never vanishes.
     epsilon = 1e-3
+
+    @staticmethod
+    def num_features(projection: torch.Tensor) -> int:
+        return projection.shape[0]
+
+    @staticmethod
+    def queries_with_log_scale(q: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return ReluFeatureMap.queries(q, projection), q.new_zeros(q.shape[:-1], dtype=torch.float32)
 
     @staticmethod
     def queries(q: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
@@ -113,7 +149,63 @@ class ReluFeatureMap:
         return torch.relu(logits) + ReluFeatureMap.epsilon
 
 
-FEATURE_MAPS = {"softmax": SoftmaxFeatureMap, "relu": ReluFeatureMap}
+def _hedgehog_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, D], weight: [H, D, F] -> x W per head: [B, H, T, F] in fp32."""
+    return torch.einsum("bhtd,hdf->bhtf", x.float(), weight.float())
+
+
+def _hedgehog_features(logits: torch.Tensor) -> torch.Tensor:
+    """[..., F] -> [softmax(l), softmax(-l)]: [..., 2F]. Every feature lies in (0, 1] and each half
+    sums to 1, so phi(q).phi(k) is in (0, 2]: no stabiliser is needed, in any precision."""
+    return torch.cat([torch.softmax(logits, dim=-1), torch.softmax(-logits, dim=-1)], dim=-1)
+
+
+class HedgehogFeatureMap:
+    """Learned per-head maps phi(x) = [softmax(x W), softmax(-x W)] (Hedgehog, Zhang et al. 2024),
+    with separate weights for queries and keys. projection: [2, H, D, F] (query map, key map);
+    M = 2F features per head. The two signs let phi(q).phi(k) grow both where x W agree in
+    their largest and in their smallest coordinates, as exp(q.k) does; softmax keeps every feature
+    positive and bounded."""
+
+    name = "hedgehog"
+    calibrated = False
+    padding_logit = 0.0
+
+    @staticmethod
+    def num_features(projection: torch.Tensor) -> int:
+        return 2 * projection.shape[-1]
+
+    @staticmethod
+    def queries(q: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+        return _hedgehog_features(_hedgehog_logits(q, projection[0]))
+
+    @staticmethod
+    def queries_with_log_scale(q: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return HedgehogFeatureMap.queries(q, projection), q.new_zeros(q.shape[:-1], dtype=torch.float32)
+
+    @staticmethod
+    def key_logits(k: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = _hedgehog_logits(k, projection[1])
+        return logits, logits.new_zeros(logits.shape[:-1])
+
+    @staticmethod
+    def token_max(logits: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(offset)
+
+    @staticmethod
+    def keys(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return _hedgehog_features(logits)
+
+
+def hedgehog_init(heads: int, head_dim: int, width: int) -> torch.Tensor:
+    """Initial Hedgehog weights [2, H, D, F]: the identity on the first min(D, F) coordinates
+    (phi(x) starts as the softmax of x itself, a map that already favours aligned q and k), zero
+    elsewhere."""
+    eye = torch.eye(head_dim, width)
+    return eye.expand(2, heads, head_dim, width).clone()
+
+
+FEATURE_MAPS = {"softmax": SoftmaxFeatureMap, "relu": ReluFeatureMap, "hedgehog": HedgehogFeatureMap}
 
 
 def get_feature_map(name: str):
