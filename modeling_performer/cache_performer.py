@@ -2,8 +2,10 @@
 
 One entry per decoder layer:
 - self-attention: FAVOR+ layers keep a `LinearAttentionState` (kv [B, H, M, D], normaliser
-  [B, H, M], stabiliser [B, H]) whose size never depends on the number of tokens seen; softmax
-  layers keep keys/values [B, H, S, D] as any transformer cache does.
+  [B, H, M], stabiliser [B, H]) whose size never depends on the number of tokens seen; with a
+  local window, a `WindowedAttentionState` adds the last W keys/values and their padding mask
+  (still constant in size); softmax layers keep keys/values [B, H, S, D] as any transformer
+  cache does.
 - cross-attention (seq2seq, or a decoder with cross-attention): computed once from the encoder
   output and reused at every step (FAVOR+: the same state type; softmax: keys/values).
 """
@@ -13,17 +15,17 @@ from typing import Optional, Union
 import torch
 from transformers import Cache
 
-from .attention import LinearAttentionState
+from .attention import LinearAttentionState, WindowedAttentionState
 
 KeyValues = tuple[torch.Tensor, torch.Tensor]
-LayerState = Union[LinearAttentionState, KeyValues]
+LayerState = Union[LinearAttentionState, WindowedAttentionState, KeyValues]
 
 
 def _map_state(state: Optional[LayerState], fn) -> Optional[LayerState]:
     if state is None:
         return None
     mapped = [fn(t) for t in state]
-    return LinearAttentionState(*mapped) if isinstance(state, LinearAttentionState) else tuple(mapped)
+    return type(state)(*mapped) if hasattr(state, "_fields") else tuple(mapped)
 
 
 class PerformerLayerCache:

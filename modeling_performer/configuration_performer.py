@@ -8,7 +8,7 @@ ATTENTION_TYPES = ("favor", "softmax")
 # Names used by earlier Performer code bases, accepted and normalised.
 ATTENTION_TYPE_ALIASES = {"linear": "favor", "causal_linear": "favor", "performer": "favor", "full": "softmax"}
 HIDDEN_ACTS = ("gelu", "gelu_new", "relu", "silu", "swiglu", "geglu", "reglu")
-FEATURE_MAP_NAMES = ("softmax", "relu")
+FEATURE_MAP_NAMES = ("softmax", "relu", "hedgehog")
 NORM_TYPES = ("pre_layernorm", "post_layernorm", "rezero", "pre_scalenorm")
 POSITION_TYPES = ("rotary", "learned")
 POOLING_TYPES = ("cls", "mean")
@@ -62,7 +62,14 @@ class PerformerConfig(PreTrainedConfig):
     attention_type: str | list[str] = "favor"
     # Cross-attention sees a fixed encoder output once: exact softmax is cheap enough by default.
     cross_attention_type: str = "softmax"
+    # Linear-attention features: "softmax" (FAVOR+ random features), "relu", or "hedgehog" (learned
+    # per-head maps [softmax(xW), softmax(-xW)], trained like any weight or fitted by attention transfer).
     feature_map: str = "softmax"
+    # Width F of each half of a Hedgehog map (2F features per head); None = the head dimension.
+    hedgehog_dim: int | None = None
+    # Exact softmax over the keys with |i - j| < local_window (j <= i when causal), the linear part
+    # for the rest, under one normaliser. 0 = off. Self-attention of linear layers only.
+    local_window: int = 0
     num_random_features: int = 256
     projection_type: str = "orthogonal"
     # Redraw the random projection every this many training steps (0 = never). Eval never redraws.
@@ -154,6 +161,10 @@ class PerformerConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.hedgehog_dim is not None and (not isinstance(self.hedgehog_dim, int) or self.hedgehog_dim < 1):
+            raise ValueError(f"hedgehog_dim must be a positive integer or None (= head dimension), got {self.hedgehog_dim!r}")
+        if not isinstance(self.local_window, int) or isinstance(self.local_window, bool) or self.local_window < 0:
+            raise ValueError(f"local_window must be an integer >= 0 (0 = no window), got {self.local_window!r}")
         for name in ("encoder_layers", "decoder_layers"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -182,6 +193,13 @@ class PerformerConfig(PreTrainedConfig):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_linear_features(self) -> int:
+        """Features per head of the linear part: M for FAVOR+/ReLU, 2F for Hedgehog."""
+        if self.feature_map == "hedgehog":
+            return 2 * (self.hedgehog_dim or self.head_dim)
+        return self.num_random_features
 
     def stack_sizes(self) -> dict[str, int]:
         if self.is_encoder_decoder:

@@ -39,6 +39,9 @@ from transformers.utils import ModelOutput, logging
 
 from .attention import (
     causal_linear_attention,
+    causal_windowed_attention,
+    recurrent_windowed_attention,
+    windowed_linear_attention,
     linear_attention,
     linear_attention_from_state,
     linear_attention_state,
@@ -48,7 +51,7 @@ from .attention import (
 from .checkpoint_performer import add_checksum, verify, weight_files
 from .cache_performer import PerformerCache, PerformerLayerCache
 from .configuration_performer import PerformerConfig
-from .feature_maps import gaussian_orthogonal_random_matrix
+from .feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init
 
 logger = logging.get_logger(__name__)
 
@@ -204,8 +207,19 @@ class PerformerMLP(nn.Module):
 # Attention
 
 
+class PerformerHedgehogMap(nn.Module):
+    """The learned feature maps of one attention layer: weight [2, H, D, F] (query map, key map).
+    A module of its own so that tools can name it (peft's `modules_to_save=["feature_map"]`)."""
+
+    def __init__(self, config: PerformerConfig):
+        super().__init__()
+        self.width = config.hedgehog_dim or config.head_dim
+        self.weight = nn.Parameter(hedgehog_init(config.num_attention_heads, config.head_dim, self.width))
+
+
 class PerformerAttention(nn.Module):
-    """Multi-head attention, exact (SDPA) or FAVOR+, for self- or cross-attention.
+    """Multi-head attention, exact (SDPA) or linear (FAVOR+, ReLU or Hedgehog features, optionally
+    with an exact local window), for self- or cross-attention.
 
     `projection_id` makes every module's random projection different but reproducible.
     """
@@ -225,10 +239,23 @@ class PerformerAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, hidden)
         self.v_proj = nn.Linear(hidden, hidden)
         self.o_proj = nn.Linear(hidden, hidden)
-        if attention_type == "favor":
+        self.feature_map = self.linear_log_weight = None
+        if attention_type == "favor" and config.feature_map != "hedgehog":
             self.register_buffer("projection", self.draw_projection(0), persistent=True)
         else:
             self.projection = None
+        if attention_type == "favor" and config.feature_map == "hedgehog":
+            self.feature_map = PerformerHedgehogMap(config)
+        # Exact local window + linear part; the window never applies across sequences.
+        self.local_window = config.local_window if attention_type == "favor" and not is_cross_attention else 0
+        if self.local_window:
+            # log g_h: the per-head weight of the linear part against the window (g = 1 at start).
+            self.linear_log_weight = nn.Parameter(torch.zeros(config.num_attention_heads))
+
+    @property
+    def feature_parameters(self) -> Optional[torch.Tensor]:
+        """What the kernels take as `projection`: the random matrix, or the Hedgehog weights."""
+        return self.feature_map.weight if self.feature_map is not None else self.projection
 
     def draw_projection(self, draw: int) -> torch.Tensor:
         """The projection for the given redraw count: [M, D], same bits on every process."""
@@ -282,17 +309,25 @@ class PerformerAttention(nn.Module):
                 "padding mask, or use attention_type='softmax' (per layer, if needed) for general masks"
             )
         current_mask = None if attention_mask is None else attention_mask[:, -length:]
+        features, feature_map, window = self.feature_parameters, self.config.feature_map, self.local_window
         if not self.is_causal:
-            return linear_attention(query, key, value, self.projection, self.config.feature_map, current_mask)
+            if window:
+                return windowed_linear_attention(query, key, value, features, feature_map, window,
+                                                 self.linear_log_weight, current_mask)
+            return linear_attention(query, key, value, features, feature_map, current_mask)
         state = layer_cache.self_attention if layer_cache is not None else None
-        if length == 1 and state is not None:
-            out, state = recurrent_linear_attention(
-                query, key, value, self.projection, self.config.feature_map, current_mask, state
-            )
+        if window:
+            if length == 1 and state is not None:
+                out, state = recurrent_windowed_attention(query, key, value, features, feature_map, window,
+                                                          self.linear_log_weight, current_mask, state)
+            else:
+                out, state = causal_windowed_attention(query, key, value, features, feature_map, window,
+                                                       self.linear_log_weight, current_mask, state, self.config.chunk_size)
+        elif length == 1 and state is not None:
+            out, state = recurrent_linear_attention(query, key, value, features, feature_map, current_mask, state)
         else:
-            out, state = causal_linear_attention(
-                query, key, value, self.projection, self.config.feature_map, current_mask, state, self.config.chunk_size
-            )
+            out, state = causal_linear_attention(query, key, value, features, feature_map, current_mask, state,
+                                                 self.config.chunk_size)
         if layer_cache is not None:
             layer_cache.self_attention = state
         return out
@@ -305,13 +340,15 @@ class PerformerAttention(nn.Module):
             key = self._heads(self.k_proj(key_value_states))
             value = self._heads(self.v_proj(key_value_states))
             if self.attention_type == "favor":
-                cached = linear_attention_state(key, value, self.projection, self.config.feature_map, attention_mask)
+                cached = linear_attention_state(key, value, self.feature_parameters, self.config.feature_map,
+                                                attention_mask)
             else:
                 cached = (key, value)
             if layer_cache is not None:
                 layer_cache.cross_attention = cached
         if self.attention_type == "favor":
-            return linear_attention_from_state(query, cached, self.projection, self.config.feature_map).to(query.dtype)
+            return linear_attention_from_state(query, cached, self.feature_parameters,
+                                               self.config.feature_map).to(query.dtype)
         dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
         return softmax_attention(query, cached[0], cached[1], attention_mask, False, None, dropout)
 
@@ -564,8 +601,13 @@ class PerformerPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, PerformerAttention) and module.projection is not None:
-            init.copy_(module.projection, module.draw_projection(0))
+        if isinstance(module, PerformerAttention):
+            if module.projection is not None:
+                init.copy_(module.projection, module.draw_projection(0))
+            if module.linear_log_weight is not None:
+                init.zeros_(module.linear_log_weight)
+        elif isinstance(module, PerformerHedgehogMap):
+            init.copy_(module.weight, hedgehog_init(*module.weight.shape[1:]))
         elif isinstance(module, PerformerScaleNorm):
             init.constant_(module.scale, self.config.hidden_size**0.5)
         elif isinstance(module, PerformerResidual) and module.norm_type == "rezero":
