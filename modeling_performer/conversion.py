@@ -263,7 +263,10 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
         if target[key].shape != value.shape:
             raise ConversionError(f"{key}: source shape {tuple(value.shape)} != Performer shape {tuple(target[key].shape)}")
     missing = model.load_state_dict(weights, strict=False).missing_keys
-    fresh = [k for k in missing if not k.endswith(("projection", "draws", "training_forwards"))
+    # Not in any softmax source: drawn from the seed (projections) or set to their documented
+    # starting values (Hedgehog maps, window weights), to be fitted by attention transfer.
+    fresh = [k for k in missing if not k.endswith(("projection", "draws", "training_forwards", "feature_map.weight",
+                                                   "linear_log_weight"))
              and k not in ("lm_head.decoder.weight", "lm_head.weight")]
     if any(k.startswith(model.base_model_prefix + ".") or head == "base" for k in fresh):
         raise ConversionError(f"Performer weights the source does not provide: {fresh[:8]}")

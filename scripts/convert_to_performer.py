@@ -8,7 +8,8 @@ Performer with the same weights: learned positions, post-LayerNorm (BERT family)
         outputs/minilm-favor --attention-type favor --num-random-features 128
 
 --attention-type softmax reproduces the source model exactly (to float rounding); favor swaps in
-FAVOR+ linear attention, which needs fine-tuning to recover quality (scripts/finetune_converted.py).
+linear attention: FAVOR+ (the default features), or `--feature-map hedgehog --local-window 32`,
+learned maps plus an exact window, which scripts/transfer_attention.py then fits to the source.
 """
 
 import argparse
@@ -22,7 +23,11 @@ def main(argv=None):
     parser.add_argument("output", help="folder to write the Performer to")
     parser.add_argument("--attention-type", choices=["favor", "softmax"], default="favor")
     parser.add_argument("--num-random-features", type=int, default=None, help="FAVOR+ features M (default: config's)")
-    parser.add_argument("--feature-map", choices=["softmax", "relu"], default=None)
+    parser.add_argument("--feature-map", choices=["softmax", "relu", "hedgehog"], default=None,
+                        help="linear-attention features (hedgehog: learned maps, fit them with transfer_attention.py)")
+    parser.add_argument("--hedgehog-dim", type=int, default=None, help="width F of each Hedgehog half (default: head dim)")
+    parser.add_argument("--local-window", type=int, default=None,
+                        help="exact softmax over the keys within this distance, linear attention beyond (0 = off)")
     parser.add_argument("--head", choices=["auto", "base", "masked-lm", "classification", "causal-lm"], default="auto",
                         help="auto: the source architecture's head (BertModel -> base, GPT2LMHeadModel -> causal-lm, ...)")
     parser.add_argument("--num-labels", type=int, default=None, help="classification head: number of labels")
@@ -32,7 +37,8 @@ def main(argv=None):
     from modeling_performer.conversion import ConversionError, convert_to_performer, save_converted
 
     overrides = {k: v for k, v in (("num_labels", args.num_labels), ("classifier_pooling", args.classifier_pooling),
-                                    ("feature_map", args.feature_map)) if v is not None}
+                                    ("feature_map", args.feature_map), ("hedgehog_dim", args.hedgehog_dim),
+                                    ("local_window", args.local_window)) if v is not None}
     try:
         model, tokenizer = convert_to_performer(args.source, args.attention_type, args.num_random_features,
                                                 head=args.head, **overrides)

@@ -32,6 +32,9 @@ def parse_args(argv=None):
                         help="a preset name from configuration/presets or a config JSON path")
     parser.add_argument("--init", help="start from this saved model folder instead of random weights")
     parser.add_argument("--attention-type", choices=["favor", "softmax"], help="override the config's attention type")
+    parser.add_argument("--feature-map", choices=["softmax", "relu", "hedgehog"],
+                        help="override the config's linear-attention features (hedgehog: learned maps)")
+    parser.add_argument("--local-window", type=int, help="override the config's exact local window (0 = off)")
     parser.add_argument("--tokenizer", default=str(ROOT / "configuration" / "tokenizer"))
     parser.add_argument("--data", help="folder with train/validation/test.jsonl (default: data_cache/<dataset>)")
     parser.add_argument("--output", required=True)
@@ -63,6 +66,11 @@ def load_config(args, tokenizer):
     config.max_position_embeddings = max(config.max_position_embeddings, args.seq_len)
     if args.attention_type:
         config.attention_type = args.attention_type
+    if args.feature_map:
+        config.feature_map = args.feature_map
+    if args.local_window is not None:
+        config.local_window = args.local_window
+    config._normalise_and_validate()
     return config
 
 
@@ -168,8 +176,10 @@ def main(argv=None):
     if args.init:
         extra = {"num_labels": 2} if args.task == "classification" else {}
         model = head.from_pretrained(args.init, **extra)
-        if args.attention_type and args.attention_type != model.config.attention_type:
-            raise SystemExit("--attention-type cannot change a model loaded with --init")
+        for option in ("attention_type", "feature_map", "local_window"):
+            value = getattr(args, option)
+            if value is not None and value != getattr(model.config, option):
+                raise SystemExit(f"--{option.replace('_', '-')} cannot change a model loaded with --init")
     else:
         config = load_config(args, tokenizer)
         if args.task == "classification":

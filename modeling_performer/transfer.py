@@ -1,0 +1,237 @@
+"""Attention transfer: fit a Performer's linear attention to a softmax teacher, layer by layer.
+
+Every attention layer of the student is run on its teacher's own layer input (captured with
+forward hooks), and its output before `o_proj` (the heads' attention outputs, side by side) is
+pulled towards the teacher's by a mean squared error relative to the teacher output's energy.
+All layers train in one pass; only the feature maps (Hedgehog weights, or the random projection
+of FAVOR+/ReLU layers, which then becomes a learned matrix) and the per-head window weights
+move; everything else stays frozen. With the same q/k/v/o weights in both models (a softmax
+conversion and its linear copy) this is the attention-transfer step of LoLCATs (Zhang et al.,
+2024) and Hedgehog (Zhang et al., 2024).
+
+`transfer_attention` takes `get_batch(step)` rather than an iterator, so that a run resumed from
+its checkpoint sees exactly the batches an uninterrupted one would.
+"""
+
+import json
+import os
+from typing import Callable, Optional
+
+import torch
+
+from .modeling_performer import PerformerAttention, PerformerPreTrainedModel
+
+CHECKPOINT_NAME = "transfer_state.pt"
+
+
+class TransferError(ValueError):
+    pass
+
+
+def attention_pairs(teacher: PerformerPreTrainedModel, student: PerformerPreTrainedModel):
+    """[(name, teacher module, student module)] for every student attention layer that is linear
+    (the ones transfer can fit). Raises TransferError when the two models differ in shape."""
+    # Compared within the bare stacks, so a base teacher pairs with any head of the student.
+    teacher_modules = {n: m for n, m in teacher.base_model.named_modules() if isinstance(m, PerformerAttention)}
+    student_modules = {n: m for n, m in student.base_model.named_modules() if isinstance(m, PerformerAttention)}
+    if set(teacher_modules) != set(student_modules):
+        only_t = sorted(set(teacher_modules) - set(student_modules))[:3]
+        only_s = sorted(set(student_modules) - set(teacher_modules))[:3]
+        raise TransferError(
+            f"teacher and student have different attention layers (only in the teacher: {only_t}, only in the "
+            f"student: {only_s}); transfer needs a teacher of the student's shape and head"
+        )
+    pairs = []
+    for name, student_module in student_modules.items():
+        teacher_module = teacher_modules[name]
+        for attr in ("num_heads", "head_dim"):
+            if getattr(teacher_module, attr) != getattr(student_module, attr):
+                raise TransferError(f"{name}: teacher {attr}={getattr(teacher_module, attr)} but student "
+                                    f"{attr}={getattr(student_module, attr)}")
+        if student_module.attention_type != "favor":
+            continue
+        if teacher_module.attention_type != "softmax":
+            raise TransferError(f"{name}: the teacher's layer is {teacher_module.attention_type!r}; the teacher must use "
+                                "exact softmax attention (convert it with --attention-type softmax)")
+        pairs.append((name, teacher_module, student_module))
+    if not pairs:
+        raise TransferError("the student has no linear attention layer to fit")
+    return pairs
+
+
+def trainable_tensors(student_module: PerformerAttention) -> dict:
+    """The tensors transfer fits in one attention layer: feature map and window weights."""
+    tensors = {"features": student_module.feature_parameters}
+    if student_module.linear_log_weight is not None:
+        tensors["linear_log_weight"] = student_module.linear_log_weight
+    return tensors
+
+
+class _Capture:
+    """Forward hooks that record one attention module's call and the input of its o_proj."""
+
+    def __init__(self, module: PerformerAttention, record_call: bool):
+        self.call, self.core = None, None
+        self.handles = [module.o_proj.register_forward_pre_hook(self._core)]
+        if record_call:
+            self.handles.append(module.register_forward_pre_hook(self._call, with_kwargs=True))
+
+    def _call(self, module, args, kwargs):
+        self.call = (args, dict(kwargs))
+
+    def _core(self, module, args):
+        self.core = args[0]
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def _teacher_pass(teacher, pairs, batch):
+    """Runs the teacher once; -> [(call args, call kwargs, attention output before o_proj)] per pair."""
+    captures = [_Capture(t, True) for _, t, _ in pairs]
+    try:
+        with torch.no_grad():
+            teacher.base_model(**batch, use_cache=False)
+    finally:
+        for capture in captures:
+            capture.remove()
+    records = []
+    for (name, _, _), capture in zip(pairs, captures):
+        if capture.call is None:
+            raise TransferError(f"the teacher's {name} was not called for this batch")
+        args, kwargs = capture.call
+        kwargs["layer_cache"] = None
+        records.append((args, kwargs, capture.core))
+    return records
+
+
+def _student_core(student_module, args, kwargs):
+    capture = _Capture(student_module, False)
+    try:
+        student_module(*args, **kwargs)
+    finally:
+        capture.remove()
+    return capture.core
+
+
+def _token_weights(batch, reference):
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2 or mask.shape != reference.shape[:2]:
+        return None
+    return mask.to(reference.dtype)[..., None]
+
+
+def _relative_error(actual, expected, weights):
+    """|actual - expected|^2 / |expected|^2 over real tokens (a float tensor)."""
+    diff = (actual.float() - expected.float()).pow(2)
+    energy = expected.float().pow(2)
+    if weights is not None:
+        diff, energy = diff * weights, energy * weights
+    return diff.sum() / energy.sum().clamp_min(1e-30)
+
+
+@torch.no_grad()
+def attention_errors(teacher, student, batch) -> dict:
+    """Per linear layer: relative L2 error of the student's attention output against the
+    teacher's (before o_proj, real tokens only), beside the trivial estimate that ignores q and k
+    and returns the mean of V over the keys a query may see (the prefix mean for causal layers).
+    -> {layer name: {"student": e, "mean_of_v": e}}."""
+    pairs = attention_pairs(teacher, student)
+    errors = {}
+    for (name, teacher_module, student_module), (args, kwargs, expected) in zip(pairs, _teacher_pass(teacher, pairs, batch)):
+        actual = _student_core(student_module, args, kwargs)
+        weights = _token_weights(batch, expected)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        values = teacher_module.v_proj(hidden)  # heads side by side: [B, T, C], the layout of `expected`
+        keys_mask = weights if weights is not None else torch.ones_like(values[..., :1])
+        if teacher_module.is_causal:
+            mean_v = (values * keys_mask).cumsum(1) / keys_mask.cumsum(1).clamp_min(1.0)
+        else:
+            mean_v = ((values * keys_mask).sum(1, keepdim=True) / keys_mask.sum(1, keepdim=True).clamp_min(1.0)).expand_as(values)
+        errors[name] = {"student": _relative_error(actual, expected, weights).sqrt().item(),
+                        "mean_of_v": _relative_error(mean_v, expected, weights).sqrt().item()}
+    return errors
+
+
+def _save_checkpoint(path, step, tensors, optimizer, history):
+    tmp = path + ".tmp"
+    torch.save({"step": step, "tensors": {k: t.detach().clone() for k, t in tensors.items()},
+                "optimizer": optimizer.state_dict(), "history": history}, tmp)
+    os.replace(tmp, path)  # a checkpoint is complete or absent, never half written
+
+
+def transfer_attention(
+    teacher: PerformerPreTrainedModel,
+    student: PerformerPreTrainedModel,
+    get_batch: Callable[[int], dict],
+    steps: int,
+    learning_rate: float = 1e-2,
+    checkpoint_dir: Optional[str] = None,
+    checkpoint_every: int = 25,
+    progress: bool = True,
+) -> dict:
+    """Fits the student's linear attention to the teacher's softmax attention (see the module
+    docstring). get_batch(step) -> model inputs (input_ids, attention_mask, ...). With
+    checkpoint_dir, the fitted tensors and the optimizer are saved every `checkpoint_every` steps
+    and a later call with the same arguments resumes from there to the same result.
+    Returns {"loss": [mean relative squared error per step], "steps": steps}."""
+    pairs = attention_pairs(teacher, student)
+    teacher.eval()
+    student.eval()  # no dropout: the objective is deterministic given the batch
+    named = {f"{name}.{key}": tensor for name, _, module in pairs for key, tensor in trainable_tensors(module).items()}
+    flags = {p: p.requires_grad for p in student.parameters()}
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for tensor in named.values():
+        tensor.requires_grad_(True)
+    optimizer = torch.optim.Adam(list(named.values()), lr=learning_rate)
+    history, start = [], 0
+    path = os.path.join(checkpoint_dir, CHECKPOINT_NAME) if checkpoint_dir else None
+    if path and os.path.exists(path):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if set(saved["tensors"]) != set(named):
+            raise TransferError(f"{path} was written for other layers; remove it to start again")
+        with torch.no_grad():
+            for key, tensor in named.items():
+                tensor.copy_(saved["tensors"][key])
+        optimizer.load_state_dict(saved["optimizer"])
+        start, history = saved["step"], list(saved["history"])
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="attention transfer", disable=not progress)
+    try:
+        for step in bar:
+            batch = get_batch(step)
+            records = _teacher_pass(teacher, pairs, batch)
+            loss = 0.0
+            for (_, _, module), (args, kwargs, expected) in zip(pairs, records):
+                actual = _student_core(module, args, kwargs)
+                loss = loss + _relative_error(actual, expected, _token_weights(batch, expected))
+            loss = loss / len(pairs)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            history.append(loss.item())
+            bar.set_postfix(loss=f"{history[-1]:.4f}")
+            if path and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+                os.makedirs(checkpoint_dir, exist_ok=True)
+                _save_checkpoint(path, step + 1, named, optimizer, history)
+    finally:
+        for tensor in named.values():
+            tensor.requires_grad_(False)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        # projections are buffers: keep them frozen as they were
+        for _, _, module in pairs:
+            if module.projection is not None:
+                module.projection.requires_grad_(False)
+    return {"loss": history, "steps": steps}
+
+
+def write_metrics(folder: str, metrics: dict):
+    tmp = os.path.join(folder, "transfer_metrics.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(metrics, f, indent=2)
+    os.replace(tmp, os.path.join(folder, "transfer_metrics.json"))

@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Attention transfer: fits the linear attention of STUDENT (its feature maps and window weights,
+nothing else) so that every layer reproduces the softmax attention output of TEACHER on its own
+layer inputs, and writes the result to OUTPUT (loads with AutoModel* like STUDENT).
+
+    python scripts/convert_to_performer.py $MINILM outputs/minilm-hh --feature-map hedgehog --local-window 32
+    python scripts/transfer_attention.py $MINILM outputs/minilm-hh outputs/minilm-hh-transferred --steps 300
+
+TEACHER: a softmax Performer folder of the student's shape, or an original BERT / RoBERTa / MiniLM
+/ GPT-2 folder (converted with exact softmax attention on the fly). --data: a .txt file or a
+.jsonl file with a `text` field (default: the bundled Shakespeare training plays, prepared by
+scripts/prepare_data.py). Interrupted runs resume from OUTPUT/transfer_state.pt with the same
+command and reach the same result.
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def read_texts(path: pathlib.Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        texts = []
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if "text" not in row:
+                        raise SystemExit(f"{path}:{number}: a .jsonl row needs a 'text' field")
+                    texts.append(row["text"])
+        return texts
+    return [path.read_text()]
+
+
+def token_windows(tokenizer, texts, seq_len: int):
+    """Cuts the tokenised corpus into windows of seq_len tokens (special tokens included)."""
+    import torch
+
+    # The special tokens the tokenizer puts around one text ([CLS] ... [SEP] for BERT, none for GPT-2).
+    full, inner = tokenizer("x")["input_ids"], tokenizer("x", add_special_tokens=False)["input_ids"]
+    start = next(i for i in range(len(full)) if full[i:i + len(inner)] == inner)
+    prefix, suffix = full[:start], full[start + len(inner):]
+    body = seq_len - len(prefix) - len(suffix)
+    if body < 1:
+        raise SystemExit(f"--seq-len {seq_len} leaves no room next to the tokenizer's special tokens")
+    ids = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    windows = [prefix + ids[i:i + body] + suffix for i in range(0, len(ids) - body + 1, body)]
+    if not windows:
+        raise SystemExit(f"the data holds {len(ids)} tokens: not enough for one window of {seq_len}")
+    return torch.tensor(windows)
+
+
+def load_teacher(path: str, student):
+    from modeling_performer import PerformerPreTrainedModel
+    from modeling_performer.conversion import ConversionError, convert_to_performer
+    from transformers import AutoConfig
+
+    import modeling_performer
+
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type == "performer":
+        architecture = (config.architectures or ["PerformerModel"])[0]
+        cls = getattr(modeling_performer, architecture, None)
+        if cls is None or not issubclass(cls, PerformerPreTrainedModel):
+            raise SystemExit(f"{path}: unknown Performer architecture {architecture!r}")
+        return cls.from_pretrained(path)
+    try:
+        model, _ = convert_to_performer(path, "softmax", None)
+    except ConversionError as error:
+        raise SystemExit(f"transfer_attention: the teacher cannot be converted: {error}")
+    return model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("teacher", help="softmax Performer folder, or a BERT/RoBERTa/MiniLM/GPT-2 folder")
+    parser.add_argument("student", help="Performer folder with linear attention (e.g. --feature-map hedgehog)")
+    parser.add_argument("output", help="folder for the fitted student (resumable working state inside)")
+    parser.add_argument("--data", help="unlabelled text: .txt, or .jsonl with a 'text' field")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--learning-rate", type=float, default=1e-2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    import modeling_performer
+    from modeling_performer.transfer import (TransferError, attention_errors, transfer_attention,
+                                             write_metrics)
+
+    output = pathlib.Path(args.output)
+    if (output / "transfer_metrics.json").exists():
+        print(f"{output} is complete (transfer_metrics.json); nothing to do")
+        return
+    config = AutoConfig.from_pretrained(args.student)
+    architecture = (config.architectures or ["PerformerModel"])[0]
+    student = getattr(modeling_performer, architecture).from_pretrained(args.student)
+    teacher = load_teacher(args.teacher, student)
+    tokenizer = AutoTokenizer.from_pretrained(args.student)
+
+    data = pathlib.Path(args.data) if args.data else ROOT / "data_cache" / "text" / "train.jsonl"
+    if not data.exists():
+        if args.data:
+            raise SystemExit(f"--data {data} does not exist")
+        import subprocess
+
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_data.py"), "--datasets", "text"], check=True)
+    windows = token_windows(tokenizer, read_texts(data), args.seq_len)
+    if windows.max() >= student.config.vocab_size:
+        raise SystemExit("the tokenizer produces ids beyond the student's vocabulary: use the student's own tokenizer")
+    per_epoch = max(len(windows) // args.batch_size, 1)
+
+    def get_batch(step):
+        epoch, index = divmod(step, per_epoch)
+        order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+        rows = order[index * args.batch_size: (index + 1) * args.batch_size]
+        ids = windows[rows]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    # A fixed probe batch from the end of the order of epoch 0 (reported, not a held-out score).
+    probe = get_batch(per_epoch - 1)
+    try:
+        before = attention_errors(teacher, student, probe)
+        output.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        history = transfer_attention(teacher, student, get_batch, args.steps, args.learning_rate,
+                                     checkpoint_dir=str(output), progress=not args.quiet)
+    except TransferError as error:
+        raise SystemExit(f"transfer_attention: {error}")
+    after = attention_errors(teacher, student, probe)
+    student.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    metrics = {
+        "teacher": args.teacher, "student": args.student, "data": str(data), "steps": args.steps,
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "learning_rate": args.learning_rate,
+        "seconds_this_run": round(time.time() - start, 1), "loss_first": history["loss"][:1],
+        "loss_last": history["loss"][-1:],
+        "probe_error_before": before, "probe_error_after": after,
+    }
+    write_metrics(str(output), metrics)  # written last: marks the folder complete
+    print(json.dumps({k: metrics[k] for k in ("steps", "loss_first", "loss_last", "seconds_this_run")}))
+
+
+if __name__ == "__main__":
+    main()
