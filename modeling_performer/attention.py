@@ -391,17 +391,18 @@ def windowed_linear_attention(
 ) -> torch.Tensor:
     """Non-causal linear attention plus an exact window |i - j| < W. q, k, v: [B, H, T, D] -> [B, H, T, D].
 
-    Blocks of C = W/2 positions: the window of block b lies in blocks b-2..b+2 (a band of 5C
-    keys); blocks b-2 and b+2 also hold keys outside it (linear, masked per pair); every other
-    block enters through prefix and suffix sums of per-block states. O(T (W + M) D) time and
-    O(T) memory, never a T x T matrix. linear_log_weight: [H], log g_h (None = 0).
+    Blocks of C = W positions: the window of block b lies in blocks b-1..b+1 (a band of 3C keys,
+    a strided view), where the exact scores are computed. The linear part is phi(q) times the state of all
+    keys, minus phi(q) phi(k)^T [v, 1] over the window's keys (a sum of positive terms minus a
+    part of it; cancellation only matters where the window already dominates the output).
+    O(T (W + M) D) time and O(T) memory, never a T x T matrix. linear_log_weight: [H], log g_h (None = 0).
     """
     _check_qkv(q, k, v, key_padding_mask)
     _check_window(window, q, k)
     fmap = _resolve(feature_map)
     batch, heads, length, head_dim = q.shape
     value_dim = v.shape[-1]
-    reach, block = (2, window // 2) if window >= 2 else (1, 1)
+    block = window
     num_blocks = -(-length // block)
     padded = num_blocks * block - length
     with torch.autocast(device_type=q.device.type, enabled=False):
@@ -415,35 +416,31 @@ def windowed_linear_attention(
         phi_k = _masked_keys(fmap, logits, shift, mask[:, None, :length, None])
         pad = (0, 0, 0, padded)
         phi_q, phi_k, v1 = F.pad(phi_q, pad), F.pad(phi_k, pad), F.pad(_with_ones(v), pad)
-        qb, kb, vb = F.pad(q.float(), pad), F.pad(k.float(), pad), F.pad(v.float(), pad)
 
         def blocks(x):  # [B, H, NB * C, X] -> [B, H, NB, C, X]
             return x.view(x.shape[0], x.shape[1], num_blocks, block, x.shape[-1])
 
-        def around(x, offsets):  # the blocks b + o for each o, side by side: [B, H, NB, len(offsets) * C, X]
-            x = F.pad(blocks(x), (0, 0, 0, 0, reach, reach))
-            return torch.cat([x[:, :, reach + o: reach + o + num_blocks] for o in offsets], dim=3)
+        def band(x):  # blocks b-1, b, b+1 of x as a strided view (no copy): [B, H, NB, X, 3C]
+            return F.pad(x, (0, 0, block, block + padded)).unfold(2, 3 * block, block)
 
+        # distance d = j - i between key slot a' of the band and query slot a of block b
         local = torch.arange(block, device=q.device)
-        # distance d = j - i between key (block b + o, slot a') and query (block b, slot a)
-        def distance(offsets):
-            return torch.cat([o * block + local[None, :] - local[:, None] for o in offsets], dim=1)
+        distance = torch.arange(3 * block, device=q.device)[None, :] - block - local[:, None]  # [C, 3C]
+        near = distance.abs() < window
+        key_ok = band(mask[:, None, :length, None].float())[..., 0, :].bool()[:, :, :, None, :]  # [B, 1, NB, 1, 3C]
+        weights, top = _window_scores(blocks(F.pad(q.float(), pad)), band(k.float()).transpose(-1, -2), key_ok & near)
+        v1_band = band(v1[..., :length, :]).transpose(-1, -2)  # [B, H, NB, 3C, D + 1]
+        window = weights @ v1_band  # [..., D + 1]: numerator and, in the ones column, the denominator
+        window_num, window_den = window[..., :-1], window[..., -1]
 
-        band = list(range(-reach, reach + 1))
-        key_ok = around(mask[:, None, :, None].float(), band)[..., 0].bool()[:, :, :, None, :]  # [B, 1, NB, 1, 5C]
-        weights, top = _window_scores(blocks(qb), around(kb, band), key_ok & (distance(band).abs() < window))
-        window_num = weights @ around(vb, band)
-        window_den = weights.sum(-1)
-
-        # Linear part: blocks b-R and b+R, pair by pair, plus everything farther through block sums.
-        edges = [-reach, reach]
-        outside = (distance(edges).abs() >= window).to(phi_q.dtype)
+        # Linear part: every key through the one global state, minus the window's own share
+        # (phi of padded keys is already 0). No per-block states: memory stays that of linear_attention.
+        total = (v1.transpose(-1, -2) @ phi_k).transpose(-1, -2)  # [B, H, M, D + 1]
         phi_qb = blocks(phi_q)
-        linear = ((phi_qb @ around(phi_k, edges).transpose(-1, -2)) * outside) @ around(v1, edges)
-        block_kvz = (blocks(v1).transpose(-1, -2) @ blocks(phi_k)).transpose(-1, -2)  # [B, H, NB, M, D + 1]
-        prefix = F.pad(block_kvz.cumsum(dim=2), (0, 0, 0, 0, reach + 1, 0))[:, :, :num_blocks]
-        suffix = F.pad(block_kvz.flip(2).cumsum(dim=2).flip(2), (0, 0, 0, 0, 0, reach + 1))[:, :, reach + 1:]
-        linear = linear + phi_qb @ (prefix + suffix)
+        inside = (phi_qb @ band(phi_k[..., :length, :])) * near.to(phi_q.dtype)
+        linear = phi_qb @ total.unsqueeze(2) - inside @ v1_band
+        # The normaliser is a sum of positive terms: rounding must not make it negative.
+        linear = torch.cat([linear[..., :-1], linear[..., -1:].clamp_min(0.0)], dim=-1)
 
         def flat(x):
             return x.reshape(batch, heads, num_blocks * block, *x.shape[4:])[:, :, :length]
@@ -466,15 +463,15 @@ def _causal_window_terms(q, keys, values, key_mask, window):
     keys, values = F.pad(keys.float(), (0, 0, 0, extra)), F.pad(values.float(), (0, 0, 0, extra))
     key_mask = F.pad(key_mask, (0, extra), value=False)
 
-    def band(x):  # [B, H, (NB + 1) C, X] -> blocks b and b+1 side by side: [B, H, NB, 2C, X]
-        x = x.view(x.shape[0], x.shape[1], num_blocks + 1, block, x.shape[-1])
-        return torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3)
+    def band(x):  # [B, H, (NB + 1) C, X] -> blocks b and b+1 as a strided view: [B, H, NB, X, 2C]
+        return x.unfold(2, 2 * block, block)
 
     local = torch.arange(block, device=q.device)
     ahead = torch.arange(2 * block, device=q.device)[None, :] - local[:, None]  # key slot a' - query slot a
-    allowed = (ahead >= 1) & (ahead <= window) & band(key_mask[:, None, :, None])[..., 0].bool()[:, :, :, None, :]
-    weights, top = _window_scores(q.view(batch, heads, num_blocks, block, head_dim), band(keys), allowed)
-    numerator = weights @ band(values)
+    allowed = (ahead >= 1) & (ahead <= window) & band(key_mask[:, None, :, None])[..., 0, :].bool()[:, :, :, None, :]
+    weights, top = _window_scores(q.view(batch, heads, num_blocks, block, head_dim),
+                                  band(keys).transpose(-1, -2), allowed)
+    numerator = weights @ band(values).transpose(-1, -2)
 
     def flat(x):
         return x.reshape(batch, heads, num_blocks * block, *x.shape[4:])[:, :, :length]

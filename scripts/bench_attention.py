@@ -19,6 +19,8 @@ import sys
 import time
 
 METHODS = ["favor", "favor-causal", "sdpa", "sdpa-causal", "performer-pytorch", "performer-pytorch-causal"]
+# Learned maps and the exact local window (not in the default sweep; scripts/bench_approximation.py runs them).
+LINEAR_METHODS = [f"{m}{w}{c}" for m in ("favor", "hedgehog") for w in ("", "-window") for c in ("", "-causal")]
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
 
 
@@ -30,21 +32,30 @@ def _rss_kib(field):
     return 0
 
 
-def measure(method, length, repeats, heads=8, head_dim=64, num_features=256, chunk_size=128):
-    """Runs inside the worker process; returns seconds (median) and peak extra bytes."""
+def measure(method, length, repeats, heads=8, head_dim=64, num_features=256, chunk_size=128, window=64):
+    """Runs inside the worker process; returns seconds (median) and peak extra bytes. Hedgehog
+    uses F = D (M = 2D features per head)."""
     import torch
 
     torch.manual_seed(0)
     q, k, v = [torch.randn(1, heads, length, head_dim, requires_grad=True) for _ in range(3)]
-    if method.startswith("favor"):
-        from modeling_performer.attention import causal_linear_attention, linear_attention
-        from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix
+    if method.startswith(("favor", "hedgehog")):
+        from modeling_performer import attention as kernels
+        from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init
 
-        w = gaussian_orthogonal_random_matrix(num_features, head_dim, torch.Generator().manual_seed(0))
-        if method == "favor-causal":
-            fn = lambda: causal_linear_attention(q, k, v, w, chunk_size=chunk_size)[0]  # noqa: E731
+        causal = method.endswith("-causal")
+        if method.startswith("hedgehog"):
+            fmap, w = "hedgehog", hedgehog_init(heads, head_dim, head_dim).requires_grad_()
         else:
-            fn = lambda: linear_attention(q, k, v, w)  # noqa: E731
+            fmap, w = "softmax", gaussian_orthogonal_random_matrix(num_features, head_dim, torch.Generator().manual_seed(0))
+        if "-window" in method and causal:
+            fn = lambda: kernels.causal_windowed_attention(q, k, v, w, fmap, window, chunk_size=chunk_size)[0]  # noqa: E731
+        elif "-window" in method:
+            fn = lambda: kernels.windowed_linear_attention(q, k, v, w, fmap, window)  # noqa: E731
+        elif causal:
+            fn = lambda: kernels.causal_linear_attention(q, k, v, w, fmap, chunk_size=chunk_size)[0]  # noqa: E731
+        else:
+            fn = lambda: kernels.linear_attention(q, k, v, w, fmap)  # noqa: E731
     elif method.startswith("sdpa"):
         causal = method.endswith("causal")
         fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
@@ -66,9 +77,9 @@ def measure(method, length, repeats, heads=8, head_dim=64, num_features=256, chu
     return {"seconds": statistics.median(times[1:]), "peak_bytes": peak}
 
 
-def run_worker(method, length, repeats, timeout):
+def run_worker(method, length, repeats, timeout, window=64):
     env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
-    cmd = [sys.executable, __file__, "--worker", method, str(length), "--repeats", str(repeats)]
+    cmd = [sys.executable, __file__, "--worker", method, str(length), "--repeats", str(repeats), "--window", str(window)]
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -91,7 +102,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (median), after one warm-up")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + LINEAR_METHODS)
+    parser.add_argument("--window", type=int, default=64, help="local window of the *-window methods")
     parser.add_argument("--max-sdpa-length", type=int, default=32768)
     parser.add_argument("--max-performer-pytorch-length", type=int, default=8192,
                         help="its causal CPU path keeps a [T, M, D] tensor per head: longer runs exhaust memory")
@@ -101,7 +113,7 @@ def main():
     args = parser.parse_args()
 
     if args.worker:
-        print(json.dumps(measure(args.worker[0], int(args.worker[1]), args.repeats)))
+        print(json.dumps(measure(args.worker[0], int(args.worker[1]), args.repeats, window=args.window)))
         return
 
     methods = [m for m in args.methods if not m.startswith("performer-pytorch") or performer_pytorch_available()]
