@@ -14,7 +14,11 @@ from transformers import (
 
 from .attention import (
     LinearAttentionState,
+    WindowedAttentionState,
     causal_linear_attention,
+    causal_windowed_attention,
+    recurrent_windowed_attention,
+    windowed_linear_attention,
     linear_attention,
     linear_attention_from_state,
     linear_attention_state,
@@ -64,7 +68,11 @@ __all__ = [
     "PerformerPreTrainedModel",
     "shift_tokens_right",
     "LinearAttentionState",
+    "WindowedAttentionState",
     "causal_linear_attention",
+    "causal_windowed_attention",
+    "recurrent_windowed_attention",
+    "windowed_linear_attention",
     "linear_attention",
     "linear_attention_from_state",
     "linear_attention_state",

@@ -370,8 +370,9 @@ def _combine(window_num, window_den, window_max, linear, linear_stabiliser, quer
     heads = linear.shape[1]
     log_weight = (linear_log_weight.float().view(1, heads, 1) if linear_log_weight is not None
                   else linear.new_zeros(1, heads, 1))
+    log_weight = log_weight + query_log_scale
     if calibrated:
-        log_weight = log_weight + query_log_scale + linear_stabiliser - _finite(window_max)
+        log_weight = log_weight + linear_stabiliser - _finite(window_max)
     # Scale both parts by exp(-max(a, 0)): neither factor can overflow, the ratio is unchanged.
     top = log_weight.clamp_min(0.0)
     window_factor, linear_factor = torch.exp(-top)[..., None], torch.exp(log_weight - top)[..., None]

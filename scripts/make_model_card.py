@@ -55,6 +55,7 @@ def make_card(folder, repo_id=None, license="apache-2.0"):
         card_data, template_path=str(TEMPLATE), model_name=folder.name, head=task["head"], repo_id=repo_id,
         task_description=task["head"], attention_type=config["attention_type"],
         num_random_features=config.get("num_random_features"), feature_map=config.get("feature_map"),
+        local_window=config.get("local_window", 0),
         parameters=f"{metrics.get('parameters', 0):,}", layers=config["num_hidden_layers"],
         hidden_size=config["hidden_size"], heads=config["num_attention_heads"],
         dataset_description=task["dataset_description"], steps=metrics.get("steps"), results_table=table,
