@@ -242,6 +242,7 @@ def plot(results, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     layers = results["minilm"]["layers"]
     figure, axes = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
@@ -249,7 +250,8 @@ def plot(results, path):
     names = [n for n in layers[0] if n != "mean of V" and n not in ("favor M=64", "favor M=1024")]
     for name in names:
         style = "-" if "hedgehog" in name else ("--" if "favor" in name else ":")
-        axis.plot(range(len(layers)), [row[name] for row in layers], style, marker="o", label=name)
+        axis.plot(range(len(layers)), [row[name] for row in layers], style, marker="o", label=name,
+                  linewidth=2.2 if "hedgehog" in name else 1.2)
     axis.plot(range(len(layers)), [row["mean of V"] for row in layers], color="black", linewidth=2.5, label="mean of V")
     axis.set_xlabel("layer of all-MiniLM-L6-v2")
     axis.set_ylabel("relative error of the attention output")
@@ -263,6 +265,7 @@ def plot(results, path):
         axis.barh([i + 0.4 * offset for i in range(len(names))], [errors[n] for n in names], height=0.4, label=label)
     axis.set_yticks([i + 0.2 for i in range(len(names))], names, fontsize=7)
     axis.set_xscale("log")
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axis.set_xlabel("relative error")
     axis.set_title("synthetic q, k (D=64, T=1024)")
     axis.legend(fontsize=7)
@@ -283,7 +286,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--replot", action="store_true", help="only redraw approximation.png from --output's results.json")
     args = parser.parse_args()
+    if args.replot:
+        folder = pathlib.Path(args.output)
+        plot(json.loads((folder / "results.json").read_text()), folder / "approximation.png")
+        return
 
     import torch
 
