@@ -165,6 +165,12 @@ class PerformerConfig(PreTrainedConfig):
             raise ValueError(f"hedgehog_dim must be a positive integer or None (= head dimension), got {self.hedgehog_dim!r}")
         if not isinstance(self.local_window, int) or isinstance(self.local_window, bool) or self.local_window < 0:
             raise ValueError(f"local_window must be an integer >= 0 (0 = no window), got {self.local_window!r}")
+        types = self.attention_type if isinstance(self.attention_type, list) else [self.attention_type]
+        if self.local_window and "favor" not in types:
+            raise ValueError(
+                f"local_window={self.local_window} combines an exact window with linear attention, but every layer "
+                "uses attention_type='softmax' (already exact): set local_window=0, or make some layers 'favor'"
+            )
         for name in ("encoder_layers", "decoder_layers"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

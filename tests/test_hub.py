@@ -5,6 +5,7 @@ import io
 import pathlib
 import types
 
+import pytest
 import torch
 from transformers import AutoTokenizer
 from transformers.utils import hub as transformers_hub
@@ -45,12 +46,13 @@ class LocalHub:
         return types.SimpleNamespace(commit_url=f"local://{repo_id}", oid="0" * 40)
 
 
-def test_push_to_hub_round_trip(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"feature_map": "hedgehog", "local_window": 3}], ids=["favor", "hedgehog-window"])
+def test_push_to_hub_round_trip(tmp_path, monkeypatch, extra):
     hub = LocalHub(tmp_path / "hub")
     monkeypatch.setattr(transformers_hub, "_hf_api", hub)
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     config = tiny_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
     model = PerformerForCausalLM(config).eval()
     model.push_to_hub("someone/performer-tiny")
     tokenizer.push_to_hub("someone/performer-tiny")

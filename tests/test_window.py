@@ -294,6 +294,7 @@ def test_encoder_window_changes_outputs_and_hedgehog_has_no_projection():
     ({"local_window": 2.5}, "local_window"),
     ({"hedgehog_dim": 0}, "hedgehog_dim"),
     ({"feature_map": "cosine"}, "hedgehog"),
+    ({"local_window": 4, "attention_type": "softmax"}, "already exact"),
 ])
 def test_config_rejects_bad_values(overrides, message):
     with pytest.raises(ValueError, match=message):
