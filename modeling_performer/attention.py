@@ -345,6 +345,18 @@ def empty_window_state(batch, heads, num_features, head_dim, value_dim, window, 
     )
 
 
+def _window_state_for(state, fmap, projection, k, v, window):
+    """The incoming state, or an empty one of the right shapes; a state built for another
+    window is refused."""
+    if state is None:
+        batch, heads, _, head_dim = k.shape
+        return empty_window_state(batch, heads, fmap.num_features(projection), head_dim, v.shape[-1], window,
+                                  k.device, k.dtype)
+    if state.keys.shape[2] != window:
+        raise ValueError(f"the state holds {state.keys.shape[2]} keys but local window is {window}")
+    return state
+
+
 def _check_window(window, q, k):
     if not isinstance(window, int) or window < 1:
         raise ValueError(f"local window must be a positive integer, got {window!r}")
@@ -503,11 +515,7 @@ def causal_windowed_attention(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     fmap = _resolve(feature_map)
     batch, heads, length, head_dim = q.shape
-    if state is None:
-        state = empty_window_state(batch, heads, fmap.num_features(projection), head_dim, v.shape[-1], window,
-                                   q.device, k.dtype)
-    if state.keys.shape[2] != window:
-        raise ValueError(f"the state holds {state.keys.shape[2]} keys but local window is {window}")
+    state = _window_state_for(state, fmap, projection, k, v, window)
     if length == 0:
         return v.new_zeros(batch, heads, 0, v.shape[-1]), state
     mask = (key_padding_mask.to(torch.bool) if key_padding_mask is not None
@@ -549,12 +557,8 @@ def recurrent_windowed_attention(
         raise ValueError(f"recurrent_windowed_attention takes one token at a time, got T={q.shape[2]}")
     _check_window(window, q, k)
     fmap = _resolve(feature_map)
-    batch, heads, _, head_dim = q.shape
-    if state is None:
-        state = empty_window_state(batch, heads, fmap.num_features(projection), head_dim, v.shape[-1], window,
-                                   q.device, k.dtype)
-    if state.keys.shape[2] != window:
-        raise ValueError(f"the state holds {state.keys.shape[2]} keys but local window is {window}")
+    batch = q.shape[0]
+    state = _window_state_for(state, fmap, projection, k, v, window)
     mask = (key_padding_mask.to(torch.bool) if key_padding_mask is not None
             else torch.ones(batch, 1, dtype=torch.bool, device=q.device))
     with torch.autocast(device_type=q.device.type, enabled=False):

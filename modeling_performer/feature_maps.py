@@ -114,22 +114,31 @@ class SoftmaxFeatureMap:
         return torch.exp(logits - shift)
 
 
-class ReluFeatureMap:
+class _BoundedFeatureMap:
+    """Maps whose features are bounded by construction: no stabiliser, no absolute scale."""
+
+    calibrated = False
+    padding_logit = 0.0
+
+    @classmethod
+    def queries_with_log_scale(cls, q: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return cls.queries(q, projection), q.new_zeros(q.shape[:-1], dtype=torch.float32)
+
+    @staticmethod
+    def token_max(logits: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(offset)
+
+
+class ReluFeatureMap(_BoundedFeatureMap):
     """Generalised-kernel features relu(W x') + eps (no stabiliser needed)."""
 
     name = "relu"
-    calibrated = False
-    padding_logit = 0.0
     # Keeps every key's features positive so that the normaliser never vanishes.
     epsilon = 1e-3
 
     @staticmethod
     def num_features(projection: torch.Tensor) -> int:
         return projection.shape[0]
-
-    @staticmethod
-    def queries_with_log_scale(q: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return ReluFeatureMap.queries(q, projection), q.new_zeros(q.shape[:-1], dtype=torch.float32)
 
     @staticmethod
     def queries(q: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
@@ -139,10 +148,6 @@ class ReluFeatureMap:
     def key_logits(k: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = _scaled_projection(k, projection)
         return logits, logits.new_zeros(logits.shape[:-1])
-
-    @staticmethod
-    def token_max(logits: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(offset)
 
     @staticmethod
     def keys(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -160,7 +165,7 @@ def _hedgehog_features(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.softmax(logits, dim=-1), torch.softmax(-logits, dim=-1)], dim=-1)
 
 
-class HedgehogFeatureMap:
+class HedgehogFeatureMap(_BoundedFeatureMap):
     """Learned per-head maps phi(x) = [softmax(x W), softmax(-x W)] (Hedgehog, Zhang et al. 2024),
     with separate weights for queries and keys. projection: [2, H, D, F] (query map, key map);
     M = 2F features per head. The two signs let phi(q).phi(k) grow both where x W agree in
@@ -168,8 +173,6 @@ class HedgehogFeatureMap:
     positive and bounded."""
 
     name = "hedgehog"
-    calibrated = False
-    padding_logit = 0.0
 
     @staticmethod
     def num_features(projection: torch.Tensor) -> int:
@@ -180,17 +183,9 @@ class HedgehogFeatureMap:
         return _hedgehog_features(_hedgehog_logits(q, projection[0]))
 
     @staticmethod
-    def queries_with_log_scale(q: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return HedgehogFeatureMap.queries(q, projection), q.new_zeros(q.shape[:-1], dtype=torch.float32)
-
-    @staticmethod
     def key_logits(k: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = _hedgehog_logits(k, projection[1])
         return logits, logits.new_zeros(logits.shape[:-1])
-
-    @staticmethod
-    def token_max(logits: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(offset)
 
     @staticmethod
     def keys(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
