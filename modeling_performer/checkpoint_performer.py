@@ -5,6 +5,10 @@ silently. Every `.safetensors` file that `save_pretrained` writes gets a SHA-256
 section in the file's own metadata (`performer_data_sha256`); `from_pretrained` checks it, and
 the file's length, before any weight is read. Files without the key (written by other tools)
 are only checked for length.
+
+Training folders: `last_complete_checkpoint` finds the newest Trainer checkpoint that was written
+to the end (removing interrupted ones), and `publish_folder` moves a finished folder into place
+so that an interrupted final save never leaves a folder that loads.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import glob
 import hashlib
 import json
 import os
+import shutil
+from typing import Optional
 
 CHECKSUM_KEY = "performer_data_sha256"
 _BLOCK = 1 << 22
@@ -101,3 +107,72 @@ def weight_files(folder: str) -> list[str]:
     """The model's weight files in a folder (model.safetensors, its shards and variants); other
     safetensors files a user keeps there are neither rewritten nor checked."""
     return sorted(glob.glob(os.path.join(folder, "model*.safetensors")))
+
+
+# --------------------------------------------------------------------------------------------
+# Training folders: resume from the newest complete checkpoint, publish a final folder atomically
+
+TRAINER_STATE = "trainer_state.json"
+
+
+def checkpoint_problem(folder: str) -> Optional[str]:
+    """Why a Trainer checkpoint folder cannot be resumed from, or None if it is complete. The
+    Trainer writes trainer_state.json after the weights, optimizer, scheduler and RNG states, so
+    a folder killed while being written lacks it (or holds a truncated one)."""
+    state = os.path.join(folder, TRAINER_STATE)
+    if not os.path.exists(state):
+        return f"no {TRAINER_STATE} (interrupted while being written)"
+    try:
+        with open(state) as handle:
+            json.load(handle)
+    except ValueError:
+        return f"{TRAINER_STATE} is truncated"
+    for name in ("config.json", "optimizer.pt", "scheduler.pt"):
+        if not os.path.exists(os.path.join(folder, name)):
+            return f"no {name}"
+    files = weight_files(folder)
+    if not files:
+        return "no weights"
+    for path in files:
+        try:
+            verify(path)
+        except CorruptCheckpointError as error:
+            return str(error)
+    return None
+
+
+def last_complete_checkpoint(output: str, log=print) -> Optional[str]:
+    """The newest complete `checkpoint-N` folder in output (None if there is none). Incomplete
+    ones are removed, each with one line through `log`, so that the Trainer's own rotation and
+    a later save of the same step never mix them up with complete ones."""
+    found = []
+    for path in glob.glob(os.path.join(output, "checkpoint-*")):
+        step = os.path.basename(path).rsplit("-", 1)[-1]
+        if step.isdigit() and os.path.isdir(path):
+            found.append((int(step), path))
+    complete = None
+    for _, path in sorted(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            complete = path
+        else:
+            log(f"removing incomplete {os.path.basename(path)}: {problem}")
+            shutil.rmtree(path)
+    return complete
+
+
+def publish_folder(stage: str, target: str, marker: str = "config.json") -> None:
+    """Moves every file of `stage` into `target` so that target never holds a mix that loads:
+    an earlier `marker` (config.json: no folder loads without it) is removed first and the new
+    one moved last; each move is an atomic rename. Then stage is removed."""
+    os.makedirs(target, exist_ok=True)
+    old_marker = os.path.join(target, marker)
+    if os.path.exists(old_marker):
+        os.remove(old_marker)
+    names = sorted(os.listdir(stage))
+    for name in [n for n in names if n != marker] + [n for n in names if n == marker]:
+        destination = os.path.join(target, name)
+        if os.path.isdir(destination) and not os.path.islink(destination):
+            shutil.rmtree(destination)
+        os.replace(os.path.join(stage, name), destination)
+    shutil.rmtree(stage)

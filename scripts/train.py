@@ -20,9 +20,11 @@ import argparse
 import json
 import math
 import pathlib
+import shutil
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_DATA = {"clm": "text", "mlm": "text", "classification": "rotten_tomatoes", "seq2seq": "bible"}
+FINAL_STAGE = ".final-partial"
 
 
 def parse_args(argv=None):
@@ -156,6 +158,7 @@ def main(argv=None):
         DataCollatorForSeq2Seq,
         DataCollatorWithPadding,
         Trainer,
+        TrainerState,
         TrainingArguments,
         set_seed,
     )
@@ -167,7 +170,12 @@ def main(argv=None):
         PerformerForMaskedLM,
         PerformerForSequenceClassification,
     )
+    from modeling_performer.checkpoint_performer import last_complete_checkpoint, publish_folder
 
+    output = pathlib.Path(args.output)
+    if args.resume and (output / "config.json").exists() and (output / "metrics.json").exists():
+        print(f"{args.output} is complete (config.json and metrics.json): nothing to resume; remove them to train again")
+        return json.loads((output / "metrics.json").read_text())
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     heads = {"clm": PerformerForCausalLM, "mlm": PerformerForMaskedLM,
@@ -209,7 +217,19 @@ def main(argv=None):
         data_collator=collator, processing_class=tokenizer,
         compute_metrics=compute_classification_metrics if args.task == "classification" else None,
     )
-    trainer.train(resume_from_checkpoint=True if args.resume else None)
+    checkpoint = None
+    if args.resume:
+        checkpoint = last_complete_checkpoint(args.output)
+        print(f"resuming from {checkpoint}" if checkpoint else
+              f"--resume: no complete checkpoint in {args.output} yet, starting from the beginning", flush=True)
+    finished = checkpoint and TrainerState.load_from_json(str(pathlib.Path(checkpoint, "trainer_state.json")))
+    if finished and finished.global_step >= args.max_steps:
+        # Killed after the last checkpoint (evaluation, final save): Trainer would run one step more
+        # when resumed at max_steps, so take the checkpoint's weights and state as they are.
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state = finished
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint)
 
     metrics = {"task": args.task, "attention_type": model.config.attention_type, "steps": args.max_steps,
                "parameters": sum(p.numel() for p in model.parameters()),
@@ -226,7 +246,7 @@ def main(argv=None):
         metrics["projection_draws"] = int(model.base_model.redraw_state.draws)
     for split in ("validation", "test"):
         result = trainer.evaluate(data[split], metric_key_prefix=split)
-        metrics.update({k: v for k, v in result.items() if isinstance(v, (int, float))})
+        metrics.update({k: v for k, v in result.items() if isinstance(v, (int, float)) and "preparation_time" not in k})
         if args.task in ("clm", "mlm"):
             metrics[f"{split}_perplexity"] = math.exp(min(result[f"{split}_loss"], 50))
     if args.task == "seq2seq":
@@ -234,13 +254,19 @@ def main(argv=None):
         scores, hypotheses = translate_metrics(model, tokenizer, rows[: args.bleu_rows], args.batch_size, args.seq_len)
         metrics.update(scores)
         print("sample translations:", *[f"  {r['en']}\n  -> {h}" for r, h in zip(rows[:3], hypotheses[:3])], sep="\n")
-    trainer.save_model(args.output)
+    # The final folder is assembled aside and moved into place with config.json last: a run killed
+    # while saving leaves nothing that loads, and --resume finishes the job.
+    stage = pathlib.Path(args.output, FINAL_STAGE)
+    if trainer.is_world_process_zero() and stage.exists():
+        shutil.rmtree(stage)
+    trainer.save_model(str(stage))
     if trainer.is_world_process_zero():  # one writer when several processes train
-        tokenizer.save_pretrained(args.output)
-        pathlib.Path(args.output, "metrics.json").write_text(json.dumps(metrics, indent=2))
+        tokenizer.save_pretrained(stage)
+        (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
         from make_model_card import make_card
 
-        make_card(args.output)
+        make_card(stage)
+        publish_folder(str(stage), args.output)
         print(json.dumps(metrics, indent=2))
     assert modeling_performer  # registered with the Auto classes
     return metrics
