@@ -16,6 +16,7 @@ command and reach the same result.
 import argparse
 import json
 import pathlib
+import shutil
 import sys
 import time
 
@@ -95,12 +96,13 @@ def main(argv=None):
     from transformers import AutoConfig, AutoTokenizer
 
     import modeling_performer
+    from modeling_performer.checkpoint_performer import publish_folder
     from modeling_performer.transfer import (TransferError, attention_errors, transfer_attention,
                                              write_metrics)
 
     output = pathlib.Path(args.output)
-    if (output / "transfer_metrics.json").exists():
-        print(f"{output} is complete (transfer_metrics.json); nothing to do")
+    if (output / "transfer_metrics.json").exists() and (output / "config.json").exists():
+        print(f"{output} is complete (config.json and transfer_metrics.json); nothing to do")
         return
     config = AutoConfig.from_pretrained(args.student)
     architecture = (config.architectures or ["PerformerModel"])[0]
@@ -138,8 +140,13 @@ def main(argv=None):
     except TransferError as error:
         raise SystemExit(f"transfer_attention: {error}")
     after = attention_errors(teacher, student, probe)
-    student.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    # Assembled aside and moved into place with config.json last: a kill during the save leaves
+    # no folder that loads, and the same command finishes the job.
+    stage = output / ".final-partial"
+    if stage.exists():
+        shutil.rmtree(stage)
+    student.save_pretrained(stage)
+    tokenizer.save_pretrained(stage)
     metrics = {
         "teacher": args.teacher, "student": args.student, "data": str(data), "steps": args.steps,
         "batch_size": args.batch_size, "seq_len": args.seq_len, "learning_rate": args.learning_rate,
@@ -147,7 +154,8 @@ def main(argv=None):
         "loss_last": history["loss"][-1:],
         "probe_error_before": before, "probe_error_after": after,
     }
-    write_metrics(str(output), metrics)  # written last: marks the folder complete
+    write_metrics(str(stage), metrics)
+    publish_folder(str(stage), str(output))
     print(json.dumps({k: metrics[k] for k in ("steps", "loss_first", "loss_last", "seconds_this_run")}))
 
 
