@@ -14,7 +14,9 @@ STUDENT's head (e.g. the classifier's pooler) is kept and saved unchanged with t
 import argparse
 import json
 import math
+import os
 import pathlib
+import shutil
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -38,7 +40,12 @@ def main(argv=None):
     from transformers import AutoConfig, AutoTokenizer
 
     import modeling_performer
+    from modeling_performer.checkpoint_performer import publish_folder
 
+    output = pathlib.Path(args.output)
+    if (output / "distillation.json").exists() and (output / "config.json").exists():
+        print(f"{output} is complete (config.json and distillation.json); nothing to do")
+        return
     torch.manual_seed(args.seed)
 
     def load(folder):
@@ -60,8 +67,16 @@ def main(argv=None):
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
     )
     student.train()
-    start, history = time.time(), []
-    for step in range(args.steps):
+    start, history, first = time.time(), [], 0
+    state_path = output / "distill_state.pt"  # working state: a killed run resumes from here
+    if state_path.exists():
+        saved = torch.load(state_path, weights_only=True)
+        student.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        first, history = saved["step"], saved["history"]
+        print(f"resuming at step {first} from {state_path}", flush=True)
+    for step in range(first, args.steps):
         picked = [texts[order[(step * args.batch_size + i) % len(order)]] for i in range(args.batch_size)]
         batch = tokenizer(picked, padding=True, truncation=True, max_length=args.seq_len, return_tensors="pt")
         with torch.no_grad():
@@ -78,12 +93,23 @@ def main(argv=None):
         history.append(loss.item())
         if step % 25 == 0 or step == args.steps - 1:
             print(f"step {step}: distillation loss {loss.item():.4f} ({time.time() - start:.0f} s)", flush=True)
+        if (step + 1) % 25 == 0 or step == args.steps - 1:
+            output.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "step": step + 1, "history": history},
+                       state_path.with_suffix(".tmp"))
+            os.replace(state_path.with_suffix(".tmp"), state_path)  # complete or absent, never half written
     student.eval()
-    student.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
+    # Assembled aside, moved into place with config.json last: no half-saved folder ever loads.
+    stage = output / ".final-partial"
+    if stage.exists():
+        shutil.rmtree(stage)
+    student.save_pretrained(stage)
+    tokenizer.save_pretrained(stage)
     summary = {"steps": args.steps, "first_loss": history[0], "last_loss": history[-1],
-               "seconds": round(time.time() - start, 1)}
-    pathlib.Path(args.output, "distillation.json").write_text(json.dumps(summary, indent=2))
+               "seconds_this_run": round(time.time() - start, 1)}
+    (stage / "distillation.json").write_text(json.dumps(summary, indent=2))
+    publish_folder(str(stage), str(output))
     print(json.dumps(summary, indent=2))
 
 

