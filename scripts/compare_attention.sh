@@ -30,7 +30,7 @@ if [[ " $TASKS " == *" s2s "* ]]; then
 fi
 
 declare -A VARIANT=(
-    [softmax]="--attention-type softmax"
+    [softmax]="--attention-type softmax --local-window 0"
     [favor]="--attention-type favor --feature-map softmax --local-window 0"
     [hedgehog]="--attention-type favor --feature-map hedgehog --local-window 0"
     [hedgehog-w64]="--attention-type favor --feature-map hedgehog --local-window 64"
