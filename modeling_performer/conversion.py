@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from typing import Optional
 
 import torch
 from transformers.utils import logging
 
+from .checkpoint_performer import publish_folder
 from .configuration_performer import PerformerConfig
 from .modeling_performer import (
     PerformerForCausalLM,
@@ -280,6 +282,12 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
 
 
 def save_converted(model, tokenizer, output: str):
-    """Writes a folder that AutoModel (and the head's Auto class) loads, tokenizer included."""
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    """Writes a folder that AutoModel (and the head's Auto class) loads, tokenizer included. It is
+    assembled aside and moved into place with config.json last: a conversion killed while saving
+    leaves no folder that loads, and running it again completes it."""
+    stage = os.path.join(output, ".final-partial")
+    if os.path.exists(stage):
+        shutil.rmtree(stage)
+    model.save_pretrained(stage)
+    tokenizer.save_pretrained(stage)
+    publish_folder(stage, output)
