@@ -159,3 +159,28 @@ def test_script_converts_transfers_and_saves_a_loadable_folder(source, tokenizer
     with pytest.raises(SystemExit, match="not enough"):
         transfer_attention.main([str(source), str(student_folder), str(tmp_path / "o2"), "--data", str(data),
                                  "--seq-len", "4000"])
+
+
+def test_transfer_fits_a_causal_student():
+    """Causal layers: the student sees the teacher's inputs under the causal mask (the baseline is
+    then the prefix mean of V)."""
+    base = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                hidden_dropout_prob=0.0)
+    teacher = modeling_performer.PerformerForCausalLM(modeling_performer.PerformerConfig(attention_type="softmax", **base))
+    with torch.no_grad():  # peaked attention
+        for layer in teacher.model.encoder.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    student = modeling_performer.PerformerForCausalLM(
+        modeling_performer.PerformerConfig(feature_map="hedgehog", local_window=4, **base))
+    student.load_state_dict(teacher.state_dict(), strict=False)
+
+    def get_batch(step):
+        ids = torch.randint(3, 99, (8, 40), generator=torch.Generator().manual_seed(step))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    before = attention_errors(teacher, student, get_batch(10_000))
+    transfer_attention(teacher, student, get_batch, steps=60, progress=False)
+    after = attention_errors(teacher, student, get_batch(10_000))
+    for layer, errors in after.items():
+        assert errors["student"] < 0.85 * before[layer]["student"] and errors["student"] < errors["mean_of_v"], errors
