@@ -13,7 +13,7 @@ for FAVOR+ (M = 64, 256, 1024), ReLU, Hedgehog, each with and without an exact w
 the same kernels without a window and against SDPA (forward+backward, B=1, H=8, D=64). Writes
 results.json and approximation.png (error per layer, one line per method) into --output.
 
-    python scripts/bench_approximation.py                          # about 40 minutes on 2 CPU cores
+    python scripts/bench_approximation.py                          # about 20 minutes on 2 CPU cores
     python scripts/bench_approximation.py --transfer-steps 20 --skip-timing   # a quick look
 """
 
