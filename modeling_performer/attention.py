@@ -268,6 +268,21 @@ def _causal_terms(fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, 
     return out, per_token, LinearAttentionState(kvz[..., :-1], kvz[..., -1], running[..., -1])
 
 
+def _absorb_key(state, k, v, projection, fmap, key_padding_mask):
+    """Adds one key/value (k, v: [B, H, 1, D]; key_padding_mask: [B, 1] or None) to a linear state.
+    -> (joined state [B, H, M, D + 1] at the new scale, new running maximum [B, H] (-inf while
+    empty), its finite version)."""
+    logits, offset, token_max = _key_terms(k, projection, fmap, key_padding_mask)
+    running = torch.maximum(state.stabiliser, token_max[..., 0])
+    stabiliser = _finite(running)
+    decay = torch.exp(state.stabiliser - stabiliser)
+    keep = None if key_padding_mask is None else key_padding_mask.to(torch.bool)[:, None, :, None]
+    shift = (offset + stabiliser[..., None]).unsqueeze(-1)
+    phi_k = _masked_keys(fmap, logits, shift, keep)[:, :, 0]  # [B, H, M]
+    kvz = _join(state) * decay[..., None, None] + phi_k.unsqueeze(-1) * _with_ones(v)[:, :, 0].unsqueeze(-2)
+    return kvz, running, stabiliser
+
+
 def recurrent_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -290,14 +305,7 @@ def recurrent_linear_attention(
         state = empty_state(batch, heads, fmap.num_features(projection), v.shape[-1], device=q.device)
     with torch.autocast(device_type=q.device.type, enabled=False):
         phi_q = fmap.queries(q, projection)[:, :, 0]  # [B, H, M]
-        logits, offset, token_max = _key_terms(k, projection, fmap, key_padding_mask)
-        running = torch.maximum(state.stabiliser, token_max[..., 0])
-        stabiliser = _finite(running)
-        decay = torch.exp(state.stabiliser - stabiliser)
-        keep = None if key_padding_mask is None else key_padding_mask.to(torch.bool)[:, None, :, None]
-        shift = (offset + stabiliser[..., None]).unsqueeze(-1)
-        phi_k = _masked_keys(fmap, logits, shift, keep)[:, :, 0]  # [B, H, M]
-        kvz = _join(state) * decay[..., None, None] + phi_k.unsqueeze(-1) * _with_ones(v)[:, :, 0].unsqueeze(-2)
+        kvz, running, _ = _absorb_key(state, k, v, projection, fmap, key_padding_mask)
         out = _divide(phi_q.unsqueeze(-2) @ kvz)  # [B, H, 1, D]
         kv, z = kvz[..., :-1], kvz[..., -1]
     return out.to(v.dtype), LinearAttentionState(kv, z, running)
@@ -414,7 +422,6 @@ def windowed_linear_attention(
     _check_window(window, q, k)
     fmap = _resolve(feature_map)
     batch, heads, length, head_dim = q.shape
-    value_dim = v.shape[-1]
     block = window
     num_blocks = -(-length // block)
     padded = num_blocks * block - length
@@ -562,14 +569,8 @@ def recurrent_windowed_attention(
     mask = (key_padding_mask.to(torch.bool) if key_padding_mask is not None
             else torch.ones(batch, 1, dtype=torch.bool, device=q.device))
     with torch.autocast(device_type=q.device.type, enabled=False):
-        leaving_mask = state.key_mask[:, :1]
-        logits, offset, token_max = _key_terms(state.keys[:, :, :1], projection, fmap, leaving_mask)
-        running = torch.maximum(state.stabiliser, token_max[..., 0])
-        stabiliser = _finite(running)
-        decay = torch.exp(state.stabiliser - stabiliser)
-        shift = (offset + stabiliser[..., None]).unsqueeze(-1)
-        phi_k = _masked_keys(fmap, logits, shift, leaving_mask[:, None, :, None])[:, :, 0]  # [B, H, M]
-        kvz = _join(state) * decay[..., None, None] + phi_k.unsqueeze(-1) * _with_ones(state.values[:, :, :1])[:, :, 0].unsqueeze(-2)
+        kvz, running, stabiliser = _absorb_key(state, state.keys[:, :, :1], state.values[:, :, :1], projection, fmap,
+                                               state.key_mask[:, :1])
         phi_q, log_scale = fmap.queries_with_log_scale(q, projection)
         linear = phi_q @ kvz  # [B, H, 1, D + 1]
 

@@ -161,6 +161,15 @@ def last_complete_checkpoint(output: str, log=print) -> Optional[str]:
     return complete
 
 
+def save_atomically(obj, path: str) -> None:
+    """torch.save under a temporary name, then an atomic rename: the file is complete or absent."""
+    import torch
+
+    temporary = path + ".tmp"
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
 def publish_folder(stage: str, target: str, marker: str = "config.json") -> None:
     """Moves every file of `stage` into `target` so that target never holds a mix that loads:
     an earlier `marker` (config.json: no folder loads without it) is removed first and the new

@@ -200,13 +200,6 @@ class PerformerConfig(PreTrainedConfig):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    @property
-    def num_linear_features(self) -> int:
-        """Features per head of the linear part: M for FAVOR+/ReLU, 2F for Hedgehog."""
-        if self.feature_map == "hedgehog":
-            return 2 * (self.hedgehog_dim or self.head_dim)
-        return self.num_random_features
-
     def stack_sizes(self) -> dict[str, int]:
         if self.is_encoder_decoder:
             return {"encoder": self.encoder_layers or self.num_hidden_layers,

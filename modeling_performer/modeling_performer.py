@@ -213,8 +213,8 @@ class PerformerHedgehogMap(nn.Module):
 
     def __init__(self, config: PerformerConfig):
         super().__init__()
-        self.width = config.hedgehog_dim or config.head_dim
-        self.weight = nn.Parameter(hedgehog_init(config.num_attention_heads, config.head_dim, self.width))
+        width = config.hedgehog_dim or config.head_dim
+        self.weight = nn.Parameter(hedgehog_init(config.num_attention_heads, config.head_dim, width))
 
 
 class PerformerAttention(nn.Module):

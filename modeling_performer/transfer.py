@@ -13,12 +13,12 @@ conversion and its linear copy) this is the attention-transfer step of LoLCATs (
 its checkpoint sees exactly the batches an uninterrupted one would.
 """
 
-import json
 import os
 from typing import Callable, Optional
 
 import torch
 
+from .checkpoint_performer import save_atomically
 from .modeling_performer import PerformerAttention, PerformerPreTrainedModel
 
 CHECKPOINT_NAME = "transfer_state.pt"
@@ -155,10 +155,8 @@ def attention_errors(teacher, student, batch) -> dict:
 
 
 def _save_checkpoint(path, step, tensors, optimizer, history):
-    tmp = path + ".tmp"
-    torch.save({"step": step, "tensors": {k: t.detach().clone() for k, t in tensors.items()},
-                "optimizer": optimizer.state_dict(), "history": history}, tmp)
-    os.replace(tmp, path)  # a checkpoint is complete or absent, never half written
+    save_atomically({"step": step, "tensors": {k: t.detach().clone() for k, t in tensors.items()},
+                     "optimizer": optimizer.state_dict(), "history": history}, path)
 
 
 def transfer_attention(
@@ -229,9 +227,3 @@ def transfer_attention(
                 module.projection.requires_grad_(False)
     return {"loss": history, "steps": steps}
 
-
-def write_metrics(folder: str, metrics: dict):
-    tmp = os.path.join(folder, "transfer_metrics.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(metrics, f, indent=2)
-    os.replace(tmp, os.path.join(folder, "transfer_metrics.json"))

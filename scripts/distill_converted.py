@@ -14,7 +14,6 @@ STUDENT's head (e.g. the classifier's pooler) is kept and saved unchanged with t
 import argparse
 import json
 import math
-import os
 import pathlib
 import shutil
 import time
@@ -40,7 +39,7 @@ def main(argv=None):
     from transformers import AutoConfig, AutoTokenizer
 
     import modeling_performer
-    from modeling_performer.checkpoint_performer import publish_folder
+    from modeling_performer.checkpoint_performer import publish_folder, save_atomically
 
     output = pathlib.Path(args.output)
     if (output / "distillation.json").exists() and (output / "config.json").exists():
@@ -95,10 +94,8 @@ def main(argv=None):
             print(f"step {step}: distillation loss {loss.item():.4f} ({time.time() - start:.0f} s)", flush=True)
         if (step + 1) % 25 == 0 or step == args.steps - 1:
             output.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "step": step + 1, "history": history},
-                       state_path.with_suffix(".tmp"))
-            os.replace(state_path.with_suffix(".tmp"), state_path)  # complete or absent, never half written
+            save_atomically({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
+                             "schedule": schedule.state_dict(), "step": step + 1, "history": history}, str(state_path))
     student.eval()
     # Assembled aside, moved into place with config.json last: no half-saved folder ever loads.
     stage = output / ".final-partial"

@@ -97,8 +97,7 @@ def main(argv=None):
 
     import modeling_performer
     from modeling_performer.checkpoint_performer import publish_folder
-    from modeling_performer.transfer import (TransferError, attention_errors, transfer_attention,
-                                             write_metrics)
+    from modeling_performer.transfer import TransferError, attention_errors, transfer_attention
 
     output = pathlib.Path(args.output)
     if (output / "transfer_metrics.json").exists() and (output / "config.json").exists():
@@ -154,7 +153,7 @@ def main(argv=None):
         "loss_last": history["loss"][-1:],
         "probe_error_before": before, "probe_error_after": after,
     }
-    write_metrics(str(stage), metrics)
+    (stage / "transfer_metrics.json").write_text(json.dumps(metrics, indent=2))
     publish_folder(str(stage), str(output))
     print(json.dumps({k: metrics[k] for k in ("steps", "loss_first", "loss_last", "seconds_this_run")}))
 

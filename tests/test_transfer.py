@@ -12,7 +12,7 @@ import transformers
 from transformers import AutoModel, AutoModelForMaskedLM
 
 import modeling_performer  # noqa: F401
-from modeling_performer.conversion import convert_to_performer, save_converted
+from modeling_performer.conversion import convert_to_performer
 from modeling_performer.transfer import TransferError, attention_errors, transfer_attention
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
