@@ -1,8 +1,12 @@
 """Configuration of Performer models: one config class serves every head (as BART's does)."""
 
+import difflib
 from typing import Any
 
 from transformers import PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 ATTENTION_TYPES = ("favor", "softmax")
 # Names used by earlier Performer code bases, accepted and normalised.
@@ -102,8 +106,7 @@ class PerformerConfig(PreTrainedConfig):
     decoder_start_token_id: int | None = None
 
     def __post_init__(self, **kwargs: Any):
-        allowed = set(self.attribute_map) | _TRANSFORMERS_KEYS
-        unknown = sorted(k for k in kwargs if k not in allowed and not self._is_generation_key(k))
+        unknown = self._unknown_keys(kwargs)
         if unknown:
             valid = sorted(f.name for f in self.__dataclass_fields__.values() if not f.name.startswith("_"))
             raise ValueError(f"Unknown PerformerConfig key(s) {unknown}. Valid keys: {valid} (aliases: {sorted(self.attribute_map)})")
@@ -113,14 +116,35 @@ class PerformerConfig(PreTrainedConfig):
         self._normalise_and_validate()
 
     @classmethod
+    def _unknown_keys(cls, keys) -> list[str]:
+        allowed = set(cls.attribute_map) | _TRANSFORMERS_KEYS | set(cls.__dataclass_fields__)
+        return sorted(k for k in keys if k not in allowed and not cls._is_generation_key(k))
+
+    @classmethod
     def from_dict(cls, config_dict, **kwargs):
+        """Loads a saved config. Unknown keys are typos when typed into the constructor, but in a saved
+        config.json they are attributes someone set on the config before saving: they are kept (with a
+        warning), never dropped, and the folder still loads."""
         other = config_dict.get("model_type")
         if other is not None and other != cls.model_type:
             raise ValueError(
                 f"This config.json describes a {other!r} model, not a Performer (model_type {cls.model_type!r}): load it "
                 "with its own class, or convert a BERT/RoBERTa/GPT-2 checkpoint with scripts/convert_to_performer.py"
             )
-        return super().from_dict(config_dict, **kwargs)
+        extra = {k: config_dict[k] for k in cls._unknown_keys(config_dict)}
+        valid = [f for f in cls.__dataclass_fields__ if not f.startswith("_")] + list(cls.attribute_map)
+        for key in extra:
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.9)
+            if close:
+                raise ValueError(f"Unknown PerformerConfig key {key!r} in the saved config: did you mean {close[0]!r}?")
+        if extra:
+            logger.warning(f"PerformerConfig: keeping attribute(s) {sorted(extra)} that are not Performer options")
+            config_dict = {k: v for k, v in config_dict.items() if k not in extra}
+        result = super().from_dict(config_dict, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        for key, value in extra.items():
+            setattr(config, key, value)
+        return result
 
     @staticmethod
     def _is_generation_key(key: str) -> bool:
@@ -179,8 +203,6 @@ class PerformerConfig(PreTrainedConfig):
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
             )
-        if self.position_embedding_type == "rotary" and self.head_dim % 2:
-            raise ValueError(f"rotary positions need an even head dimension, got {self.head_dim}")
         if self.feature_redraw_interval < 0:
             raise ValueError(f"feature_redraw_interval must be >= 0 (0 = never), got {self.feature_redraw_interval}")
         if not self.layer_norm_eps > 0:

@@ -48,15 +48,15 @@ def gaussian_orthogonal_random_matrix(
     if num_features < 1 or head_dim < 1:
         raise ValueError(f"num_features and head_dim must be positive, got {num_features}, {head_dim}")
     if not orthogonal:
-        return torch.randn(num_features, head_dim, generator=generator)
+        return torch.randn(num_features, head_dim, generator=generator, dtype=torch.float32)
     blocks = []
     for _ in range(math.ceil(num_features / head_dim)):
-        gaussian = torch.randn(head_dim, head_dim, generator=generator)
+        gaussian = torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float32)
         q, r = torch.linalg.qr(gaussian)
         q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
         blocks.append(q.T)
     directions = torch.cat(blocks, dim=0)[:num_features]
-    norms = torch.randn(num_features, head_dim, generator=generator).norm(dim=1)
+    norms = torch.randn(num_features, head_dim, generator=generator, dtype=torch.float32).norm(dim=1)
     return directions * norms.unsqueeze(1)
 
 

@@ -16,6 +16,9 @@ Shapes: B batch, T query length, S key length, H heads, D head dim, M random fea
 """
 
 import copy
+import difflib
+import functools
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -54,6 +57,13 @@ from .configuration_performer import PerformerConfig
 from .feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init
 
 logger = logging.get_logger(__name__)
+
+
+def checking_values() -> bool:
+    """Whether to run the input checks that read tensor values (each one a host sync on a GPU).
+    They run in eager mode; compiled and exported graphs (which cannot branch on values) skip
+    them, as do decoding steps after the prefill (see PerformerModel._embed)."""
+    return not torch.compiler.is_compiling()
 
 # --------------------------------------------------------------------------------------------
 # Norms and residual connections
@@ -128,10 +138,10 @@ class PerformerEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.config = config
 
-    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, token_type_ids=None):
+    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, token_type_ids=None, check_values=True):
         if inputs_embeds is None:
             vocab = self.config.vocab_size
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+            if check_values and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
                 bad = input_ids[(input_ids < 0) | (input_ids >= vocab)][0].item()
                 raise ValueError(
                     f"input_ids contains {bad}, outside the vocabulary [0, {vocab}); check the tokenizer matches "
@@ -141,7 +151,7 @@ class PerformerEmbeddings(nn.Module):
         embeddings = inputs_embeds
         if self.position_embeddings is not None:
             limit = self.config.max_position_embeddings
-            if position_ids.numel() and int(position_ids.max()) >= limit:
+            if check_values and position_ids.numel() and int(position_ids.max()) >= limit:
                 raise ValueError(
                     f"Position {int(position_ids.max())} is beyond max_position_embeddings={limit} of this model's "
                     "learned positions: truncate the input, or use position_embedding_type='rotary'"
@@ -152,15 +162,15 @@ class PerformerEmbeddings(nn.Module):
                 token_type_ids = torch.zeros(embeddings.shape[:2], dtype=torch.long, device=embeddings.device)
             elif tuple(token_type_ids.shape) != tuple(embeddings.shape[:2]):
                 raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}; expected {tuple(embeddings.shape[:2])}")
-            elif token_type_ids.numel() and int(token_type_ids.min()) < 0:
+            elif check_values and token_type_ids.numel() and int(token_type_ids.min()) < 0:
                 raise ValueError(f"token_type_ids must be >= 0, got {int(token_type_ids.min())}")
-            elif token_type_ids.numel() and int(token_type_ids.max()) >= self.config.type_vocab_size:
+            elif check_values and token_type_ids.numel() and int(token_type_ids.max()) >= self.config.type_vocab_size:
                 raise ValueError(
                     f"token_type_ids contains {int(token_type_ids.max())}, but this model has type_vocab_size="
                     f"{self.config.type_vocab_size}"
                 )
             embeddings = embeddings + self.token_type_embeddings(token_type_ids)
-        elif token_type_ids is not None and bool((token_type_ids != 0).any()):
+        elif token_type_ids is not None and check_values and bool((token_type_ids != 0).any()):
             raise ValueError("token_type_ids were given but this model has type_vocab_size=0")
         if self.LayerNorm is not None:
             embeddings = self.LayerNorm(embeddings)
@@ -241,7 +251,8 @@ class PerformerAttention(nn.Module):
         self.o_proj = nn.Linear(hidden, hidden)
         self.feature_map = self.linear_log_weight = None
         if attention_type == "favor" and config.feature_map != "hedgehog":
-            self.register_buffer("projection", self.draw_projection(0), persistent=True)
+            # Drawn in fp32 (QR has no half-precision CPU kernel), stored in the model's dtype.
+            self.register_buffer("projection", self.draw_projection(0).to(torch.get_default_dtype()), persistent=True)
         else:
             self.projection = None
         if attention_type == "favor" and config.feature_map == "hedgehog":
@@ -441,6 +452,8 @@ AUTO_MAP = {
 
 def _local_folder(name_or_path, kwargs):
     """The folder holding the weight files (local path or the Hub cache), or None."""
+    if name_or_path is None:  # weights given as state_dict=
+        return None
     subfolder = kwargs.get("subfolder") or ""
     path = os.path.join(os.fspath(name_or_path), subfolder)
     if os.path.isdir(path):
@@ -458,16 +471,18 @@ def _local_folder(name_or_path, kwargs):
     return None
 
 
-def _split_masks(attention_mask, batch, query_length, key_length, device):
+def _split_masks(attention_mask, batch, query_length, key_length, device, check_values=True):
     """Validates attention_mask and returns (padding mask [B, S] bool or None, general mask
-    [B, 1, T, S] bool or None)."""
+    [B, 1, T, S] bool or None). `check_values=False` skips the 0/1 check (shapes are always checked)."""
     if attention_mask is None:
         return None, None
     if not isinstance(attention_mask, torch.Tensor):
         raise ValueError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
     if attention_mask.dtype.is_complex:
         raise ValueError(f"attention_mask must be bool, integer or float 0/1, got dtype {attention_mask.dtype}")
-    if attention_mask.dtype.is_floating_point:
+    if not check_values:
+        pass
+    elif attention_mask.dtype.is_floating_point:
         if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError(
                 "attention_mask must hold 1 (attend) and 0 (padding); additive float masks (-inf) are not accepted"
@@ -498,7 +513,7 @@ def _encoder_padding(encoder_attention_mask, encoder_hidden_states):
     if encoder_attention_mask is None or encoder_hidden_states is None:
         return None
     batch, length = encoder_hidden_states.shape[:2]
-    padding, _ = _split_masks(encoder_attention_mask, batch, 0, length, encoder_hidden_states.device)
+    padding, _ = _split_masks(encoder_attention_mask, batch, 0, length, encoder_hidden_states.device, checking_values())
     return padding
 
 
@@ -512,18 +527,31 @@ def _decoder_cache(cache, use_cache, num_layers):
     return cache, cache.get_seq_length() if cache is not None else 0
 
 
-# Keywords that transformers (Trainer, generate, pipelines) may pass without the model using them.
-_IGNORED_KWARGS = {"num_items_in_batch", "cache_position", "return_loss"}
-
-
-def _reject_unknown_kwargs(kwargs):
-    """A misspelt or outdated keyword must fail, not vanish into **kwargs (an old cache name
-    would otherwise silently decode without the cache)."""
+def _refuse_misleading_kwargs(kwargs, accepted=()):
+    """Like an in-tree model, forward accepts the keywords transformers passes around (Trainer,
+    generate, pipelines) and ignores those it does not use. Refused, because they would silently
+    give a wrong answer: the pre-5.24 cache name, a request for attention weights, and a near
+    miss of one of forward's own argument names (`atention_mask`)."""
+    if not kwargs:
+        return
+    if "past_key_values" in kwargs:
+        raise TypeError("past_key_values is the pre-5.24 name of the decoding state: pass it as `cache=`")
     if kwargs.get("output_attentions"):
-        raise ValueError("output_attentions is not supported: FAVOR+ never forms the [T, S] attention weights")
-    unknown = sorted(k for k in kwargs if k not in _IGNORED_KWARGS and k != "output_attentions")
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {unknown}; the decoding state is passed as `cache=`")
+        raise ValueError("output_attentions is not supported: linear attention never forms the [T, S] attention weights")
+    for name in kwargs:
+        close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.85)
+        if close and close[0] != name:
+            raise TypeError(f"unexpected keyword argument {name!r}; did you mean {close[0]!r}?")
+
+
+@functools.cache
+def _forward_argument_names() -> tuple[str, ...]:
+    """Every named argument of a Performer forward (heads included)."""
+    heads = (PerformerModel, PerformerForMaskedLM, PerformerForSequenceClassification, PerformerForCausalLM,
+             PerformerForConditionalGeneration)
+    names = {p.name for head in heads for p in inspect.signature(head.forward).parameters.values()
+             if p.kind is p.POSITIONAL_OR_KEYWORD}
+    return tuple(sorted(names - {"self"}))
 
 
 def _positions(padding_mask, batch, length, past_length, device):
@@ -575,13 +603,17 @@ class PerformerPreTrainedModel(PreTrainedModel):
         return result
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_missing_weights: bool = False, **kwargs):
-        """transformers' from_pretrained, with two guarantees: damaged weight files (truncated, or
-        data that no longer matches the checksum save_pretrained wrote) fail before loading, and
-        a checkpoint that lacks weights of the Performer stack itself (random projections
-        included) fails instead of returning a half-initialised model. Head weights missing from
-        a base checkpoint are initialised as usual. `allow_missing_weights=True` initialises
-        whatever is missing (new projections are drawn from the config's seed) with a warning."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_missing_weights: bool = True, **kwargs):
+        """transformers' from_pretrained, with three guarantees:
+        - damaged weight files (truncated, or data that no longer matches the checksum that
+          save_pretrained wrote) are refused before loading;
+        - weights missing from the checkpoint are initialised, reported in the loading info and
+          logged, as transformers does; `allow_missing_weights=False` refuses a checkpoint that lacks
+          weights of the Performer stack instead (head weights missing from a base checkpoint are
+          always initialised);
+        - a missing random projection never comes back different: it is rebuilt exactly from the
+          seed and the saved draw count. If the draw count is missing too while other weights of
+          the stack were loaded, the projections the model was trained with are unknown: refused."""
         folder = _local_folder(pretrained_model_name_or_path, kwargs)
         if folder is not None:
             for path in weight_files(folder):
@@ -589,15 +621,37 @@ class PerformerPreTrainedModel(PreTrainedModel):
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         base = "" if model.base_model is model else model.base_model_prefix + "."
-        missing = sorted(k for k in info.get("missing_keys", ()) if k.startswith(base) and "redraw_state" not in k)
-        if missing:
-            message = (f"{pretrained_model_name_or_path} has no weights for {len(missing)} tensor(s) of the Performer "
-                       f"stack, e.g. {missing[:4]}; the checkpoint is incomplete or was saved with another config "
-                       "(layers, attention_type). Pass allow_missing_weights=True to initialise them fresh.")
-            if not allow_missing_weights:
-                raise ValueError(message)
-            logger.warning(message.replace("Pass allow_missing_weights=True to initialise", "Initialised"))
+        missing = set(info.get("missing_keys", ()))
+        stack_missing = sorted(k for k in missing if k.startswith(base) and "redraw_state" not in k)
+        if stack_missing and not allow_missing_weights:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} has no weights for {len(stack_missing)} tensor(s) of the Performer "
+                f"stack, e.g. {stack_missing[:4]}; the checkpoint is incomplete or was saved with another config "
+                "(layers, attention_type). Leave allow_missing_weights at True to initialise them fresh."
+            )
+        model._rebuild_missing_projections(missing, base, pretrained_model_name_or_path)
         return (model, info) if want_info else model
+
+    @torch.no_grad()
+    def _rebuild_missing_projections(self, missing: set, base: str, source):
+        names = {module: name for name, module in self.named_modules()}
+        lost = [m for m in self.favor_modules() if f"{names[m]}.projection" in missing]
+        if not lost:
+            return
+        state = self.base_model.redraw_state
+        if f"{base}redraw_state.draws" in missing:
+            loaded = [k for k, _ in self.named_parameters() if k.startswith(base) and k not in missing]
+            if loaded:
+                raise ValueError(
+                    f"{source} has trained weights but neither the random projections ({len(lost)} missing, e.g. "
+                    f"{names[lost[0]]}.projection) nor the draw count (redraw_state.draws) they were drawn with: "
+                    "its attention cannot be rebuilt as it was trained. Save the model with save_pretrained, which "
+                    "keeps both."
+                )
+        draw = int(state.draws)
+        for module in lost:
+            module.projection.copy_(module.draw_projection(draw).to(module.projection))
+        logger.info(f"Rebuilt {len(lost)} missing random projection(s) of {source} from the seed and draw {draw}")
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -663,6 +717,12 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
 
     def __init__(self, config: PerformerConfig):
         super().__init__(config)
+        if config.position_embedding_type == "rotary" and config.head_dim % 2:
+            raise ValueError(
+                f"rotary positions rotate pairs of dimensions and need an even head dimension, got {config.head_dim} "
+                f"(hidden_size={config.hidden_size} / num_attention_heads={config.num_attention_heads}); change "
+                "either, or use position_embedding_type='learned'"
+            )
         self.embeddings = PerformerEmbeddings(config)
         sizes = config.stack_sizes()
         if config.is_encoder_decoder:
@@ -704,16 +764,20 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
         if batch == 0 or length == 0:
             raise ValueError(f"Empty input: batch size {batch}, sequence length {length}; give at least one token")
         device = input_ids.device if input_ids is not None else inputs_embeds.device
-        padding_mask, general_mask = _split_masks(attention_mask, batch, length, past_length + length, device)
+        # Values are checked in eager mode when a sequence starts; decoding steps after the prefill
+        # (tokens that generate() picked itself) skip the host syncs.
+        check_values = checking_values() and past_length == 0
+        padding_mask, general_mask = _split_masks(attention_mask, batch, length, past_length + length, device,
+                                                  check_values)
         if position_ids is None:
             position_ids = _positions(padding_mask, batch, length, past_length, device)
         elif tuple(position_ids.shape) not in ((batch, length), (1, length)):
             raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected {(batch, length)} or (1, {length})")
-        elif int(position_ids.min()) < 0:  # only given positions can be negative: no check per decode step
+        elif check_values and int(position_ids.min()) < 0:
             raise ValueError(f"position_ids must be >= 0, got {int(position_ids.min())}")
         else:
             position_ids = position_ids.expand(batch, length)
-        hidden = self.embeddings(input_ids, inputs_embeds, position_ids, token_type_ids)
+        hidden = self.embeddings(input_ids, inputs_embeds, position_ids, token_type_ids, check_values)
         return hidden, padding_mask, general_mask, position_ids
 
     def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, token_type_ids=None, position_ids=None,
@@ -745,7 +809,7 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
         return_dict: Optional[bool] = None,
         **kwargs,
     ):
-        _reject_unknown_kwargs(kwargs)
+        _refuse_misleading_kwargs(kwargs, _forward_argument_names())
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         self._count_training_step()
@@ -840,22 +904,15 @@ def _with_flags(config: PerformerConfig, **flags) -> PerformerConfig:
     return config
 
 
-def token_loss(logits, labels, num_items_in_batch=None, ignore_index=-100):
-    """Cross-entropy over tokens. With num_items_in_batch (Trainer with gradient accumulation or
-    several processes) the sum is divided by the global token count, so every micro-batch and
-    process contributes on the same scale."""
+def check_token_labels(labels: torch.Tensor, logits: torch.Tensor, name: str = "labels", ignore_index: int = -100):
+    """Shape (always) and range (eager mode only) of per-token labels, before transformers' loss."""
     if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])} (batch, length), got {tuple(labels.shape)}")
-    real = labels[labels != ignore_index]
-    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= logits.shape[-1]):
-        raise ValueError(f"labels must be in [0, {logits.shape[-1]}) or {ignore_index} (ignored), got {int(real.min())}..{int(real.max())}")
-    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1).to(logits.device)
-    if num_items_in_batch is None:
-        return F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index)
-    total = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum")
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+        raise ValueError(f"{name} must have shape {tuple(logits.shape[:-1])} (batch, length), got {tuple(labels.shape)}")
+    if checking_values():
+        real = labels[labels != ignore_index]
+        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= logits.shape[-1]):
+            raise ValueError(f"{name} must be in [0, {logits.shape[-1]}) or {ignore_index} (ignored), got "
+                             f"{int(real.min())}..{int(real.max())}")
 
 
 class PerformerLMHead(nn.Module):
@@ -890,11 +947,16 @@ class PerformerForMaskedLM(_NotGenerative, PerformerPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                 labels=None, output_hidden_states=None, return_dict=None, num_items_in_batch=None, **kwargs):
+        """`num_items_in_batch` (passed by Trainer) divides the summed loss by the token count of the
+        whole accumulated batch, as transformers' loss functions do."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                              output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
         logits = self.lm_head(outputs.last_hidden_state)
-        loss = token_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        loss = None
+        if labels is not None:
+            check_token_labels(labels, logits)
+            loss = self.loss_function(logits, labels, self.config.vocab_size, num_items_in_batch=num_items_in_batch)
         output = MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
         return output if return_dict else output.to_tuple()
 
@@ -902,6 +964,10 @@ class PerformerForMaskedLM(_NotGenerative, PerformerPreTrainedModel):
 class PerformerForSequenceClassification(_NotGenerative, PerformerPreTrainedModel):
     """Pools the encoder output (first token, or mean over real tokens), then classifies or
     regresses; `problem_type` as in transformers."""
+
+    # Its loss is a mean over the batch (no `num_items_in_batch`): Trainer must divide it by the
+    # accumulation steps itself.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: PerformerConfig):
         config = _with_flags(config, is_decoder=False, is_encoder_decoder=False)
@@ -929,33 +995,30 @@ class PerformerForSequenceClassification(_NotGenerative, PerformerPreTrainedMode
         else:
             pooled = hidden[:, 0]
         logits = self.classifier(self.dropout(torch.tanh(self.dense(self.dropout(pooled)))))
-        loss = self._loss(logits, labels) if labels is not None else None
+        loss = None
+        if labels is not None:
+            self._check_labels(logits, labels)
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
         output = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
         return output if return_dict else output.to_tuple()
 
-    def _loss(self, logits, labels):
-        labels = labels.to(logits.device)
-        if self.config.problem_type is None:
-            if self.num_labels == 1:
-                self.config.problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                self.config.problem_type = "single_label_classification"
-            else:
-                self.config.problem_type = "multi_label_classification"
-        if self.config.problem_type == "regression":
-            if labels.numel() != logits.shape[0] * self.num_labels:
-                raise ValueError(f"regression labels must have {logits.shape[0] * self.num_labels} values, got shape {tuple(labels.shape)}")
-            return F.mse_loss(logits.squeeze(-1) if self.num_labels == 1 else logits, labels.float().view_as(
-                logits.squeeze(-1) if self.num_labels == 1 else logits))
-        if self.config.problem_type == "single_label_classification":
-            if labels.shape != (logits.shape[0],):
-                raise ValueError(f"single-label classification needs labels of shape ({logits.shape[0]},), got {tuple(labels.shape)}")
-            if int(labels.min()) < 0 or int(labels.max()) >= self.num_labels:
+    def _check_labels(self, logits, labels):
+        """Clear errors before transformers' loss (which picks the problem type the same way)."""
+        problem = self.config.problem_type
+        if problem is None:
+            problem = ("regression" if self.num_labels == 1 else "single_label_classification"
+                       if labels.dtype in (torch.long, torch.int) else "multi_label_classification")
+        batch = logits.shape[0]
+        if problem == "regression":
+            if labels.numel() != batch * self.num_labels:
+                raise ValueError(f"regression labels must have {batch * self.num_labels} values, got shape {tuple(labels.shape)}")
+        elif problem == "single_label_classification":
+            if labels.shape != (batch,):
+                raise ValueError(f"single-label classification needs labels of shape ({batch},), got {tuple(labels.shape)}")
+            if checking_values() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_labels):
                 raise ValueError(f"labels must be in [0, {self.num_labels}), got values {int(labels.min())}..{int(labels.max())}")
-            return F.cross_entropy(logits, labels)
-        if labels.shape != logits.shape:
+        elif labels.shape != logits.shape:
             raise ValueError(f"multi-label classification needs labels of shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
-        return F.binary_cross_entropy_with_logits(logits, labels.float())
 
 
 class _PerformerGenerativeModel(PerformerPreTrainedModel, GenerationMixin):
@@ -985,7 +1048,10 @@ class PerformerForCausalLM(_PerformerGenerativeModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 token_type_ids=None, output_hidden_states=None, return_dict=None, logits_to_keep=0,
-                num_items_in_batch=None, **kwargs):
+                num_items_in_batch=None, shift_labels=None, **kwargs):
+        """Position t predicts token t+1 of `labels`; `shift_labels` (already aligned targets, as
+        sequence-parallel training passes them) replaces that shift. `num_items_in_batch`: see
+        transformers' ForCausalLMLoss."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                              encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
@@ -996,11 +1062,13 @@ class PerformerForCausalLM(_PerformerGenerativeModel):
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = None
-        if labels is not None:
-            if labels.shape != logits.shape[:-1]:
-                raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])} (the input's), got {tuple(labels.shape)}")
-            # Predict token t+1 from position t.
-            loss = token_loss(logits[:, :-1], labels[:, 1:], num_items_in_batch)
+        if labels is not None or shift_labels is not None:
+            if shift_labels is not None:
+                check_token_labels(shift_labels, logits, "shift_labels")
+            else:
+                check_token_labels(labels, logits)
+            loss = self.loss_function(logits, labels, self.config.vocab_size, num_items_in_batch=num_items_in_batch,
+                                      shift_labels=shift_labels)
         output = CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, cache=outputs.cache,
                                                    hidden_states=outputs.hidden_states)
         return output if return_dict else output.to_tuple()
@@ -1040,7 +1108,12 @@ class PerformerForConditionalGeneration(_PerformerGenerativeModel):
                              cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
                              return_dict=True, **kwargs)
         logits = self.lm_head(outputs.last_hidden_state)
-        loss = token_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        loss = None
+        if labels is not None:
+            check_token_labels(labels, logits)
+            # The decoder inputs are the shifted labels: position t already predicts label t.
+            loss = self.loss_function(logits, labels, self.config.vocab_size, num_items_in_batch=num_items_in_batch,
+                                      shift_labels=labels)
         output = Seq2SeqLMOutput(
             loss=loss, logits=logits, cache=outputs.cache, decoder_hidden_states=outputs.decoder_hidden_states,
             encoder_last_hidden_state=outputs.encoder_last_hidden_state, encoder_hidden_states=outputs.encoder_hidden_states,

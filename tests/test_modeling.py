@@ -390,10 +390,16 @@ def test_invalid_configs(bad, match):
 def test_invalid_config_file(tmp_path):
     tiny_config().save_pretrained(tmp_path)
     data = json.loads((tmp_path / "config.json").read_text())
-    data["favor_kernel"] = "x"
+    data["hidden_sise"] = 64
     (tmp_path / "config.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="favor_kernel"):
+    with pytest.raises(ValueError, match="'hidden_sise'.*did you mean 'hidden_size'"):
         AutoConfig.from_pretrained(tmp_path)
+    # An attribute someone set on the config before saving is kept, never dropped.
+    data = {k: v for k, v in data.items() if k != "hidden_sise"} | {"experiment_note": "run 3"}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert AutoConfig.from_pretrained(tmp_path).experiment_note == "run 3"
+    with pytest.raises(ValueError, match="experiment_note"):
+        PerformerConfig(experiment_note="run 3")  # typed into the constructor: refused
 
 
 def test_aliases():

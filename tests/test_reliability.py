@@ -319,18 +319,44 @@ def test_config_of_another_model_type_is_refused(saved):
         PerformerForCausalLM.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("suffix", ["self_attn.projection", "mlp.up_proj.weight"])
-def test_missing_weights_are_refused(saved, suffix):
-    model, folder = saved
+def _drop_weights(folder, *suffixes):
     weights = load_file(folder / "model.safetensors")
-    dropped = next(k for k in weights if k.endswith(suffix))
-    del weights[dropped]
+    dropped = [k for k in weights if k.endswith(suffixes)]
+    for key in dropped:
+        del weights[key]
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return dropped
+
+
+def test_missing_weights_load_and_are_reported_or_refused_on_request(saved):
+    model, folder = saved
+    (dropped,) = _drop_weights(folder, "layers.0.mlp.up_proj.weight")
     with pytest.raises(ValueError, match=f"no weights for 1 tensor.*{dropped}"):
+        AutoModelForCausalLM.from_pretrained(folder, allow_missing_weights=False)
+    loaded, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert set(info["missing_keys"]) == {dropped}
+    kept = [k for k in model.state_dict() if k != dropped]
+    for key in kept:
+        torch.testing.assert_close(loaded.state_dict()[key], model.state_dict()[key], rtol=0, atol=0)
+
+
+def test_a_missing_projection_is_rebuilt_exactly_from_the_seed_and_draw_count(tmp_path):
+    model = PerformerForCausalLM(tiny_config()).eval()
+    model.redraw_projections()
+    model.redraw_projections()  # draw 2: the default initialisation (draw 0) would differ
+    model.save_pretrained(tmp_path)
+    dropped = _drop_weights(tmp_path, "self_attn.projection")
+    assert len(dropped) == model.config.num_hidden_layers
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_missing_projection_and_draw_count_beside_trained_weights_are_refused(saved):
+    _, folder = saved
+    _drop_weights(folder, "self_attn.projection", "redraw_state.draws")
+    with pytest.raises(ValueError, match="neither the random projections .* nor the draw count"):
         AutoModelForCausalLM.from_pretrained(folder)
-    fresh = AutoModelForCausalLM.from_pretrained(folder, allow_missing_weights=True)
-    if suffix.endswith("projection"):  # drawn again from the config's seed: the saved one comes back
-        torch.testing.assert_close(fresh.state_dict()[dropped], model.state_dict()[dropped], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("head", [PerformerForCausalLM, PerformerForConditionalGeneration])
