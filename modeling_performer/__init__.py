@@ -38,6 +38,7 @@ from .modeling_performer import (
     shift_tokens_right,
 )
 
+from .training_performer import PerformerRedrawCallback
 from .pipeline_performer import TASK as TEXT2TEXT_TASK, PerformerText2TextPipeline, register as _register_pipeline
 
 __version__ = "0.1.0"
@@ -58,6 +59,7 @@ for _name, (_auto, _model_class) in AUTO_CLASSES.items():
 _register_pipeline()
 
 __all__ = [
+    "PerformerRedrawCallback",
     "PerformerConfig",
     "PerformerCache",
     "PerformerModel",

@@ -527,7 +527,7 @@ def _decoder_cache(cache, use_cache, num_layers):
     return cache, cache.get_seq_length() if cache is not None else 0
 
 
-def _refuse_misleading_kwargs(kwargs, accepted=()):
+def _refuse_misleading_kwargs(kwargs):
     """Like an in-tree model, forward accepts the keywords transformers passes around (Trainer,
     generate, pipelines) and ignores those it does not use. Refused, because they would silently
     give a wrong answer: the pre-5.24 cache name, a request for attention weights, and a near
@@ -538,8 +538,10 @@ def _refuse_misleading_kwargs(kwargs, accepted=()):
         raise TypeError("past_key_values is the pre-5.24 name of the decoding state: pass it as `cache=`")
     if kwargs.get("output_attentions"):
         raise ValueError("output_attentions is not supported: linear attention never forms the [T, S] attention weights")
+    if torch.compiler.is_compiling():
+        return
     for name in kwargs:
-        close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.85)
+        close = difflib.get_close_matches(name, _forward_argument_names(), n=1, cutoff=0.85)
         if close and close[0] != name:
             raise TypeError(f"unexpected keyword argument {name!r}; did you mean {close[0]!r}?")
 
@@ -565,7 +567,9 @@ def _positions(padding_mask, batch, length, past_length, device):
 
 class PerformerRedrawState(nn.Module):
     """Persistent counters (a module of their own, so device maps can place them): resumed
-    training continues the same sequence of seeded projection draws."""
+    training continues the same sequence of seeded projection draws. `draws`: the draw the
+    projections hold; `training_forwards`: optimizer steps counted by `redraw_on_steps` (the name
+    is the one earlier checkpoints saved)."""
 
     def __init__(self):
         super().__init__()
@@ -685,13 +689,38 @@ class PerformerPreTrainedModel(PreTrainedModel):
             module.projection.copy_(module.draw_projection(draw).to(module.projection))
         model.redraw_state.draws.fill_(draw)
 
-    def _count_training_step(self):
+    def redraw_for_step(self, step: int) -> bool:
+        """Called after optimizer step `step` (1-based): every `feature_redraw_interval` steps the
+        projections take draw step // interval, so any process and any resumed run that reaches the
+        same step holds the same projections. Returns whether it redrew."""
         interval = self.config.feature_redraw_interval
-        if not self.training or interval <= 0:
-            return
-        self.redraw_state.training_forwards += 1
-        if int(self.redraw_state.training_forwards) % interval == 0:
-            self.redraw_projections()
+        if interval <= 0 or step <= 0 or step % interval or not self.favor_modules():
+            return False
+        self.redraw_projections(draw=step // interval)
+        return True
+
+    def redraw_on_steps(self, optimizer: torch.optim.Optimizer):
+        """For training loops of your own: counts the steps of `optimizer` (a hook after each
+        `optimizer.step()`, so gradient accumulation and skipped steps count right) and redraws
+        every `feature_redraw_interval` of them. Trainer users add `PerformerRedrawCallback`."""
+        state = self.base_model.redraw_state
+
+        def after_step(*_):
+            state.training_forwards += 1
+            self.redraw_for_step(int(state.training_forwards))
+
+        self.base_model._redraw_driven = True
+        return optimizer.register_step_post_hook(after_step)
+
+    def train(self, mode: bool = True):
+        if mode and self.config.feature_redraw_interval > 0 and not getattr(self.base_model, "_redraw_driven", False) \
+                and self.favor_modules():
+            logger.warning_once(
+                f"feature_redraw_interval={self.config.feature_redraw_interval} counts optimizer steps, but nothing "
+                "reports them yet: add PerformerRedrawCallback() to the Trainer's callbacks, or call "
+                "model.redraw_on_steps(optimizer) in a loop of your own. Until then the projections stay fixed."
+            )
+        return super().train(mode)
 
 
 class _NotGenerative:
@@ -809,10 +838,9 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
         return_dict: Optional[bool] = None,
         **kwargs,
     ):
-        _refuse_misleading_kwargs(kwargs, _forward_argument_names())
+        _refuse_misleading_kwargs(kwargs)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        self._count_training_step()
 
         if self.config.is_encoder_decoder:
             return self._forward_seq2seq(input_ids, attention_mask, token_type_ids, inputs_embeds, decoder_input_ids,

@@ -169,6 +169,7 @@ def main(argv=None):
         PerformerForConditionalGeneration,
         PerformerForMaskedLM,
         PerformerForSequenceClassification,
+        PerformerRedrawCallback,
     )
     from modeling_performer.checkpoint_performer import last_complete_checkpoint, publish_folder
 
@@ -216,6 +217,7 @@ def main(argv=None):
         model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
         data_collator=collator, processing_class=tokenizer,
         compute_metrics=compute_classification_metrics if args.task == "classification" else None,
+        callbacks=[PerformerRedrawCallback()],
     )
     checkpoint = None
     if args.resume:

@@ -346,21 +346,23 @@ def test_seq2seq_labels_are_not_shifted_twice():
     torch.testing.assert_close(out.loss, expected)
 
 
-def test_projection_redraw_only_in_training_and_seeded():
+def test_projection_redraw_counts_optimizer_steps_not_forwards():
     config = tiny_config(feature_redraw_interval=2)
-    model = PerformerForCausalLM(config)
+    model = PerformerForCausalLM(config).train()
     first = model.model.encoder.layers[0].self_attn.projection.clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    model.redraw_on_steps(optimizer)
     ids = torch.randint(3, 99, (1, 5))
+    for _ in range(3):  # three accumulated micro-batches, one step
+        model(ids, labels=ids).loss.backward()
+    assert torch.equal(model.model.encoder.layers[0].self_attn.projection, first)
+    optimizer.step()
+    assert torch.equal(model.model.encoder.layers[0].self_attn.projection, first)
     model.eval()
-    for _ in range(3):
-        model(ids)
-    assert torch.equal(model.model.encoder.layers[0].self_attn.projection, first)
-    model.train()
     model(ids)
-    assert torch.equal(model.model.encoder.layers[0].self_attn.projection, first)
-    model(ids)  # second training step: redraw
+    optimizer.step()  # second optimizer step: redraw (eval forwards never redraw by themselves)
     redrawn = model.model.encoder.layers[0].self_attn.projection.clone()
-    assert not torch.equal(redrawn, first)
+    assert not torch.equal(redrawn, first) and int(model.model.redraw_state.draws) == 1
     twin = PerformerForCausalLM(config)
     twin.redraw_projections(draw=1)
     assert torch.equal(twin.model.encoder.layers[0].self_attn.projection, redrawn)

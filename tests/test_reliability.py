@@ -409,6 +409,7 @@ def seeded_training_losses(steps=8):
     torch.manual_seed(1234)
     model = PerformerForCausalLM(tiny_config(hidden_dropout_prob=0.1, feature_redraw_interval=2)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.redraw_on_steps(optimizer)
     data = torch.randint(3, 99, (steps, 4, 16), generator=torch.Generator().manual_seed(7))
     losses = []
     for batch in data:
