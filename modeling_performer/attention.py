@@ -223,23 +223,24 @@ def _causal_terms(fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, 
     num_features = phi_q.shape[-1]
     mask = key_padding_mask.to(torch.bool) if key_padding_mask is not None else None
 
-    chunk = min(chunk_size, length)
-    padded = -length % chunk
-    if padded:
-        # Padded tail positions are masked keys: they change neither maxima nor state.
-        phi_q = F.pad(phi_q, (0, 0, 0, padded))
-        logits = F.pad(logits, (0, 0, 0, padded))
-        offset = F.pad(offset, (0, padded))
-        v1 = F.pad(v1, (0, 0, 0, padded))
-        token_max = F.pad(token_max, (0, padded), value=float("-inf"))
-        if mask is None:
-            mask = torch.ones(batch, length, dtype=torch.bool, device=phi_q.device)
-        mask = F.pad(mask, (0, padded), value=False)
-    num_chunks = (length + padded) // chunk
+    # No branch on the length (compiled and exported graphs keep it symbolic): the tail is always
+    # padded up to whole chunks, possibly by zero positions.
+    chunk = chunk_size
+    num_chunks = (length + chunk - 1) // chunk
+    padded = num_chunks * chunk - length
+    # Padded tail positions are masked keys: they change neither maxima nor state.
+    phi_q = F.pad(phi_q, (0, 0, 0, padded))
+    logits = F.pad(logits, (0, 0, 0, padded))
+    offset = F.pad(offset, (0, padded))
+    v1 = F.pad(v1, (0, 0, 0, padded))
+    token_max = F.pad(token_max, (0, padded), value=float("-inf"))
+    if mask is None:
+        mask = torch.ones(batch, length, dtype=torch.bool, device=phi_q.device)
+    mask = F.pad(mask, (0, padded), value=False)
 
     # Running maximum at the end of every chunk; running[..., 0] is the incoming one.
     chunk_max = token_max.view(batch, heads, num_chunks, chunk).amax(dim=-1)
-    running = torch.cummax(torch.cat([state.stabiliser.unsqueeze(-1), chunk_max], dim=-1), dim=-1).values
+    running = _running_max(torch.cat([state.stabiliser.unsqueeze(-1), chunk_max], dim=-1))
     stabiliser = _finite(running[..., 1:])  # [B, H, NC]
     decay = torch.exp(running[..., :-1] - stabiliser)  # rescales the carried state into chunk c
 
@@ -255,17 +256,49 @@ def _causal_terms(fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, 
     # Across chunks: the state before chunk c, at chunk c's scale.
     chunk_kvz = (v1.transpose(-1, -2) @ phi_k).transpose(-1, -2)  # [B, H, NC, M, D + 1]
     kvz = _join(state)
-    before = []
-    # unbind once: indexing chunk_kvz[:, :, c] in the loop would make backward quadratic.
-    for chunk_decay, kvz_c in zip(decay.unbind(-1), chunk_kvz.unbind(2)):
-        kvz = kvz * chunk_decay[..., None, None]
-        before.append(kvz)
-        kvz = kvz + kvz_c
-    out = out + phi_q @ torch.stack(before, dim=2)
+    if torch.compiler.is_compiling():
+        # A loop over chunks would fix their number in the graph: the state before chunk c as one
+        # product instead, sum_{j < c} exp(s_j - s_c) kvz_j plus the incoming state at exp(s_in - s_c)
+        # (every factor <= 1: the running maximum never decreases). O(NC^2) rather than O(NC).
+        before, kvz = _states_before_chunks(kvz, chunk_kvz, running, stabiliser)
+    else:
+        before = []
+        # unbind once: indexing chunk_kvz[:, :, c] in the loop would make backward quadratic.
+        for chunk_decay, kvz_c in zip(decay.unbind(-1), chunk_kvz.unbind(2)):
+            kvz = kvz * chunk_decay[..., None, None]
+            before.append(kvz)
+            kvz = kvz + kvz_c
+        before = torch.stack(before, dim=2)
+    out = out + phi_q @ before
 
     out = out.reshape(batch, heads, num_chunks * chunk, value_dim + 1)[:, :, :length]
     per_token = stabiliser[..., None].expand(batch, heads, num_chunks, chunk).reshape(batch, heads, -1)[..., :length]
     return out, per_token, LinearAttentionState(kvz[..., :-1], kvz[..., -1], running[..., -1])
+
+
+def _running_max(x: torch.Tensor) -> torch.Tensor:
+    """Cumulative maximum over the last dimension (ONNX has no cummax: compiled and exported
+    graphs take the maximum under a triangular mask instead)."""
+    if not torch.compiler.is_compiling():
+        return torch.cummax(x, dim=-1).values
+    n = x.shape[-1]
+    upto = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+    return x[..., None, :].masked_fill(~upto, float("-inf")).amax(-1)
+
+
+def _states_before_chunks(kvz, chunk_kvz, running, stabiliser):
+    """Loop-free carry of the chunked kernel. kvz: incoming joined state [B, H, M, D + 1] at scale
+    running[..., 0]; chunk_kvz: [B, H, NC, M, D + 1], chunk j at scale stabiliser[..., j].
+    -> (states before each chunk at that chunk's scale [B, H, NC, M, D + 1], state after the last)."""
+    num_chunks = chunk_kvz.shape[2]
+    earlier = torch.ones(num_chunks, num_chunks, dtype=torch.bool, device=kvz.device).tril(-1)
+    gap = (stabiliser[..., None, :] - stabiliser[..., :, None]).masked_fill(~earlier, float("-inf"))
+    weights = torch.exp(gap)  # [B, H, c, j]: exp(s_j - s_c) for j < c, else 0
+    incoming = torch.exp(running[..., :1] - stabiliser)  # [B, H, NC]
+    carried = (weights @ chunk_kvz.flatten(-2)).view(chunk_kvz.shape)
+    before = carried + incoming[..., None, None] * kvz[:, :, None]
+    after = before[:, :, -1] + chunk_kvz[:, :, -1]
+    return before, after
 
 
 def _absorb_key(state, k, v, projection, fmap, key_padding_mask):
