@@ -7,7 +7,8 @@ One entry per decoder layer:
   (still constant in size); softmax layers keep keys/values [B, H, S, D] as any transformer
   cache does.
 - cross-attention (seq2seq, or a decoder with cross-attention): computed once from the encoder
-  output and reused at every step (FAVOR+: the same state type; softmax: keys/values).
+  output and reused at every step (FAVOR+: the same state type; softmax: keys/values and the
+  encoder padding mask [B, S]).
 """
 
 from typing import Optional, Union
@@ -18,7 +19,8 @@ from transformers import Cache
 from .attention import LinearAttentionState, WindowedAttentionState
 
 KeyValues = tuple[torch.Tensor, torch.Tensor]
-LayerState = Union[LinearAttentionState, WindowedAttentionState, KeyValues]
+KeyValuesMask = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+LayerState = Union[LinearAttentionState, WindowedAttentionState, KeyValues, KeyValuesMask]
 
 
 def _map_state(state: Optional[LayerState], fn) -> Optional[LayerState]:

@@ -354,14 +354,17 @@ class PerformerAttention(nn.Module):
                 cached = linear_attention_state(key, value, self.feature_parameters, self.config.feature_map,
                                                 attention_mask)
             else:
-                cached = (key, value)
+                # The encoder padding is kept with the keys: decoding steps need not pass it again.
+                padding = (attention_mask.to(torch.bool) if attention_mask is not None
+                           else torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device))
+                cached = (key, value, padding)
             if layer_cache is not None:
                 layer_cache.cross_attention = cached
         if self.attention_type == "favor":
             return linear_attention_from_state(query, cached, self.feature_parameters,
                                                self.config.feature_map).to(query.dtype)
         dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
-        return softmax_attention(query, cached[0], cached[1], attention_mask, False, None, dropout)
+        return softmax_attention(query, cached[0], cached[1], cached[2], False, None, dropout)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@
 offline without sentencepiece or protobuf and which gives the same ids as the SentencePiece model.
 
 Special tokens for every head: <pad>=0, <s>=1 (bos), </s>=2 (eos), <unk>=3, <mask>=4.
+No dummy prefix: a space belongs to the token after it and nothing is added before the first
+word, so decoding the continuation of a prompt keeps its leading space (text-generation output
+reads "I will not", not "I willnot") and decoding a whole text adds no space in front.
 Line breaks are folded into spaces (SentencePiece splits on whitespace; the fast tokenizer's
 normaliser does the same).
 
@@ -44,7 +47,7 @@ def train_sentencepiece(texts, vocab_size, model_prefix):
     spm.SentencePieceTrainer.train(
         input=f.name, model_prefix=model_prefix, model_type="unigram", vocab_size=vocab_size,
         pad_id=0, bos_id=1, eos_id=2, unk_id=3, user_defined_symbols=["<mask>"],
-        normalization_rule_name="identity", character_coverage=1.0, hard_vocab_limit=False,
+        normalization_rule_name="identity", add_dummy_prefix=False, character_coverage=1.0, hard_vocab_limit=False,
         num_threads=2, minloglevel=2,
     )
     return spm.SentencePieceProcessor(model_file=f"{model_prefix}.model")
@@ -58,8 +61,8 @@ def to_fast_tokenizer(sp):
     vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
     tokenizer = Tokenizer(models.Unigram(vocab, unk_id=sp.unk_id(), byte_fallback=False))
     tokenizer.normalizer = normalizers.Sequence([normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()])
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS.values()])
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIALS)
     fast.model_max_length = 1_000_000

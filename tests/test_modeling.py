@@ -58,15 +58,42 @@ def inputs_for(head, batch=2, length=7, seed=0):
     return kwargs
 
 
+def _main_output(out, head):
+    return out.last_hidden_state if head == "model" else out.logits
+
+
 def run_and_check(model, head, **kwargs):
-    out = model(**inputs_for(head, **kwargs))
-    tensor = out.last_hidden_state if head == "model" else out.logits
+    """Runs a head and checks what must hold for every option: padding changes nothing for the
+    real tokens, a causal LM never looks ahead, and one gradient step lowers the loss."""
+    inputs = inputs_for(head, **kwargs)
+    model.eval()
+    out = model(**inputs)
+    tensor = _main_output(out, head)
     assert torch.isfinite(tensor).all()
+    # Row 1 is right-padded by two tokens: alone and unpadded it gives the same outputs.
+    alone = {k: v[1:, :-2] if v.dim() == 2 and k != "labels" else v[1:] for k, v in inputs.items()}
+    if head == "seq2seq":
+        alone["labels"] = inputs["labels"][1:]
+    alone.pop("attention_mask")
+    trimmed = _main_output(model(**{k: v for k, v in alone.items() if k != "labels" or head == "seq2seq"}), head)
+    reference = tensor[1:] if head in ("cls", "seq2seq") else tensor[1:, :-2]
+    torch.testing.assert_close(trimmed, reference, rtol=1e-4, atol=1e-4)
+    if head == "clm":  # changing the last token leaves every earlier position as it was
+        changed = dict(inputs, input_ids=inputs["input_ids"].clone())
+        changed["input_ids"][:, -1] = 3 + (changed["input_ids"][:, -1] - 2) % 96
+        torch.testing.assert_close(_main_output(model(**changed), head)[:, :-1], tensor[:, :-1], rtol=1e-5, atol=1e-5)
     if head != "model":
-        assert torch.isfinite(out.loss)
-        out.loss.backward()
+        model.train()
+        loss = model(**inputs).loss
+        assert torch.isfinite(loss)
+        loss.backward()
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= 0.05 * p.grad
+            assert model(**inputs).loss < loss
     return out
 
 
@@ -445,3 +472,47 @@ def test_general_mask_allowed_for_softmax_layers():
     decoder = PerformerModel(tiny_config(attention_type="softmax", is_decoder=True)).eval()
     decoder.load_state_dict(model.state_dict())
     torch.testing.assert_close(model(ids, attention_mask=causal).last_hidden_state, decoder(ids).last_hidden_state)
+
+
+# ------------------------------------------------------------------------------------------
+# positions and decoders with cross-attention
+
+
+def test_rotary_positions_encode_order_and_depend_only_on_offsets():
+    model = PerformerModel(tiny_config(attention_type="softmax")).eval()
+    ids = torch.randint(3, 99, (1, 8))
+    positions = torch.arange(8)[None]
+    out = model(ids, position_ids=positions).last_hidden_state
+    # Order matters: without positions an encoder would be permutation-equivariant.
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    permuted = model(ids[:, order], position_ids=positions).last_hidden_state
+    assert (permuted - out[:, order]).abs().max() > 1e-3
+    # Only offsets matter: every position moved by 17 gives the same outputs.
+    torch.testing.assert_close(model(ids, position_ids=positions + 17).last_hidden_state, out, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cross_attention_type", ["softmax", "favor"])
+def test_decoder_with_cross_attention_reads_the_encoder_states_and_caches(cross_attention_type):
+    config = tiny_config(add_cross_attention=True, cross_attention_type=cross_attention_type)
+    model = PerformerForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(0)
+    memory = torch.randn(2, 6, config.hidden_size, generator=g)
+    memory_mask = torch.ones(2, 6, dtype=torch.long)
+    memory_mask[1, -2:] = 0
+    ids = torch.randint(3, 99, (2, 5), generator=g)
+    full = model(ids, encoder_hidden_states=memory, encoder_attention_mask=memory_mask, use_cache=False).logits
+    # The encoder states are read ...
+    other = model(ids, encoder_hidden_states=memory + 1.0, encoder_attention_mask=memory_mask, use_cache=False).logits
+    assert (other - full).abs().max() > 1e-3
+    # ... except where masked,
+    hidden = memory.clone()
+    hidden[1, -2:] = 100.0
+    masked = model(ids, encoder_hidden_states=hidden, encoder_attention_mask=memory_mask, use_cache=False).logits
+    torch.testing.assert_close(masked, full, rtol=1e-5, atol=1e-5)
+    # ... and a prefill plus token-by-token steps with the cache give the full forward.
+    out = model(ids[:, :2], encoder_hidden_states=memory, encoder_attention_mask=memory_mask, use_cache=True)
+    steps = [out.logits]
+    for t in range(2, 5):
+        out = model(ids[:, t:t + 1], cache=out.cache, encoder_attention_mask=memory_mask, use_cache=True)
+        steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)

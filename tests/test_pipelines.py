@@ -43,6 +43,17 @@ def test_text_generation(tokenizer, tmp_path, from_folder):
     expected = model.generate(ids, max_new_tokens=5, do_sample=False)
     tokens = generator("To be, or not", max_new_tokens=5, do_sample=False, return_tensors=True)
     assert list(tokens[0]["generated_token_ids"]) == expected[0].tolist()
+    # The text is the decoded token ids: the continuation keeps the space in front of it.
+    assert out[0]["generated_text"] == tokenizer.decode(expected[0], skip_special_tokens=True)
+
+
+def test_tokenizer_decodes_texts_and_continuations_with_their_spaces(tokenizer):
+    text = "ROMEO. I will not, sir"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    prompt = tokenizer("ROMEO. I will", add_special_tokens=False)["input_ids"]
+    assert ids[:len(prompt)] == prompt
+    assert tokenizer.decode(prompt) + tokenizer.decode(ids[len(prompt):]) == text
 
 
 def test_text_classification(tokenizer, tmp_path):
