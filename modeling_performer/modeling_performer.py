@@ -1079,10 +1079,12 @@ class PerformerForCausalLM(_PerformerGenerativeModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 token_type_ids=None, output_hidden_states=None, return_dict=None, logits_to_keep=0,
-                num_items_in_batch=None, shift_labels=None, **kwargs):
-        """Position t predicts token t+1 of `labels`; `shift_labels` (already aligned targets, as
+                num_items_in_batch=None, **kwargs):
+        """Position t predicts token t+1 of `labels`; `shift_labels=` (already aligned targets, as
         sequence-parallel training passes them) replaces that shift. `num_items_in_batch`: see
-        transformers' ForCausalLMLoss."""
+        transformers' ForCausalLMLoss. (`shift_labels` stays a keyword: Trainer treats every named
+        argument with "label" in it as a required label.)"""
+        shift_labels = kwargs.pop("shift_labels", None)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                              encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,

@@ -75,3 +75,11 @@ def test_redraw_callback_counts_optimizer_steps_with_accumulation(tmp_path):
     twin.redraw_projections(draw=2)
     for ours, theirs in zip(model.favor_modules(), twin.favor_modules()):
         assert torch.equal(ours.projection, theirs.projection)
+
+
+@pytest.mark.parametrize("head", HEADS, ids=lambda h: h.__name__)
+def test_trainer_sees_labels_as_the_only_label_argument(head):
+    # Trainer computes an evaluation loss only when every argument it takes for a label is given.
+    from transformers.utils import find_labels
+
+    assert find_labels(head) == ["labels"]
