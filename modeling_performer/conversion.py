@@ -145,9 +145,9 @@ def _gpt2_weights(base: dict, config) -> dict:
     hidden = config.n_embd
     out = {"embeddings.word_embeddings.weight": base.pop("wte.weight"),
            "embeddings.position_embeddings.weight": base.pop("wpe.weight"),
-           "encoder.norm.weight": base.pop("ln_f.weight"), "encoder.norm.bias": base.pop("ln_f.bias")}
+           "decoder.norm.weight": base.pop("ln_f.weight"), "decoder.norm.bias": base.pop("ln_f.bias")}
     for i in range(config.n_layer):
-        p, q = f"h.{i}.", f"encoder.layers.{i}."
+        p, q = f"h.{i}.", f"decoder.layers.{i}."
         for name, target in (("ln_1", "self_attn_residual.norm"), ("ln_2", "mlp_residual.norm")):
             out[q + target + ".weight"] = base.pop(p + name + ".weight")
             out[q + target + ".bias"] = base.pop(p + name + ".bias")

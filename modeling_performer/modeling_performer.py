@@ -20,11 +20,13 @@ import difflib
 import functools
 import inspect
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -422,8 +424,27 @@ class PerformerStack(nn.Module):
         )
         self.norm = make_norm(config) if config.norm_type in ("pre_layernorm", "pre_scalenorm") else None
 
-    def forward(self, hidden_states, attention_mask=None, general_mask=None, position_ids=None,
-                encoder_hidden_states=None, encoder_attention_mask=None, cache=None, output_hidden_states=False):
+    # Set by PerformerModel on its encoder: the model's input embedding and checks.
+    embed_inputs = None
+    main_input_name = "input_ids"
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, token_type_ids=None, position_ids=None,
+                output_hidden_states=None, return_dict=True, **kwargs):
+        """The encoder on its own (what generate() calls through `get_encoder()`): embeds the
+        inputs with the model's shared embeddings, runs the stack. -> BaseModelOutput."""
+        _refuse_misleading_kwargs(kwargs)
+        if self.embed_inputs is None or self.is_causal:
+            raise TypeError("only the encoder of a PerformerModel runs on its own; call the model instead")
+        hidden, padding_mask, general_mask, position_ids = self.embed_inputs(
+            input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, 0)
+        last, all_hidden = self.run(hidden, padding_mask, general_mask, position_ids,
+                                    output_hidden_states=bool(output_hidden_states))
+        output = BaseModelOutput(last_hidden_state=last, hidden_states=all_hidden)
+        return output if return_dict is not False else output.to_tuple()
+
+    def run(self, hidden_states, attention_mask=None, general_mask=None, position_ids=None,
+            encoder_hidden_states=None, encoder_attention_mask=None, cache=None, output_hidden_states=False):
+        """hidden_states: embedded inputs [B, T, C]; attention_mask: padding [B, S] (bool)."""
         rotary = None
         if self.config.position_embedding_type == "rotary":
             rotary = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, hidden_states.dtype)
@@ -625,6 +646,8 @@ class PerformerPreTrainedModel(PreTrainedModel):
         if folder is not None:
             for path in weight_files(folder):
                 verify(path)
+            if kwargs.get("key_mapping") is None:
+                kwargs["key_mapping"] = cls._stack_renaming(folder, kwargs.get("config"))
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         base = "" if model.base_model is model else model.base_model_prefix + "."
@@ -638,6 +661,35 @@ class PerformerPreTrainedModel(PreTrainedModel):
             )
         model._rebuild_missing_projections(missing, base, pretrained_model_name_or_path)
         return (model, info) if want_info else model
+
+    @classmethod
+    def _stack_renaming(cls, folder: str, config=None) -> Optional[dict]:
+        """A checkpoint's one-stack layers load into the other kind of one-stack model (a
+        bidirectional base checkpoint into a causal LM and back), and checkpoints saved when the
+        causal stack was called `encoder` still load. -> key_mapping for from_pretrained, or None."""
+        if cls in (PerformerForCausalLM,):
+            target = "decoder"
+        elif cls in (PerformerForMaskedLM, PerformerForSequenceClassification):
+            target = "encoder"
+        else:
+            try:
+                config = config if isinstance(config, PerformerConfig) else PerformerConfig.from_pretrained(folder)
+            except (OSError, ValueError):
+                return None
+            if config.is_encoder_decoder:
+                return None
+            target = "decoder" if config.is_decoder else "encoder"
+        other = "encoder" if target == "decoder" else "decoder"
+        keys = set()
+        for path in weight_files(folder):
+            if path.endswith(".safetensors"):
+                with safe_open(path, "pt") as f:
+                    keys.update(f.keys())
+        has = {name: any(re.match(rf"^(model\.)?{name}\.layers\.", k) for k in keys) for name in (target, other)}
+        if has[other] and not has[target]:
+            # transformers' renamings substitute one group (\1): one renaming per part of the stack.
+            return {rf"(^|model\.){other}\.{part}\.": rf"\1{target}.{part}." for part in ("layers", "norm")}
+        return None
 
     @torch.no_grad()
     def _rebuild_missing_projections(self, missing: set, base: str, source):
@@ -727,20 +779,14 @@ class PerformerPreTrainedModel(PreTrainedModel):
 
 
 class _NotGenerative:
-    """For heads without generate(): asking for it says which head can, instead of a bare
-    AttributeError. (hasattr stays False, so transformers' checks are unaffected.)"""
+    """For heads without generate(): calling it says which head can (can_generate() stays False)."""
 
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "generate":
-                raise AttributeError(
-                    f"{type(self).__name__} cannot generate text: load the checkpoint with PerformerForCausalLM "
-                    "(AutoModelForCausalLM) or PerformerForConditionalGeneration (AutoModelForSeq2SeqLM); for "
-                    "masked-token filling use pipeline('fill-mask')"
-                ) from None
-            raise
+    def generate(self, *args, **kwargs):
+        raise TypeError(
+            f"{type(self).__name__} cannot generate text: load the checkpoint with PerformerForCausalLM "
+            "(AutoModelForCausalLM) or PerformerForConditionalGeneration (AutoModelForSeq2SeqLM); for "
+            "masked-token filling use pipeline('fill-mask')"
+        )
 
 
 class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
@@ -757,13 +803,20 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
             )
         self.embeddings = PerformerEmbeddings(config)
         sizes = config.stack_sizes()
+        # `encoder`: bidirectional stack; `decoder`: causal stack (with cross-attention in an
+        # encoder-decoder, or with add_cross_attention). A decoder-only model has no encoder.
+        self.encoder = self.decoder = None
         if config.is_encoder_decoder:
             self.encoder = PerformerStack(config, sizes["encoder"], False, False, projection_offset=0)
             self.decoder = PerformerStack(config, sizes["decoder"], True, True, projection_offset=1000)
+        elif config.is_decoder:
+            self.decoder = PerformerStack(config, config.num_hidden_layers, True, config.add_cross_attention, 0)
         else:
-            causal = bool(config.is_decoder)
-            self.encoder = PerformerStack(config, config.num_hidden_layers, causal, causal and config.add_cross_attention, 0)
-            self.decoder = None
+            self.encoder = PerformerStack(config, config.num_hidden_layers, False, False, 0)
+        if self.encoder is not None:
+            # The encoder embeds its own inputs when called alone (generate() runs `get_encoder()`);
+            # the embeddings stay one module of this model, shared with the decoder.
+            self.encoder.embed_inputs = self._embed
         self.redraw_state = PerformerRedrawState()
         self.post_init()
 
@@ -774,7 +827,7 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
         self.embeddings.word_embeddings = value
 
     def get_encoder(self, modality=None):
-        return PerformerEncoderView(self)
+        return self.encoder
 
     def _embed(self, input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, past_length):
         if (input_ids is None) == (inputs_embeds is None):
@@ -814,12 +867,8 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
 
     def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, token_type_ids=None, position_ids=None,
                output_hidden_states=False):
-        hidden, padding_mask, general_mask, position_ids = self._embed(
-            input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, 0
-        )
-        last, all_hidden = self.encoder(hidden, padding_mask, general_mask, position_ids,
-                                        output_hidden_states=output_hidden_states)
-        return BaseModelOutput(last_hidden_state=last, hidden_states=all_hidden)
+        return self.encoder(input_ids, attention_mask, inputs_embeds, token_type_ids, position_ids,
+                            output_hidden_states=output_hidden_states)
 
     def forward(
         self,
@@ -854,13 +903,14 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
         use_cache = is_decoder and (use_cache if use_cache is not None else (self.config.use_cache and not self.training))
         if not is_decoder and cache is not None:
             raise ValueError("A cache is only used by decoders (config.is_decoder=True)")
-        cache, past_length = _decoder_cache(cache, use_cache, len(self.encoder.layers))
+        stack = self.decoder if is_decoder else self.encoder
+        cache, past_length = _decoder_cache(cache, use_cache, len(stack.layers))
         hidden, padding_mask, general_mask, position_ids = self._embed(
             input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, past_length
         )
         encoder_padding = _encoder_padding(encoder_attention_mask, encoder_hidden_states)
-        last, all_hidden = self.encoder(hidden, padding_mask, general_mask, position_ids, encoder_hidden_states,
-                                        encoder_padding, cache, output_hidden_states)
+        last, all_hidden = stack.run(hidden, padding_mask, general_mask, position_ids, encoder_hidden_states,
+                                     encoder_padding, cache, output_hidden_states)
         if cache is not None:
             cache.seen_tokens += hidden.shape[1]
         output = PerformerModelOutput(last_hidden_state=last, cache=cache if use_cache else None, hidden_states=all_hidden)
@@ -885,8 +935,8 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
         hidden, padding_mask, general_mask, position_ids = self._embed(
             decoder_input_ids, decoder_inputs_embeds, decoder_attention_mask, decoder_position_ids, None, past_length
         )
-        last, all_hidden = self.decoder(hidden, padding_mask, general_mask, position_ids, encoder_hidden,
-                                        encoder_padding, cache, output_hidden_states)
+        last, all_hidden = self.decoder.run(hidden, padding_mask, general_mask, position_ids, encoder_hidden,
+                                            encoder_padding, cache, output_hidden_states)
         if cache is not None:
             cache.seen_tokens += hidden.shape[1]
         output = Seq2SeqModelOutput(
@@ -894,24 +944,6 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
             encoder_last_hidden_state=encoder_hidden, encoder_hidden_states=encoder_outputs.hidden_states,
         )
         return output if return_dict else output.to_tuple()
-
-
-class PerformerEncoderView(nn.Module):
-    """What `get_encoder()` returns for generate(): runs the encoder half of an encoder-decoder
-    PerformerModel. Not registered as a submodule (it owns no weights)."""
-
-    def __init__(self, model: PerformerModel):
-        super().__init__()
-        object.__setattr__(self, "_model", model)
-
-    @property
-    def main_input_name(self):
-        return "input_ids"
-
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, token_type_ids=None,
-                output_hidden_states=None, output_attentions=None, return_dict=True):
-        return self._model.encode(input_ids, attention_mask, inputs_embeds, token_type_ids,
-                                  output_hidden_states=bool(output_hidden_states))
 
 
 @dataclass

@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -191,8 +192,11 @@ def test_base_checkpoint_loads_into_heads(head, tmp_path):
     expected_prefix = {"mlm": "lm_head.", "cls": ("dense.", "classifier."), "clm": "lm_head."}[head]
     assert all(k.startswith(expected_prefix) for k in missing), missing
     assert not info["unexpected_keys"]
+    loaded = model.model.state_dict()
     for name, tensor in base.state_dict().items():
-        assert torch.equal(model.model.state_dict()[name], tensor), name
+        if head == "clm":  # the bidirectional stack's weights start the causal one
+            name = name.replace("encoder.", "decoder.")
+        assert torch.equal(loaded[name], tensor), name
 
 
 def test_seq2seq_base_checkpoint_loads_into_head(tmp_path):
@@ -263,7 +267,7 @@ def reference_stack(model: PerformerModel, input_ids, causal):
     emb = model.embeddings
     positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
     x = emb.LayerNorm(emb.word_embeddings(input_ids) + emb.position_embeddings(positions))
-    for layer in model.encoder.layers:
+    for layer in (model.decoder if causal else model.encoder).layers:
         att = layer.self_attn
         b, t, c = x.shape
 
@@ -376,24 +380,24 @@ def test_seq2seq_labels_are_not_shifted_twice():
 def test_projection_redraw_counts_optimizer_steps_not_forwards():
     config = tiny_config(feature_redraw_interval=2)
     model = PerformerForCausalLM(config).train()
-    first = model.model.encoder.layers[0].self_attn.projection.clone()
+    first = model.model.decoder.layers[0].self_attn.projection.clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     model.redraw_on_steps(optimizer)
     ids = torch.randint(3, 99, (1, 5))
     for _ in range(3):  # three accumulated micro-batches, one step
         model(ids, labels=ids).loss.backward()
-    assert torch.equal(model.model.encoder.layers[0].self_attn.projection, first)
+    assert torch.equal(model.model.decoder.layers[0].self_attn.projection, first)
     optimizer.step()
-    assert torch.equal(model.model.encoder.layers[0].self_attn.projection, first)
+    assert torch.equal(model.model.decoder.layers[0].self_attn.projection, first)
     model.eval()
     model(ids)
     optimizer.step()  # second optimizer step: redraw (eval forwards never redraw by themselves)
-    redrawn = model.model.encoder.layers[0].self_attn.projection.clone()
+    redrawn = model.model.decoder.layers[0].self_attn.projection.clone()
     assert not torch.equal(redrawn, first) and int(model.model.redraw_state.draws) == 1
     twin = PerformerForCausalLM(config)
     twin.redraw_projections(draw=1)
-    assert torch.equal(twin.model.encoder.layers[0].self_attn.projection, redrawn)
-    other_layer = model.model.encoder.layers[1].self_attn.projection
+    assert torch.equal(twin.model.decoder.layers[0].self_attn.projection, redrawn)
+    other_layer = model.model.decoder.layers[1].self_attn.projection
     assert not torch.equal(other_layer, redrawn)
 
 
@@ -470,7 +474,7 @@ def test_general_mask_allowed_for_softmax_layers():
     ids = torch.randint(3, 99, (1, 4))
     causal = torch.tril(torch.ones(4, 4, dtype=torch.bool))[None]
     decoder = PerformerModel(tiny_config(attention_type="softmax", is_decoder=True)).eval()
-    decoder.load_state_dict(model.state_dict())
+    decoder.load_state_dict({k.replace("encoder.", "decoder."): v for k, v in model.state_dict().items()})
     torch.testing.assert_close(model(ids, attention_mask=causal).last_hidden_state, decoder(ids).last_hidden_state)
 
 
@@ -516,3 +520,29 @@ def test_decoder_with_cross_attention_reads_the_encoder_states_and_caches(cross_
         out = model(ids[:, t:t + 1], cache=out.cache, encoder_attention_mask=memory_mask, use_cache=True)
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_stacks_are_named_by_what_they_hold_and_the_encoder_is_a_real_submodule():
+    causal = PerformerForCausalLM(tiny_config())
+    assert causal.model.encoder is None and len(causal.model.decoder.layers) == 2
+    mlm = PerformerForMaskedLM(tiny_config())
+    assert mlm.model.decoder is None and len(mlm.model.encoder.layers) == 2
+    seq2seq = PerformerForConditionalGeneration(tiny_config()).eval()
+    encoder = seq2seq.get_encoder()
+    assert encoder is seq2seq.model.encoder and dict(seq2seq.named_modules())["model.encoder"] is encoder
+    src = torch.randint(3, 99, (2, 6))
+    torch.testing.assert_close(encoder(input_ids=src).last_hidden_state,
+                               seq2seq.model.encode(src).last_hidden_state, rtol=0, atol=0)
+
+
+def test_checkpoints_of_the_causal_stack_under_its_earlier_name_still_load(tmp_path):
+    model = PerformerForCausalLM(tiny_config()).eval()
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    assert any(k.startswith("model.decoder.layers.") for k in weights)
+    earlier = {k.replace("model.decoder.", "model.encoder."): v for k, v in weights.items()}
+    save_file(earlier, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded, info = PerformerForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)

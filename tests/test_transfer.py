@@ -168,7 +168,7 @@ def test_transfer_fits_a_causal_student():
                 hidden_dropout_prob=0.0)
     teacher = modeling_performer.PerformerForCausalLM(modeling_performer.PerformerConfig(attention_type="softmax", **base))
     with torch.no_grad():  # peaked attention
-        for layer in teacher.model.encoder.layers:
+        for layer in teacher.model.decoder.layers:
             layer.self_attn.q_proj.weight.mul_(8)
             layer.self_attn.k_proj.weight.mul_(8)
     student = modeling_performer.PerformerForCausalLM(

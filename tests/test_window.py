@@ -261,7 +261,8 @@ def test_window_cache_is_constant_over_a_thousand_tokens():
 def test_learned_maps_and_mixing_weights_save_and_load_exactly(head, tmp_path):
     config = tiny_config(feature_map="hedgehog", local_window=3)
     model = perturbed(head(config))
-    attention = model.model.encoder.layers[0].self_attn
+    stack = model.model.decoder if head is PerformerForCausalLM else model.model.encoder
+    attention = stack.layers[0].self_attn
     assert not torch.equal(attention.feature_map.weight, hedgehog_init(2, 16, 8))
     assert attention.linear_log_weight.abs().sum() > 0
     ids, mask = left_padded_batch()
