@@ -33,7 +33,7 @@ def _map_state(state: Optional[LayerState], fn) -> Optional[LayerState]:
 class PerformerLayerCache:
     """The cached states of one decoder layer."""
 
-    is_compileable = False
+    is_compileable = True
     supports_early_init = False
     is_sliding = False
     is_croppable = False
@@ -112,7 +112,15 @@ class PerformerCache(Cache):
 
     @property
     def is_compileable(self) -> bool:
-        return False
+        # After the prefill every linear layer's state has a fixed shape: generate() may compile
+        # the decoding step (softmax layers' growing keys/values make it recompile, so hybrid
+        # stacks gain little).
+        return True
+
+    @property
+    def is_linear(self) -> list[bool]:
+        # Performer forwards take 2-D padding masks: generate() must not build 4-D masks for them.
+        return [True] * len(self.layers)
 
     @property
     def is_initialized(self) -> bool:

@@ -1104,6 +1104,14 @@ class _PerformerGenerativeModel(PerformerPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate() starts with an empty PerformerCache of its own (so that a compile_config can
+        see a compileable cache before the first step); a cache the caller passes is used as is."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
+            stack = self.model.decoder
+            model_kwargs["cache"] = PerformerCache(len(stack.layers))
+
 
 class PerformerForCausalLM(_PerformerGenerativeModel):
     _stack_flags = {"is_decoder": True, "is_encoder_decoder": False}

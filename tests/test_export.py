@@ -100,3 +100,21 @@ def test_onnx_export_with_dynamic_batch_and_length_runs_in_onnxruntime(tmp_path,
                                  "attention_mask": other["attention_mask"].numpy()})[0]
         expected = wrapper(other["input_ids"], other["attention_mask"]).detach().numpy()
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("options", [{}, {"feature_map": "hedgehog", "local_window": 3}], ids=["favor", "hedgehog-window"])
+def test_generate_with_a_compiled_decoding_step_gives_the_eager_tokens(options):
+    from transformers import CompileConfig
+
+    model = PerformerForCausalLM(tiny_config(**options)).eval()
+    ids = torch.randint(3, 99, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :2] = 0
+    eager = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    compile_config = CompileConfig(fullgraph=True, mode="default")
+    compile_config._compile_all_devices = True  # transformers compiles on CPU only when asked to
+    torch._dynamo.utils.counters.clear()
+    compiled = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                              compile_config=compile_config)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the step really was compiled
+    assert torch.equal(compiled, eager)
