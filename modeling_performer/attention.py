@@ -10,7 +10,7 @@ with q: [B, H, T, D], k/v: [B, H, S, D], projection W: [M, D], feature_map a nam
 functions take and return a `LinearAttentionState`, so a sequence can be split anywhere and
 resumed: prefill with `causal_linear_attention`, then decode with `recurrent_linear_attention`.
 
-Numerics (see DESIGN.md, "The key stabiliser"): keys use exp(r - m) where m is a running
+Numerics (the key stabiliser): keys use exp(r - m) where m is a running
 maximum over unmasked keys and features. The carried state is rescaled by exp(m_old - m_new)
 whenever m grows, so the one-pass, chunked and token-by-token paths agree up to rounding. States
 and normalisers are fp32 whatever the input dtype (autocast is switched off inside), and a
@@ -349,7 +349,7 @@ def recurrent_linear_attention(
 #
 # Query i attends exactly (softmax scores s_ij = q_i.k_j / sqrt(D)) to the keys with |i - j| < W
 # (and j <= i when causal); every other unmasked key goes through the linear part. One
-# normaliser serves both (see DESIGN.md, "Learned feature maps and the local window"):
+# normaliser serves both:
 #
 #   out_i = (sum_win exp(s_ij - m_i) v_j + g_h phi(q_i).S_i) / (sum_win exp(s_ij - m_i) + g_h phi(q_i).z_i)
 #
@@ -710,7 +710,7 @@ def _naive_features(fmap, q, k, projection):
 
 def naive_windowed_attention(q, k, v, projection, feature_map="softmax", window=64, linear_log_weight=None,
                              key_padding_mask=None, causal=False):
-    """The combined window + linear formula (DESIGN.md) with T x S matrices, in float64. FAVOR+
+    """The combined window + linear formula (above `windowed_linear_attention`) with T x S matrices, in float64. FAVOR+
     features carry their exact constants, exp(W x' - |x'|^2 / 2) / sqrt(M)."""
     fmap = _resolve(feature_map)
     q, k, v, projection = q.double(), k.double(), v.double(), projection.double()

@@ -6,13 +6,14 @@ from typing import Any
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
+from .feature_maps import FEATURE_MAPS
+
 logger = logging.get_logger(__name__)
 
 ATTENTION_TYPES = ("favor", "softmax")
 # Names used by earlier Performer code bases, accepted and normalised.
 ATTENTION_TYPE_ALIASES = {"linear": "favor", "causal_linear": "favor", "performer": "favor", "full": "softmax"}
 HIDDEN_ACTS = ("gelu", "gelu_new", "relu", "silu", "swiglu", "geglu", "reglu")
-FEATURE_MAP_NAMES = ("softmax", "relu", "hedgehog")
 NORM_TYPES = ("pre_layernorm", "post_layernorm", "rezero", "pre_scalenorm")
 POSITION_TYPES = ("rotary", "learned")
 POOLING_TYPES = ("cls", "mean")
@@ -175,7 +176,7 @@ class PerformerConfig(PreTrainedConfig):
         self.cross_attention_type = ATTENTION_TYPE_ALIASES.get(self.cross_attention_type, self.cross_attention_type)
         choose("cross_attention_type", self.cross_attention_type, ATTENTION_TYPES)
         choose("hidden_act", self.hidden_act, HIDDEN_ACTS)
-        choose("feature_map", self.feature_map, FEATURE_MAP_NAMES)
+        choose("feature_map", self.feature_map, tuple(FEATURE_MAPS))
         choose("norm_type", self.norm_type, NORM_TYPES)
         choose("position_embedding_type", self.position_embedding_type, POSITION_TYPES)
         choose("classifier_pooling", self.classifier_pooling, POOLING_TYPES)

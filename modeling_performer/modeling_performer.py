@@ -40,7 +40,7 @@ from transformers.modeling_outputs import (
     Seq2SeqModelOutput,
     SequenceClassifierOutput,
 )
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .attention import (
     causal_linear_attention,
@@ -428,8 +428,9 @@ class PerformerStack(nn.Module):
     embed_inputs = None
     main_input_name = "input_ids"
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, token_type_ids=None, position_ids=None,
-                output_hidden_states=None, return_dict=True, **kwargs):
+                output_hidden_states=None, **kwargs):
         """The encoder on its own (what generate() calls through `get_encoder()`): embeds the
         inputs with the model's shared embeddings, runs the stack. -> BaseModelOutput."""
         _refuse_misleading_kwargs(kwargs)
@@ -439,8 +440,7 @@ class PerformerStack(nn.Module):
             input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, 0)
         last, all_hidden = self.run(hidden, padding_mask, general_mask, position_ids,
                                     output_hidden_states=bool(output_hidden_states))
-        output = BaseModelOutput(last_hidden_state=last, hidden_states=all_hidden)
-        return output if return_dict is not False else output.to_tuple()
+        return BaseModelOutput(last_hidden_state=last, hidden_states=all_hidden)
 
     def run(self, hidden_states, attention_mask=None, general_mask=None, position_ids=None,
             encoder_hidden_states=None, encoder_attention_mask=None, cache=None, output_hidden_states=False):
@@ -490,7 +490,7 @@ def _local_folder(name_or_path, kwargs):
                                             revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"))
             if isinstance(cached, str):
                 return os.path.dirname(cached)
-    except Exception:  # not a Hub id: transformers reports the real problem
+    except ValueError:  # not a Hub id (HFValidationError): transformers reports the real problem
         return None
     return None
 
@@ -870,6 +870,7 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
         return self.encoder(input_ids, attention_mask, inputs_embeds, token_type_ids, position_ids,
                             output_hidden_states=output_hidden_states)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -887,17 +888,15 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
         cache: Optional[PerformerCache] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
         **kwargs,
     ):
         _refuse_misleading_kwargs(kwargs)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         if self.config.is_encoder_decoder:
             return self._forward_seq2seq(input_ids, attention_mask, token_type_ids, inputs_embeds, decoder_input_ids,
                                          decoder_attention_mask, decoder_position_ids, decoder_inputs_embeds,
-                                         encoder_outputs, cache, use_cache, output_hidden_states, return_dict)
+                                         encoder_outputs, cache, use_cache, output_hidden_states)
 
         is_decoder = bool(self.config.is_decoder)
         use_cache = is_decoder and (use_cache if use_cache is not None else (self.config.use_cache and not self.training))
@@ -913,12 +912,11 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
                                      encoder_padding, cache, output_hidden_states)
         if cache is not None:
             cache.seen_tokens += hidden.shape[1]
-        output = PerformerModelOutput(last_hidden_state=last, cache=cache if use_cache else None, hidden_states=all_hidden)
-        return output if return_dict else output.to_tuple()
+        return PerformerModelOutput(last_hidden_state=last, cache=cache if use_cache else None, hidden_states=all_hidden)
 
     def _forward_seq2seq(self, input_ids, attention_mask, token_type_ids, inputs_embeds, decoder_input_ids,
                          decoder_attention_mask, decoder_position_ids, decoder_inputs_embeds, encoder_outputs, cache,
-                         use_cache, output_hidden_states, return_dict):
+                         use_cache, output_hidden_states):
         if encoder_outputs is None:
             encoder_outputs = self.encode(input_ids, attention_mask, inputs_embeds, token_type_ids,
                                           output_hidden_states=output_hidden_states)
@@ -939,11 +937,10 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
                                             encoder_padding, cache, output_hidden_states)
         if cache is not None:
             cache.seen_tokens += hidden.shape[1]
-        output = Seq2SeqModelOutput(
+        return Seq2SeqModelOutput(
             last_hidden_state=last, cache=cache if use_cache else None, decoder_hidden_states=all_hidden,
             encoder_last_hidden_state=encoder_hidden, encoder_hidden_states=encoder_outputs.hidden_states,
         )
-        return output if return_dict else output.to_tuple()
 
 
 @dataclass
@@ -1008,11 +1005,11 @@ class PerformerForMaskedLM(_NotGenerative, PerformerPreTrainedModel):
     def set_output_embeddings(self, value):
         self.lm_head.decoder = value
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
-                labels=None, output_hidden_states=None, return_dict=None, num_items_in_batch=None, **kwargs):
+                labels=None, output_hidden_states=None, num_items_in_batch=None, **kwargs):
         """`num_items_in_batch` (passed by Trainer) divides the summed loss by the token count of the
         whole accumulated batch, as transformers' loss functions do."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                              output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
         logits = self.lm_head(outputs.last_hidden_state)
@@ -1020,8 +1017,7 @@ class PerformerForMaskedLM(_NotGenerative, PerformerPreTrainedModel):
         if labels is not None:
             check_token_labels(labels, logits)
             loss = self.loss_function(logits, labels, self.config.vocab_size, num_items_in_batch=num_items_in_batch)
-        output = MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
-        return output if return_dict else output.to_tuple()
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
 class PerformerForSequenceClassification(_NotGenerative, PerformerPreTrainedModel):
@@ -1043,9 +1039,9 @@ class PerformerForSequenceClassification(_NotGenerative, PerformerPreTrainedMode
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
-                labels=None, output_hidden_states=None, return_dict=None, **kwargs):
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+                labels=None, output_hidden_states=None, **kwargs):
         outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                              output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
         hidden = outputs.last_hidden_state
@@ -1062,8 +1058,7 @@ class PerformerForSequenceClassification(_NotGenerative, PerformerPreTrainedMode
         if labels is not None:
             self._check_labels(logits, labels)
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
-        output = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
-        return output if return_dict else output.to_tuple()
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
     def _check_labels(self, logits, labels):
         """Clear errors before transformers' loss (which picks the problem type the same way)."""
@@ -1116,23 +1111,24 @@ class _PerformerGenerativeModel(PerformerPreTrainedModel, GenerationMixin):
 class PerformerForCausalLM(_PerformerGenerativeModel):
     _stack_flags = {"is_decoder": True, "is_encoder_decoder": False}
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                token_type_ids=None, output_hidden_states=None, return_dict=None, logits_to_keep=0,
+                token_type_ids=None, output_hidden_states=None, logits_to_keep=0,
                 num_items_in_batch=None, **kwargs):
         """Position t predicts token t+1 of `labels`; `shift_labels=` (already aligned targets, as
         sequence-parallel training passes them) replaces that shift. `num_items_in_batch`: see
         transformers' ForCausalLMLoss. (`shift_labels` stays a keyword: Trainer treats every named
         argument with "label" in it as a required label.)"""
         shift_labels = kwargs.pop("shift_labels", None)
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                              encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
                              cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
                              return_dict=True, **kwargs)
         hidden = outputs.last_hidden_state
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+        # As in-tree causal LMs: an int keeps the last n positions (0 = all), a tensor picks positions.
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        hidden = hidden[:, keep]
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None or shift_labels is not None:
@@ -1142,9 +1138,8 @@ class PerformerForCausalLM(_PerformerGenerativeModel):
                 check_token_labels(labels, logits)
             loss = self.loss_function(logits, labels, self.config.vocab_size, num_items_in_batch=num_items_in_batch,
                                       shift_labels=shift_labels)
-        output = CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, cache=outputs.cache,
+        return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, cache=outputs.cache,
                                                    hidden_states=outputs.hidden_states)
-        return output if return_dict else output.to_tuple()
 
 
 def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
@@ -1169,11 +1164,11 @@ class PerformerForConditionalGeneration(_PerformerGenerativeModel):
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor):
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 decoder_position_ids=None, encoder_outputs=None, cache=None, inputs_embeds=None,
                 decoder_inputs_embeds=None, labels=None, use_cache=None, token_type_ids=None,
-                output_hidden_states=None, return_dict=None, num_items_in_batch=None, **kwargs):
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+                output_hidden_states=None, num_items_in_batch=None, **kwargs):
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
         outputs = self.model(input_ids, attention_mask, token_type_ids, None, inputs_embeds, decoder_input_ids,
@@ -1187,11 +1182,10 @@ class PerformerForConditionalGeneration(_PerformerGenerativeModel):
             # The decoder inputs are the shifted labels: position t already predicts label t.
             loss = self.loss_function(logits, labels, self.config.vocab_size, num_items_in_batch=num_items_in_batch,
                                       shift_labels=labels)
-        output = Seq2SeqLMOutput(
+        return Seq2SeqLMOutput(
             loss=loss, logits=logits, cache=outputs.cache, decoder_hidden_states=outputs.decoder_hidden_states,
             encoder_last_hidden_state=outputs.encoder_last_hidden_state, encoder_hidden_states=outputs.encoder_hidden_states,
         )
-        return output if return_dict else output.to_tuple()
 
 
 __all__ = [
