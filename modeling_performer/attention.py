@@ -35,19 +35,26 @@ _DENOMINATOR_FLOOR = torch.finfo(torch.float32).tiny
 class LinearAttentionState(NamedTuple):
     """Running FAVOR+ state (all fp32).
 
-    kv: [B, H, M, D] sum of phi(k) v^T; normaliser: [B, H, M] sum of phi(k);
+    kvz: [B, H, M, D + 1], the sum of phi(k) v^T with the sum of phi(k) as its last column (one
+    tensor, laid out for the step's products: a decoding step reads and writes it whole);
     stabiliser: [B, H] the constant both are scaled by (exp(-stabiliser)); -inf when empty.
     """
 
-    kv: torch.Tensor
-    normaliser: torch.Tensor
+    kvz: torch.Tensor
     stabiliser: torch.Tensor
+
+    @property
+    def kv(self) -> torch.Tensor:
+        return self.kvz[..., :-1]
+
+    @property
+    def normaliser(self) -> torch.Tensor:
+        return self.kvz[..., -1]
 
 
 def empty_state(batch: int, heads: int, num_features: int, head_dim: int, device=None) -> LinearAttentionState:
     return LinearAttentionState(
-        torch.zeros(batch, heads, num_features, head_dim, device=device),
-        torch.zeros(batch, heads, num_features, device=device),
+        torch.zeros(batch, heads, num_features, head_dim + 1, device=device),
         torch.full((batch, heads), float("-inf"), device=device),
     )
 
@@ -115,8 +122,6 @@ def _divide(augmented: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, numerator / safe, torch.zeros_like(numerator))
 
 
-def _join(state: LinearAttentionState) -> torch.Tensor:
-    return torch.cat([state.kv, state.normaliser.unsqueeze(-1)], dim=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,7 +149,7 @@ def linear_attention_state(
         # (v^T phi_k)^T rather than phi_k^T v: backward then yields phi_k's gradient in its own
         # layout instead of a transposed one that would be copied.
         kvz = (_with_ones(v).transpose(-1, -2) @ phi_k).transpose(-1, -2)
-        return LinearAttentionState(kvz[..., :-1], kvz[..., -1], stabiliser)
+        return LinearAttentionState(kvz, stabiliser)
 
 
 def linear_attention_from_state(
@@ -153,7 +158,7 @@ def linear_attention_from_state(
     """q: [B, H, T, D] attends to everything summarised in state -> [B, H, T, D] in q's dtype."""
     fmap = _resolve(feature_map)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        out = _divide(fmap.queries(q, projection) @ _join(state))
+        out = _divide(fmap.queries(q, projection) @ state.kvz)
     return out.to(q.dtype)
 
 
@@ -255,7 +260,7 @@ def _causal_terms(fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, 
 
     # Across chunks: the state before chunk c, at chunk c's scale.
     chunk_kvz = (v1.transpose(-1, -2) @ phi_k).transpose(-1, -2)  # [B, H, NC, M, D + 1]
-    kvz = _join(state)
+    kvz = state.kvz
     if torch.compiler.is_compiling():
         # A loop over chunks would fix their number in the graph: the state before chunk c as one
         # product instead, sum_{j < c} exp(s_j - s_c) kvz_j plus the incoming state at exp(s_in - s_c)
@@ -273,7 +278,7 @@ def _causal_terms(fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, 
 
     out = out.reshape(batch, heads, num_chunks * chunk, value_dim + 1)[:, :, :length]
     per_token = stabiliser[..., None].expand(batch, heads, num_chunks, chunk).reshape(batch, heads, -1)[..., :length]
-    return out, per_token, LinearAttentionState(kvz[..., :-1], kvz[..., -1], running[..., -1])
+    return out, per_token, LinearAttentionState(kvz, running[..., -1])
 
 
 def _running_max(x: torch.Tensor) -> torch.Tensor:
@@ -312,7 +317,7 @@ def _absorb_key(state, k, v, projection, fmap, key_padding_mask):
     keep = None if key_padding_mask is None else key_padding_mask.to(torch.bool)[:, None, :, None]
     shift = (offset + stabiliser[..., None]).unsqueeze(-1)
     phi_k = _masked_keys(fmap, logits, shift, keep)[:, :, 0]  # [B, H, M]
-    kvz = _join(state) * decay[..., None, None] + phi_k.unsqueeze(-1) * _with_ones(v)[:, :, 0].unsqueeze(-2)
+    kvz = state.kvz * decay[..., None, None] + phi_k.unsqueeze(-1) * _with_ones(v)[:, :, 0].unsqueeze(-2)
     return kvz, running, stabiliser
 
 
@@ -340,8 +345,7 @@ def recurrent_linear_attention(
         phi_q = fmap.queries(q, projection)[:, :, 0]  # [B, H, M]
         kvz, running, _ = _absorb_key(state, k, v, projection, fmap, key_padding_mask)
         out = _divide(phi_q.unsqueeze(-2) @ kvz)  # [B, H, 1, D]
-        kv, z = kvz[..., :-1], kvz[..., -1]
-    return out.to(v.dtype), LinearAttentionState(kv, z, running)
+    return out.to(v.dtype), LinearAttentionState(kvz, running)
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,17 +367,19 @@ def recurrent_linear_attention(
 class WindowedAttentionState(NamedTuple):
     """Decoding state of a windowed layer, constant in size.
 
-    kv, normaliser, stabiliser: the linear state of the keys that have left the window (as in
+    kvz, stabiliser: the linear state of the keys that have left the window (as in
     `LinearAttentionState`); keys: [B, H, W, D], values: [B, H, W, D], key_mask: [B, W] bool, the
     last W keys (oldest first; False where a slot is empty or padded).
     """
 
-    kv: torch.Tensor
-    normaliser: torch.Tensor
+    kvz: torch.Tensor
     stabiliser: torch.Tensor
     keys: torch.Tensor
     values: torch.Tensor
     key_mask: torch.Tensor
+
+    kv = LinearAttentionState.kv
+    normaliser = LinearAttentionState.normaliser
 
 
 def empty_window_state(batch, heads, num_features, head_dim, value_dim, window, device=None, dtype=torch.float32):
@@ -567,7 +573,7 @@ def causal_windowed_attention(
         phi_q, log_scale = fmap.queries_with_log_scale(q, projection)
         delayed_mask = key_mask[:, :length]
         logits, offset, token_max = _key_terms(keys[:, :, :length], projection, fmap, delayed_mask)
-        linear_state = LinearAttentionState(state.kv, state.normaliser, state.stabiliser)
+        linear_state = LinearAttentionState(state.kvz, state.stabiliser)
         linear, linear_stabiliser, linear_state = _causal_terms(
             fmap, phi_q, logits, offset, token_max, _with_ones(values[:, :, :length]), delayed_mask, linear_state,
             chunk_size,
@@ -613,7 +619,7 @@ def recurrent_windowed_attention(
         weights, top = _window_scores(q, keys, key_mask[:, None, None, :])
         out = _combine(weights @ values.float(), weights.sum(-1), top, linear, stabiliser[..., None], log_scale,
                        linear_log_weight, fmap.calibrated)
-    new_state = WindowedAttentionState(kvz[..., :-1], kvz[..., -1], running, keys, values, key_mask)
+    new_state = WindowedAttentionState(kvz, running, keys, values, key_mask)
     return out.to(v.dtype), new_state
 
 

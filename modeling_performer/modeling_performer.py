@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -179,9 +178,17 @@ class PerformerEmbeddings(nn.Module):
         return self.dropout(embeddings)
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """position_ids: [B, T] -> cos, sin: [B, 1, T, D/2]. Computed on the fly (no buffer to lose)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+def rotary_frequencies(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """[D/2] inverse frequencies of the rotary pairs."""
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype,
+                   inv_freq: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids: [B, T] -> cos, sin: [B, 1, T, D/2]. Computed on the fly (no buffer to lose);
+    `inv_freq` may be passed to save recomputing it every decoding step."""
+    if inv_freq is None:
+        inv_freq = rotary_frequencies(head_dim, theta, position_ids.device)
     angles = position_ids.float()[:, None, :, None] * inv_freq
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -426,6 +433,7 @@ class PerformerStack(nn.Module):
 
     # Set by PerformerModel on its encoder: the model's input embedding and checks.
     embed_inputs = None
+    _inv_freq = None
     main_input_name = "input_ids"
 
     @can_return_tuple
@@ -447,7 +455,14 @@ class PerformerStack(nn.Module):
         """hidden_states: embedded inputs [B, T, C]; attention_mask: padding [B, S] (bool)."""
         rotary = None
         if self.config.position_embedding_type == "rotary":
-            rotary = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, hidden_states.dtype)
+            inv_freq = self._inv_freq
+            if inv_freq is None or inv_freq.device != position_ids.device or torch.compiler.is_compiling():
+                inv_freq = rotary_frequencies(self.config.head_dim, self.config.rope_theta, position_ids.device)
+                if not torch.compiler.is_compiling():
+                    # A plain attribute, not a buffer: nothing to save, nothing from_pretrained could leave empty.
+                    self._inv_freq = inv_freq
+            rotary = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, hidden_states.dtype,
+                                    inv_freq)
         all_hidden = [hidden_states] if output_hidden_states else None
         for layer in self.layers:
             hidden_states = layer(hidden_states, attention_mask, general_mask, rotary, encoder_hidden_states,

@@ -11,10 +11,14 @@ that one point's large allocations do not slow the next.
 import argparse
 import json
 import os
+import pathlib
 import subprocess
 import statistics
 import sys
 import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from plot_benchmarks import FIGURES, redraw  # noqa: E402
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
 
@@ -99,6 +103,8 @@ def main():
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--flush-denormal", action="store_true",
                         help="torch.set_flush_denormal(True) in the measuring processes")
+    parser.add_argument("--output", type=pathlib.Path, default=FIGURES / "decoding.json",
+                        help="where the results go (the figure is written next to it, with .png)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -114,18 +120,24 @@ def main():
         for context in args.contexts:
             for kind in ("performer", "gpt2"):
                 runs.setdefault((kind, context), []).append(measure(kind, context, argv))
-    rows = []
+    rows, saved = [], []
     for context in args.contexts:
         ours = statistics.median(r["seconds"] for r in runs["performer", context])
         theirs = statistics.median(r["seconds"] for r in runs["gpt2", context])
         ours_bytes, theirs_bytes = runs["performer", context][0]["bytes"], runs["gpt2", context][0]["bytes"]
         rows.append((context, ours, theirs))
+        saved.append({"context": context, "performer_ms": ours * 1e3, "gpt2_ms": theirs * 1e3,
+                      "performer_cache_mib": ours_bytes / 2**20, "gpt2_cache_mib": theirs_bytes / 2**20})
         print(f"{context:>8} {ours * 1e3:>19.2f} {theirs * 1e3:>14.2f} {theirs / ours:>15.2f} "
               f"{ours_bytes / 2**20:>12.2f} MiB {theirs_bytes / 2**20:>8.1f} MiB", flush=True)
     first, last = rows[0], rows[-1]
     print(f"performer latency at {last[0]} / at {first[0]}: x{last[1] / first[1]:.2f}")
     faster = [c for c, ours, theirs in rows if ours < theirs]
     print(f"performer faster per token than GPT-2 from context {min(faster) if faster else 'never (in this range)'}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k not in ("output", "worker")},
+                                       "rows": saved}, indent=1, default=str))
+    print(f"wrote {redraw('decoding', args.output)}")
 
 
 if __name__ == "__main__":

@@ -270,7 +270,8 @@ def test_long_generation_stays_finite_with_a_bounded_state():
     small = model(prompt, use_cache=True).cache
     assert cache.get_seq_length() == 5003 and cache.num_bytes() == small.num_bytes()  # constant size
     for layer in cache.layers:
-        kv, normaliser, stabiliser = layer.self_attention
+        state = layer.self_attention
+        kv, normaliser, stabiliser = state.kv, state.normaliser, state.stabiliser
         # The state is rescaled by the running maximum: every key weighs at most 1, so the
         # normaliser is at most the number of tokens seen and the state at most that times max|v|.
         assert torch.isfinite(kv).all() and torch.isfinite(normaliser).all() and torch.isfinite(stabiliser).all()

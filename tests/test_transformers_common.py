@@ -11,7 +11,6 @@ import os
 import unittest
 
 import pytest
-import torch
 
 from modeling_performer import (
     PerformerConfig,

@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Batched generation: decoding throughput (tokens/s) and peak memory when serving many long
+prompts at once. A Performer causal LM (FAVOR+, and Hedgehog maps with an exact local window)
+against transformers' GPT-2 of the same shape (SDPA, growing KV cache), random weights, in the
+same run. Every batch holds prompts of different lengths (uniform in [context/2, context],
+left-padded to `context`), generated with `generate()` (greedy). Each point runs in a fresh
+process; decoding time is taken between generation steps (a logits processor stamps each step),
+so the prefill is reported apart.
+
+    python scripts/bench_serving.py                          # batch 1 8 32, contexts 1k 8k
+    python scripts/bench_serving.py --batches 8 --contexts 4096 --new-tokens 16
+    python scripts/bench_serving.py --replot                 # redraw the figure from the saved JSON
+
+Writes docs/figures/serving.json and docs/figures/serving.png.
+"""
+
+import argparse
+import json
+import pathlib
+import resource
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from plot_benchmarks import add_model_arguments, measure_in_process, redraw, save_and_draw  # noqa: E402
+
+KINDS = ("performer", "performer-window", "gpt2")
+
+
+def build(kind, args, longest):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from modeling_performer import PerformerConfig, PerformerForCausalLM
+
+    torch.manual_seed(0)
+    if kind.startswith("performer"):
+        extra = {"feature_map": "hedgehog", "local_window": args.window} if kind == "performer-window" else {}
+        return PerformerForCausalLM(PerformerConfig(
+            vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+            num_attention_heads=args.heads, intermediate_size=4 * args.hidden, num_random_features=args.features,
+            attention_type="favor", max_position_embeddings=longest, hidden_dropout_prob=0.0, **extra,
+        )).eval()
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=args.vocab, n_embd=args.hidden, n_layer=args.layers, n_head=args.heads, n_positions=longest,
+        attn_implementation="sdpa", bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )).eval()
+
+
+def cache_bytes(cache):
+    if hasattr(cache, "num_bytes"):
+        return cache.num_bytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None)
+
+
+def worker(args):
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    kind, batch, context = args.worker[0], int(args.worker[1]), int(args.worker[2])
+    model = build(kind, args, context + args.new_tokens + 1)
+    g = torch.Generator().manual_seed(batch * 7919 + context)
+    lengths = torch.randint(context // 2, context + 1, (batch,), generator=g)
+    lengths[0] = context
+    ids = torch.randint(3, args.vocab, (batch, context), generator=g)
+    mask = (torch.arange(context)[None] >= (context - lengths)[:, None]).long()  # left padding
+    ids = ids.masked_fill(mask == 0, 0)
+
+    class Stamp(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    stamp = Stamp()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                             do_sample=False, logits_processor=LogitsProcessorList([stamp]), pad_token_id=0,
+                             return_dict_in_generate=True)
+    prefill = stamp.times[0] - start
+    steps = len(stamp.times) - 1
+    decode = stamp.times[-1] - stamp.times[0]
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    print(json.dumps({
+        "kind": kind, "batch": batch, "context": context, "prefill_s": prefill,
+        "decode_tokens_per_s": batch * steps / decode, "ms_per_step": 1e3 * decode / steps,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cache_mib": cache_bytes(cache) / 2**20 if cache is not None else None,
+        "threads": torch.get_num_threads(),
+    }))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    add_model_arguments(parser, "serving", worker_args=3)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if args.replot:
+        print(f"wrote {redraw('serving', args.output)}")
+        return
+    print(f"{args.layers} layers, hidden {args.hidden}, {args.heads} heads, M={args.features}, window {args.window}; "
+          f"{args.new_tokens} new tokens per prompt, prompts of context/2..context tokens, left-padded")
+    print(f"{'context':>7} {'batch':>5} {'model':>17} {'tokens/s':>9} {'ms/step':>8} {'prefill s':>9} "
+          f"{'cache MiB':>9} {'peak RSS MiB':>12}")
+    results = []
+    for context in args.contexts:
+        for batch in args.batches:
+            row = {}
+            for kind in args.kinds:
+                r = measure_in_process(__file__, (kind, batch, context))
+                results.append(r)
+                row[kind] = r
+                print(f"{context:>7} {batch:>5} {kind:>17} {r['decode_tokens_per_s']:>9.1f} {r['ms_per_step']:>8.1f} "
+                      f"{r['prefill_s']:>9.2f} {r['cache_mib']:>9.2f} {r['peak_rss_mib']:>12.0f}", flush=True)
+            if "gpt2" in row:
+                for kind in ("performer", "performer-window"):
+                    if kind in row:
+                        print(f"{'':>7} {'':>5} {kind:>17} throughput x{row[kind]['decode_tokens_per_s'] / row['gpt2']['decode_tokens_per_s']:.2f} "
+                              f"of GPT-2's, cache 1/{row['gpt2']['cache_mib'] / row[kind]['cache_mib']:.0f}", flush=True)
+    save_and_draw("serving", args, {"results": results})
+
+
+if __name__ == "__main__":
+    main()

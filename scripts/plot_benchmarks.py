@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Redraws every benchmark figure in docs/figures from the JSON the benchmark scripts saved there
+(no measuring): attention time and memory vs T, decode latency and cache size vs context, serving
+throughput vs batch, training tokens/s vs T.
+
+    python scripts/plot_benchmarks.py
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+FIGURES = pathlib.Path(__file__).resolve().parent.parent / "docs" / "figures"
+# Measuring processes keep freed memory (glibc would otherwise return and re-fault it every step).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+
+
+# -- shared by the benchmark scripts -------------------------------------------------------------
+
+def add_model_arguments(parser, name: str, worker_args: int):
+    """The model shape every benchmark takes, where its results go, --replot and the hidden
+    --worker switch (each point runs in a fresh process)."""
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--features", type=int, default=256)
+    parser.add_argument("--window", type=int, default=64, help="local window of the Hedgehog + window model")
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--output", type=pathlib.Path, default=FIGURES / f"{name}.json",
+                        help="where the results go (the figure is written next to it, with .png)")
+    parser.add_argument("--replot", action="store_true", help="only redraw the figure from --output")
+    parser.add_argument("--worker", nargs=worker_args, help=argparse.SUPPRESS)
+
+
+def measure_in_process(script: str, worker_args) -> dict:
+    """Runs `script` with this command line plus --worker ARGS in a fresh process; its last line of
+    output is one JSON result."""
+    cmd = [sys.executable, script, *sys.argv[1:], "--worker", *map(str, worker_args)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
+    if done.returncode:
+        raise SystemExit(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def save_and_draw(name: str, args, payload: dict):
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("output", "replot", "worker")}
+    args.output.write_text(json.dumps({"settings": settings, **payload}, indent=1, default=str))
+    print(f"wrote {redraw(name, args.output)}")
+
+
+def _log_axes(ax, xlabel, ylabel):
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_attention(results: dict, path: pathlib.Path):
+    """results: {T: {method: {"seconds", "peak_bytes"} or {"error"}}} (bench_attention.py --json)."""
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    methods = sorted({m for row in results.values() for m in row})
+    for method in methods:
+        points = sorted((int(t), row[method]) for t, row in results.items() if "seconds" in row.get(method, {}))
+        if points:
+            speed.plot([t for t, _ in points], [r["seconds"] for _, r in points], marker="o", label=method)
+            memory.plot([t for t, _ in points], [r["peak_bytes"] / 2**20 for _, r in points], marker="o", label=method)
+    _log_axes(speed, "sequence length T", "seconds (forward + backward)")
+    _log_axes(memory, "sequence length T", "peak extra memory (MiB)")
+    fig.suptitle("One attention layer, B=1 H=8 D=64 M=256, CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_decoding(rows: list, path: pathlib.Path):
+    """rows: [{"context", "performer_ms", "gpt2_ms", "performer_cache_mib", "gpt2_cache_mib"}]."""
+    rows = sorted(rows, key=lambda r: r["context"])
+    contexts = [r["context"] for r in rows]
+    fig, (latency, cache) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((latency, "ms", "ms per decoded token (batch 1)"), (cache, "cache_mib", "cache (MiB)")):
+        ax.plot(contexts, [r[f"performer_{key}"] for r in rows], marker="o", label="Performer FAVOR+")
+        ax.plot(contexts, [r[f"gpt2_{key}"] for r in rows], marker="o", label="GPT-2 (SDPA, KV cache)")
+        _log_axes(ax, "context (tokens already seen)", label)
+    fig.suptitle("Decoding one token at a time, 6 layers, hidden 512, CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_serving(results: list, path: pathlib.Path):
+    labels = {"performer": "Performer FAVOR+", "performer-window": "Performer Hedgehog + window",
+              "gpt2": "GPT-2 (SDPA, KV cache)"}
+    contexts = sorted({r["context"] for r in results})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 4), squeeze=False)
+    for ax, context in zip(axes[0], contexts):
+        for kind, label in labels.items():
+            rows = sorted((r for r in results if r["kind"] == kind and r["context"] == context), key=lambda r: r["batch"])
+            if rows:
+                ax.plot([r["batch"] for r in rows], [r["decode_tokens_per_s"] for r in rows], marker="o", label=label)
+        ax.set_title(f"context {context} tokens")
+        _log_axes(ax, "batch (prompts decoded together)", "decoded tokens / s")
+    fig.suptitle("Serving throughput, 6 layers, hidden 512, CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_training(results: list, path: pathlib.Path):
+    labels = {"performer": "Performer FAVOR+", "performer-window": "Performer Hedgehog + window",
+              "softmax": "same stack, softmax (SDPA)", "gpt2": "GPT-2 (SDPA)"}
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    for kind, label in labels.items():
+        rows = sorted((r for r in results if r["kind"] == kind), key=lambda r: r["length"])
+        if rows:
+            speed.plot([r["length"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", label=label)
+            memory.plot([r["length"] for r in rows], [r["peak_rss_mib"] for r in rows], marker="o", label=label)
+    _log_axes(speed, "context length T (batch 1)", "training tokens / s (forward + backward)")
+    _log_axes(memory, "context length T (batch 1)", "peak resident memory (MiB)")
+    fig.suptitle("Training a 6-layer causal LM, CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+PLOTS = {
+    "attention": (plot_attention, lambda data: data),
+    "decoding": (plot_decoding, lambda data: data["rows"]),
+    "serving": (plot_serving, lambda data: data["results"]),
+    "training": (plot_training, lambda data: data["results"]),
+}
+
+
+def redraw(name: str, source=None) -> pathlib.Path:
+    """Draws figure `name` from its JSON (default docs/figures/<name>.json) into a PNG beside it."""
+    source = pathlib.Path(source) if source is not None else FIGURES / f"{name}.json"
+    draw, select = PLOTS[name]
+    path = source.with_suffix(".png")
+    draw(select(json.loads(source.read_text())), path)
+    plt.close("all")
+    return path
+
+
+def main():
+    for name in PLOTS:
+        if (FIGURES / f"{name}.json").exists():
+            print(f"wrote {redraw(name)}")
+        else:
+            print(f"{name}: no {name}.json yet (run the benchmark that writes it)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The benchmark scripts run end to end at toy sizes, save their results and draw their figures."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = ["--layers", "1", "--hidden", "32", "--heads", "2", "--features", "8", "--vocab", "64"]
+
+
+def run(script, *args):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_bench_serving_measures_every_model_and_draws(tmp_path):
+    out = tmp_path / "serving.json"
+    run("bench_serving.py", *TINY, "--window", "4", "--batches", "1", "3", "--contexts", "24", "--new-tokens", "3",
+        "--output", str(out))
+    results = json.loads(out.read_text())["results"]
+    assert {(r["kind"], r["batch"]) for r in results} == {(k, b) for k in ("performer", "performer-window", "gpt2")
+                                                           for b in (1, 3)}
+    assert all(r["decode_tokens_per_s"] > 0 and r["cache_mib"] > 0 for r in results)
+    cache = {(r["kind"], r["batch"]): r["cache_mib"] for r in results}
+    for kind in ("performer", "performer-window", "gpt2"):  # the cache grows with the batch
+        assert cache[kind, 3] == pytest.approx(3 * cache[kind, 1])
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_bench_training_measures_and_skips_quadratic_models_beyond_their_limit(tmp_path):
+    out = tmp_path / "training.json"
+    stdout = run("bench_training.py", *TINY, "--window", "4", "--chunk-size", "8", "--lengths", "32", "64",
+                 "--softmax-max", "32", "--repeats", "1", "--output", str(out))
+    results = json.loads(out.read_text())["results"]
+    assert {(r["kind"], r["length"]) for r in results} == {
+        ("performer", 32), ("performer-window", 32), ("softmax", 32), ("gpt2", 32), ("performer", 64),
+        ("performer-window", 64)}
+    assert "skipped (T > --softmax-max 32)" in stdout
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_every_figure_redraws_from_its_saved_results(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import plot_benchmarks
+
+    samples = {
+        "attention": {"1024": {"favor": {"seconds": 0.1, "peak_bytes": 1e8}, "sdpa": {"error": "skipped"}},
+                      "2048": {"favor": {"seconds": 0.2, "peak_bytes": 2e8}, "sdpa": {"seconds": 0.3, "peak_bytes": 5e7}}},
+        "decoding": {"rows": [{"context": 128, "performer_ms": 15, "gpt2_ms": 11, "performer_cache_mib": 3,
+                               "gpt2_cache_mib": 3}, {"context": 4096, "performer_ms": 15, "gpt2_ms": 27,
+                                                      "performer_cache_mib": 3, "gpt2_cache_mib": 96}]},
+        "serving": {"results": [{"kind": k, "batch": b, "context": 1024, "decode_tokens_per_s": 10.0 * b}
+                                for k in ("performer", "gpt2") for b in (1, 8)]},
+        "training": {"results": [{"kind": k, "length": t, "tokens_per_s": 800.0, "peak_rss_mib": t / 10}
+                                 for k in ("performer", "softmax") for t in (512, 2048)]},
+    }
+    for name, data in samples.items():
+        source = tmp_path / f"{name}.json"
+        source.write_text(json.dumps(data))
+        assert plot_benchmarks.redraw(name, source).stat().st_size > 10_000
