@@ -80,7 +80,7 @@ def worker(args):
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                              do_sample=False, logits_processor=LogitsProcessorList([stamp]), pad_token_id=0,
-                             return_dict_in_generate=True)
+                             return_dict_in_generate=True, prefill_chunk_size=args.prefill_chunk or None)
     prefill = stamp.times[0] - start
     steps = len(stamp.times) - 1
     decode = stamp.times[-1] - stamp.times[0]
@@ -100,6 +100,9 @@ def main():
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--prefill-chunk", type=int, default=1024,
+                        help="prompts are prefilled this many tokens at a time (generate's prefill_chunk_size; 0 = "
+                             "all at once): bounds prefill memory at batch 32 x 8k")
     add_model_arguments(parser, "serving", worker_args=3)
     args = parser.parse_args()
     if args.worker:
@@ -118,6 +121,9 @@ def main():
             row = {}
             for kind in args.kinds:
                 r = measure_in_process(__file__, (kind, batch, context))
+                if "error" in r:
+                    print(f"{context:>7} {batch:>5} {kind:>17} failed: {r['error']}", flush=True)
+                    continue
                 results.append(r)
                 row[kind] = r
                 print(f"{context:>7} {batch:>5} {kind:>17} {r['decode_tokens_per_s']:>9.1f} {r['ms_per_step']:>8.1f} "

@@ -52,6 +52,8 @@ def worker(args):
 
     kind, length = args.worker[0], int(args.worker[1])
     model = build(kind, args, length).train()
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     ids = torch.randint(3, args.vocab, (1, length), generator=torch.Generator().manual_seed(length))
     times = []
     for step in range(args.repeats + 1):
@@ -74,6 +76,8 @@ def main():
     parser.add_argument("--softmax-max", type=int, default=16384,
                         help="longest T for the quadratic models (softmax, GPT-2): their time grows as T^2")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute each layer in the backward pass (activations of one layer at a time)")
     parser.add_argument("--chunk-size", type=int, default=128)
     add_model_arguments(parser, "training", worker_args=2)
     args = parser.parse_args()
@@ -93,6 +97,9 @@ def main():
                 print(f"{length:>6} {kind:>17} skipped (T > --softmax-max {args.softmax_max})", flush=True)
                 continue
             r = measure_in_process(__file__, (kind, length))
+            if "error" in r:
+                print(f"{length:>6} {kind:>17} failed: {r['error']}", flush=True)
+                continue
             results.append(r)
             print(f"{length:>6} {kind:>17} {r['tokens_per_s']:>9.0f} {r['seconds']:>7.2f} {r['peak_rss_mib']:>12.0f}",
                   flush=True)

@@ -42,11 +42,13 @@ def add_model_arguments(parser, name: str, worker_args: int):
 
 def measure_in_process(script: str, worker_args) -> dict:
     """Runs `script` with this command line plus --worker ARGS in a fresh process; its last line of
-    output is one JSON result."""
+    output is one JSON result. A point that fails (out of memory: the process is killed) gives
+    {"error": ...} and the benchmark goes on with the others."""
     cmd = [sys.executable, script, *sys.argv[1:], "--worker", *map(str, worker_args)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
     if done.returncode:
-        raise SystemExit(done.stderr[-3000:])
+        reason = "killed (out of memory?)" if done.returncode < 0 else done.stderr.strip().splitlines()[-1:]
+        return {"error": f"exit {done.returncode}: {reason}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -167,3 +167,20 @@ def test_past_key_values_name_is_refused():
     with pytest.raises(TypeError, match="cache="):
         model(torch.tensor([[4, 5]]), past_key_values=PerformerCache())
 
+
+
+@pytest.mark.parametrize("options", [{}, {"feature_map": "hedgehog", "local_window": 3}], ids=["favor", "hedgehog-window"])
+def test_chunked_prefill_generates_the_same_tokens(options):
+    # generate(prefill_chunk_size=...) feeds a long prompt through the cache a piece at a time
+    # (bounded prefill memory): the constant-size state makes that exact.
+    model = PerformerForCausalLM(tiny_config(**options)).eval()
+    ids = torch.randint(3, 99, (2, 13))
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, :4] = 0
+    calls = []
+    model.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    whole = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    forwards_whole = len(calls)
+    chunked = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, prefill_chunk_size=5)
+    assert len(calls) - forwards_whole == forwards_whole + 2  # the prompt went in as 3 pieces, not 1
+    assert torch.equal(chunked, whole)
