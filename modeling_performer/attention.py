@@ -228,20 +228,23 @@ def _causal_terms(fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, 
     num_features = phi_q.shape[-1]
     mask = key_padding_mask.to(torch.bool) if key_padding_mask is not None else None
 
-    # No branch on the length (compiled and exported graphs keep it symbolic): the tail is always
-    # padded up to whole chunks, possibly by zero positions.
-    chunk = chunk_size
+    # Compiled and exported graphs keep the length symbolic: there the tail is always padded up to
+    # whole chunks of chunk_size (possibly by zero positions) and the mask is always applied. Eager
+    # mode pads only when it must (a mask costs memory in training).
+    compiling = torch.compiler.is_compiling()
+    chunk = chunk_size if compiling else min(chunk_size, length)
     num_chunks = (length + chunk - 1) // chunk
     padded = num_chunks * chunk - length
-    # Padded tail positions are masked keys: they change neither maxima nor state.
-    phi_q = F.pad(phi_q, (0, 0, 0, padded))
-    logits = F.pad(logits, (0, 0, 0, padded))
-    offset = F.pad(offset, (0, padded))
-    v1 = F.pad(v1, (0, 0, 0, padded))
-    token_max = F.pad(token_max, (0, padded), value=float("-inf"))
-    if mask is None:
-        mask = torch.ones(batch, length, dtype=torch.bool, device=phi_q.device)
-    mask = F.pad(mask, (0, padded), value=False)
+    if compiling or padded:
+        # Padded tail positions are masked keys: they change neither maxima nor state.
+        phi_q = F.pad(phi_q, (0, 0, 0, padded))
+        logits = F.pad(logits, (0, 0, 0, padded))
+        offset = F.pad(offset, (0, padded))
+        v1 = F.pad(v1, (0, 0, 0, padded))
+        token_max = F.pad(token_max, (0, padded), value=float("-inf"))
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.bool, device=phi_q.device)
+        mask = F.pad(mask, (0, padded), value=False)
 
     # Running maximum at the end of every chunk; running[..., 0] is the incoming one.
     chunk_max = token_max.view(batch, heads, num_chunks, chunk).amax(dim=-1)
