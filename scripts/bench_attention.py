@@ -20,12 +20,11 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from plot_benchmarks import FIGURES, redraw  # noqa: E402
+from plot_benchmarks import FIGURES, MALLOC_ENV, redraw  # noqa: E402
 
 METHODS = ["favor", "favor-causal", "sdpa", "sdpa-causal", "performer-pytorch", "performer-pytorch-causal"]
 # Learned maps and the exact local window (not in the default sweep; scripts/bench_approximation.py runs them).
 LINEAR_METHODS = [f"{m}{w}{c}" for m in ("favor", "hedgehog") for w in ("", "-window") for c in ("", "-causal")]
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
 
 
 def _rss_kib(field):

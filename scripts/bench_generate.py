@@ -10,17 +10,14 @@ that one point's large allocations do not slow the next.
 
 import argparse
 import json
-import os
 import pathlib
-import subprocess
 import statistics
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from plot_benchmarks import FIGURES, redraw  # noqa: E402
+from plot_benchmarks import FIGURES, measure_in_process, save_and_draw  # noqa: E402
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
 
 
 def cache_bytes(cache):
@@ -82,14 +79,6 @@ def worker(args):
     print(json.dumps({"seconds": seconds, "bytes": size, "threads": torch.get_num_threads()}))
 
 
-def measure(kind, context, argv):
-    cmd = [sys.executable, __file__, *argv, "--worker", kind, str(context)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
-    if done.returncode:
-        raise SystemExit(done.stderr)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 2048, 4096, 8192])
@@ -110,7 +99,6 @@ def main():
     if args.worker:
         worker(args)
         return
-    argv = [a for a in sys.argv[1:]]
     print(f"{args.layers} layers, hidden {args.hidden}, {args.heads} heads, FAVOR+ M={args.features}; "
           f"median of {args.steps} decoded tokens after a prefill of the context, median of {args.repeats} processes")
     print(f"{'context':>8} {'performer ms/token':>19} {'gpt2 ms/token':>14} {'gpt2/performer':>15} "
@@ -119,7 +107,7 @@ def main():
     for _ in range(args.repeats):  # interleaved: slow phases of a noisy machine hit every point alike
         for context in args.contexts:
             for kind in ("performer", "gpt2"):
-                runs.setdefault((kind, context), []).append(measure(kind, context, argv))
+                runs.setdefault((kind, context), []).append(measure_in_process(__file__, (kind, context), abort_on_error=True))
     rows, saved = [], []
     for context in args.contexts:
         ours = statistics.median(r["seconds"] for r in runs["performer", context])
@@ -134,10 +122,7 @@ def main():
     print(f"performer latency at {last[0]} / at {first[0]}: x{last[1] / first[1]:.2f}")
     faster = [c for c, ours, theirs in rows if ours < theirs]
     print(f"performer faster per token than GPT-2 from context {min(faster) if faster else 'never (in this range)'}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k not in ("output", "worker")},
-                                       "rows": saved}, indent=1, default=str))
-    print(f"wrote {redraw('decoding', args.output)}")
+    save_and_draw("decoding", args, {"rows": saved})
 
 
 if __name__ == "__main__":

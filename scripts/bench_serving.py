@@ -22,7 +22,9 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from plot_benchmarks import add_model_arguments, measure_in_process, redraw, save_and_draw  # noqa: E402
+from plot_benchmarks import (  # noqa: E402
+    add_model_arguments, handled_without_measuring, measure_in_process, save_and_draw,
+)
 
 KINDS = ("performer", "performer-window", "gpt2")
 
@@ -84,7 +86,7 @@ def worker(args):
     prefill = stamp.times[0] - start
     steps = len(stamp.times) - 1
     decode = stamp.times[-1] - stamp.times[0]
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    cache = out.cache
     print(json.dumps({
         "kind": kind, "batch": batch, "context": context, "prefill_s": prefill,
         "decode_tokens_per_s": batch * steps / decode, "ms_per_step": 1e3 * decode / steps,
@@ -105,11 +107,7 @@ def main():
                              "all at once): bounds prefill memory at batch 32 x 8k")
     add_model_arguments(parser, "serving", worker_args=3)
     args = parser.parse_args()
-    if args.worker:
-        worker(args)
-        return
-    if args.replot:
-        print(f"wrote {redraw('serving', args.output)}")
+    if handled_without_measuring("serving", args, worker):
         return
     print(f"{args.layers} layers, hidden {args.hidden}, {args.heads} heads, M={args.features}, window {args.window}; "
           f"{args.new_tokens} new tokens per prompt, prompts of context/2..context tokens, left-padded")

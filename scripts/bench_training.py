@@ -21,7 +21,9 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from plot_benchmarks import add_model_arguments, measure_in_process, redraw, save_and_draw  # noqa: E402
+from plot_benchmarks import (  # noqa: E402
+    add_model_arguments, handled_without_measuring, measure_in_process, save_and_draw,
+)
 
 KINDS = ("performer", "performer-window", "softmax", "gpt2")
 
@@ -81,11 +83,7 @@ def main():
     parser.add_argument("--chunk-size", type=int, default=128)
     add_model_arguments(parser, "training", worker_args=2)
     args = parser.parse_args()
-    if args.worker:
-        worker(args)
-        return
-    if args.replot:
-        print(f"wrote {redraw('training', args.output)}")
+    if handled_without_measuring("training", args, worker):
         return
     print(f"{args.layers} layers, hidden {args.hidden}, {args.heads} heads, M={args.features}, window {args.window}; "
           f"batch 1, forward + backward, median of {args.repeats} after a warm-up")

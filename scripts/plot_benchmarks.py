@@ -40,16 +40,31 @@ def add_model_arguments(parser, name: str, worker_args: int):
     parser.add_argument("--worker", nargs=worker_args, help=argparse.SUPPRESS)
 
 
-def measure_in_process(script: str, worker_args) -> dict:
+def measure_in_process(script: str, worker_args, abort_on_error: bool = False) -> dict:
     """Runs `script` with this command line plus --worker ARGS in a fresh process; its last line of
     output is one JSON result. A point that fails (out of memory: the process is killed) gives
-    {"error": ...} and the benchmark goes on with the others."""
+    {"error": ...} and the benchmark goes on with the others (or stops with the worker's error
+    output, with abort_on_error)."""
     cmd = [sys.executable, script, *sys.argv[1:], "--worker", *map(str, worker_args)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
     if done.returncode:
+        if abort_on_error:
+            raise SystemExit(done.stderr)
         reason = "killed (out of memory?)" if done.returncode < 0 else done.stderr.strip().splitlines()[-1:]
         return {"error": f"exit {done.returncode}: {reason}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def handled_without_measuring(name: str, args, worker) -> bool:
+    """The two runs of a benchmark script that measure nothing here: a --worker process measures
+    one point; --replot redraws the figure from --output. Returns True when one of them ran."""
+    if args.worker:
+        worker(args)
+        return True
+    if args.replot:
+        print(f"wrote {redraw(name, args.output)}")
+        return True
+    return False
 
 
 def save_and_draw(name: str, args, payload: dict):

@@ -266,7 +266,7 @@ def test_long_generation_stays_finite_with_a_bounded_state():
     assert out.sequences.shape == (1, 5004)
     logits = torch.stack(out.logits)
     assert torch.isfinite(logits).all()
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache = out.cache
     small = model(prompt, use_cache=True).cache
     assert cache.get_seq_length() == 5003 and cache.num_bytes() == small.num_bytes()  # constant size
     for layer in cache.layers:
