@@ -127,10 +127,12 @@ def checkpoint_problem(folder: str) -> Optional[str]:
             json.load(handle)
     except ValueError:
         return f"{TRAINER_STATE} is truncated"
-    for name in ("config.json", "optimizer.pt", "scheduler.pt"):
+    # A LoRA run (peft) checkpoints its adapters (adapter_config.json + adapter_model.safetensors).
+    adapters = os.path.exists(os.path.join(folder, "adapter_config.json"))
+    for name in ("optimizer.pt", "scheduler.pt") + (() if adapters else ("config.json",)):
         if not os.path.exists(os.path.join(folder, name)):
             return f"no {name}"
-    files = weight_files(folder)
+    files = sorted(glob.glob(os.path.join(folder, "adapter_model*.safetensors"))) if adapters else weight_files(folder)
     if not files:
         return "no weights"
     for path in files:

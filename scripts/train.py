@@ -49,6 +49,9 @@ def parse_args(argv=None):
     parser.add_argument("--max-eval-rows", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bleu-rows", type=int, default=300, help="seq2seq: test verses translated for BLEU/chrF")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="fine-tune --init through LoRA adapters of this rank (0 = all weights train)")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: 2 x rank)")
     parser.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --output")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
@@ -195,6 +198,12 @@ def main(argv=None):
             config.num_labels = 2
             config.id2label, config.label2id = {0: "rotten", 1: "fresh"}, {"rotten": 0, "fresh": 1}
         model = head(config)
+    if args.lora_rank:
+        if not args.init:
+            raise SystemExit("--lora-rank fine-tunes a trained model: give it with --init")
+        from modeling_performer.lora import add_lora
+
+        model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
     data = build_datasets(args, tokenizer)
     if args.task == "clm":
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
@@ -246,6 +255,9 @@ def main(argv=None):
         metrics["world_size"] = torch.distributed.get_world_size()
         metrics["projections_identical_across_ranks"] = all(torch.equal(g, gathered[0]) for g in gathered)
         metrics["projection_draws"] = int(model.base_model.redraw_state.draws)
+    if args.lora_rank:
+        metrics["lora_rank"] = args.lora_rank
+        metrics["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     for split in ("validation", "test"):
         result = trainer.evaluate(data[split], metric_key_prefix=split)
         metrics.update({k: v for k, v in result.items() if isinstance(v, (int, float)) and "preparation_time" not in k})
@@ -261,7 +273,14 @@ def main(argv=None):
     stage = pathlib.Path(args.output, FINAL_STAGE)
     if trainer.is_world_process_zero() and stage.exists():
         shutil.rmtree(stage)
-    trainer.save_model(str(stage))
+    if args.lora_rank:
+        from modeling_performer.lora import merge_lora
+
+        model = merge_lora(model)  # the saved model loads without peft
+        if trainer.is_world_process_zero():
+            model.save_pretrained(stage)
+    else:
+        trainer.save_model(str(stage))
     if trainer.is_world_process_zero():  # one writer when several processes train
         tokenizer.save_pretrained(stage)
         (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))

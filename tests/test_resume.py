@@ -172,10 +172,11 @@ def bert_pair(tmp_path_factory):
     return root
 
 
-def survives_kills(setup, tmp_path, script_args, marker, kill_points):
+def survives_kills(setup, tmp_path, script_args, marker, kill_points, resumed_says=None):
     """Runs SCRIPT ARGS OUTPUT uninterrupted, then once per kill point killed and re-run with the
     same command line; every output must equal the uninterrupted one (weights and the marker's
-    metrics, timings aside)."""
+    metrics, timings aside). With resumed_says, at least one re-run must print it (it really
+    resumed rather than starting again)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
     def run_script(output, fault=None):
@@ -187,12 +188,14 @@ def survives_kills(setup, tmp_path, script_args, marker, kill_points):
         return done.returncode, done.stdout + done.stderr
 
     def outcome(output):
-        metrics = {k: v for k, v in json.loads((output / marker).read_text()).items() if "seconds" not in k}
+        metrics = {k: v for k, v in json.loads((output / marker).read_text()).items()
+                   if not any(word in k for word in ("seconds", "runtime", "per_second"))}
         return load_file(output / "model.safetensors"), metrics
 
     code, out = run_script(tmp_path / "reference")
     assert code == 0, out
     weights, metrics = outcome(tmp_path / "reference")
+    resumed = 0
     for kind, index in kill_points:
         output = tmp_path / f"{kind}-{index}"
         code, out = run_script(output, (kind, index))
@@ -201,10 +204,12 @@ def survives_kills(setup, tmp_path, script_args, marker, kill_points):
             assert (output / marker).exists(), f"{kind} {index}: a folder that loads, unfinished"
         code, out = run_script(output)  # the same command line
         assert code == 0, out
+        resumed += bool(resumed_says) and resumed_says in out
         resumed_weights, resumed_metrics = outcome(output)
         assert resumed_metrics == metrics, (kind, index)
         for name, tensor in weights.items():
             assert torch.equal(tensor, resumed_weights[name]), (kind, index, name)
+    assert resumed or not resumed_says, f"no re-run printed {resumed_says!r}"
 
 
 # torch.save: the working state (steps 25 and 30); os.replace: its commits, checksums, the final moves
@@ -230,3 +235,36 @@ def test_killed_distillation_resumes_to_the_uninterrupted_result(setup, bert_pai
                 "--seq-len", "24"]
 
     survives_kills(setup, tmp_path, script_args, "distillation.json", SCRIPT_KILL_POINTS)
+
+
+@pytest.mark.slow
+def test_killed_lora_fine_tuning_resumes_to_the_uninterrupted_result(setup, tmp_path):
+    """train.py --lora-rank: checkpoints hold the adapters (and feature maps); the final folder is
+    the merged model."""
+    pytest.importorskip("peft", reason="peft is in the dev extras")
+    from transformers import AutoTokenizer
+
+    from modeling_performer import PerformerConfig, PerformerForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "configuration" / "tokenizer")
+    options = {k: v for k, v in TINY.items() if k not in ("model_type", "feature_redraw_interval")}
+    options.update(vocab_size=len(tokenizer), is_decoder=True, feature_map="hedgehog", local_window=4)
+    torch.manual_seed(0)
+    PerformerForCausalLM(PerformerConfig(**options)).save_pretrained(tmp_path / "init")
+
+    def script_args(output):
+        return [str(SCRIPTS / "train.py"), "--task", "clm", "--init", str(tmp_path / "init"), "--lora-rank", "4",
+                "--data", str(setup / "text"), "--output", str(output), "--max-steps", "6", "--eval-steps", "2",
+                "--batch-size", "4", "--seq-len", "32", "--max-eval-rows", "4", "--learning-rate", "3e-3", "--quiet",
+                "--resume"]
+
+    survives_kills(setup, tmp_path, script_args, "metrics.json",
+                   [("torch.save", 1), ("torch.save", 7), ("weights-truncated", 1), ("os.replace", 2)],
+                   resumed_says="resuming from")
+    merged = PerformerForCausalLM.from_pretrained(tmp_path / "reference")
+    metrics = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    assert metrics["lora_rank"] == 4 and metrics["trainable_parameters"] < metrics["parameters"] / 2
+    start = PerformerForCausalLM.from_pretrained(tmp_path / "init").state_dict()
+    moved = [k for k, v in merged.state_dict().items() if not torch.equal(v, start[k])]
+    assert any(k.endswith("q_proj.weight") for k in moved) and any(k.endswith("feature_map.weight") for k in moved)
+    assert not any(k.endswith(("norm.weight", "word_embeddings.weight", "q_proj.bias")) for k in moved), moved

@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""Perplexity of causal LMs on the held-out validation plays at several context lengths, and the
+memory their decoding cache holds after a prompt of N tokens.
+
+    python scripts/evaluate_lm.py outputs/recipe/clm-teacher outputs/recipe/clm-linear \\
+        --seq-len 512 2048 --cache-tokens 2048 8192 --output outputs/recipe/clm-eval.json
+
+Perplexity: the validation text is tokenised as scripts/train.py does (BOS + play + EOS, joined) and
+cut into whole blocks of L tokens; every block is scored on its own (the first token of a block has
+no context), so the numbers equal train.py's `validation_perplexity` at --seq-len L. Cache: one
+prompt of N tokens (taken from the validation text, repeated when shorter) is prefilled in chunks
+of 1,024 and one token decoded; the size of every tensor the cache then holds is reported (MiB).
+A model folder already in --output is not evaluated again.
+"""
+
+import argparse
+import json
+import math
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def validation_ids(tokenizer, path):
+    ids = []
+    for line in open(path):
+        if line.strip():
+            text = json.loads(line)["text"]
+            ids.extend([tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"],
+                        tokenizer.eos_token_id])
+    return ids
+
+
+def perplexity(model, ids, seq_len, tokens_per_batch=8192):
+    import torch
+
+    blocks = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+    if len(blocks) == 0:
+        raise SystemExit(f"the validation text has {len(ids)} tokens: not one block of {seq_len}")
+    batch = max(1, tokens_per_batch // seq_len)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for rows in blocks.split(batch):
+            logits = model(input_ids=rows).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1),
+                                                     reduction="sum")
+            total, count = total + loss.item(), count + rows[:, 1:].numel()
+    return math.exp(total / count), len(blocks)
+
+
+def cache_mib(model, ids, tokens):
+    import torch
+
+    prompt = torch.tensor((ids * (tokens // max(len(ids), 1) + 1))[:tokens])[None]
+    with torch.inference_mode():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False,
+                             prefill_chunk_size=1024, return_dict_in_generate=True, pad_token_id=0)
+    return out.cache.num_bytes() / 2**20
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", help="causal LM folders (one tokenizer: the first model's)")
+    parser.add_argument("--seq-len", type=int, nargs="+", default=[512])
+    parser.add_argument("--cache-tokens", type=int, nargs="*", default=[])
+    parser.add_argument("--data", default=str(ROOT / "data_cache" / "text" / "validation.jsonl"))
+    parser.add_argument("--output", help="JSON file: results per model folder (kept and extended between runs)")
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import modeling_performer  # noqa: F401  (registers the Performer Auto classes)
+
+    torch.manual_seed(0)
+    output = pathlib.Path(args.output) if args.output else None
+    results = json.loads(output.read_text()) if output and output.exists() else {}
+    tokenizer = AutoTokenizer.from_pretrained(args.models[0])
+    ids = validation_ids(tokenizer, args.data)
+    for folder in args.models:
+        if folder in results:
+            print(folder, json.dumps(results[folder]), "(already evaluated)")
+            continue
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        row = {}
+        for seq_len in args.seq_len:
+            row[f"perplexity_{seq_len}"], row[f"blocks_{seq_len}"] = perplexity(model, ids, seq_len)
+        for tokens in args.cache_tokens:
+            row[f"cache_mib_{tokens}"] = round(cache_mib(model, ids, tokens), 3)
+        results[folder] = row
+        print(folder, json.dumps(row), flush=True)
+        if output:
+            tmp = output.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=2))
+            tmp.replace(output)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Prints the results table of scripts/convert_recipe.sh (markdown) from its output folder, and
+writes it to FOLDER/results.md. Cells of steps that have not run yet are left empty.
+
+    python scripts/recipe_report.py outputs/recipe --window 64
+"""
+
+import argparse
+import json
+import pathlib
+
+
+def load(path: pathlib.Path):
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def minutes(folder: pathlib.Path) -> dict:
+    path = folder / "minutes.tsv"
+    table = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            name, value = line.split("\t")[:2]
+            table[name] = table.get(name, 0.0) + float(value.split()[0])
+    return table
+
+
+def report(folder: pathlib.Path, window: int) -> str:
+    hh, hhw = "hedgehog-transferred", f"hedgehog-w{window}-transferred"
+    embeddings = {tokens: load(folder / f"embeddings-{tokens}.json") for tokens in (256, 512)}
+    lm = load(folder / "clm-eval.json")
+    rt = {name: load(folder / f"rt-{name}" / "metrics.json") for name in ("softmax-full", f"hedgehog-w{window}-lora")}
+    spent = minutes(folder)
+
+    def cosine(model, tokens):
+        row = embeddings[tokens].get(str(folder / model))
+        return f"{row['mean_cosine']:.4f} / {row['p5_cosine']:.4f}" if row else ""
+
+    def lm_cell(model, key, digits=1):
+        row = lm.get(str(folder / model), {})
+        return f"{row[key]:.{digits}f}" if key in row else ""
+
+    def accuracy(name):
+        return f"{rt[name]['test_accuracy']:.4f}" if "test_accuracy" in rt[name] else ""
+
+    def cost(*names):
+        total = sum(spent.get(n, 0.0) for n in names)
+        return f"{total:.1f}" if any(n in spent for n in names) else ""
+
+    rows = [
+        ("softmax teacher (exact conversion / trained LM)", "1 / 1", "1 / 1", accuracy("softmax-full") + " (full FT)",
+         lm_cell("clm-teacher", "perplexity_512"), lm_cell("clm-teacher", "perplexity_2048"),
+         lm_cell("clm-teacher", "cache_mib_2048", 2) + " / " + lm_cell("clm-teacher", "cache_mib_8192", 2),
+         cost("convert-minilm-softmax-cls", "rt-softmax-full", "clm-teacher")),
+        ("FAVOR+ swapped in, no training", cosine("minilm-favor", 256), cosine("minilm-favor", 512), "",
+         lm_cell("clm-favor", "perplexity_512"), lm_cell("clm-favor", "perplexity_2048"),
+         lm_cell("clm-favor", "cache_mib_2048", 2) + " / " + lm_cell("clm-favor", "cache_mib_8192", 2),
+         cost("convert-minilm-favor", "convert-clm-favor")),
+        ("Hedgehog + transfer", cosine(f"minilm-{hh}", 256), cosine(f"minilm-{hh}", 512), "",
+         lm_cell(f"clm-{hh}", "perplexity_512"), lm_cell(f"clm-{hh}", "perplexity_2048"),
+         lm_cell(f"clm-{hh}", "cache_mib_2048", 2) + " / " + lm_cell(f"clm-{hh}", "cache_mib_8192", 2),
+         cost(f"transfer-minilm-{hh}", f"transfer-clm-{hh}")),
+        (f"Hedgehog + window {window} + transfer", cosine(f"minilm-{hhw}", 256), cosine(f"minilm-{hhw}", 512), "",
+         lm_cell(f"clm-{hhw}", "perplexity_512"), lm_cell(f"clm-{hhw}", "perplexity_2048"),
+         lm_cell(f"clm-{hhw}", "cache_mib_2048", 2) + " / " + lm_cell(f"clm-{hhw}", "cache_mib_8192", 2),
+         cost(f"transfer-minilm-{hhw}", f"transfer-clm-{hhw}")),
+        (f"Hedgehog + window {window} + transfer + LoRA", "", "", accuracy(f"hedgehog-w{window}-lora") + " (LoRA)",
+         lm_cell(f"clm-hedgehog-w{window}-lora", "perplexity_512"),
+         lm_cell(f"clm-hedgehog-w{window}-lora", "perplexity_2048"),
+         lm_cell(f"clm-hedgehog-w{window}-lora", "cache_mib_2048", 2) + " / "
+         + lm_cell(f"clm-hedgehog-w{window}-lora", "cache_mib_8192", 2),
+         cost(f"rt-hedgehog-w{window}-lora", f"clm-hedgehog-w{window}-lora")),
+    ]
+    header = ("| model | MiniLM cosine, 256-token passages (mean / p5) | 512 (mean / p5) | Rotten Tomatoes test accuracy "
+              "| LM perplexity at 512 | at 2,048 | LM cache MiB after 2,048 / 8,192 tokens | CPU minutes |")
+    lines = [header, "|" + "---|" * 8]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines.append("")
+    lines.append(f"Total recorded: {sum(spent.values()):.1f} minutes ({', '.join(f'{k} {v:.1f}' for k, v in spent.items())})")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder")
+    parser.add_argument("--window", type=int, default=64)
+    args = parser.parse_args(argv)
+    folder = pathlib.Path(args.folder)
+    text = report(folder, args.window)
+    (folder / "results.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
