@@ -11,7 +11,8 @@
 #                   tokens; mean-pooled cosine to the original on passages of 256 and 512 tokens
 #                   from the held-out test plays
 #   classification  Rotten Tomatoes: the softmax MiniLM fine-tuned in full vs the transferred linear
-#                   MiniLM fine-tuned with LoRA, same steps, batch, learning-rate schedule and seed
+#                   MiniLMs (with and without the window) fine-tuned with LoRA, same steps, batch,
+#                   schedule and seed
 #   causal-lm       a softmax Performer LM trained on Shakespeare at 512 tokens (the teacher),
 #                   linearized, transferred, LoRA-tuned; validation perplexity at 512 and 2,048
 #                   tokens, decoding cache after 2,048 and 8,192 tokens
@@ -38,7 +39,8 @@ timed() {
     [ -e "$out/.started-$name" ] && resumed=" (resumed)"
     touch "$out/.started-$name"
     "$@"
-    printf '%s\t%.1f%s\n' "$name" "$(echo "($SECONDS - $start) / 60" | bc -l)" "$resumed" >> $out/minutes.tsv
+    awk -v n="$name" -v s=$((SECONDS - start)) -v r="$resumed" 'BEGIN { printf "%s\t%.1f%s\n", n, s / 60, r }' \
+        >> $out/minutes.tsv
     rm -f "$out/.started-$name"
 }
 
@@ -69,24 +71,29 @@ if [[ " $stages " == *" embeddings "* ]]; then
 fi
 
 if [[ " $stages " == *" classification "* ]]; then
-    [ -f $out/minilm-hedgehog-w$WINDOW-transferred/transfer_metrics.json ] || {
-        echo "classification needs the embeddings stage's transferred model: run the embeddings stage first" >&2; exit 1; }
+    for model in hedgehog hedgehog-w$WINDOW; do
+        [ -f $out/minilm-$model-transferred/transfer_metrics.json ] || {
+            echo "classification needs the embeddings stage's transferred models: run that stage first" >&2; exit 1; }
+    done
     convert "$minilm" $out/minilm-softmax-cls --attention-type softmax --head classification --num-labels 2 \
         --classifier-pooling mean
-    fine_tune=(--task classification --max-steps $((320 * s)) --eval-steps $((160 * s)) --batch-size 32 --seq-len 128
-               --quiet --resume)
+    # Half an epoch (160 x 32 snippets), evaluated once at the end; the same schedule and seed for all.
+    fine_tune=(--task classification --max-steps $((160 * s)) --eval-steps $((160 * s)) --batch-size 32 --seq-len 128
+               --resume)
     timed rt-softmax-full $out/rt-softmax-full/metrics.json python scripts/train.py "${fine_tune[@]}" \
         --init $out/minilm-softmax-cls --tokenizer $out/minilm-softmax-cls --output $out/rt-softmax-full --learning-rate 1e-4
-    timed rt-hedgehog-w$WINDOW-lora $out/rt-hedgehog-w$WINDOW-lora/metrics.json python scripts/train.py "${fine_tune[@]}" \
-        --init $out/minilm-hedgehog-w$WINDOW-transferred --tokenizer $out/minilm-hedgehog-w$WINDOW-transferred \
-        --output $out/rt-hedgehog-w$WINDOW-lora --learning-rate 1e-3 --lora-rank 16
+    for model in hedgehog-w$WINDOW hedgehog; do
+        timed rt-$model-lora $out/rt-$model-lora/metrics.json python scripts/train.py "${fine_tune[@]}" \
+            --init $out/minilm-$model-transferred --tokenizer $out/minilm-$model-transferred \
+            --output $out/rt-$model-lora --learning-rate 1e-3 --lora-rank 16
+    done
 fi
 
 if [[ " $stages " == *" causal-lm "* ]]; then
     teacher=$out/clm-teacher
     timed clm-teacher $teacher/metrics.json python scripts/train.py --task clm --attention-type softmax --local-window 0 \
         --max-steps $((600 * s)) --eval-steps $((300 * s)) --batch-size 8 --seq-len 512 --learning-rate 2e-3 \
-        --output $teacher --quiet --resume
+        --output $teacher --resume
     convert $teacher $out/clm-favor --attention-type favor --feature-map softmax --local-window 0
     convert $teacher $out/clm-hedgehog --attention-type favor --feature-map hedgehog --local-window 0
     convert $teacher $out/clm-hedgehog-w$WINDOW --attention-type favor --feature-map hedgehog --local-window $WINDOW
@@ -95,7 +102,7 @@ if [[ " $stages " == *" causal-lm "* ]]; then
     timed clm-hedgehog-w$WINDOW-lora $out/clm-hedgehog-w$WINDOW-lora/metrics.json python scripts/train.py --task clm \
         --init $out/clm-hedgehog-w$WINDOW-transferred --tokenizer $teacher --lora-rank 16 --max-steps $((200 * s)) \
         --eval-steps $((100 * s)) --batch-size 8 --seq-len 512 --learning-rate 1e-3 \
-        --output $out/clm-hedgehog-w$WINDOW-lora --quiet --resume
+        --output $out/clm-hedgehog-w$WINDOW-lora --resume
     timed clm-evaluate $out/clm-eval.done python scripts/evaluate_lm.py $teacher $out/clm-favor \
         $out/clm-hedgehog-transferred $out/clm-hedgehog-w$WINDOW-transferred $out/clm-hedgehog-w$WINDOW-lora \
         --seq-len 512 2048 --cache-tokens 2048 8192 --output $out/clm-eval.json

@@ -23,10 +23,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def mean_pooled(model, batches):
     import torch
+    from tqdm.auto import tqdm
 
     pooled = []
     with torch.no_grad():
-        for batch in batches:
+        for batch in tqdm(batches, desc="embeddings", leave=False):
             hidden = model(**batch).last_hidden_state
             weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled.append((hidden * weights).sum(1) / weights.sum(1))

@@ -37,10 +37,12 @@ def perplexity(model, ids, seq_len, tokens_per_batch=8192):
     blocks = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
     if len(blocks) == 0:
         raise SystemExit(f"the validation text has {len(ids)} tokens: not one block of {seq_len}")
+    from tqdm.auto import tqdm
+
     batch = max(1, tokens_per_batch // seq_len)
     total, count = 0.0, 0
     with torch.inference_mode():
-        for rows in blocks.split(batch):
+        for rows in tqdm(blocks.split(batch), desc=f"perplexity at {seq_len}", leave=False):
             logits = model(input_ids=rows).logits[:, :-1].float()
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1),
                                                      reduction="sum")

@@ -28,7 +28,7 @@ def report(folder: pathlib.Path, window: int) -> str:
     hh, hhw = "hedgehog-transferred", f"hedgehog-w{window}-transferred"
     embeddings = {tokens: load(folder / f"embeddings-{tokens}.json") for tokens in (256, 512)}
     lm = load(folder / "clm-eval.json")
-    rt = {name: load(folder / f"rt-{name}" / "metrics.json") for name in ("softmax-full", f"hedgehog-w{window}-lora")}
+    rt = {name: load(folder / f"rt-{name}" / "metrics.json") for name in ("softmax-full", "hedgehog-lora", f"hedgehog-w{window}-lora")}
     spent = minutes(folder)
 
     def cosine(model, tokens):
@@ -47,7 +47,7 @@ def report(folder: pathlib.Path, window: int) -> str:
         return f"{total:.1f}" if any(n in spent for n in names) else ""
 
     rows = [
-        ("softmax teacher (exact conversion / trained LM)", "1 / 1", "1 / 1", accuracy("softmax-full") + " (full FT)",
+        ("softmax teacher (exact conversion / trained LM)", "1 / 1", "1 / 1", accuracy("softmax-full") + (" (full FT)" if accuracy("softmax-full") else ""),
          lm_cell("clm-teacher", "perplexity_512"), lm_cell("clm-teacher", "perplexity_2048"),
          lm_cell("clm-teacher", "cache_mib_2048", 2) + " / " + lm_cell("clm-teacher", "cache_mib_8192", 2),
          cost("convert-minilm-softmax-cls", "rt-softmax-full", "clm-teacher")),
@@ -55,15 +55,16 @@ def report(folder: pathlib.Path, window: int) -> str:
          lm_cell("clm-favor", "perplexity_512"), lm_cell("clm-favor", "perplexity_2048"),
          lm_cell("clm-favor", "cache_mib_2048", 2) + " / " + lm_cell("clm-favor", "cache_mib_8192", 2),
          cost("convert-minilm-favor", "convert-clm-favor")),
-        ("Hedgehog + transfer", cosine(f"minilm-{hh}", 256), cosine(f"minilm-{hh}", 512), "",
+        ("Hedgehog + transfer (+ LoRA for Rotten Tomatoes)", cosine(f"minilm-{hh}", 256), cosine(f"minilm-{hh}", 512),
+         accuracy("hedgehog-lora") + (" (LoRA)" if accuracy("hedgehog-lora") else ""),
          lm_cell(f"clm-{hh}", "perplexity_512"), lm_cell(f"clm-{hh}", "perplexity_2048"),
          lm_cell(f"clm-{hh}", "cache_mib_2048", 2) + " / " + lm_cell(f"clm-{hh}", "cache_mib_8192", 2),
-         cost(f"transfer-minilm-{hh}", f"transfer-clm-{hh}")),
+         cost(f"transfer-minilm-{hh}", f"transfer-clm-{hh}", "rt-hedgehog-lora")),
         (f"Hedgehog + window {window} + transfer", cosine(f"minilm-{hhw}", 256), cosine(f"minilm-{hhw}", 512), "",
          lm_cell(f"clm-{hhw}", "perplexity_512"), lm_cell(f"clm-{hhw}", "perplexity_2048"),
          lm_cell(f"clm-{hhw}", "cache_mib_2048", 2) + " / " + lm_cell(f"clm-{hhw}", "cache_mib_8192", 2),
          cost(f"transfer-minilm-{hhw}", f"transfer-clm-{hhw}")),
-        (f"Hedgehog + window {window} + transfer + LoRA", "", "", accuracy(f"hedgehog-w{window}-lora") + " (LoRA)",
+        (f"Hedgehog + window {window} + transfer + LoRA", "", "", accuracy(f"hedgehog-w{window}-lora") + (" (LoRA)" if accuracy(f"hedgehog-w{window}-lora") else ""),
          lm_cell(f"clm-hedgehog-w{window}-lora", "perplexity_512"),
          lm_cell(f"clm-hedgehog-w{window}-lora", "perplexity_2048"),
          lm_cell(f"clm-hedgehog-w{window}-lora", "cache_mib_2048", 2) + " / "

@@ -79,7 +79,9 @@ def test_lora_moves_only_adapters_feature_maps_and_head_and_merges_to_a_plain_mo
     merged.save_pretrained(tmp_path / "merged")
     saved = {p.name for p in (tmp_path / "merged").iterdir()}
     assert "model.safetensors" in saved and not any("adapter" in name for name in saved)
-    assert "peft" not in (tmp_path / "merged" / "config.json").read_text()
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "peft" not in json.dumps(config) and "AutoModelForSequenceClassification" in config["auto_map"]
+    assert (tmp_path / "merged" / "modeling_performer.py").exists()  # the code for trust_remote_code
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**probe).logits, expected, atol=1e-5, rtol=1e-5)
@@ -185,3 +187,27 @@ def test_evaluate_lm_perplexity_and_cache(tmp_path):
     assert linear["cache_mib_256"] == linear["cache_mib_64"] < softmax["cache_mib_256"]
     again = evaluate_lm.main([*folders, "--data", str(data), "--output", str(tmp_path / "eval.json")])
     assert again == results  # already evaluated folders are kept, not recomputed
+
+
+def test_recipe_report_reads_every_stage(tmp_path):
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import recipe_report
+    finally:
+        sys.path.pop(0)
+    folder = tmp_path / "recipe"
+    folder.mkdir()
+    for tokens, value in ((256, 0.9612), (512, 0.9873)):
+        (folder / f"embeddings-{tokens}.json").write_text(json.dumps({
+            str(folder / "minilm-hedgehog-w64-transferred"): {"mean_cosine": value, "p5_cosine": value - 0.01}}))
+    (folder / "clm-eval.json").write_text(json.dumps({str(folder / "clm-teacher"): {
+        "perplexity_512": 123.45, "perplexity_2048": 150.0, "cache_mib_2048": 8.0, "cache_mib_8192": 32.0}}))
+    (folder / "rt-softmax-full").mkdir()
+    (folder / "rt-softmax-full" / "metrics.json").write_text(json.dumps({"test_accuracy": 0.8244}))
+    (folder / "minutes.tsv").write_text("clm-teacher\t5.5\ntransfer-minilm-hedgehog-w64-transferred\t4.0 (resumed)\n"
+                                        "transfer-minilm-hedgehog-w64-transferred\t1.0\n")
+    table = recipe_report.main([str(folder), "--window", "64"]) or (folder / "results.md").read_text()
+    assert "0.9873 / 0.9773" in table and "0.9612 / 0.9512" in table
+    assert "123.5" in table and "8.00 / 32.00" in table and "0.8244" in table
+    assert "| 5.5 |" in table and "| 5.0 |" in table  # minutes per row, a resumed step's parts added
+    assert "10.5 minutes" in table
