@@ -81,7 +81,9 @@ def _convert_performer(source, attention_type, num_random_features, head, overri
     else:
         raise ConversionError(f"Unknown head {head!r}; valid: {list(HEADS)} or 'auto'")
     source_model = cls.from_pretrained(source, dtype=torch.float32)
-    values = {k: v for k, v in config.to_diff_dict().items() if k not in ("architectures", "auto_map", "dtype")}
+    # use_cache: training (Trainer) saves it off; the converted model decodes with its cache again.
+    values = {k: v for k, v in config.to_diff_dict().items()
+              if k not in ("architectures", "auto_map", "dtype", "use_cache")}
     values["attention_type"] = attention_type
     if num_random_features is not None:
         values["num_random_features"] = num_random_features

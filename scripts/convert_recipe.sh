@@ -17,15 +17,15 @@
 #                   linearized, transferred, LoRA-tuned; validation perplexity at 512 and 2,048
 #                   tokens, decoding cache after 2,048 and 8,192 tokens
 #
-# Outputs: outputs/recipe/*; minutes per step in outputs/recipe/minutes.tsv. STEPS_SCALE=2 doubles
-# every budget.
+# Outputs: $OUT (default outputs/recipe); minutes per step in $OUT/minutes.tsv. STEPS_SCALE=2 doubles
+# every budget (STEPS_SCALE=0.02 makes a smoke run of the whole pipeline).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-s=${STEPS_SCALE:-1}
 WINDOW=${WINDOW:-64}
-out=outputs/recipe
+out=${OUT:-outputs/recipe}
+steps() { awk -v n="$1" -v s="${STEPS_SCALE:-1}" 'BEGIN { v = int(n * s); print (v < 1 ? 1 : v) }'; }
 mkdir -p $out
 stages=${*:-embeddings classification causal-lm report}
 
@@ -54,15 +54,15 @@ convert() {  # SOURCE OUTPUT OPTIONS...
 
 transfer() {  # TEACHER STUDENT OUTPUT STEPS
     timed "transfer-$(basename "$3")" "$3/transfer_metrics.json" python scripts/transfer_attention.py "$1" "$2" "$3" \
-        --steps "$4" --seq-len 512 --batch-size 4 --learning-rate 1e-2
+        --steps "$4" --seq-len 512 --batch-size 4 --learning-rate 3e-2
 }
 
 if [[ " $stages " == *" embeddings "* ]]; then
     convert "$minilm" $out/minilm-favor --head base --num-random-features 256
     convert "$minilm" $out/minilm-hedgehog --head base --feature-map hedgehog
     convert "$minilm" $out/minilm-hedgehog-w$WINDOW --head base --feature-map hedgehog --local-window $WINDOW
-    transfer "$minilm" $out/minilm-hedgehog $out/minilm-hedgehog-transferred $((300 * s))
-    transfer "$minilm" $out/minilm-hedgehog-w$WINDOW $out/minilm-hedgehog-w$WINDOW-transferred $((300 * s))
+    transfer "$minilm" $out/minilm-hedgehog $out/minilm-hedgehog-transferred $(steps 300)
+    transfer "$minilm" $out/minilm-hedgehog-w$WINDOW $out/minilm-hedgehog-w$WINDOW-transferred $(steps 300)
     for tokens in 256 512; do
         timed "embeddings-$tokens" $out/embeddings-$tokens.json python scripts/embedding_similarity.py "$minilm" \
             $out/minilm-favor $out/minilm-hedgehog-transferred $out/minilm-hedgehog-w$WINDOW-transferred \
@@ -78,7 +78,7 @@ if [[ " $stages " == *" classification "* ]]; then
     convert "$minilm" $out/minilm-softmax-cls --attention-type softmax --head classification --num-labels 2 \
         --classifier-pooling mean
     # Half an epoch (160 x 32 snippets), evaluated once at the end; the same schedule and seed for all.
-    fine_tune=(--task classification --max-steps $((160 * s)) --eval-steps $((160 * s)) --batch-size 32 --seq-len 128
+    fine_tune=(--task classification --max-steps $(steps 160) --eval-steps $(steps 160) --batch-size 32 --seq-len 128
                --resume)
     timed rt-softmax-full $out/rt-softmax-full/metrics.json python scripts/train.py "${fine_tune[@]}" \
         --init $out/minilm-softmax-cls --tokenizer $out/minilm-softmax-cls --output $out/rt-softmax-full --learning-rate 1e-4
@@ -92,16 +92,16 @@ fi
 if [[ " $stages " == *" causal-lm "* ]]; then
     teacher=$out/clm-teacher
     timed clm-teacher $teacher/metrics.json python scripts/train.py --task clm --attention-type softmax --local-window 0 \
-        --max-steps $((600 * s)) --eval-steps $((300 * s)) --batch-size 8 --seq-len 512 --learning-rate 2e-3 \
+        --max-steps $(steps 600) --eval-steps $(steps 300) --batch-size 8 --seq-len 512 --learning-rate 2e-3 \
         --output $teacher --resume
     convert $teacher $out/clm-favor --attention-type favor --feature-map softmax --local-window 0
     convert $teacher $out/clm-hedgehog --attention-type favor --feature-map hedgehog --local-window 0
     convert $teacher $out/clm-hedgehog-w$WINDOW --attention-type favor --feature-map hedgehog --local-window $WINDOW
-    transfer $teacher $out/clm-hedgehog $out/clm-hedgehog-transferred $((200 * s))
-    transfer $teacher $out/clm-hedgehog-w$WINDOW $out/clm-hedgehog-w$WINDOW-transferred $((200 * s))
+    transfer $teacher $out/clm-hedgehog $out/clm-hedgehog-transferred $(steps 200)
+    transfer $teacher $out/clm-hedgehog-w$WINDOW $out/clm-hedgehog-w$WINDOW-transferred $(steps 200)
     timed clm-hedgehog-w$WINDOW-lora $out/clm-hedgehog-w$WINDOW-lora/metrics.json python scripts/train.py --task clm \
-        --init $out/clm-hedgehog-w$WINDOW-transferred --tokenizer $teacher --lora-rank 16 --max-steps $((200 * s)) \
-        --eval-steps $((100 * s)) --batch-size 8 --seq-len 512 --learning-rate 1e-3 \
+        --init $out/clm-hedgehog-w$WINDOW-transferred --tokenizer $teacher --lora-rank 16 --max-steps $(steps 200) \
+        --eval-steps $(steps 100) --batch-size 8 --seq-len 512 --learning-rate 1e-3 \
         --output $out/clm-hedgehog-w$WINDOW-lora --resume
     timed clm-evaluate $out/clm-eval.done python scripts/evaluate_lm.py $teacher $out/clm-favor \
         $out/clm-hedgehog-transferred $out/clm-hedgehog-w$WINDOW-transferred $out/clm-hedgehog-w$WINDOW-lora \

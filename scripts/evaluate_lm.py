@@ -55,7 +55,7 @@ def cache_mib(model, ids, tokens):
 
     prompt = torch.tensor((ids * (tokens // max(len(ids), 1) + 1))[:tokens])[None]
     with torch.inference_mode():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False,
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False, use_cache=True,
                              prefill_chunk_size=1024, return_dict_in_generate=True, pad_token_id=0)
     return out.cache.num_bytes() / 2**20
 

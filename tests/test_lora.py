@@ -118,6 +118,7 @@ def test_lora_errors_name_the_problem():
 def test_softmax_performer_converts_to_linear_keeping_every_weight(tmp_path):
     torch.manual_seed(0)
     teacher = PerformerForCausalLM(PerformerConfig(**TINY, attention_type="softmax", is_decoder=True)).eval()
+    teacher.config.use_cache = False  # as Trainer leaves it
     teacher.save_pretrained(tmp_path / "teacher")
     from transformers import AutoTokenizer
 
@@ -142,6 +143,7 @@ def test_softmax_performer_converts_to_linear_keeping_every_weight(tmp_path):
         if key in shared:
             assert torch.equal(value, shared[key]), key
     assert any(k.endswith("feature_map.weight") for k in linear.state_dict())
+    assert linear.generation_config.use_cache  # decodes with its recurrent state
     with torch.no_grad():  # really a different attention now
         assert not torch.allclose(linear(input_ids=ids).logits, teacher(input_ids=ids).logits, atol=1e-3)
 
