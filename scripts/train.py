@@ -248,13 +248,14 @@ def main(argv=None):
                                       for e in trainer.state.log_history if "loss" in e]}
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Every rank must hold the same random projections (seeded redraws): compare them.
-        favor = [m.projection for m in model.favor_modules()] if hasattr(model, "favor_modules") else []
+        performer = model.get_base_model() if args.lora_rank else model  # the Performer behind peft's wrapper
+        favor = [m.projection for m in performer.favor_modules()]
         local = torch.cat([p.flatten().float() for p in favor]) if favor else torch.zeros(1)
         gathered = [torch.zeros_like(local) for _ in range(torch.distributed.get_world_size())]
         torch.distributed.all_gather(gathered, local)
         metrics["world_size"] = torch.distributed.get_world_size()
         metrics["projections_identical_across_ranks"] = all(torch.equal(g, gathered[0]) for g in gathered)
-        metrics["projection_draws"] = int(model.base_model.redraw_state.draws)
+        metrics["projection_draws"] = int(performer.base_model.redraw_state.draws)
     if args.lora_rank:
         metrics["lora_rank"] = args.lora_rank
         metrics["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
