@@ -13,7 +13,6 @@ conversion and its linear copy) this is the attention-transfer step of LoLCATs (
 its checkpoint sees exactly the batches an uninterrupted one would.
 """
 
-import math
 import os
 from typing import Callable, Optional
 
@@ -169,16 +168,11 @@ def transfer_attention(
     checkpoint_dir: Optional[str] = None,
     checkpoint_every: int = 25,
     progress: bool = True,
-    final_learning_rate: Optional[float] = None,
 ) -> dict:
     """Fits the student's linear attention to the teacher's softmax attention (see the module
     docstring). get_batch(step) -> model inputs (input_ids, attention_mask, ...). With
     checkpoint_dir, the fitted tensors and the optimizer are saved every `checkpoint_every` steps
-    and a later call with the same arguments resumes from there to the same result. With
-    `final_learning_rate` the learning rate follows a cosine from `learning_rate` down to it over
-    the steps (a function of the step alone, so a resumed run follows it too); by default it stays
-    constant (at 300 steps on MiniLM, a decay to a tenth left a larger error: the fit is far from
-    converged).
+    and a later call with the same arguments resumes from there to the same result.
     Returns {"loss": [mean relative squared error per step], "steps": steps}."""
     pairs = attention_pairs(teacher, student)
     teacher.eval()
@@ -190,7 +184,6 @@ def transfer_attention(
     for tensor in named.values():
         tensor.requires_grad_(True)
     optimizer = torch.optim.Adam(list(named.values()), lr=learning_rate)
-    final = learning_rate if final_learning_rate is None else final_learning_rate
     history, start = [], 0
     path = os.path.join(checkpoint_dir, CHECKPOINT_NAME) if checkpoint_dir else None
     if path and os.path.exists(path):
@@ -208,9 +201,6 @@ def transfer_attention(
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="attention transfer", disable=not progress)
     try:
         for step in bar:
-            progress_fraction = step / max(steps - 1, 1)
-            for group in optimizer.param_groups:
-                group["lr"] = final + (learning_rate - final) * 0.5 * (1 + math.cos(math.pi * progress_fraction))
             batch = get_batch(step)
             records = _teacher_pass(teacher, pairs, batch)
             loss = 0.0

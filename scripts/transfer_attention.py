@@ -85,9 +85,8 @@ def main(argv=None):
     parser.add_argument("output", help="folder for the fitted student (resumable working state inside)")
     parser.add_argument("--data", help="unlabelled text: .txt, or .jsonl with a 'text' field")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per step at the longest --seq-len")
-    parser.add_argument("--seq-len", type=int, nargs="+", default=[256],
-                        help="window length(s) in tokens; with several, the steps take them in turn")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -117,24 +116,20 @@ def main(argv=None):
         import subprocess
 
         subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_data.py"), "--datasets", "text"], check=True)
-    texts = read_texts(data)
-    # Longer windows in smaller batches: the same number of tokens per step at every length.
-    longest = max(args.seq_len)
-    sets = [(token_windows(tokenizer, texts, length), max(1, args.batch_size * longest // length))
-            for length in args.seq_len]
-    if max(int(w.max()) for w, _ in sets) >= student.config.vocab_size:
+    windows = token_windows(tokenizer, read_texts(data), args.seq_len)
+    if windows.max() >= student.config.vocab_size:
         raise SystemExit("the tokenizer produces ids beyond the student's vocabulary: use the student's own tokenizer")
+    per_epoch = max(len(windows) // args.batch_size, 1)
 
     def get_batch(step):
-        windows, batch_size = sets[step % len(sets)]
-        per_epoch = max(len(windows) // batch_size, 1)
-        epoch, index = divmod(step // len(sets), per_epoch)
+        epoch, index = divmod(step, per_epoch)
         order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
-        ids = windows[order[index * batch_size: (index + 1) * batch_size]]
+        rows = order[index * args.batch_size: (index + 1) * args.batch_size]
+        ids = windows[rows]
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-    # A fixed probe batch of the first length (reported, not a held-out score).
-    probe = get_batch(0)
+    # A fixed probe batch from the end of the order of epoch 0 (reported, not a held-out score).
+    probe = get_batch(per_epoch - 1)
     try:
         before = attention_errors(teacher, student, probe)
         output.mkdir(parents=True, exist_ok=True)
