@@ -55,31 +55,19 @@ class ConversionError(ValueError):
 LINEAR_ONLY_WEIGHTS = ("projection", "draws", "training_forwards", "feature_map.weight", "linear_log_weight")
 
 
-def _is_performer_folder(source) -> bool:
-    import json
-
-    path = os.path.join(source, "config.json")
-    if not os.path.isfile(path):
-        return False
-    with open(path) as f:
-        return json.load(f).get("model_type") == PerformerConfig.model_type
-
-
-def _convert_performer(source, attention_type, num_random_features, head, overrides):
-    """A saved Performer with other attention options (a softmax Performer made linear)."""
+def _convert_performer(source, config, attention_type, num_random_features, head, overrides):
+    """A saved Performer (its config: `config`) with other attention options (a softmax Performer
+    made linear). `head` is "auto" or one of HEADS."""
     from transformers import AutoTokenizer
 
-    config = PerformerConfig.from_pretrained(source)
     classes = {cls.__name__: cls for cls in (*HEADS.values(), PerformerForConditionalGeneration)}
     architecture = (config.architectures or ["PerformerModel"])[0]
     if head == "auto":
         if architecture not in classes:
             raise ConversionError(f"{source}: unknown Performer architecture {architecture!r}")
         cls = classes[architecture]
-    elif head in HEADS:
-        cls = HEADS[head]
     else:
-        raise ConversionError(f"Unknown head {head!r}; valid: {list(HEADS)} or 'auto'")
+        cls = HEADS[head]
     source_model = cls.from_pretrained(source, dtype=torch.float32)
     # use_cache: training (Trainer) saves it off; the converted model decodes with its cache again.
     values = {k: v for k, v in config.to_diff_dict().items()
@@ -109,10 +97,12 @@ def _source_config(source):
     if not os.path.isfile(os.path.join(source, "config.json")):
         raise ConversionError(f"{source!r} has no config.json: not a transformers model folder")
     config = AutoConfig.from_pretrained(source)
+    if config.model_type == PerformerConfig.model_type:
+        return config
     if config.model_type not in SUPPORTED_TYPES:
         raise ConversionError(
             f"Unsupported source model_type {config.model_type!r}: convert_to_performer maps {list(SUPPORTED_TYPES)} "
-            "(MiniLM checkpoints are model_type 'bert')"
+            "and saved Performers (MiniLM checkpoints are model_type 'bert')"
         )
     if config.model_type in ENCODER_TYPES:
         position = getattr(config, "position_embedding_type", "absolute")
@@ -270,17 +260,17 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
     from transformers import AutoTokenizer
 
     source = os.fspath(source)
-    if os.path.isdir(source) and _is_performer_folder(source):
-        return _convert_performer(source, attention_type, num_random_features, head, config_overrides)
     source_config = _source_config(source)
+    if head != "auto" and head not in HEADS:
+        raise ConversionError(f"Unknown head {head!r}; valid: {list(HEADS)} or 'auto'")
     model_type = source_config.model_type
+    if model_type == PerformerConfig.model_type:
+        return _convert_performer(source, source_config, attention_type, num_random_features, head, config_overrides)
     architecture = (getattr(source_config, "architectures", None) or [BASE_CLASSES[model_type]])[0]
     if head == "auto":
         if architecture not in DEFAULT_HEADS:
             raise ConversionError(f"Cannot infer the head for architecture {architecture!r}; pass head= one of {list(HEADS)}")
         head = DEFAULT_HEADS[architecture]
-    if head not in HEADS:
-        raise ConversionError(f"Unknown head {head!r}; valid: {list(HEADS)} or 'auto'")
     if (head == "causal-lm" and model_type not in DECODER_TYPES) or (
             head in ("masked-lm", "classification") and model_type not in ENCODER_TYPES):
         raise ConversionError(f"A {model_type} checkpoint cannot become a {head} Performer")
