@@ -17,18 +17,15 @@ import argparse
 import json
 import math
 import pathlib
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from train import joined_ids  # noqa: E402
 
 
 def validation_ids(tokenizer, path):
-    ids = []
-    for line in open(path):
-        if line.strip():
-            text = json.loads(line)["text"]
-            ids.extend([tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"],
-                        tokenizer.eos_token_id])
-    return ids
+    return joined_ids(tokenizer, [json.loads(line)["text"] for line in open(path) if line.strip()])
 
 
 def perplexity(model, ids, seq_len, tokens_per_batch=8192):

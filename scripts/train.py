@@ -79,6 +79,15 @@ def load_config(args, tokenizer):
     return config
 
 
+def joined_ids(tokenizer, texts) -> list:
+    """BOS + text + EOS for every text, joined: the token stream causal-LM blocks are cut from."""
+    ids = []
+    for text in texts:
+        ids.extend([tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"],
+                    tokenizer.eos_token_id])
+    return ids
+
+
 def build_datasets(args, tokenizer):
     from datasets import load_dataset
 
@@ -110,10 +119,7 @@ def build_datasets(args, tokenizer):
     block = args.seq_len
 
     def blocks(batch):
-        ids = []
-        for text in batch["text"]:
-            ids.extend([tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"],
-                        tokenizer.eos_token_id])
+        ids = joined_ids(tokenizer, batch["text"])
         usable = len(ids) // block * block
         return {"input_ids": [ids[i : i + block] for i in range(0, usable, block)]}
 
