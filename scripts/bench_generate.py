@@ -16,20 +16,7 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from plot_benchmarks import FIGURES, measure_in_process, save_and_draw  # noqa: E402
-
-
-
-def cache_bytes(cache):
-    if hasattr(cache, "num_bytes"):
-        return cache.num_bytes()
-    total = 0
-    for layer in cache.layers:
-        for name in ("keys", "values"):
-            tensor = getattr(layer, name, None)
-            if tensor is not None:
-                total += tensor.numel() * tensor.element_size()
-    return total
+from plot_benchmarks import FIGURES, cache_bytes, measure_in_process, save_and_draw  # noqa: E402
 
 
 def decode_latency(model, context, steps, vocab):

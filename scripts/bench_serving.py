@@ -23,7 +23,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from plot_benchmarks import (  # noqa: E402
-    add_model_arguments, handled_without_measuring, measure_in_process, save_and_draw,
+    add_model_arguments, cache_bytes, handled_without_measuring, measure_in_process, save_and_draw,
 )
 
 KINDS = ("performer", "performer-window", "gpt2")
@@ -47,13 +47,6 @@ def build(kind, args, longest):
         vocab_size=args.vocab, n_embd=args.hidden, n_layer=args.layers, n_head=args.heads, n_positions=longest,
         attn_implementation="sdpa", bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )).eval()
-
-
-def cache_bytes(cache):
-    if hasattr(cache, "num_bytes"):
-        return cache.num_bytes()
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-               if t is not None)
 
 
 def worker(args):

@@ -55,6 +55,14 @@ def measure_in_process(script: str, worker_args, abort_on_error: bool = False) -
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def cache_bytes(cache) -> int:
+    """Bytes a decoding cache holds: PerformerCache.num_bytes(), or a transformers cache's keys and values."""
+    if hasattr(cache, "num_bytes"):
+        return cache.num_bytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers
+               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
+
+
 def handled_without_measuring(name: str, args, worker) -> bool:
     """The two runs of a benchmark script that measure nothing here: a --worker process measures
     one point; --replot redraws the figure from --output. Returns True when one of them ran."""

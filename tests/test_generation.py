@@ -168,7 +168,6 @@ def test_past_key_values_name_is_refused():
         model(torch.tensor([[4, 5]]), past_key_values=PerformerCache())
 
 
-
 @pytest.mark.parametrize("options", [{}, {"feature_map": "hedgehog", "local_window": 3}], ids=["favor", "hedgehog-window"])
 def test_chunked_prefill_generates_the_same_tokens(options):
     # generate(prefill_chunk_size=...) feeds a long prompt through the cache a piece at a time
