@@ -28,48 +28,46 @@ def report(folder: pathlib.Path, window: int) -> str:
     hh, hhw = "hedgehog-transferred", f"hedgehog-w{window}-transferred"
     embeddings = {tokens: load(folder / f"embeddings-{tokens}.json") for tokens in (256, 512)}
     lm = load(folder / "clm-eval.json")
-    rt = {name: load(folder / f"rt-{name}" / "metrics.json") for name in ("softmax-full", "hedgehog-lora", f"hedgehog-w{window}-lora")}
+    rt = {name: load(folder / f"rt-{name}" / "metrics.json")
+          for name in ("softmax-full", "hedgehog-lora", f"hedgehog-w{window}-lora")}
     spent = minutes(folder)
 
-    def cosine(model, tokens):
-        row = embeddings[tokens].get(str(folder / model))
-        return f"{row['mean_cosine']:.4f} / {row['p5_cosine']:.4f}" if row else ""
+    def cosines(model):
+        """Mean / p5 cosine cells at 256 and 512 tokens."""
+        cells = []
+        for tokens in (256, 512):
+            row = embeddings[tokens].get(str(folder / model))
+            cells.append(f"{row['mean_cosine']:.4f} / {row['p5_cosine']:.4f}" if row else "")
+        return cells
 
-    def lm_cell(model, key, digits=1):
+    def lm_cells(model):
+        """Perplexity at 512 and 2,048, cache after 2,048 / 8,192 tokens."""
         row = lm.get(str(folder / model), {})
-        return f"{row[key]:.{digits}f}" if key in row else ""
 
-    def accuracy(name):
-        return f"{rt[name]['test_accuracy']:.4f}" if "test_accuracy" in rt[name] else ""
+        def cell(key, digits=1):
+            return f"{row[key]:.{digits}f}" if key in row else ""
+
+        return [cell("perplexity_512"), cell("perplexity_2048"), cell("cache_mib_2048", 2) + " / " + cell("cache_mib_8192", 2)]
+
+    def accuracy(name, how):
+        return f"{rt[name]['test_accuracy']:.4f} ({how})" if "test_accuracy" in rt[name] else ""
 
     def cost(*names):
         total = sum(spent.get(n, 0.0) for n in names)
         return f"{total:.1f}" if any(n in spent for n in names) else ""
 
+    lora = f"hedgehog-w{window}-lora"
     rows = [
-        ("softmax teacher (exact conversion / trained LM)", "1 / 1", "1 / 1", accuracy("softmax-full") + (" (full FT)" if accuracy("softmax-full") else ""),
-         lm_cell("clm-teacher", "perplexity_512"), lm_cell("clm-teacher", "perplexity_2048"),
-         lm_cell("clm-teacher", "cache_mib_2048", 2) + " / " + lm_cell("clm-teacher", "cache_mib_8192", 2),
-         cost("convert-minilm-softmax-cls", "rt-softmax-full", "clm-teacher")),
-        ("FAVOR+ swapped in, no training", cosine("minilm-favor", 256), cosine("minilm-favor", 512), "",
-         lm_cell("clm-favor", "perplexity_512"), lm_cell("clm-favor", "perplexity_2048"),
-         lm_cell("clm-favor", "cache_mib_2048", 2) + " / " + lm_cell("clm-favor", "cache_mib_8192", 2),
-         cost("convert-minilm-favor", "convert-clm-favor")),
-        ("Hedgehog + transfer (+ LoRA for Rotten Tomatoes)", cosine(f"minilm-{hh}", 256), cosine(f"minilm-{hh}", 512),
-         accuracy("hedgehog-lora") + (" (LoRA)" if accuracy("hedgehog-lora") else ""),
-         lm_cell(f"clm-{hh}", "perplexity_512"), lm_cell(f"clm-{hh}", "perplexity_2048"),
-         lm_cell(f"clm-{hh}", "cache_mib_2048", 2) + " / " + lm_cell(f"clm-{hh}", "cache_mib_8192", 2),
-         cost(f"transfer-minilm-{hh}", f"transfer-clm-{hh}", "rt-hedgehog-lora")),
-        (f"Hedgehog + window {window} + transfer", cosine(f"minilm-{hhw}", 256), cosine(f"minilm-{hhw}", 512), "",
-         lm_cell(f"clm-{hhw}", "perplexity_512"), lm_cell(f"clm-{hhw}", "perplexity_2048"),
-         lm_cell(f"clm-{hhw}", "cache_mib_2048", 2) + " / " + lm_cell(f"clm-{hhw}", "cache_mib_8192", 2),
-         cost(f"transfer-minilm-{hhw}", f"transfer-clm-{hhw}")),
-        (f"Hedgehog + window {window} + transfer + LoRA", "", "", accuracy(f"hedgehog-w{window}-lora") + (" (LoRA)" if accuracy(f"hedgehog-w{window}-lora") else ""),
-         lm_cell(f"clm-hedgehog-w{window}-lora", "perplexity_512"),
-         lm_cell(f"clm-hedgehog-w{window}-lora", "perplexity_2048"),
-         lm_cell(f"clm-hedgehog-w{window}-lora", "cache_mib_2048", 2) + " / "
-         + lm_cell(f"clm-hedgehog-w{window}-lora", "cache_mib_8192", 2),
-         cost(f"rt-hedgehog-w{window}-lora", f"clm-hedgehog-w{window}-lora")),
+        ["softmax teacher (exact conversion / trained LM)", "1 / 1", "1 / 1", accuracy("softmax-full", "full FT"),
+         *lm_cells("clm-teacher"), cost("convert-minilm-softmax-cls", "rt-softmax-full", "clm-teacher")],
+        ["FAVOR+ swapped in, no training", *cosines("minilm-favor"), "", *lm_cells("clm-favor"),
+         cost("convert-minilm-favor", "convert-clm-favor")],
+        ["Hedgehog + transfer (+ LoRA for Rotten Tomatoes)", *cosines(f"minilm-{hh}"), accuracy("hedgehog-lora", "LoRA"),
+         *lm_cells(f"clm-{hh}"), cost(f"transfer-minilm-{hh}", f"transfer-clm-{hh}", "rt-hedgehog-lora")],
+        [f"Hedgehog + window {window} + transfer", *cosines(f"minilm-{hhw}"), "", *lm_cells(f"clm-{hhw}"),
+         cost(f"transfer-minilm-{hhw}", f"transfer-clm-{hhw}")],
+        [f"Hedgehog + window {window} + transfer + LoRA", "", "", accuracy(lora, "LoRA"), *lm_cells(f"clm-{lora}"),
+         cost(f"rt-{lora}", f"clm-{lora}")],
     ]
     header = ("| model | MiniLM cosine, 256-token passages (mean / p5) | 512 (mean / p5) | Rotten Tomatoes test accuracy "
               "| LM perplexity at 512 | at 2,048 | LM cache MiB after 2,048 / 8,192 tokens | CPU minutes |")
