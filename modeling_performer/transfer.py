@@ -9,6 +9,11 @@ move; everything else stays frozen. With the same q/k/v/o weights in both models
 conversion and its linear copy) this is the attention-transfer step of LoLCATs (Zhang et al.,
 2024) and Hedgehog (Zhang et al., 2024).
 
+Layer-by-layer fitting cannot see how the small errors of each layer compound through the stack.
+An optional second stage (`end_to_end_steps`) runs the whole student on the same unlabelled text
+and pulls every layer's output hidden state towards the teacher's, still moving only the same
+feature-map and window tensors: no labels, no other weight changes.
+
 `transfer_attention` takes `get_batch(step)` rather than an iterator, so that a run resumed from
 its checkpoint sees exactly the batches an uninterrupted one would.
 """
@@ -131,6 +136,36 @@ def _relative_error(actual, expected, weights):
     return diff.sum() / energy.sum().clamp_min(1e-30)
 
 
+def _hidden_states(model, batch):
+    """Every layer's output hidden states of the bare stack (the embeddings' output left out); for an
+    encoder-decoder, the encoder's and the decoder's."""
+    output = model.base_model(**batch, use_cache=False, output_hidden_states=True)
+    states = [state for key in ("hidden_states", "encoder_hidden_states", "decoder_hidden_states")
+              for state in (getattr(output, key, None) or ())[1:]]
+    if not states:
+        raise TransferError(f"{type(model).__name__} returns no hidden states to compare")
+    return states
+
+
+def _hidden_state_error(teacher, student, batch):
+    """Mean over layers of the student's relative squared error on its output hidden states,
+    each layer run on the student's own inputs (so errors compound as they do in use)."""
+    with torch.no_grad():
+        expected = _hidden_states(teacher, batch)
+    actual = _hidden_states(student, batch)
+    if len(actual) != len(expected):
+        raise TransferError(f"the teacher has {len(expected)} layers and the student {len(actual)}")
+    weights = _token_weights(batch, expected[0])
+    return sum(_relative_error(a, e, weights) for a, e in zip(actual, expected)) / len(expected)
+
+
+@torch.no_grad()
+def hidden_state_error(teacher, student, batch) -> float:
+    """Relative L2 error of the student's hidden states against the teacher's, averaged over
+    layers, real tokens only (what the end-to-end stage of `transfer_attention` lowers)."""
+    return _hidden_state_error(teacher, student, batch).sqrt().item()
+
+
 @torch.no_grad()
 def attention_errors(teacher, student, batch) -> dict:
     """Per linear layer: relative L2 error of the student's attention output against the
@@ -168,12 +203,22 @@ def transfer_attention(
     checkpoint_dir: Optional[str] = None,
     checkpoint_every: int = 25,
     progress: bool = True,
+    end_to_end_steps: int = 0,
+    end_to_end_learning_rate: Optional[float] = None,
 ) -> dict:
     """Fits the student's linear attention to the teacher's softmax attention (see the module
-    docstring). get_batch(step) -> model inputs (input_ids, attention_mask, ...). With
-    checkpoint_dir, the fitted tensors and the optimizer are saved every `checkpoint_every` steps
-    and a later call with the same arguments resumes from there to the same result.
-    Returns {"loss": [mean relative squared error per step], "steps": steps}."""
+    docstring): `steps` steps layer by layer, then `end_to_end_steps` steps on the whole stack's
+    hidden states (learning rate `end_to_end_learning_rate`, default learning_rate / 10, a fresh
+    Adam). get_batch(step) -> model inputs (input_ids, attention_mask, ...), step counting on
+    through both stages. With checkpoint_dir, the fitted tensors and the optimizer are saved every
+    `checkpoint_every` steps and a later call with the same arguments resumes from there to the
+    same result. Returns {"loss": [mean relative squared error per layer-by-layer step],
+    "end_to_end_loss": [the same on hidden states, per end-to-end step], "steps": steps,
+    "end_to_end_steps": end_to_end_steps, "end_to_end_learning_rate": the rate used}."""
+    if steps < 0 or end_to_end_steps < 0:
+        raise TransferError(f"steps ({steps}) and end_to_end_steps ({end_to_end_steps}) cannot be negative")
+    if end_to_end_learning_rate is None:
+        end_to_end_learning_rate = learning_rate / 10
     pairs = attention_pairs(teacher, student)
     teacher.eval()
     student.eval()  # no dropout: the objective is deterministic given the batch
@@ -183,7 +228,9 @@ def transfer_attention(
         p.requires_grad_(False)
     for tensor in named.values():
         tensor.requires_grad_(True)
-    optimizer = torch.optim.Adam(list(named.values()), lr=learning_rate)
+    tensors = list(named.values())
+    optimizer = torch.optim.Adam(tensors, lr=learning_rate)
+    total = steps + end_to_end_steps
     history, start = [], 0
     path = os.path.join(checkpoint_dir, CHECKPOINT_NAME) if checkpoint_dir else None
     if path and os.path.exists(path):
@@ -193,27 +240,34 @@ def transfer_attention(
         with torch.no_grad():
             for key, tensor in named.items():
                 tensor.copy_(saved["tensors"][key])
-        optimizer.load_state_dict(saved["optimizer"])
+        optimizer.load_state_dict(saved["optimizer"])  # either stage's: its learning rate comes with it
         start, history = saved["step"], list(saved["history"])
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="attention transfer", disable=not progress)
+    bar = tqdm(range(start, total), initial=start, total=total, disable=not progress,
+               desc="attention transfer" + (", end to end" if start > steps else ""))
     try:
         for step in bar:
             batch = get_batch(step)
-            records = _teacher_pass(teacher, pairs, batch)
-            loss = 0.0
-            for (_, _, module), (args, kwargs, expected) in zip(pairs, records):
-                actual = _student_core(module, args, kwargs)
-                loss = loss + _relative_error(actual, expected, _token_weights(batch, expected))
-            loss = loss / len(pairs)
+            if step < steps:
+                records = _teacher_pass(teacher, pairs, batch)
+                loss = 0.0
+                for (_, _, module), (args, kwargs, expected) in zip(pairs, records):
+                    actual = _student_core(module, args, kwargs)
+                    loss = loss + _relative_error(actual, expected, _token_weights(batch, expected))
+                loss = loss / len(pairs)
+            else:
+                if step == steps:  # the second stage starts with a fresh optimizer of its own
+                    optimizer = torch.optim.Adam(tensors, lr=end_to_end_learning_rate)
+                    bar.set_description("attention transfer, end to end")
+                loss = _hidden_state_error(teacher, student, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             history.append(loss.item())
             bar.set_postfix(loss=f"{history[-1]:.4f}")
-            if path and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            if path and ((step + 1) % checkpoint_every == 0 or step + 1 == total):
                 os.makedirs(checkpoint_dir, exist_ok=True)
                 _save_checkpoint(path, step + 1, named, optimizer, history)
     finally:
@@ -225,5 +279,6 @@ def transfer_attention(
         for _, _, module in pairs:
             if module.projection is not None:
                 module.projection.requires_grad_(False)
-    return {"loss": history, "steps": steps}
+    return {"loss": history[:steps], "end_to_end_loss": history[steps:], "steps": steps,
+            "end_to_end_steps": end_to_end_steps, "end_to_end_learning_rate": end_to_end_learning_rate}
 

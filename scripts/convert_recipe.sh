@@ -52,9 +52,11 @@ convert() {  # SOURCE OUTPUT OPTIONS...
     timed "convert-$(basename "$output")" "$output/config.json" python scripts/convert_to_performer.py "$source" "$output" "$@"
 }
 
+# Layer by layer for STEPS, then 60 steps end to end on every layer's hidden states (no labels either).
 transfer() {  # TEACHER STUDENT OUTPUT STEPS
     timed "transfer-$(basename "$3")" "$3/transfer_metrics.json" python scripts/transfer_attention.py "$1" "$2" "$3" \
-        --steps "$4" --seq-len 512 --batch-size 4 --learning-rate 3e-2
+        --steps "$4" --seq-len 512 --batch-size 4 --learning-rate 3e-2 \
+        --end-to-end-steps $(steps 60) --end-to-end-learning-rate 3e-3
 }
 
 if [[ " $stages " == *" embeddings "* ]]; then

@@ -9,8 +9,10 @@ layer inputs, and writes the result to OUTPUT (loads with AutoModel* like STUDEN
 TEACHER: a softmax Performer folder of the student's shape, or an original BERT / RoBERTa / MiniLM
 / GPT-2 folder (converted with exact softmax attention on the fly). --data: a .txt file or a
 .jsonl file with a `text` field (default: the bundled Shakespeare training plays, prepared by
-scripts/prepare_data.py). Interrupted runs resume from OUTPUT/transfer_state.pt with the same
-command and reach the same result.
+scripts/prepare_data.py). --end-to-end-steps N adds a second stage after the layer-by-layer one:
+the whole student run on the same text, every layer's hidden states pulled towards the teacher's
+(the same tensors move; still no labels). Interrupted runs resume from OUTPUT/transfer_state.pt
+with the same command and reach the same result.
 """
 
 import argparse
@@ -88,6 +90,10 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=1e-2)
+    parser.add_argument("--end-to-end-steps", type=int, default=0,
+                        help="steps of the second stage, on the whole stack's hidden states (default 0: none)")
+    parser.add_argument("--end-to-end-learning-rate", type=float,
+                        help="learning rate of the second stage (default: --learning-rate / 10)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -97,7 +103,7 @@ def main(argv=None):
 
     import modeling_performer
     from modeling_performer.checkpoint_performer import publish_folder
-    from modeling_performer.transfer import TransferError, attention_errors, transfer_attention
+    from modeling_performer.transfer import TransferError, attention_errors, hidden_state_error, transfer_attention
 
     output = pathlib.Path(args.output)
     if (output / "transfer_metrics.json").exists() and (output / "config.json").exists():
@@ -132,13 +138,17 @@ def main(argv=None):
     probe = get_batch(per_epoch - 1)
     try:
         before = attention_errors(teacher, student, probe)
+        hidden_before = hidden_state_error(teacher, student, probe)
         output.mkdir(parents=True, exist_ok=True)
         start = time.time()
         history = transfer_attention(teacher, student, get_batch, args.steps, args.learning_rate,
-                                     checkpoint_dir=str(output), progress=not args.quiet)
+                                     checkpoint_dir=str(output), progress=not args.quiet,
+                                     end_to_end_steps=args.end_to_end_steps,
+                                     end_to_end_learning_rate=args.end_to_end_learning_rate)
     except TransferError as error:
         raise SystemExit(f"transfer_attention: {error}")
     after = attention_errors(teacher, student, probe)
+    hidden_after = hidden_state_error(teacher, student, probe)
     # Assembled aside and moved into place with config.json last: a kill during the save leaves
     # no folder that loads, and the same command finishes the job.
     stage = output / ".final-partial"
@@ -149,13 +159,17 @@ def main(argv=None):
     metrics = {
         "teacher": args.teacher, "student": args.student, "data": str(data), "steps": args.steps,
         "batch_size": args.batch_size, "seq_len": args.seq_len, "learning_rate": args.learning_rate,
+        "end_to_end_steps": args.end_to_end_steps, "end_to_end_learning_rate": history["end_to_end_learning_rate"],
         "seconds_this_run": round(time.time() - start, 1), "loss_first": history["loss"][:1],
-        "loss_last": history["loss"][-1:],
+        "loss_last": history["loss"][-1:], "end_to_end_loss_first": history["end_to_end_loss"][:1],
+        "end_to_end_loss_last": history["end_to_end_loss"][-1:],
         "probe_error_before": before, "probe_error_after": after,
+        "probe_hidden_error_before": hidden_before, "probe_hidden_error_after": hidden_after,
     }
     (stage / "transfer_metrics.json").write_text(json.dumps(metrics, indent=2))
     publish_folder(str(stage), str(output))
-    print(json.dumps({k: metrics[k] for k in ("steps", "loss_first", "loss_last", "seconds_this_run")}))
+    print(json.dumps({k: metrics[k] for k in ("steps", "loss_first", "loss_last", "end_to_end_steps",
+                                               "end_to_end_loss_last", "seconds_this_run")}))
 
 
 if __name__ == "__main__":
