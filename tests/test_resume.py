@@ -231,7 +231,7 @@ def test_killed_attention_transfer_resumes_to_the_uninterrupted_result(setup, be
 def test_killed_distillation_resumes_to_the_uninterrupted_result(setup, bert_pair, tmp_path):
     def script_args(output):
         return [str(SCRIPTS / "distill_converted.py"), str(bert_pair / "softmax"), str(bert_pair / "hedgehog"),
-                str(output), "--data", str(setup / "text" / "train.jsonl"), "--steps", "20", "--batch-size", "2",
+                str(output), "--data", str(setup / "text" / "train.jsonl"), "--steps", "30", "--batch-size", "2",
                 "--seq-len", "24"]
 
     survives_kills(setup, tmp_path, script_args, "distillation.json", SCRIPT_KILL_POINTS)
