@@ -309,10 +309,11 @@ def _states_before_chunks(kvz, chunk_kvz, running, stabiliser):
     return before, after
 
 
-def _absorb_key(state, k, v, projection, fmap, key_padding_mask):
+def _absorb_key(state, k, v, projection, fmap, key_padding_mask, in_place=False):
     """Adds one key/value (k, v: [B, H, 1, D]; key_padding_mask: [B, 1] or None) to a linear state.
     -> (joined state [B, H, M, D + 1] at the new scale, new running maximum [B, H] (-inf while
-    empty), its finite version)."""
+    empty), its finite version). in_place: state.kvz itself is rescaled and added to (two passes
+    over it instead of five, no new tensor) and returned."""
     logits, offset, token_max = _key_terms(k, projection, fmap, key_padding_mask)
     running = torch.maximum(state.stabiliser, token_max[..., 0])
     stabiliser = _finite(running)
@@ -320,8 +321,21 @@ def _absorb_key(state, k, v, projection, fmap, key_padding_mask):
     keep = None if key_padding_mask is None else key_padding_mask.to(torch.bool)[:, None, :, None]
     shift = (offset + stabiliser[..., None]).unsqueeze(-1)
     phi_k = _masked_keys(fmap, logits, shift, keep)[:, :, 0]  # [B, H, M]
-    kvz = state.kvz * decay[..., None, None] + phi_k.unsqueeze(-1) * _with_ones(v)[:, :, 0].unsqueeze(-2)
+    outer = (phi_k.unsqueeze(-1), _with_ones(v)[:, :, 0].unsqueeze(-2))
+    if in_place:
+        kvz = state.kvz.mul_(decay[..., None, None]).addcmul_(*outer)
+    else:
+        kvz = state.kvz * decay[..., None, None] + outer[0] * outer[1]
     return kvz, running, stabiliser
+
+
+def may_update_in_place(state) -> bool:
+    """Whether a decoding step may overwrite this state's linear sums instead of copying them:
+    only outside autograd and tracing (nothing can need the old values), on a plain contiguous
+    tensor, and not on an inference tensor outside inference mode (torch refuses that)."""
+    kvz = state.kvz
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and kvz.is_contiguous()
+            and (torch.is_inference_mode_enabled() or not kvz.is_inference()))
 
 
 def recurrent_linear_attention(
@@ -332,10 +346,13 @@ def recurrent_linear_attention(
     feature_map="softmax",
     key_padding_mask: Optional[torch.Tensor] = None,
     state: Optional[LinearAttentionState] = None,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, LinearAttentionState]:
     """One decoding step of causal FAVOR+. q, k, v: [B, H, 1, D] -> ([B, H, 1, D], new state).
 
-    Cost and memory are independent of how many tokens the state has absorbed.
+    Cost and memory are independent of how many tokens the state has absorbed. With in_place the
+    step writes the new state into `state.kvz` (the old values are gone: for a state nothing
+    else holds, outside autograd; see `may_update_in_place`).
     """
     _check_qkv(q, k, v, key_padding_mask)
     if q.shape[2] != 1 or k.shape[2] != 1:
@@ -346,7 +363,7 @@ def recurrent_linear_attention(
         state = empty_state(batch, heads, fmap.num_features(projection), v.shape[-1], device=q.device)
     with torch.autocast(device_type=q.device.type, enabled=False):
         phi_q = fmap.queries(q, projection)[:, :, 0]  # [B, H, M]
-        kvz, running, _ = _absorb_key(state, k, v, projection, fmap, key_padding_mask)
+        kvz, running, _ = _absorb_key(state, k, v, projection, fmap, key_padding_mask, in_place)
         out = _divide(phi_q.unsqueeze(-2) @ kvz)  # [B, H, 1, D]
     return out.to(v.dtype), LinearAttentionState(kvz, running)
 
@@ -598,9 +615,11 @@ def recurrent_windowed_attention(
     linear_log_weight: Optional[torch.Tensor] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
     state: Optional[WindowedAttentionState] = None,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, WindowedAttentionState]:
     """One decoding step of causal windowed attention. q, k, v: [B, H, 1, D] -> ([B, H, 1, D], state).
-    The oldest buffered key leaves the window into the linear state; the new key joins the buffer."""
+    The oldest buffered key leaves the window into the linear state; the new key joins the buffer.
+    in_place: as in `recurrent_linear_attention` (the linear part of the state)."""
     _check_qkv(q, k, v, key_padding_mask)
     if q.shape[2] != 1 or k.shape[2] != 1:
         raise ValueError(f"recurrent_windowed_attention takes one token at a time, got T={q.shape[2]}")
@@ -612,7 +631,7 @@ def recurrent_windowed_attention(
             else torch.ones(batch, 1, dtype=torch.bool, device=q.device))
     with torch.autocast(device_type=q.device.type, enabled=False):
         kvz, running, stabiliser = _absorb_key(state, state.keys[:, :, :1], state.values[:, :, :1], projection, fmap,
-                                               state.key_mask[:, :1])
+                                               state.key_mask[:, :1], in_place)
         phi_q, log_scale = fmap.queries_with_log_scale(q, projection)
         linear = phi_q @ kvz  # [B, H, 1, D + 1]
 

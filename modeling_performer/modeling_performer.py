@@ -46,6 +46,7 @@ from .attention import (
     causal_windowed_attention,
     recurrent_windowed_attention,
     windowed_linear_attention,
+    may_update_in_place,
     linear_attention,
     linear_attention_from_state,
     linear_attention_state,
@@ -336,15 +337,18 @@ class PerformerAttention(nn.Module):
                                                  self.linear_log_weight, current_mask)
             return linear_attention(query, key, value, features, feature_map, current_mask)
         state = layer_cache.self_attention if layer_cache is not None else None
+        # The cache owns its state: a decoding step updates it in place where that is safe.
+        in_place = length == 1 and state is not None and may_update_in_place(state)
         if window:
             if length == 1 and state is not None:
                 out, state = recurrent_windowed_attention(query, key, value, features, feature_map, window,
-                                                          self.linear_log_weight, current_mask, state)
+                                                          self.linear_log_weight, current_mask, state, in_place)
             else:
                 out, state = causal_windowed_attention(query, key, value, features, feature_map, window,
                                                        self.linear_log_weight, current_mask, state, self.config.chunk_size)
         elif length == 1 and state is not None:
-            out, state = recurrent_linear_attention(query, key, value, features, feature_map, current_mask, state)
+            out, state = recurrent_linear_attention(query, key, value, features, feature_map, current_mask, state,
+                                                    in_place)
         else:
             out, state = causal_linear_attention(query, key, value, features, feature_map, current_mask, state,
                                                  self.config.chunk_size)

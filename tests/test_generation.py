@@ -54,6 +54,41 @@ def test_prefill_then_decode_equals_full_forward_seq2seq(attention, cross):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def _linear_sums(cache):
+    return [layer.self_attention.kvz for layer in cache.layers]
+
+
+@pytest.mark.parametrize("window", [0, 4], ids=["favor", "hedgehog-window"])
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "prefill_inference_then_no_grad"])
+def test_decoding_updates_the_cache_in_place_only_where_safe_and_equals_the_copying_step(window, context):
+    extra = {"feature_map": "hedgehog", "local_window": window} if window else {}
+    model = causal_lm("favor", **extra)
+    ids, mask = torch.randint(3, 99, (2, 14)), torch.ones(2, 14, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+
+    def decode(prefill_mode, step_mode):
+        with prefill_mode():
+            out = model(ids[:, :8], attention_mask=mask[:, :8], use_cache=True)
+        cache, pieces, same_tensors = out.cache, [], []
+        for t in range(8, 14):
+            before = _linear_sums(cache)
+            with step_mode():
+                out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache, use_cache=True)
+            pieces.append(out.logits)
+            same_tensors.append(all(a is b for a, b in zip(before, _linear_sums(out.cache))))
+        return torch.cat(pieces, 1), same_tensors
+
+    copying, copied = decode(torch.enable_grad, torch.enable_grad)  # autograd on: every step makes a new state
+    assert not any(copied)
+    modes = {"no_grad": (torch.no_grad, torch.no_grad), "inference_mode": (torch.inference_mode, torch.inference_mode),
+             "prefill_inference_then_no_grad": (torch.inference_mode, torch.no_grad)}[context]
+    logits, in_place = decode(*modes)
+    torch.testing.assert_close(logits, copying.detach(), rtol=1e-5, atol=1e-5)
+    # Inference tensors cannot be written outside inference mode: the first step after an inference-mode
+    # prefill copies (into a plain tensor, which the next steps then write in place).
+    assert in_place == [context != "prefill_inference_then_no_grad"] + [True] * 5
+
+
 GENERATE_MODES = {
     "greedy": dict(do_sample=False),
     "sampling": dict(do_sample=True, top_k=20),
