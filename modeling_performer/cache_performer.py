@@ -9,6 +9,10 @@ One entry per decoder layer:
 - cross-attention (seq2seq, or a decoder with cross-attention): computed once from the encoder
   output and reused at every step (FAVOR+: the same state type; softmax: keys/values and the
   encoder padding mask [B, S]).
+
+The cache owns its tensors: outside autograd, a decoding step writes the new linear sums into
+the old ones (`attention.may_update_in_place`). To continue one prefix two ways, copy.deepcopy
+the cache first (as with any transformers cache, which every step mutates).
 """
 
 from typing import Optional, Union
