@@ -337,16 +337,17 @@ class PerformerAttention(nn.Module):
                                                  self.linear_log_weight, current_mask)
             return linear_attention(query, key, value, features, feature_map, current_mask)
         state = layer_cache.self_attention if layer_cache is not None else None
+        decoding = length == 1 and state is not None  # one token onto a state: the recurrent step
         # The cache owns its state: a decoding step updates it in place where that is safe.
-        in_place = length == 1 and state is not None and may_update_in_place(state)
+        in_place = decoding and may_update_in_place(state)
         if window:
-            if length == 1 and state is not None:
+            if decoding:
                 out, state = recurrent_windowed_attention(query, key, value, features, feature_map, window,
                                                           self.linear_log_weight, current_mask, state, in_place)
             else:
                 out, state = causal_windowed_attention(query, key, value, features, feature_map, window,
                                                        self.linear_log_weight, current_mask, state, self.config.chunk_size)
-        elif length == 1 and state is not None:
+        elif decoding:
             out, state = recurrent_linear_attention(query, key, value, features, feature_map, current_mask, state,
                                                     in_place)
         else:
