@@ -27,7 +27,7 @@ from typing import Optional, Union
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import Cache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -571,15 +571,27 @@ def _decoder_cache(cache, use_cache, num_layers):
     return cache, cache.get_seq_length() if cache is not None else 0
 
 
+def _is_decoding_state(value) -> bool:
+    """A transformers Cache, or a legacy cache: per layer, a tuple of tensors (keys, values, ...)."""
+    if isinstance(value, Cache):
+        return True
+    return (isinstance(value, (tuple, list)) and len(value) > 0
+            and all(isinstance(layer, (tuple, list)) and len(layer) > 0
+                    and all(isinstance(t, torch.Tensor) for t in layer) for layer in value))
+
+
 def _refuse_misleading_kwargs(kwargs):
     """Like an in-tree model, forward accepts the keywords transformers passes around (Trainer,
     generate, pipelines) and ignores those it does not use. Refused, because they would silently
-    give a wrong answer: the pre-5.24 cache name, a request for attention weights, and a near
-    miss of one of forward's own argument names (`atention_mask`)."""
+    give a wrong answer: a decoding state under any name but `cache` (the name before
+    transformers 5.24, or a misspelling: ignored, it would restart the sequence), a request for
+    attention weights, and a near miss of one of forward's own argument names (`atention_mask`)."""
     if not kwargs:
         return
-    if "past_key_values" in kwargs:
-        raise TypeError("past_key_values is the pre-5.24 name of the decoding state: pass it as `cache=`")
+    for name, value in kwargs.items():
+        if _is_decoding_state(value):
+            raise TypeError(f"{name}= holds a decoding state: Performer forwards take it as `cache=` (the name since "
+                            "transformers 5.24)")
     if kwargs.get("output_attentions"):
         raise ValueError("output_attentions is not supported: linear attention never forms the [T, S] attention weights")
     if torch.compiler.is_compiling():

@@ -201,6 +201,12 @@ def test_past_key_values_name_is_refused():
     model = causal_lm("favor")
     with pytest.raises(TypeError, match="cache="):
         model(torch.tensor([[4, 5]]), past_key_values=PerformerCache())
+    state = model(torch.tensor([[4, 5]]), use_cache=True).cache
+    with pytest.raises(TypeError, match="past_key_value= holds a decoding state.*cache="):  # any other name too
+        model(torch.tensor([[6]]), past_key_value=state)
+    legacy = tuple((torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8)) for _ in range(2))  # a pre-Cache tuple
+    with pytest.raises(TypeError, match="cache="):
+        model(torch.tensor([[6]]), past_key_values=legacy)
 
 
 @pytest.mark.parametrize("options", [{}, {"feature_map": "hedgehog", "local_window": 3}], ids=["favor", "hedgehog-window"])
