@@ -313,18 +313,23 @@ def _absorb_key(state, k, v, projection, fmap, key_padding_mask, in_place=False)
     """Adds one key/value (k, v: [B, H, 1, D]; key_padding_mask: [B, 1] or None) to a linear state.
     -> (joined state [B, H, M, D + 1] at the new scale, new running maximum [B, H] (-inf while
     empty), its finite version). in_place: state.kvz itself is rescaled and added to (two passes
-    over it instead of five, no new tensor) and returned."""
+    over it instead of five, no new tensor) and returned. On CPU the rescaling pass is skipped
+    when no head's maximum grows (the decay is then exactly 1): once a state has absorbed a few
+    hundred keys a new key rarely sets a new maximum, so most steps make one pass. Asking costs a
+    host sync, free on CPU but not on an accelerator, where the pass always runs."""
     logits, offset, token_max = _key_terms(k, projection, fmap, key_padding_mask)
     running = torch.maximum(state.stabiliser, token_max[..., 0])
     stabiliser = _finite(running)
-    decay = torch.exp(state.stabiliser - stabiliser)
     keep = None if key_padding_mask is None else key_padding_mask.to(torch.bool)[:, None, :, None]
     shift = (offset + stabiliser[..., None]).unsqueeze(-1)
     phi_k = _masked_keys(fmap, logits, shift, keep)[:, :, 0]  # [B, H, M]
     outer = (phi_k.unsqueeze(-1), _with_ones(v)[:, :, 0].unsqueeze(-2))
     if in_place:
-        kvz = state.kvz.mul_(decay[..., None, None]).addcmul_(*outer)
+        if state.kvz.device.type != "cpu" or bool((running != state.stabiliser).any()):
+            state.kvz.mul_(torch.exp(state.stabiliser - stabiliser)[..., None, None])
+        kvz = state.kvz.addcmul_(*outer)
     else:
+        decay = torch.exp(state.stabiliser - stabiliser)
         kvz = state.kvz * decay[..., None, None] + outer[0] * outer[1]
     return kvz, running, stabiliser
 

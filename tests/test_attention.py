@@ -270,3 +270,39 @@ def test_bad_shapes_and_general_masks_are_rejected():
         recurrent_linear_attention(q, k, v, w)
     with pytest.raises(ValueError, match="feature_map"):
         linear_attention(q, k, v, w, feature_map="cosine")
+
+
+def _state_rescaled(step):
+    """Runs step() under the profiler -> whether it multiplied a tensor in place (the rescaling pass)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    return any(event.name == "aten::mul_" for event in prof.events())
+
+
+@pytest.mark.parametrize("grows", ["no_head", "one_head"])
+def test_in_place_step_rescales_the_state_only_when_a_maximum_grows(grows):
+    w = projection()
+    q, k, v = qkv(40, seed=3)
+    _, state = causal_linear_attention(q[:, :, :39], k[:, :, :39], v[:, :, :39], w, "softmax")
+    new_key = k[:, :, 39:].clone()
+    if grows == "no_head":
+        new_key *= 0.0  # r = W k' - |k'|^2 / 2 = 0 everywhere, below the 39-key maximum
+    else:
+        new_key *= 0.0
+        new_key[1, 2] = 2.0 * w[0]  # the key that maximises feature 0: a new maximum in head (1, 2) only
+    copy_out, copy_state = recurrent_linear_attention(q[:, :, 39:], new_key, v[:, :, 39:], w, "softmax", state=state)
+    grew = copy_state.stabiliser != state.stabiliser
+    assert grew.sum().item() == (0 if grows == "no_head" else 1)
+
+    working = state._replace(kvz=state.kvz.clone())
+    results = []
+    with torch.no_grad():
+        rescaled = _state_rescaled(lambda: results.append(recurrent_linear_attention(
+            q[:, :, 39:], new_key, v[:, :, 39:], w, "softmax", state=working, in_place=True)))
+    out, new_state = results[0]
+    assert new_state.kvz is working.kvz  # written in place
+    assert rescaled == (grows == "one_head")  # one pass over the state when nothing grew
+    # Equal to the copying step up to rounding (addcmul_ rounds once where the copy rounds twice).
+    torch.testing.assert_close(out, copy_out)
+    torch.testing.assert_close(new_state.kvz, copy_state.kvz)
+    assert torch.equal(new_state.stabiliser, copy_state.stabiliser)
