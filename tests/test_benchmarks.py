@@ -36,6 +36,22 @@ def test_bench_serving_measures_every_model_and_draws(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_serving_compiles_every_models_decoding_step_and_times_it_after_warm_up(tmp_path):
+    out = tmp_path / "serving.json"
+    run("bench_serving.py", *TINY, "--kinds", "performer", "gpt2", "--batches", "2", "--contexts", "16",
+        "--new-tokens", "7", "--compile", "--output", str(out))
+    results = {r["kind"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {"performer", "gpt2"}
+    for r in results.values():
+        assert r["compiled"] and r["compiled_graphs"] >= 1  # the decoding step really ran compiled
+        assert r["timed_steps"] == 7 - 1 - 3  # gaps between the 7 steps, less the 3 that compile
+    assert results["gpt2"]["cache_implementation"] == "static"  # the cache transformers can compile
+    # The static cache is allocated for the whole generation up front: keys and values of the context and of
+    # every new token but the last (never fed back), fp32.
+    assert results["gpt2"]["cache_mib"] * 2**20 == 2 * 2 * (16 + 7 - 1) * 32 * 4
+
+
+@pytest.mark.slow
 def test_bench_training_measures_and_skips_quadratic_models_beyond_their_limit(tmp_path):
     out = tmp_path / "training.json"
     stdout = run("bench_training.py", *TINY, "--window", "4", "--chunk-size", "8", "--lengths", "32", "64",
