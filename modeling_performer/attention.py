@@ -314,9 +314,10 @@ def _absorb_key(state, k, v, projection, fmap, key_padding_mask, in_place=False)
     -> (joined state [B, H, M, D + 1] at the new scale, new running maximum [B, H] (-inf while
     empty), its finite version). in_place: state.kvz itself is rescaled and added to (two passes
     over it instead of five, no new tensor) and returned. On CPU the rescaling pass is skipped
-    when no head's maximum grows (the decay is then exactly 1): once a state has absorbed a few
-    hundred keys a new key rarely sets a new maximum, so most steps make one pass. Asking costs a
-    host sync, free on CPU but not on an accelerator, where the pass always runs."""
+    when no head's maximum grows (the decay is then exactly 1): a new maximum grows rare as the
+    context grows (for keys drawn alike, about B * H / t of the steps at t tokens), so long contexts
+    mostly make one pass. Asking costs a host sync, free on CPU but not on an accelerator, where
+    the pass always runs."""
     logits, offset, token_max = _key_terms(k, projection, fmap, key_padding_mask)
     running = torch.maximum(state.stabiliser, token_max[..., 0])
     stabiliser = _finite(running)
