@@ -2,8 +2,9 @@
 """Batched generation: decoding throughput (tokens/s) and peak memory when serving many long
 prompts at once. A Performer causal LM (FAVOR+, and Hedgehog maps with an exact local window)
 against transformers' GPT-2 of the same shape (SDPA, KV cache: transformers' default dynamic one,
-or its static one), random weights, in the same run. Every batch holds prompts of different lengths (uniform in [context/2, context],
-left-padded to `context`), generated with `generate()` (greedy). Each point runs in a fresh
+or its static one), random weights, in the same run. Every batch holds prompts of different
+lengths (uniform in [context/2, context], left-padded to `context`), generated with `generate()`
+(greedy), eager or with compiled decoding steps. Each point runs in a fresh
 process; decoding time is taken between generation steps (a logits processor stamps each step),
 so the prefill is reported apart.
 
@@ -129,6 +130,8 @@ def main():
                         help="fresh processes per point, in interleaved rounds; the median run is reported")
     add_model_arguments(parser, "serving", worker_args=3)
     args = parser.parse_args()
+    if args.repeats < 1 or (args.warmup_steps is not None and args.warmup_steps < 0):
+        parser.error(f"--repeats must be >= 1 and --warmup-steps >= 0, got {args.repeats} and {args.warmup_steps}")
     if handled_without_measuring("serving", args, worker):
         return
     print(f"{args.layers} layers, hidden {args.hidden}, {args.heads} heads, M={args.features}, window {args.window}; "
