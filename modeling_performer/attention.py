@@ -321,17 +321,17 @@ def _absorb_key(state, k, v, projection, fmap, key_padding_mask, in_place=False)
     logits, offset, token_max = _key_terms(k, projection, fmap, key_padding_mask)
     running = torch.maximum(state.stabiliser, token_max[..., 0])
     stabiliser = _finite(running)
+    decay = torch.exp(state.stabiliser - stabiliser)[..., None, None]
     keep = None if key_padding_mask is None else key_padding_mask.to(torch.bool)[:, None, :, None]
     shift = (offset + stabiliser[..., None]).unsqueeze(-1)
     phi_k = _masked_keys(fmap, logits, shift, keep)[:, :, 0]  # [B, H, M]
     outer = (phi_k.unsqueeze(-1), _with_ones(v)[:, :, 0].unsqueeze(-2))
     if in_place:
         if state.kvz.device.type != "cpu" or bool((running != state.stabiliser).any()):
-            state.kvz.mul_(torch.exp(state.stabiliser - stabiliser)[..., None, None])
+            state.kvz.mul_(decay)
         kvz = state.kvz.addcmul_(*outer)
     else:
-        decay = torch.exp(state.stabiliser - stabiliser)
-        kvz = state.kvz * decay[..., None, None] + outer[0] * outer[1]
+        kvz = state.kvz * decay + outer[0] * outer[1]
     return kvz, running, stabiliser
 
 

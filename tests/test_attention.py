@@ -284,11 +284,8 @@ def test_in_place_step_rescales_the_state_only_when_a_maximum_grows(grows):
     w = projection()
     q, k, v = qkv(40, seed=3)
     _, state = causal_linear_attention(q[:, :, :39], k[:, :, :39], v[:, :, :39], w, "softmax")
-    new_key = k[:, :, 39:].clone()
-    if grows == "no_head":
-        new_key *= 0.0  # r = W k' - |k'|^2 / 2 = 0 everywhere, below the 39-key maximum
-    else:
-        new_key *= 0.0
+    new_key = torch.zeros_like(k[:, :, 39:])  # r = W k' - |k'|^2 / 2 = 0 everywhere, below the 39-key maximum
+    if grows == "one_head":
         new_key[1, 2] = 2.0 * w[0]  # the key that maximises feature 0: a new maximum in head (1, 2) only
     copy_out, copy_state = recurrent_linear_attention(q[:, :, 39:], new_key, v[:, :, 39:], w, "softmax", state=state)
     grew = copy_state.stabiliser != state.stabiliser
