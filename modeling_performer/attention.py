@@ -5,8 +5,10 @@ All FAVOR+ functions share one calling convention:
 
     fn(q, k, v, projection, feature_map, key_padding_mask=None, state=None, ...)
 
-with q: [B, H, T, D], k/v: [B, H, S, D], projection W: [M, D], feature_map a name ("softmax",
-"relu") or a feature-map class, key_padding_mask: [B, S] (True / 1 = real token). The causal
+with q: [B, H, T, D], k/v: [B, H_kv, S, D], projection W: [M, D] (Hedgehog: the query and key
+maps [H, D, F], [H_kv, D, F]), feature_map a name ("softmax", "relu", "hedgehog") or a feature-map
+class, key_padding_mask: [B, S] (True / 1 = real token). Grouped-query attention: H_kv divides H,
+query head h reads key/value head h // (H / H_kv); states hold one entry per key/value head. The causal
 functions take and return a `LinearAttentionState`, so a sequence can be split anywhere and
 resumed: prefill with `causal_linear_attention`, then decode with `recurrent_linear_attention`.
 
@@ -73,10 +75,11 @@ def _check_qkv(q, k, v, key_padding_mask):
         raise ValueError(
             f"q, k, v must be [B, H, T, D] tensors, got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    if k.shape[:3] != v.shape[:3] or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+    if (k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[1] % k.shape[1]
+            or q.shape[-1] != k.shape[-1]):
         raise ValueError(
             f"Incompatible q/k/v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}: "
-            "q [B, H, T, D], k [B, H, S, D], v [B, H, S, Dv] expected"
+            "q [B, H, T, D], k [B, H_kv, S, D], v [B, H_kv, S, Dv] with H a multiple of H_kv expected"
         )
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2]):
         raise ValueError(
@@ -112,6 +115,24 @@ def _with_ones(v: torch.Tensor) -> torch.Tensor:
     """v: [..., S, D] -> [..., S, D + 1] fp32. The extra column of ones makes one matrix product
     give both phi(k)^T v and the normaliser sum of phi(k)."""
     return torch.cat([v.float(), v.new_ones(*v.shape[:-1], 1, dtype=torch.float32)], dim=-1)
+
+
+def _query_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Query-side [B, H, T, X] -> [B, H_kv, H / H_kv * T, X]: the queries of each key/value head's
+    group side by side, for products with a per-key/value-head state."""
+    return x.reshape(x.shape[0], kv_heads, -1, x.shape[-1])
+
+
+def _query_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Inverse of `_query_groups`: [B, H_kv, G * T, X] -> [B, H, T, X]."""
+    return x.reshape(x.shape[0], heads, -1, x.shape[-1])
+
+
+def repeat_key_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Key-side [B, H_kv, ...] -> [B, H, ...], each key/value head repeated for its group (the
+    exact parts, whose cost is per query head anyway)."""
+    groups = heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
 def _divide(augmented: torch.Tensor) -> torch.Tensor:
@@ -158,7 +179,8 @@ def linear_attention_from_state(
     """q: [B, H, T, D] attends to everything summarised in state -> [B, H, T, D] in q's dtype."""
     fmap = _resolve(feature_map)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        out = _divide(fmap.queries(q, projection) @ state.kvz)
+        phi_q = _query_groups(fmap.queries(q, projection), state.kvz.shape[1])
+        out = _divide(_query_heads(phi_q @ state.kvz, q.shape[1]))
     return out.to(q.dtype)
 
 
@@ -205,7 +227,7 @@ def causal_linear_attention(
     batch, heads, length, head_dim = q.shape
     value_dim = v.shape[-1]
     if state is None:
-        state = empty_state(batch, heads, fmap.num_features(projection), value_dim, device=q.device)
+        state = empty_state(batch, k.shape[1], fmap.num_features(projection), value_dim, device=q.device)
     if length == 0:
         return v.new_zeros(batch, heads, 0, value_dim), state
 
@@ -221,9 +243,12 @@ def causal_linear_attention(
 def _causal_terms(fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, state, chunk_size):
     """The unnormalised causal sums, chunk by chunk. phi_q: [B, H, T, M]; logits, offset,
     token_max as `_key_terms` returns them; v1: [B, H, T, D + 1] (values and a column of ones).
+    Keys, values and the state have H_kv heads; each query head reads its group's.
     -> (sum_{j <= t} phi(q_t) phi(k_j) [v_j, 1]: [B, H, T, D + 1] at the scale exp(-stabiliser_t),
         stabiliser_t: [B, H, T] (finite), the state after the last token)."""
-    batch, heads, length, _ = phi_q.shape
+    batch, query_heads, length, _ = phi_q.shape
+    heads = logits.shape[1]
+    groups = query_heads // heads
     value_dim = v1.shape[-1] - 1
     num_features = phi_q.shape[-1]
     mask = key_padding_mask.to(torch.bool) if key_padding_mask is not None else None
@@ -255,11 +280,12 @@ def _causal_terms(fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, 
     keep = None if mask is None else mask.view(batch, 1, num_chunks, chunk, 1)
     shift = (offset.view(batch, heads, num_chunks, chunk) + stabiliser[..., None]).unsqueeze(-1)
     phi_k = _masked_keys(fmap, logits.view(batch, heads, num_chunks, chunk, logits.shape[-1]), shift, keep)
-    phi_q = phi_q.view(batch, heads, num_chunks, chunk, num_features)
+    # Query heads as [key/value head, group member]: every key-side tensor gains a broadcast group axis.
+    phi_q = phi_q.reshape(batch, heads, groups, num_chunks, chunk, num_features)
     v1 = v1.view(batch, heads, num_chunks, chunk, value_dim + 1)
 
     # Inside each chunk: an explicit lower-triangular product.
-    out = (phi_q @ phi_k.transpose(-1, -2)).tril() @ v1  # [B, H, NC, C, D + 1]
+    out = (phi_q @ phi_k.transpose(-1, -2).unsqueeze(2)).tril() @ v1.unsqueeze(2)  # [B, H_kv, G, NC, C, D + 1]
 
     # Across chunks: the state before chunk c, at chunk c's scale.
     chunk_kvz = (v1.transpose(-1, -2) @ phi_k).transpose(-1, -2)  # [B, H, NC, M, D + 1]
@@ -277,10 +303,11 @@ def _causal_terms(fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, 
             before.append(kvz)
             kvz = kvz + kvz_c
         before = torch.stack(before, dim=2)
-    out = out + phi_q @ before
+    out = out + phi_q @ before.unsqueeze(2)
 
-    out = out.reshape(batch, heads, num_chunks * chunk, value_dim + 1)[:, :, :length]
-    per_token = stabiliser[..., None].expand(batch, heads, num_chunks, chunk).reshape(batch, heads, -1)[..., :length]
+    out = out.reshape(batch, query_heads, num_chunks * chunk, value_dim + 1)[:, :, :length]
+    per_token = stabiliser[:, :, None, :, None].expand(batch, heads, groups, num_chunks, chunk)
+    per_token = per_token.reshape(batch, query_heads, -1)[..., :length]
     return out, per_token, LinearAttentionState(kvz, running[..., -1])
 
 
@@ -366,11 +393,11 @@ def recurrent_linear_attention(
     fmap = _resolve(feature_map)
     batch, heads, _, _ = q.shape
     if state is None:
-        state = empty_state(batch, heads, fmap.num_features(projection), v.shape[-1], device=q.device)
+        state = empty_state(batch, k.shape[1], fmap.num_features(projection), v.shape[-1], device=q.device)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        phi_q = fmap.queries(q, projection)[:, :, 0]  # [B, H, M]
+        phi_q = _query_groups(fmap.queries(q, projection), k.shape[1])  # [B, H_kv, G, M]
         kvz, running, _ = _absorb_key(state, k, v, projection, fmap, key_padding_mask, in_place)
-        out = _divide(phi_q.unsqueeze(-2) @ kvz)  # [B, H, 1, D]
+        out = _divide(_query_heads(phi_q @ kvz, heads))  # [B, H, 1, D]
     return out.to(v.dtype), LinearAttentionState(kvz, running)
 
 
@@ -499,6 +526,8 @@ def windowed_linear_attention(
         stabiliser = token_max.amax(dim=-1)  # [B, H]: one constant for every key
         shift = (offset + _finite(stabiliser)[..., None]).unsqueeze(-1)
         phi_k = _masked_keys(fmap, logits, shift, mask[:, None, :length, None])
+        # The window and its band corrections are per query head: each key/value head serves its group.
+        k, v, phi_k, stabiliser = (repeat_key_heads(x, heads) for x in (k, v, phi_k, stabiliser))
         pad = (0, 0, 0, padded)
         phi_q, phi_k, v1 = F.pad(phi_q, pad), F.pad(phi_k, pad), F.pad(_with_ones(v), pad)
 
@@ -604,7 +633,8 @@ def causal_windowed_attention(
             fmap, phi_q, logits, offset, token_max, _with_ones(values[:, :, :length]), delayed_mask, linear_state,
             chunk_size,
         )
-        window_num, window_den, window_max = _causal_window_terms(q, keys, values, key_mask, window)
+        window_num, window_den, window_max = _causal_window_terms(q, repeat_key_heads(keys, heads),
+                                                                  repeat_key_heads(values, heads), key_mask, window)
         out = _combine(window_num, window_den, window_max, linear, linear_stabiliser, log_scale, linear_log_weight,
                        fmap.calibrated)
     new_state = WindowedAttentionState(*linear_state, keys[:, :, length:], values[:, :, length:], key_mask[:, length:])
@@ -639,14 +669,15 @@ def recurrent_windowed_attention(
         kvz, running, stabiliser = _absorb_key(state, state.keys[:, :, :1], state.values[:, :, :1], projection, fmap,
                                                state.key_mask[:, :1], in_place)
         phi_q, log_scale = fmap.queries_with_log_scale(q, projection)
-        linear = phi_q @ kvz  # [B, H, 1, D + 1]
+        heads = q.shape[1]
+        linear = _query_heads(_query_groups(phi_q, kvz.shape[1]) @ kvz, heads)  # [B, H, 1, D + 1]
 
         keys = torch.cat([state.keys[:, :, 1:], k.to(state.keys.dtype)], dim=2)
         values = torch.cat([state.values[:, :, 1:], v.to(state.values.dtype)], dim=2)
         key_mask = torch.cat([state.key_mask[:, 1:], mask], dim=1)
-        weights, top = _window_scores(q, keys, key_mask[:, None, None, :])
-        out = _combine(weights @ values.float(), weights.sum(-1), top, linear, stabiliser[..., None], log_scale,
-                       linear_log_weight, fmap.calibrated)
+        weights, top = _window_scores(q, repeat_key_heads(keys, heads), key_mask[:, None, None, :])
+        out = _combine(weights @ repeat_key_heads(values, heads).float(), weights.sum(-1), top, linear,
+                       repeat_key_heads(stabiliser, heads)[..., None], log_scale, linear_log_weight, fmap.calibrated)
     new_state = WindowedAttentionState(kvz, running, keys, values, key_mask)
     return out.to(v.dtype), new_state
 
@@ -691,6 +722,7 @@ def softmax_attention(
     """
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2]):
         raise ValueError(f"key_padding_mask must have shape [B, S] = {(k.shape[0], k.shape[2])}, got {tuple(key_padding_mask.shape)}")
+    k, v = repeat_key_heads(k, q.shape[1]), repeat_key_heads(v, q.shape[1])
     mask = build_attention_mask(q.shape[2], k.shape[2], key_padding_mask, causal, device=q.device)
     if attn_mask is not None:
         attn_mask = attn_mask.to(torch.bool)
@@ -712,7 +744,7 @@ def softmax_attention(
 def naive_linear_attention(q, k, v, projection, feature_map="softmax", key_padding_mask=None, causal=False):
     """The T x S matrix phi(q) phi(k)^T written out, in float64, with one global key constant."""
     fmap = _resolve(feature_map)
-    q, k, v, projection = q.double(), k.double(), v.double(), projection.double()
+    q, k, v, projection = q.double(), k.double(), v.double(), _double(projection)
     head_dim = q.shape[-1]
     qs, ks = q * head_dim**-0.25, k * head_dim**-0.25
     if fmap.name == "softmax":
@@ -723,11 +755,18 @@ def naive_linear_attention(q, k, v, projection, feature_map="softmax", key_paddi
         phi_k = torch.exp(r - valid.amax(dim=(-1, -2), keepdim=True))
     else:
         phi_q, phi_k = _naive_features(fmap, q, k, projection)
-    scores = phi_q @ phi_k.transpose(-1, -2)
+    scores = phi_q @ repeat_key_heads(phi_k, q.shape[1]).transpose(-1, -2)
     mask = build_attention_mask(q.shape[2], k.shape[2], key_padding_mask, causal, device=q.device)
     if mask is not None:
         scores = scores * mask
-    return scores @ v / scores.sum(-1, keepdim=True).clamp_min(1e-300)
+    return scores @ repeat_key_heads(v, q.shape[1]) / scores.sum(-1, keepdim=True).clamp_min(1e-300)
+
+
+def _double(projection):
+    """float64 copy of a projection or of a Hedgehog (query, key) pair."""
+    if isinstance(projection, (tuple, list)):
+        return tuple(p.double() for p in projection)
+    return projection.double()
 
 
 def _naive_features(fmap, q, k, projection):
@@ -747,9 +786,10 @@ def naive_windowed_attention(q, k, v, projection, feature_map="softmax", window=
     """The combined window + linear formula (above `windowed_linear_attention`) with T x S matrices, in float64. FAVOR+
     features carry their exact constants, exp(W x' - |x'|^2 / 2) / sqrt(M)."""
     fmap = _resolve(feature_map)
-    q, k, v, projection = q.double(), k.double(), v.double(), projection.double()
+    q, k, v, projection = q.double(), k.double(), v.double(), _double(projection)
     head_dim = q.shape[-1]
-    scores = q @ k.transpose(-1, -2) / head_dim**0.5
+    heads = q.shape[1]
+    scores = q @ repeat_key_heads(k, heads).transpose(-1, -2) / head_dim**0.5
     positions = torch.arange(q.shape[2], device=q.device)
     distance = positions[:, None] - positions[None, :]  # i - j
     in_window = (distance >= 0) & (distance < window) if causal else distance.abs() < window
@@ -764,18 +804,19 @@ def naive_windowed_attention(q, k, v, projection, feature_map="softmax", window=
         qs, ks = q * head_dim**-0.25, k * head_dim**-0.25
         phi_q = torch.exp(qs @ projection.T - qs.pow(2).sum(-1, keepdim=True) / 2) / projection.shape[0] ** 0.5
         phi_k = torch.exp(ks @ projection.T - ks.pow(2).sum(-1, keepdim=True) / 2) / projection.shape[0] ** 0.5
-        linear = (phi_q @ phi_k.transpose(-1, -2)) * torch.exp(-top)
+        linear = (phi_q @ repeat_key_heads(phi_k, heads).transpose(-1, -2)) * torch.exp(-top)
     else:
         phi_q, phi_k = _naive_features(fmap, q, k, projection)
-        linear = phi_q @ phi_k.transpose(-1, -2)
+        linear = phi_q @ repeat_key_heads(phi_k, heads).transpose(-1, -2)
     if linear_log_weight is not None:
         linear = linear * torch.exp(linear_log_weight.double()).view(1, -1, 1, 1)
     weights = exact + linear * outside
-    return weights @ v / weights.sum(-1, keepdim=True).clamp_min(1e-300)
+    return weights @ repeat_key_heads(v, heads) / weights.sum(-1, keepdim=True).clamp_min(1e-300)
 
 
 def naive_softmax_attention(q, k, v, key_padding_mask=None, causal=False):
     """softmax(q k^T / sqrt(D)) v written out."""
+    k, v = repeat_key_heads(k, q.shape[1]), repeat_key_heads(v, q.shape[1])
     scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
     mask = build_attention_mask(q.shape[2], k.shape[2], key_padding_mask, causal, device=q.device)
     if mask is not None:

@@ -14,7 +14,7 @@ ATTENTION_TYPES = ("favor", "softmax")
 # Names used by earlier Performer code bases, accepted and normalised.
 ATTENTION_TYPE_ALIASES = {"linear": "favor", "causal_linear": "favor", "performer": "favor", "full": "softmax"}
 HIDDEN_ACTS = ("gelu", "gelu_new", "relu", "silu", "swiglu", "geglu", "reglu")
-NORM_TYPES = ("pre_layernorm", "post_layernorm", "rezero", "pre_scalenorm")
+NORM_TYPES = ("pre_layernorm", "post_layernorm", "rezero", "pre_scalenorm", "pre_rmsnorm")
 POSITION_TYPES = ("rotary", "learned")
 POOLING_TYPES = ("cls", "mean")
 PROJECTION_TYPES = ("orthogonal", "iid")
@@ -28,7 +28,11 @@ _TRANSFORMERS_KEYS = {
     "use_return_dict", "tie_encoder_decoder", "add_cross_attention", "cross_attention_hidden_size",
     "pruned_heads", "torchscript", "task_specific_params", "finetuning_task", "tokenizer_class",
     "prefix", "sep_token_id", "cls_token_id", "mask_token_id", "unk_token_id", "base_model_prefix",
+    # Folded into rope_parameters by transformers (names of earlier configs and of Llama's).
+    "rope_theta", "rope_scaling",
 }
+# What transformers' rope utilities compute besides the default rotary (modeling_rope_utils).
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
 class PerformerConfig(PreTrainedConfig):
@@ -61,6 +65,18 @@ class PerformerConfig(PreTrainedConfig):
     encoder_layers: int | None = None
     decoder_layers: int | None = None
     num_attention_heads: int = 8
+    # Grouped-query attention: heads of keys/values, each shared by num_attention_heads /
+    # num_key_value_heads query heads (1 = multi-query). None = num_attention_heads. Linear layers keep
+    # one state per key/value head, so the decoding cache shrinks by the same factor.
+    num_key_value_heads: int | None = None
+    # Width of one head; None = hidden_size / num_attention_heads (Qwen3 sets it explicitly).
+    head_dim: int | None = None
+    # Biases of q/k/v_proj, of o_proj (None = as attention_bias; Qwen2 has q/k/v biases only), of the MLP.
+    attention_bias: bool = True
+    attention_output_bias: bool | None = None
+    mlp_bias: bool = True
+    # RMSNorm of every query and key head before the rotary (Qwen3).
+    qk_norm: bool = False
     intermediate_size: int = 2048
     hidden_act: str = "gelu"
     # "favor" | "softmax", or one entry per layer for a hybrid stack.
@@ -86,7 +102,10 @@ class PerformerConfig(PreTrainedConfig):
     norm_type: str = "pre_layernorm"
     position_embedding_type: str = "rotary"
     max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
+    # Rotary frequencies in transformers' format: {"rope_type": "default" | "linear" | "dynamic" | "yarn" |
+    # "llama3", "rope_theta": 10000.0, "factor": ...}, computed by transformers' rope utilities. `rope_theta=`
+    # (and Llama's older `rope_scaling=`) are accepted and folded in.
+    rope_parameters: dict | None = None
     # Token types (segment embeddings, as BERT); 0 disables them.
     type_vocab_size: int = 0
     hidden_dropout_prob: float = 0.1
@@ -200,10 +219,25 @@ class PerformerConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                    f"({self.num_attention_heads}), or give head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        for name in ("head_dim", "num_key_value_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads}): each key/value head serves a whole group of query heads"
             )
+        self._validate_rope()
         if self.feature_redraw_interval < 0:
             raise ValueError(f"feature_redraw_interval must be >= 0 (0 = never), got {self.feature_redraw_interval}")
         if not self.layer_norm_eps > 0:
@@ -219,9 +253,33 @@ class PerformerConfig(PreTrainedConfig):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
+    def _validate_rope(self):
+        """rope_parameters as transformers standardised it (rope_theta folded in), restricted to the
+        types this model computes, each with the keys its transformers function needs."""
+        rope = self.rope_parameters or {}
+        rope.setdefault("rope_type", "default")
+        rope.setdefault("rope_theta", 10000.0)
+        self.rope_parameters = rope
+        if rope["rope_type"] not in ROPE_TYPES:
+            raise ValueError(f"Invalid rope_parameters['rope_type']={rope['rope_type']!r}; valid values: {list(ROPE_TYPES)}")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(
+                f"rope_parameters['partial_rotary_factor']={rope['partial_rotary_factor']} is not supported: the rotary "
+                "turns every dimension of a head"
+            )
+        if self.position_embedding_type == "rotary" and self.head_dim % 2:
+            raise ValueError(
+                f"rotary positions rotate pairs of dimensions and need an even head dimension, got {self.head_dim}; "
+                "change head_dim (or hidden_size / num_attention_heads), or use position_embedding_type='learned'"
+            )
+        try:
+            self.validate_rope()
+        except KeyError as error:
+            raise ValueError(f"rope_parameters of type {rope['rope_type']!r} lack {error}") from error
+
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def attention_output_has_bias(self) -> bool:
+        return self.attention_bias if self.attention_output_bias is None else self.attention_output_bias
 
     def stack_sizes(self) -> dict[str, int]:
         if self.is_encoder_decoder:

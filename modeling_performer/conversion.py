@@ -1,5 +1,5 @@
-"""Conversion of pretrained softmax Transformers (BERT, RoBERTa, MiniLM, GPT-2, or a Performer
-trained with softmax attention) into Performers.
+"""Conversion of pretrained softmax Transformers (BERT, RoBERTa, MiniLM, GPT-2, the Llama family:
+Llama, Mistral, Qwen2, Qwen3; or a Performer trained with softmax attention) into Performers.
 
 The converted model keeps every weight of the source; only the attention computation changes
 (`attention_type="favor"`), or nothing at all (`attention_type="softmax"`, which reproduces the
@@ -31,7 +31,9 @@ from .modeling_performer import (
 logger = logging.get_logger(__name__)
 
 ENCODER_TYPES = ("bert", "roberta")
-DECODER_TYPES = ("gpt2",)
+# Pre-RMSNorm decoders with a gated MLP, rotary positions and grouped key/value heads.
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DECODER_TYPES = ("gpt2", *LLAMA_TYPES)
 SUPPORTED_TYPES = ENCODER_TYPES + DECODER_TYPES
 HEADS = {
     "base": PerformerModel,
@@ -45,14 +47,19 @@ DEFAULT_HEADS = {
     "BertForSequenceClassification": "classification",
     "RobertaModel": "base", "RobertaForMaskedLM": "masked-lm", "RobertaForSequenceClassification": "classification",
     "GPT2Model": "base", "GPT2LMHeadModel": "causal-lm",
+    "LlamaModel": "base", "LlamaForCausalLM": "causal-lm", "MistralModel": "base", "MistralForCausalLM": "causal-lm",
+    "Qwen2Model": "base", "Qwen2ForCausalLM": "causal-lm", "Qwen3Model": "base", "Qwen3ForCausalLM": "causal-lm",
 }
+# The gated MLP's activation -> the Performer's gated unit.
+GATED_ACTIVATIONS = {"silu": "swiglu", "gelu": "geglu", "relu": "reglu"}
 class ConversionError(ValueError):
     """The source checkpoint cannot be converted (unsupported architecture or option)."""
 
 
 # Weights that a softmax source lacks (or a linear source has and a softmax target drops): drawn from
 # the seed or set to their starting values, to be fitted by attention transfer.
-LINEAR_ONLY_WEIGHTS = ("projection", "draws", "training_forwards", "feature_map.weight", "linear_log_weight")
+LINEAR_ONLY_WEIGHTS = ("projection", "draws", "training_forwards", "feature_map.query_weight", "feature_map.key_weight",
+                       "linear_log_weight")
 
 
 def _convert_performer(source, config, attention_type, num_random_features, head, overrides):
@@ -89,6 +96,26 @@ def _convert_performer(source, config, attention_type, num_random_features, head
     return model.eval(), AutoTokenizer.from_pretrained(source)
 
 
+def resolve_source(source: str) -> str:
+    """A local folder as it is; anything else is taken for a Hub model id and downloaded (weights,
+    config, tokenizer) where the Hub is reachable. Offline, the error says so."""
+    if os.path.isdir(source):
+        return source
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source):
+        raise ConversionError(f"SOURCE must be a local model folder or a Hub model id; {source!r} is not a folder")
+    from huggingface_hub import constants, snapshot_download
+
+    if constants.HF_HUB_OFFLINE:
+        raise ConversionError(
+            f"{source!r} is not a local folder, and the Hub is offline (HF_HUB_OFFLINE=1): download the model to a "
+            "folder first (huggingface-cli download) and pass the folder"
+        )
+    try:
+        return snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except Exception as error:  # network, authentication, unknown repository: all mean "no source"
+        raise ConversionError(f"could not download {source!r} from the Hub: {error}") from error
+
+
 def _source_config(source):
     from transformers import AutoConfig
 
@@ -110,6 +137,8 @@ def _source_config(source):
             raise ConversionError(f"position_embedding_type={position!r} is not supported; only 'absolute' positions map")
         if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
             raise ConversionError("BERT-family decoders / cross-attention checkpoints are not supported; convert an encoder")
+    elif config.model_type in LLAMA_TYPES:
+        _check_llama_family(config)
     else:
         for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
             if getattr(config, flag, False):
@@ -117,6 +146,26 @@ def _source_config(source):
         if not getattr(config, "scale_attn_weights", True):
             raise ConversionError("GPT-2 checkpoints with scale_attn_weights=False are not supported")
     return config
+
+
+def _check_llama_family(config):
+    """What a Llama-family checkpoint may use that the Performer does not reproduce exactly."""
+    name = config.model_type
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    if "sliding_attention" in layer_types or (
+            name == "mistral" and window is not None and window < config.max_position_embeddings):
+        raise ConversionError(
+            f"this {name} checkpoint attends within a sliding window of {window} tokens (shorter than its "
+            f"{config.max_position_embeddings} positions), which the Performer's softmax layers do not reproduce; "
+            "convert a checkpoint without a sliding window (sliding_window=null), or set it to null in config.json "
+            "if the model never sees inputs longer than the window"
+        )
+    if config.hidden_act not in GATED_ACTIVATIONS:
+        raise ConversionError(f"{name} checkpoints with hidden_act={config.hidden_act!r} are not supported; valid: "
+                              f"{sorted(GATED_ACTIVATIONS)}")
+    if (getattr(config, "pretraining_tp", 1) or 1) > 1:
+        raise ConversionError(f"{name} checkpoints with pretraining_tp > 1 are not supported")
 
 
 def _position_offset(config) -> int:
@@ -139,6 +188,24 @@ def performer_config(source_config, attention_type="favor", num_random_features:
             bos_token_id=getattr(c, "bos_token_id", None), eos_token_id=getattr(c, "eos_token_id", None),
             tie_word_embeddings=True,
         )
+    elif c.model_type in LLAMA_TYPES:
+        heads = c.num_attention_heads
+        values = dict(
+            vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=heads, num_key_value_heads=getattr(c, "num_key_value_heads", None) or heads,
+            head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads, intermediate_size=c.intermediate_size,
+            hidden_act=GATED_ACTIVATIONS[c.hidden_act], norm_type="pre_rmsnorm", layer_norm_eps=c.rms_norm_eps,
+            # Qwen2 has biases on q/k/v only; the others one switch for all four.
+            attention_bias=True if c.model_type == "qwen2" else bool(getattr(c, "attention_bias", False)),
+            attention_output_bias=False if c.model_type == "qwen2" else None,
+            mlp_bias=bool(getattr(c, "mlp_bias", False)), qk_norm=c.model_type == "qwen3",
+            position_embedding_type="rotary", rope_parameters=dict(c.rope_parameters),
+            max_position_embeddings=c.max_position_embeddings, type_vocab_size=0, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=float(getattr(c, "attention_dropout", 0.0) or 0.0),
+            initializer_range=c.initializer_range, pad_token_id=getattr(c, "pad_token_id", None),
+            bos_token_id=getattr(c, "bos_token_id", None), eos_token_id=getattr(c, "eos_token_id", None),
+            tie_word_embeddings=bool(c.tie_word_embeddings), is_decoder=True,
+        )
     else:
         values = dict(
             vocab_size=c.vocab_size, hidden_size=c.n_embd, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
@@ -156,7 +223,10 @@ def performer_config(source_config, attention_type="favor", num_random_features:
         if key not in overrides and getattr(c, "architectures", None) and "SequenceClassification" in c.architectures[0]:
             overrides[key] = getattr(c, key)
     values.update(overrides)
-    return PerformerConfig(**values)
+    try:
+        return PerformerConfig(**values)
+    except ValueError as error:
+        raise ConversionError(f"the {c.model_type} checkpoint's settings have no Performer equivalent: {error}") from error
 
 
 def _encoder_weights(base: dict, config) -> dict:
@@ -205,6 +275,26 @@ def _gpt2_weights(base: dict, config) -> dict:
     return out
 
 
+def _llama_weights(base: dict, config) -> dict:
+    """LlamaModel / MistralModel / Qwen2Model / Qwen3Model state dict -> PerformerModel state dict
+    (pre-RMSNorm decoder). The names already match inside attention and MLP; biases and q/k norms
+    come along where the source has them."""
+    out = {"embeddings.word_embeddings.weight": base.pop("embed_tokens.weight"),
+           "decoder.norm.weight": base.pop("norm.weight")}
+    names = {"input_layernorm": "self_attn_residual.norm", "post_attention_layernorm": "mlp_residual.norm"}
+    pattern = re.compile(r"layers\.(\d+)\.([a-z_]+)\.(.+)$")
+    for key in [k for k in base if k.startswith("layers.")]:
+        match = pattern.match(key)
+        if match and (match.group(2) in names or match.group(2) in ("self_attn", "mlp")):
+            part = names.get(match.group(2), match.group(2))
+            out[f"decoder.layers.{match.group(1)}.{part}.{match.group(3)}"] = base.pop(key)
+    return out
+
+
+WEIGHT_MAPS = {"bert": _encoder_weights, "roberta": _encoder_weights, "gpt2": _gpt2_weights,
+               **{name: _llama_weights for name in LLAMA_TYPES}}
+
+
 def _take(state: dict, out: dict, source: str, target: str):
     """Moves source.{weight,bias} to target.{weight,bias} when the source has them."""
     for suffix in (".weight", ".bias"):
@@ -212,7 +302,7 @@ def _take(state: dict, out: dict, source: str, target: str):
             out[target + suffix] = state.pop(source + suffix)
 
 
-def _head_weights(head: str, model_type: str, state: dict) -> dict:
+def _head_weights(head: str, model_type: str, state: dict, tied: bool = True) -> dict:
     """Head weights of the source (base model stripped off) -> Performer head names. What the source
     lacks stays freshly initialised (and is reported by convert_to_performer)."""
     out = {}
@@ -232,11 +322,14 @@ def _head_weights(head: str, model_type: str, state: dict) -> dict:
             _take(state, out, "classifier.dense", "dense")
             _take(state, out, "classifier.out_proj", "classifier")
     elif head == "causal-lm":
+        if model_type in LLAMA_TYPES and not tied:
+            _take(state, out, "lm_head", "lm_head")
         state.pop("lm_head.weight", None)  # tied to the word embeddings
     return out
 
 
-BASE_CLASSES = {"bert": "BertModel", "roberta": "RobertaModel", "gpt2": "GPT2Model"}
+BASE_CLASSES = {"bert": "BertModel", "roberta": "RobertaModel", "gpt2": "GPT2Model", "llama": "LlamaModel",
+                "mistral": "MistralModel", "qwen2": "Qwen2Model", "qwen3": "Qwen3Model"}
 # Source weights that have no counterpart and carry nothing a Performer head uses.
 IGNORED_SOURCE_WEIGHTS = ("cls.seq_relationship.", "position_ids", ".attn.bias", ".attn.masked_bias")
 
@@ -247,7 +340,8 @@ def _ignored(key: str) -> bool:
 
 def convert_to_performer(source: str, attention_type: str = "favor", num_random_features: Optional[int] = None,
                          head: str = "auto", **config_overrides):
-    """Loads a BERT / RoBERTa / MiniLM / GPT-2 folder, or a saved Performer (typically one trained
+    """Loads a BERT / RoBERTa / MiniLM / GPT-2 / Llama / Mistral / Qwen2 / Qwen3 checkpoint (a local
+    folder, or a Hub model id where the Hub is reachable), or a saved Performer (typically one trained
     with softmax attention, to be made linear), and returns (performer_model, tokenizer).
 
     head: "auto" (from the source's architecture), "base", "masked-lm", "classification" or
@@ -259,7 +353,7 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
     import transformers
     from transformers import AutoTokenizer
 
-    source = os.fspath(source)
+    source = resolve_source(os.fspath(source))
     source_config = _source_config(source)
     if head != "auto" and head not in HEADS:
         raise ConversionError(f"Unknown head {head!r}; valid: {list(HEADS)} or 'auto'")
@@ -287,7 +381,7 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
         state[key] = base.pop(key)  # BERT's pooler is the classification head's dense layer
 
     config = performer_config(source_config, attention_type, num_random_features, **config_overrides)
-    weights = _encoder_weights(base, source_config) if model_type in ENCODER_TYPES else _gpt2_weights(base, source_config)
+    weights = WEIGHT_MAPS[model_type](base, source_config)
     model = HEADS[head](config)
     if head == "base":  # the source's head (and BERT's pooler) is dropped on purpose: say so
         dropped = sorted({k.rsplit(".", 1)[0] for k in state if not _ignored(k)})
@@ -299,7 +393,7 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
         state = {}
     else:
         weights = {model.base_model_prefix + "." + k: v for k, v in weights.items()}
-        weights.update(_head_weights(head, model_type, state))
+        weights.update(_head_weights(head, model_type, state, tied=config.tie_word_embeddings))
     leftover = [k for k in [*base, *state] if not _ignored(k)]
     if leftover:
         raise ConversionError(f"Source weights without a Performer counterpart: {leftover[:8]}")

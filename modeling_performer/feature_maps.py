@@ -167,16 +167,16 @@ def _hedgehog_features(logits: torch.Tensor) -> torch.Tensor:
 
 class HedgehogFeatureMap(_BoundedFeatureMap):
     """Learned per-head maps phi(x) = [softmax(x W), softmax(-x W)] (Hedgehog, Zhang et al. 2024),
-    with separate weights for queries and keys. projection: [2, H, D, F] (query map, key map);
-    M = 2F features per head. The two signs let phi(q).phi(k) grow both where x W agree in
+    with separate weights for queries and keys. projection: (query maps [H, D, F], key maps [H_kv, D, F])
+    or one [2, H, D, F] tensor when H_kv = H; M = 2F features per head. The two signs let phi(q).phi(k) grow both where x W agree in
     their largest and in their smallest coordinates, as exp(q.k) does; softmax keeps every feature
     positive and bounded."""
 
     name = "hedgehog"
 
     @staticmethod
-    def num_features(projection: torch.Tensor) -> int:
-        return 2 * projection.shape[-1]
+    def num_features(projection) -> int:
+        return 2 * projection[1].shape[-1]
 
     @staticmethod
     def queries(q: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:

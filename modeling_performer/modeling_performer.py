@@ -31,6 +31,8 @@ from transformers import Cache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.modeling_outputs import (
     BaseModelOutput,
     CausalLMOutputWithCrossAttentions,
@@ -87,9 +89,15 @@ class PerformerScaleNorm(nn.Module):
         return x * (self.scale / x.norm(dim=-1, keepdim=True).clamp_min(self.eps))
 
 
+class PerformerRMSNorm(LlamaRMSNorm):
+    """transformers' RMSNorm (Llama, Mistral, Qwen): x / rms(x) * weight, computed in fp32."""
+
+
 def make_norm(config: PerformerConfig) -> nn.Module:
     if config.norm_type == "pre_scalenorm":
         return PerformerScaleNorm(config.hidden_size, config.layer_norm_eps)
+    if config.norm_type == "pre_rmsnorm":
+        return PerformerRMSNorm(config.hidden_size, eps=config.layer_norm_eps)
     return PerformerLayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
@@ -179,19 +187,23 @@ class PerformerEmbeddings(nn.Module):
         return self.dropout(embeddings)
 
 
-def rotary_frequencies(head_dim: int, theta: float, device=None) -> torch.Tensor:
-    """[D/2] inverse frequencies of the rotary pairs."""
-    return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+def rotary_frequencies(config: PerformerConfig, device=None, seq_len: Optional[int] = None) -> tuple[torch.Tensor, float]:
+    """([D/2] inverse frequencies of the rotary pairs, the factor on cos and sin) for
+    `config.rope_parameters`: transformers' own functions for the scaled types (linear, dynamic,
+    yarn, llama3), so converted Llama-family checkpoints rotate exactly as they did."""
+    rope = config.rope_parameters
+    if rope["rope_type"] == "default":
+        dim = config.head_dim
+        return 1.0 / rope["rope_theta"] ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim), 1.0
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, device, seq_len=seq_len)
+    return inv_freq.float(), float(scaling)
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype,
-                   inv_freq: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """position_ids: [B, T] -> cos, sin: [B, 1, T, D/2]. Computed on the fly (no buffer to lose);
-    `inv_freq` may be passed to save recomputing it every decoding step."""
-    if inv_freq is None:
-        inv_freq = rotary_frequencies(head_dim, theta, position_ids.device)
+def rotary_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
+                   dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids: [B, T] -> cos, sin: [B, 1, T, D/2] (times `scaling`), computed on the fly."""
     angles = position_ids.float()[:, None, :, None] * inv_freq
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -212,10 +224,11 @@ class PerformerMLP(nn.Module):
     def __init__(self, config: PerformerConfig):
         super().__init__()
         gated = config.hidden_act in self.GATED
+        hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.act = ACT2FN[self.GATED.get(config.hidden_act, config.hidden_act)]
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size) if gated else None
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.gate_proj = nn.Linear(hidden, inner, bias=bias) if gated else None
+        self.up_proj = nn.Linear(hidden, inner, bias=bias)
+        self.down_proj = nn.Linear(inner, hidden, bias=bias)
 
     def forward(self, x):
         if self.gate_proj is None:
@@ -228,13 +241,19 @@ class PerformerMLP(nn.Module):
 
 
 class PerformerHedgehogMap(nn.Module):
-    """The learned feature maps of one attention layer: weight [2, H, D, F] (query map, key map).
+    """The learned feature maps of one attention layer: query_weight [H, D, F], one map per query
+    head, and key_weight [H_kv, D, F], one per key/value head (whose keys feed one shared state).
     A module of its own so that tools can name it (peft's `modules_to_save=["feature_map"]`)."""
 
     def __init__(self, config: PerformerConfig):
         super().__init__()
         width = config.hedgehog_dim or config.head_dim
-        self.weight = nn.Parameter(hedgehog_init(config.num_attention_heads, config.head_dim, width))
+        self.query_weight = nn.Parameter(hedgehog_init(config.num_attention_heads, config.head_dim, width)[0])
+        self.key_weight = nn.Parameter(hedgehog_init(config.num_key_value_heads, config.head_dim, width)[1])
+
+    @property
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.query_weight, self.key_weight
 
 
 class PerformerAttention(nn.Module):
@@ -252,13 +271,17 @@ class PerformerAttention(nn.Module):
         self.is_causal = is_causal and not is_cross_attention
         self.is_cross_attention = is_cross_attention
         self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.projection_id = projection_id
-        hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, hidden)
-        self.k_proj = nn.Linear(hidden, hidden)
-        self.v_proj = nn.Linear(hidden, hidden)
-        self.o_proj = nn.Linear(hidden, hidden)
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.attention_output_has_bias)
+        # Qwen3 normalises every query and key head (before the rotary).
+        self.q_norm = PerformerRMSNorm(self.head_dim, eps=config.layer_norm_eps) if config.qk_norm else None
+        self.k_norm = PerformerRMSNorm(self.head_dim, eps=config.layer_norm_eps) if config.qk_norm else None
         self.feature_map = self.linear_log_weight = None
         if attention_type == "favor" and config.feature_map != "hedgehog":
             # Drawn in fp32 (QR has no half-precision CPU kernel), stored in the model's dtype.
@@ -275,8 +298,8 @@ class PerformerAttention(nn.Module):
 
     @property
     def feature_parameters(self) -> Optional[torch.Tensor]:
-        """What the kernels take as `projection`: the random matrix, or the Hedgehog weights."""
-        return self.feature_map.weight if self.feature_map is not None else self.projection
+        """What the kernels take as `projection`: the random matrix, or the Hedgehog (query, key) weights."""
+        return self.feature_map.weights if self.feature_map is not None else self.projection
 
     def draw_projection(self, draw: int) -> torch.Tensor:
         """The projection for the given redraw count: [M, D], same bits on every process."""
@@ -286,9 +309,11 @@ class PerformerAttention(nn.Module):
             self.config.num_random_features, self.head_dim, generator, self.config.projection_type == "orthogonal"
         )
 
-    def _heads(self, x):
+    def _heads(self, x, norm=None):
+        """[B, T, heads * D] -> [B, heads, T, D], RMS-normalised per head where the model does so."""
         batch, length, _ = x.shape
-        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        x = x.view(batch, length, -1, self.head_dim)
+        return (x if norm is None else norm(x)).transpose(1, 2)
 
     def forward(
         self,
@@ -303,11 +328,11 @@ class PerformerAttention(nn.Module):
         attention_mask: [B, S] padding of the keys (self-attention with a cache: past + current);
         general_mask: boolean [B, 1, T, S] (softmax layers only). -> [B, T, C]."""
         batch, length, _ = hidden_states.shape
-        query = self._heads(self.q_proj(hidden_states))
+        query = self._heads(self.q_proj(hidden_states), self.q_norm)
         if self.is_cross_attention:
             out = self._cross_attention(query, key_value_states, attention_mask, layer_cache)
         else:
-            key = self._heads(self.k_proj(hidden_states))
+            key = self._heads(self.k_proj(hidden_states), self.k_norm)
             value = self._heads(self.v_proj(hidden_states))
             if rotary is not None:
                 query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
@@ -362,7 +387,7 @@ class PerformerAttention(nn.Module):
         if cached is None:
             if key_value_states is None:
                 raise ValueError("cross-attention needs encoder_hidden_states (or a cache that already holds them)")
-            key = self._heads(self.k_proj(key_value_states))
+            key = self._heads(self.k_proj(key_value_states), self.k_norm)
             value = self._heads(self.v_proj(key_value_states))
             if self.attention_type == "favor":
                 cached = linear_attention_state(key, value, self.feature_parameters, self.config.feature_map,
@@ -434,11 +459,11 @@ class PerformerStack(nn.Module):
         self.layers = nn.ModuleList(
             PerformerLayer(config, i, is_causal, has_cross_attention, types[i], projection_offset) for i in range(num_layers)
         )
-        self.norm = make_norm(config) if config.norm_type in ("pre_layernorm", "pre_scalenorm") else None
+        self.norm = make_norm(config) if config.norm_type.startswith("pre_") else None
 
     # Set by PerformerModel on its encoder: the model's input embedding and checks.
     embed_inputs = None
-    _inv_freq = None
+    _rotary = None
     main_input_name = "input_ids"
 
     @can_return_tuple
@@ -455,19 +480,28 @@ class PerformerStack(nn.Module):
                                     output_hidden_states=bool(output_hidden_states))
         return BaseModelOutput(last_hidden_state=last, hidden_states=all_hidden)
 
+    def _rotary_frequencies(self, position_ids) -> tuple[torch.Tensor, float]:
+        """The rotary frequencies for these positions, kept as a plain attribute (nothing to save,
+        nothing from_pretrained could leave empty). Dynamic NTK scaling recomputes them for
+        positions beyond max_position_embeddings, at the length the positions reach, as
+        transformers does for a sequence that grows."""
+        if self.config.rope_parameters["rope_type"] == "dynamic" and not torch.compiler.is_compiling():
+            length = int(position_ids.max()) + 1
+            if length > self.config.max_position_embeddings:
+                return rotary_frequencies(self.config, position_ids.device, seq_len=length)
+        cached = self._rotary
+        if cached is None or cached[0].device != position_ids.device or torch.compiler.is_compiling():
+            cached = rotary_frequencies(self.config, position_ids.device)
+            if not torch.compiler.is_compiling():
+                self._rotary = cached
+        return cached
+
     def run(self, hidden_states, attention_mask=None, general_mask=None, position_ids=None,
             encoder_hidden_states=None, encoder_attention_mask=None, cache=None, output_hidden_states=False):
         """hidden_states: embedded inputs [B, T, C]; attention_mask: padding [B, S] (bool)."""
         rotary = None
         if self.config.position_embedding_type == "rotary":
-            inv_freq = self._inv_freq
-            if inv_freq is None or inv_freq.device != position_ids.device or torch.compiler.is_compiling():
-                inv_freq = rotary_frequencies(self.config.head_dim, self.config.rope_theta, position_ids.device)
-                if not torch.compiler.is_compiling():
-                    # A plain attribute, not a buffer: nothing to save, nothing from_pretrained could leave empty.
-                    self._inv_freq = inv_freq
-            rotary = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, hidden_states.dtype,
-                                    inv_freq)
+            rotary = rotary_cos_sin(position_ids, *self._rotary_frequencies(position_ids), hidden_states.dtype)
         all_hidden = [hidden_states] if output_hidden_states else None
         for layer in self.layers:
             hidden_states = layer(hidden_states, attention_mask, general_mask, rotary, encoder_hidden_states,
@@ -752,7 +786,8 @@ class PerformerPreTrainedModel(PreTrainedModel):
             if module.linear_log_weight is not None:
                 init.zeros_(module.linear_log_weight)
         elif isinstance(module, PerformerHedgehogMap):
-            init.copy_(module.weight, hedgehog_init(*module.weight.shape[1:]))
+            init.copy_(module.query_weight, hedgehog_init(*module.query_weight.shape)[0])
+            init.copy_(module.key_weight, hedgehog_init(*module.key_weight.shape)[1])
         elif isinstance(module, PerformerScaleNorm):
             init.constant_(module.scale, self.config.hidden_size**0.5)
         elif isinstance(module, PerformerResidual) and module.norm_type == "rezero":
@@ -827,12 +862,6 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
 
     def __init__(self, config: PerformerConfig):
         super().__init__(config)
-        if config.position_embedding_type == "rotary" and config.head_dim % 2:
-            raise ValueError(
-                f"rotary positions rotate pairs of dimensions and need an even head dimension, got {config.head_dim} "
-                f"(hidden_size={config.hidden_size} / num_attention_heads={config.num_attention_heads}); change "
-                "either, or use position_embedding_type='learned'"
-            )
         self.embeddings = PerformerEmbeddings(config)
         sizes = config.stack_sizes()
         # `encoder`: bidirectional stack; `decoder`: causal stack (with cross-attention in an

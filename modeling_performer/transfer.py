@@ -66,7 +66,11 @@ def attention_pairs(teacher: PerformerPreTrainedModel, student: PerformerPreTrai
 
 def trainable_tensors(student_module: PerformerAttention) -> dict:
     """The tensors transfer fits in one attention layer: feature map and window weights."""
-    tensors = {"features": student_module.feature_parameters}
+    if student_module.feature_map is not None:
+        tensors = {"query_features": student_module.feature_map.query_weight,
+                   "key_features": student_module.feature_map.key_weight}
+    else:
+        tensors = {"features": student_module.projection}
     if student_module.linear_log_weight is not None:
         tensors["linear_log_weight"] = student_module.linear_log_weight
     return tensors

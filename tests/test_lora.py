@@ -63,11 +63,12 @@ def test_lora_moves_only_adapters_feature_maps_and_head_and_merges_to_a_plain_mo
     assert set(after) == set(before)  # no adapter or wrapper names left behind
     moved = {k for k in after if not torch.equal(after[k], before[k])}
     allowed = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "up_proj.weight",
-               "down_proj.weight", "feature_map.weight", "dense.weight", "dense.bias", "classifier.weight",
+               "down_proj.weight", "feature_map.query_weight", "feature_map.key_weight", "dense.weight", "dense.bias", "classifier.weight",
                "classifier.bias")
     assert moved and all(k.endswith(allowed) for k in moved), sorted(moved - {k for k in moved if k.endswith(allowed)})
     # every kind of trainable tensor did move: adapters (merged into weights), feature maps, head
-    for kind in ("q_proj.weight", "down_proj.weight", "feature_map.weight", "classifier.weight"):
+    for kind in ("q_proj.weight", "down_proj.weight", "feature_map.query_weight", "feature_map.key_weight",
+                 "classifier.weight"):
         assert any(k.endswith(kind) for k in moved), kind
     # frozen: embeddings, norms, biases of adapted layers, window weights
     for key in after:
@@ -142,7 +143,7 @@ def test_softmax_performer_converts_to_linear_keeping_every_weight(tmp_path):
     for key, value in linear.state_dict().items():
         if key in shared:
             assert torch.equal(value, shared[key]), key
-    assert any(k.endswith("feature_map.weight") for k in linear.state_dict())
+    assert any(k.endswith("feature_map.key_weight") for k in linear.state_dict())
     assert linear.generation_config.use_cache  # decodes with its recurrent state
     with torch.no_grad():  # really a different attention now
         assert not torch.allclose(linear(input_ids=ids).logits, teacher(input_ids=ids).logits, atol=1e-3)

@@ -83,7 +83,7 @@ def pair(source, **student_options):
 def test_transfer_lowers_every_layer_error_and_moves_only_feature_maps(source, tokenizer, options):
     teacher, student = pair(source, **options)
     frozen = {k: v.clone() for k, v in student.state_dict().items()
-              if not k.endswith(("feature_map.weight", "linear_log_weight", "projection"))}
+              if not k.endswith(("feature_map.query_weight", "feature_map.key_weight", "linear_log_weight", "projection"))}
     before = attention_errors(teacher, student, held_out(tokenizer))
     history = transfer_attention(teacher, student, batches(tokenizer), steps=60, learning_rate=2e-2, progress=False)
     after = attention_errors(teacher, student, held_out(tokenizer))
@@ -101,14 +101,14 @@ def test_end_to_end_stage_lowers_the_hidden_state_error_and_moves_only_feature_m
     teacher, student = pair(source, feature_map="hedgehog", local_window=4)
     transfer_attention(teacher, student, batches(tokenizer), steps=40, learning_rate=2e-2, progress=False)
     frozen = {k: v.clone() for k, v in student.state_dict().items()
-              if not k.endswith(("feature_map.weight", "linear_log_weight"))}
+              if not k.endswith(("feature_map.query_weight", "feature_map.key_weight", "linear_log_weight"))}
     layer_by_layer = hidden_state_error(teacher, student, held_out(tokenizer))
     _, continued = pair(source, feature_map="hedgehog", local_window=4)
     history = transfer_attention(teacher, continued, batches(tokenizer), steps=40, learning_rate=2e-2, progress=False,
                                  end_to_end_steps=40, end_to_end_learning_rate=1e-2)
     assert len(history["loss"]) == 40 and len(history["end_to_end_loss"]) == 40
     for key, value in student.state_dict().items():  # the first 40 steps are the same as without the stage
-        if not key.endswith(("feature_map.weight", "linear_log_weight")):
+        if not key.endswith(("feature_map.query_weight", "feature_map.key_weight", "linear_log_weight")):
             assert torch.equal(value, continued.state_dict()[key]), key
     # On held-out rows. Small here (about 2%): in a 2-layer toy with random weights little compounds.
     end_to_end = hidden_state_error(teacher, continued, held_out(tokenizer))
@@ -176,8 +176,8 @@ def test_script_converts_transfers_and_saves_a_loadable_folder(source, tokenizer
     model = AutoModelForMaskedLM.from_pretrained(output)
     assert model.config.feature_map == "hedgehog" and model.config.local_window == 4
     start = AutoModelForMaskedLM.from_pretrained(student_folder)
-    moved = model.model.encoder.layers[0].self_attn.feature_map.weight
-    assert moved.shape[-1] == 8 and not torch.equal(moved, start.model.encoder.layers[0].self_attn.feature_map.weight)
+    moved = model.model.encoder.layers[0].self_attn.feature_map.key_weight
+    assert moved.shape[-1] == 8 and not torch.equal(moved, start.model.encoder.layers[0].self_attn.feature_map.key_weight)
     AutoModel.from_pretrained(output)  # the bare stack loads too
     transfer_attention.main(args)  # complete: a re-run changes nothing
     assert json.loads((output / "transfer_metrics.json").read_text()) == metrics

@@ -263,7 +263,7 @@ def test_learned_maps_and_mixing_weights_save_and_load_exactly(head, tmp_path):
     model = perturbed(head(config))
     stack = model.model.decoder if head is PerformerForCausalLM else model.model.encoder
     attention = stack.layers[0].self_attn
-    assert not torch.equal(attention.feature_map.weight, hedgehog_init(2, 16, 8))
+    assert not torch.equal(attention.feature_map.query_weight, hedgehog_init(2, 16, 8)[0])
     assert attention.linear_log_weight.abs().sum() > 0
     ids, mask = left_padded_batch()
     with torch.no_grad():

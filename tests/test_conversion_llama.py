@@ -1,0 +1,146 @@
+"""Conversion of Llama-family decoders (Llama, Mistral, Qwen2, Qwen3) into Performers. Tiny random
+checkpoints of each family with non-default settings (grouped and multi-query key/value heads,
+llama3 / yarn / linear / dynamic rotary scaling, q/k/v biases, q/k norms, tied and untied heads,
+norms and biases moved off their initial values): softmax conversion reproduces the source's
+logits to 1e-4 on a left-padded batch and its greedy text; linear conversions decode the same with
+and without their cache."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+import modeling_performer  # noqa: F401
+from modeling_performer.conversion import ConversionError, convert_to_performer, save_converted
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "convert_to_performer.py"
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+FAMILIES = {
+    # name: (config class, model class, settings)
+    "llama-gqa-llama3-untied": ("LlamaConfig", "LlamaForCausalLM",
+                                dict(num_key_value_heads=2, rope_parameters=LLAMA3, tie_word_embeddings=False,
+                                     attention_bias=True, mlp_bias=True)),
+    "llama-mqa-linear-tied": ("LlamaConfig", "LlamaForCausalLM",
+                              dict(num_key_value_heads=1, tie_word_embeddings=True,
+                                   rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
+    "mistral-gqa": ("MistralConfig", "MistralForCausalLM",
+                    dict(num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False)),
+    "qwen2-biases-yarn": ("Qwen2Config", "Qwen2ForCausalLM",
+                          dict(num_key_value_heads=2, tie_word_embeddings=True,
+                               rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1000000.0,
+                                                "original_max_position_embeddings": 16})),
+    "qwen3-qk-norm-head-dim": ("Qwen3Config", "Qwen3ForCausalLM",
+                               dict(num_key_value_heads=1, head_dim=16, tie_word_embeddings=False,
+                                    rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+                                    max_position_embeddings=8)),  # the prompts go beyond: NTK scaling applies
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(ROOT / "configuration" / "tokenizer")
+
+
+def tiny_source(family, folder, tokenizer, **changes):
+    """A random checkpoint of the family, every weight (norms and biases included) moved off its
+    initial value, saved with the bundled tokenizer."""
+    config_class, model_class, settings = FAMILIES[family]
+    values = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    values.update(settings)
+    values.update(changes)
+    config = getattr(transformers, config_class)(**values)
+    torch.manual_seed(0)
+    source = getattr(transformers, model_class)(config).eval()
+    with torch.no_grad():
+        for name, parameter in source.named_parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter) + (0.1 if name.endswith("norm.weight") else 0.0))
+    source.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return source
+
+
+def left_padded(tokenizer):
+    texts = ["To be, or not to be, that is the question", "Now is the winter"]
+    tokenizer.padding_side = "left"
+    return tokenizer(texts, padding=True, return_tensors="pt")
+
+
+def positions(mask):
+    """What generate() gives decoder-only models: positions counted over real tokens."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=list(FAMILIES))
+def test_llama_family_softmax_conversion_is_exact(family, tokenizer, tmp_path):
+    source = tiny_source(family, tmp_path / "source", tokenizer)
+    model, _ = convert_to_performer(tmp_path / "source", attention_type="softmax")
+    save_converted(model, tokenizer, tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    config = source.config
+    assert model.config.num_key_value_heads == config.num_key_value_heads
+    assert model.config.tie_word_embeddings == config.tie_word_embeddings
+    assert (model.lm_head.weight.data_ptr() == model.model.embeddings.word_embeddings.weight.data_ptr()) \
+        == config.tie_word_embeddings
+    batch = left_padded(tokenizer)
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        expected = source(**batch, position_ids=positions(batch["attention_mask"])).logits
+        actual = model(**batch).logits
+    assert (actual - expected)[mask].abs().max() < 1e-4
+    greedy = dict(max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(model.generate(**batch, **greedy), source.generate(**batch, **greedy))
+
+
+@pytest.mark.parametrize("family", ["llama-gqa-llama3-untied", "qwen3-qk-norm-head-dim"])
+def test_llama_family_linear_conversion_decodes_the_same_with_and_without_its_cache(family, tokenizer, tmp_path):
+    source = tiny_source(family, tmp_path / "source", tokenizer)
+    model, _ = convert_to_performer(tmp_path / "source", feature_map="hedgehog", local_window=4)
+    assert model.config.attention_type == "favor" and model.config.local_window == 4
+    maps = model.model.decoder.layers[0].self_attn.feature_map
+    assert maps.key_weight.shape[0] == source.config.num_key_value_heads
+    assert maps.query_weight.shape[0] == source.config.num_attention_heads
+    batch = left_padded(tokenizer)
+    greedy = dict(max_new_tokens=8, do_sample=False)
+    cached = model.generate(**batch, **greedy)
+    assert torch.equal(cached, model.generate(**batch, **greedy, use_cache=False))
+    with torch.no_grad():
+        cache = model(**batch, use_cache=True).cache
+    # one linear state and one window buffer per key/value head
+    state = cache.layers[0].self_attention
+    assert state.kvz.shape[1] == source.config.num_key_value_heads and state.keys.shape[1:3] == (
+        source.config.num_key_value_heads, 4)
+
+
+def test_sliding_window_and_other_unmappable_sources_are_refused(tokenizer, tmp_path):
+    tiny_source("mistral-gqa", tmp_path / "mistral", tokenizer, sliding_window=8)
+    with pytest.raises(ConversionError, match="sliding window of 8 tokens"):
+        convert_to_performer(tmp_path / "mistral")
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "mistral"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "sliding window" in done.stderr and not (tmp_path / "out").exists()
+    tiny_source("qwen2-biases-yarn", tmp_path / "qwen2", tokenizer, use_sliding_window=True, sliding_window=8,
+                max_window_layers=1)
+    with pytest.raises(ConversionError, match="sliding window"):
+        convert_to_performer(tmp_path / "qwen2")
+    tiny_source("llama-mqa-linear-tied", tmp_path / "gelu", tokenizer, hidden_act="tanh")
+    with pytest.raises(ConversionError, match="hidden_act='tanh'"):
+        convert_to_performer(tmp_path / "gelu")
+    tiny_source("llama-mqa-linear-tied", tmp_path / "longrope", tokenizer, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+        "original_max_position_embeddings": 16})
+    with pytest.raises(ConversionError, match="longrope"):
+        convert_to_performer(tmp_path / "longrope")
+
+
+def test_a_hub_id_offline_says_the_hub_is_offline():
+    with pytest.raises(ConversionError, match="Hub is offline"):
+        convert_to_performer("meta-llama/Llama-3.2-1B")
