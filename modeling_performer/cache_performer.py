@@ -143,3 +143,12 @@ class PerformerCache(Cache):
 
     def __repr__(self):
         return f"PerformerCache(seen_tokens={self.seen_tokens}, layers={self.layers})"
+
+
+def cache_bytes(cache) -> int:
+    """Bytes a decoding cache holds: PerformerCache.num_bytes(), or a transformers cache's keys and
+    values (the softmax models a Performer is compared with)."""
+    if hasattr(cache, "num_bytes"):
+        return cache.num_bytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers
+               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)

@@ -5,6 +5,7 @@
 """
 
 import argparse
+import json
 import pathlib
 
 from modeling_performer import PerformerConfig, PerformerModel
@@ -13,7 +14,16 @@ PRESETS = pathlib.Path(__file__).resolve().parent.parent / "configuration" / "pr
 
 
 def count(path) -> int:
-    model = PerformerModel(PerformerConfig.from_json_file(str(path)))
+    """Parameters of the bare stack a preset describes (a Performer, or a transformers model of the
+    preset's model_type, e.g. the Llama teacher of the linearizing recipe)."""
+    values = json.loads(pathlib.Path(path).read_text())
+    model_type = values.pop("model_type", PerformerConfig.model_type)
+    if model_type == PerformerConfig.model_type:
+        model = PerformerModel(PerformerConfig.from_dict(values))
+    else:
+        from transformers import AutoConfig, AutoModel
+
+        model = AutoModel.from_config(AutoConfig.for_model(model_type, **values))
     return sum(p.numel() for p in model.parameters())
 
 

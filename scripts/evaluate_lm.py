@@ -54,7 +54,9 @@ def cache_mib(model, ids, tokens):
     with torch.inference_mode():
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False, use_cache=True,
                              prefill_chunk_size=1024, return_dict_in_generate=True, pad_token_id=0)
-    return out.cache.num_bytes() / 2**20
+    from modeling_performer.cache_performer import cache_bytes
+
+    return cache_bytes(out.cache) / 2**20
 
 
 def main(argv=None):

@@ -18,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from modeling_performer.cache_performer import cache_bytes  # noqa: E402,F401  (the benchmarks import it from here)
+
 FIGURES = pathlib.Path(__file__).resolve().parent.parent / "docs" / "figures"
 # Measuring processes keep freed memory (glibc would otherwise return and re-fault it every step).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
@@ -53,14 +55,6 @@ def measure_in_process(script: str, worker_args, abort_on_error: bool = False) -
         reason = "killed (out of memory?)" if done.returncode < 0 else done.stderr.strip().splitlines()[-1:]
         return {"error": f"exit {done.returncode}: {reason}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def cache_bytes(cache) -> int:
-    """Bytes a decoding cache holds: PerformerCache.num_bytes(), or a transformers cache's keys and values."""
-    if hasattr(cache, "num_bytes"):
-        return cache.num_bytes()
-    return sum(t.numel() * t.element_size() for layer in cache.layers
-               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
 
 
 def handled_without_measuring(name: str, args, worker) -> bool:

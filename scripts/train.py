@@ -31,7 +31,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, choices=["clm", "mlm", "classification", "seq2seq"])
     parser.add_argument("--config", default="performer-small-encoder",
-                        help="a preset name from configuration/presets or a config JSON path")
+                        help="a preset name from configuration/presets or a config JSON path; a config of another "
+                             "model_type (llama-small-decoder: a LlamaForCausalLM) trains that transformers model "
+                             "(--task clm), a softmax teacher to convert and linearize")
     parser.add_argument("--init", help="start from this saved model folder instead of random weights")
     parser.add_argument("--attention-type", choices=["favor", "softmax"], help="override the config's attention type")
     parser.add_argument("--feature-map", choices=["softmax", "relu", "hedgehog"],
@@ -58,12 +60,24 @@ def parse_args(argv=None):
 
 
 def load_config(args, tokenizer):
+    from transformers import AutoConfig
+
     from modeling_performer import PerformerConfig
 
     path = pathlib.Path(args.config)
     if not path.exists():
         path = ROOT / "configuration" / "presets" / f"{args.config}.json"
-    config = PerformerConfig.from_json_file(str(path))
+    values = json.loads(path.read_text())
+    model_type = values.pop("model_type", PerformerConfig.model_type)
+    if model_type == PerformerConfig.model_type:
+        config = PerformerConfig.from_dict(values)
+    else:
+        performer_options = [f"--{o.replace('_', '-')}" for o in ("attention_type", "feature_map", "local_window")
+                             if getattr(args, o) is not None]
+        if args.task != "clm" or performer_options:
+            raise SystemExit(f"{path.name} is a {model_type!r} config: it trains as a transformers causal LM "
+                             f"(--task clm) without Performer options ({', '.join(performer_options) or args.task})")
+        config = AutoConfig.for_model(model_type, **values)
     config.vocab_size = len(tokenizer)
     config.pad_token_id, config.bos_token_id, config.eos_token_id = (
         tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
@@ -75,7 +89,8 @@ def load_config(args, tokenizer):
         config.feature_map = args.feature_map
     if args.local_window is not None:
         config.local_window = args.local_window
-    config._normalise_and_validate()
+    if isinstance(config, PerformerConfig):
+        config._normalise_and_validate()
     return config
 
 
@@ -162,6 +177,7 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
     from transformers import (
+        AutoModelForCausalLM,
         AutoTokenizer,
         DataCollatorForLanguageModeling,
         DataCollatorForSeq2Seq,
@@ -203,7 +219,7 @@ def main(argv=None):
         if args.task == "classification":
             config.num_labels = 2
             config.id2label, config.label2id = {0: "rotten", 1: "fresh"}, {"rotten": 0, "fresh": 1}
-        model = head(config)
+        model = head(config) if config.model_type == "performer" else AutoModelForCausalLM.from_config(config)
     if args.lora_rank:
         if not args.init:
             raise SystemExit("--lora-rank fine-tunes a trained model: give it with --init")
@@ -248,7 +264,8 @@ def main(argv=None):
     else:
         trainer.train(resume_from_checkpoint=checkpoint)
 
-    metrics = {"task": args.task, "attention_type": model.config.attention_type, "steps": args.max_steps,
+    metrics = {"task": args.task, "attention_type": getattr(model.config, "attention_type", "softmax"),
+               "model_type": model.config.model_type, "steps": args.max_steps,
                "parameters": sum(p.numel() for p in model.parameters()),
                "train_loss_history": [[e["step"], e["loss"], e.get("grad_norm")]
                                       for e in trainer.state.log_history if "loss" in e]}
@@ -291,9 +308,10 @@ def main(argv=None):
     if trainer.is_world_process_zero():  # one writer when several processes train
         tokenizer.save_pretrained(stage)
         (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        from make_model_card import make_card
+        if model.config.model_type == "performer":  # the card describes a Performer
+            from make_model_card import make_card
 
-        make_card(stage)
+            make_card(stage)
         publish_folder(str(stage), args.output)
         print(json.dumps(metrics, indent=2))
     assert modeling_performer  # registered with the Auto classes

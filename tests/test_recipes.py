@@ -137,3 +137,30 @@ def test_trainer_recipe_learns_saves_and_reloads(task, data, tmp_path):
         assert 0.0 <= metrics["test_bleu"] <= 100.0 and 0.0 <= metrics["test_chrf"] <= 100.0
     else:
         assert metrics["validation_perplexity"] > 1.0
+
+
+@pytest.mark.slow
+def test_llama_teacher_preset_trains_as_a_transformers_llama_and_converts_exactly(data, tmp_path):
+    """The linearizing recipe's teacher: train.py trains the llama-small-decoder preset as a
+    LlamaForCausalLM, which the converter maps onto a softmax Performer with the same logits."""
+    output = tmp_path / "llama"
+    with pytest.raises(SystemExit, match="without Performer options"):
+        train.main(["--task", "clm", "--config", "llama-small-decoder", "--attention-type", "favor", "--data",
+                    str(data / "text"), "--output", str(output)])
+    assert not output.exists()
+    metrics = train.main(["--task", "clm", "--config", "llama-small-decoder", "--data", str(data / "text"),
+                          "--output", str(output), "--max-steps", "30", "--eval-steps", "15", "--batch-size", "8",
+                          "--seq-len", "32", "--learning-rate", "3e-3", "--quiet"])
+    assert metrics["model_type"] == "llama" and metrics["validation_perplexity"] > 1.0
+    losses = [loss for _, loss, _ in metrics["train_loss_history"]]
+    assert losses[-1] < losses[0], losses
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    from modeling_performer.conversion import convert_to_performer
+
+    teacher = AutoModelForCausalLM.from_pretrained(output).eval()
+    assert type(teacher) is LlamaForCausalLM and teacher.config.num_key_value_heads == 2
+    performer, _ = convert_to_performer(output, attention_type="softmax")
+    batch = AutoTokenizer.from_pretrained(output)(["To be, or not to be, that is the question"], return_tensors="pt")
+    with torch.no_grad():
+        assert (performer(**batch).logits - teacher(**batch).logits).abs().max() < 1e-4
