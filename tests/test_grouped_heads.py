@@ -211,3 +211,21 @@ def test_grouped_hedgehog_maps_are_per_query_head_and_per_key_value_head(tmp_pat
     loaded = PerformerForCausalLM.from_pretrained(tmp_path)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("cross_attention_type", ["favor", "softmax"])
+def test_grouped_encoder_decoder_generates_the_same_with_and_without_its_cache(cross_attention_type):
+    from modeling_performer import PerformerForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = tiny(2, is_encoder_decoder=True, cross_attention_type=cross_attention_type, feature_map="hedgehog",
+                  local_window=2)
+    model = PerformerForConditionalGeneration(config).eval()
+    ids = torch.randint(5, 99, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    greedy = dict(max_new_tokens=5, do_sample=False)
+    cached = model.generate(ids, attention_mask=mask, **greedy)
+    assert torch.equal(cached, model.generate(ids, attention_mask=mask, use_cache=False, **greedy))
+    beams = model.generate(ids, attention_mask=mask, num_beams=3, **greedy)
+    assert torch.equal(beams, model.generate(ids, attention_mask=mask, num_beams=3, use_cache=False, **greedy))
