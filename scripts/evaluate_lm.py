@@ -7,7 +7,9 @@ memory their decoding cache holds after a prompt of N tokens.
 
 Perplexity: the validation text is tokenised as scripts/train.py does (BOS + play + EOS, joined) and
 cut into whole blocks of L tokens; every block is scored on its own (the first token of a block has
-no context), so the numbers equal train.py's `validation_perplexity` at --seq-len L. Cache: one
+no context), so the numbers equal train.py's `validation_perplexity` at --seq-len L; with
+--position-edges (default 512 2048) the perplexity of the predictions at positions [0, 512),
+[512, 2048), ... of the blocks is reported too: where a long block is worse than a short one. Cache: one
 prompt of N tokens (taken from the validation text, repeated when shorter) is prefilled in chunks
 of 1,024 and one token decoded; the size of every tensor the cache then holds is reported (MiB).
 A model folder already in --output is not evaluated again.
@@ -28,7 +30,9 @@ def validation_ids(tokenizer, path):
     return joined_ids(tokenizer, [json.loads(line)["text"] for line in open(path) if line.strip()])
 
 
-def perplexity(model, ids, seq_len, tokens_per_batch=8192):
+def perplexity(model, ids, seq_len, tokens_per_batch=8192, position_edges=()):
+    """-> (perplexity over every predicted token of the blocks, number of blocks, {"a-b": perplexity of
+    the predictions made at positions a..b-1 of a block} for the edges inside the block)."""
     import torch
 
     blocks = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
@@ -37,14 +41,16 @@ def perplexity(model, ids, seq_len, tokens_per_batch=8192):
     from tqdm.auto import tqdm
 
     batch = max(1, tokens_per_batch // seq_len)
-    total, count = 0.0, 0
+    per_position = torch.zeros(seq_len - 1, dtype=torch.float64)  # summed loss of the prediction made at position t
     with torch.inference_mode():
         for rows in tqdm(blocks.split(batch), desc=f"perplexity at {seq_len}", leave=False):
             logits = model(input_ids=rows).logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1),
-                                                     reduction="sum")
-            total, count = total + loss.item(), count + rows[:, 1:].numel()
-    return math.exp(total / count), len(blocks)
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none")
+            per_position += loss.double().sum(0)
+    edges = [0, *[e for e in position_edges if 0 < e < seq_len - 1], seq_len - 1]
+    spans = {f"{a}-{b}": math.exp(per_position[a:b].sum().item() / ((b - a) * len(blocks)))
+             for a, b in zip(edges, edges[1:])} if len(edges) > 2 else {}
+    return math.exp(per_position.sum().item() / per_position.numel() / len(blocks)), len(blocks), spans
 
 
 def cache_mib(model, ids, tokens):
@@ -64,6 +70,8 @@ def main(argv=None):
     parser.add_argument("models", nargs="+", help="causal LM folders (one tokenizer: the first model's)")
     parser.add_argument("--seq-len", type=int, nargs="+", default=[512])
     parser.add_argument("--cache-tokens", type=int, nargs="*", default=[])
+    parser.add_argument("--position-edges", type=int, nargs="*", default=[512, 2048],
+                        help="also report perplexity by position within the blocks, split at these positions")
     parser.add_argument("--data", default=str(ROOT / "data_cache" / "text" / "validation.jsonl"))
     parser.add_argument("--output", help="JSON file: results per model folder (kept and extended between runs)")
     args = parser.parse_args(argv)
@@ -85,7 +93,9 @@ def main(argv=None):
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         row = {}
         for seq_len in args.seq_len:
-            row[f"perplexity_{seq_len}"], row[f"blocks_{seq_len}"] = perplexity(model, ids, seq_len)
+            row[f"perplexity_{seq_len}"], row[f"blocks_{seq_len}"], spans = perplexity(
+                model, ids, seq_len, position_edges=args.position_edges)
+            row.update({f"perplexity_{seq_len}_positions_{span}": value for span, value in spans.items()})
         for tokens in args.cache_tokens:
             row[f"cache_mib_{tokens}"] = round(cache_mib(model, ids, tokens), 3)
         results[folder] = row

@@ -3,6 +3,7 @@ move; the merged model is a plain Performer that reloads with AutoModel* to the 
 softmax Performer converts to a linear one keeping every weight; the recipe's evaluation scripts."""
 
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -168,12 +169,16 @@ def test_evaluate_lm_perplexity_and_cache(tmp_path):
     for name, options in (("softmax", {"attention_type": "softmax"}), ("linear", LINEAR)):
         PerformerForCausalLM(PerformerConfig(**config, **options)).save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
+    from transformers import LlamaConfig, LlamaForCausalLM  # a transformers teacher: its own KV cache is measured
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
     data = tmp_path / "validation.jsonl"
     text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 12
     data.write_text(json.dumps({"text": text}) + "\n")
-    folders = [str(tmp_path / "softmax"), str(tmp_path / "linear")]
+    folders = [str(tmp_path / "softmax"), str(tmp_path / "linear"), str(tmp_path / "llama")]
     results = evaluate_lm.main([*folders, "--seq-len", "16", "32", "--cache-tokens", "64", "256", "--data", str(data),
-                                "--output", str(tmp_path / "eval.json")])
+                                "--position-edges", "8", "--output", str(tmp_path / "eval.json")])
 
     # perplexity = exp(mean next-token cross-entropy) over the whole blocks, computed here directly
     model = AutoModelForCausalLM.from_pretrained(folders[0]).eval()
@@ -184,6 +189,14 @@ def test_evaluate_lm_perplexity_and_cache(tmp_path):
     assert results[folders[0]]["blocks_16"] == len(blocks)
     assert results[folders[0]]["perplexity_16"] == pytest.approx(loss.exp().item(), rel=1e-4)
     assert results[folders[0]]["perplexity_32"] != results[folders[0]]["perplexity_16"]
+    # by position: predictions at 0..7 and at 8..30 of each 32-token block, which make up the whole
+    row = results[folders[0]]
+    spans = row["perplexity_32_positions_0-8"], row["perplexity_32_positions_8-31"]
+    assert spans[0] != spans[1]
+    assert math.exp((8 * math.log(spans[0]) + 23 * math.log(spans[1])) / 31) == pytest.approx(row["perplexity_32"])
+    llama = results[folders[2]]
+    # keys and values of every prompt token: 2 layers x (k, v) x 2 key/value heads x 8 dims x 4 bytes
+    assert [llama[f"cache_mib_{n}"] for n in (64, 256)] == [round(n * 2 * 2 * 2 * 8 * 4 / 2**20, 3) for n in (64, 256)]
     # the softmax cache grows with the prompt, the linear state does not
     softmax, linear = results[folders[0]], results[folders[1]]
     assert softmax["cache_mib_256"] > 3 * softmax["cache_mib_64"]
