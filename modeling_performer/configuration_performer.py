@@ -256,7 +256,7 @@ class PerformerConfig(PreTrainedConfig):
     def _validate_rope(self):
         """rope_parameters as transformers standardised it (rope_theta folded in), restricted to the
         types this model computes, each with the keys its transformers function needs."""
-        rope = self.rope_parameters or {}
+        rope = dict(self.rope_parameters or {})
         rope.setdefault("rope_type", "default")
         rope.setdefault("rope_theta", 10000.0)
         self.rope_parameters = rope
@@ -267,7 +267,12 @@ class PerformerConfig(PreTrainedConfig):
                 f"rope_parameters['partial_rotary_factor']={rope['partial_rotary_factor']} is not supported: the rotary "
                 "turns every dimension of a head"
             )
-        if self.position_embedding_type == "rotary" and self.head_dim % 2:
+        if self.position_embedding_type != "rotary":
+            # Learned positions: no rotary settings (transformers' checks of them, which also run when the config
+            # is saved, would refuse head dimensions that only a rotary needs even).
+            self.rope_parameters = None
+            return
+        if self.head_dim % 2:
             raise ValueError(
                 f"rotary positions rotate pairs of dimensions and need an even head dimension, got {self.head_dim}; "
                 "change head_dim (or hidden_size / num_attention_heads), or use position_embedding_type='learned'"

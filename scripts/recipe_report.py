@@ -40,14 +40,21 @@ def report(folder: pathlib.Path, window: int) -> str:
             cells.append(f"{row['mean_cosine']:.4f} / {row['p5_cosine']:.4f}" if row else "")
         return cells
 
+    teacher_lm = lm.get(str(folder / "clm-teacher"), {})
+
     def lm_cells(model):
-        """Perplexity at 512 and 2,048, cache after 2,048 / 8,192 tokens."""
+        """Perplexity at 512, 2,048 and 8,192 tokens; cache after 2,048 / 8,192 tokens, and its share of the
+        teacher's KV cache at 8,192."""
         row = lm.get(str(folder / model), {})
 
         def cell(key, digits=1):
             return f"{row[key]:.{digits}f}" if key in row else ""
 
-        return [cell("perplexity_512"), cell("perplexity_2048"), cell("cache_mib_2048", 2) + " / " + cell("cache_mib_8192", 2)]
+        share = ""
+        if "cache_mib_8192" in row and teacher_lm.get("cache_mib_8192"):
+            share = f"1/{teacher_lm['cache_mib_8192'] / row['cache_mib_8192']:.0f}" if model != "clm-teacher" else "1"
+        return [cell("perplexity_512"), cell("perplexity_2048"), cell("perplexity_8192"),
+                cell("cache_mib_2048", 2) + " / " + cell("cache_mib_8192", 2), share]
 
     def accuracy(name, how):
         return f"{rt[name]['test_accuracy']:.4f} ({how})" if "test_accuracy" in rt[name] else ""
@@ -56,23 +63,33 @@ def report(folder: pathlib.Path, window: int) -> str:
         total = sum(spent.get(n, 0.0) for n in names)
         return f"{total:.1f}" if any(n in spent for n in names) else ""
 
+    def table(header, rows):
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
     lora = f"hedgehog-w{window}-lora"
-    rows = [
-        ["softmax teacher (exact conversion / trained LM)", "1 / 1", "1 / 1", accuracy("softmax-full", "full FT"),
-         *lm_cells("clm-teacher"), cost("convert-minilm-softmax-cls", "rt-softmax-full", "clm-teacher")],
-        ["FAVOR+ swapped in, no training", *cosines("minilm-favor"), "", *lm_cells("clm-favor"),
-         cost("convert-minilm-favor", "convert-clm-favor")],
-        ["Hedgehog + transfer (+ LoRA for Rotten Tomatoes)", *cosines(f"minilm-{hh}"), accuracy("hedgehog-lora", "LoRA"),
-         *lm_cells(f"clm-{hh}"), cost(f"transfer-minilm-{hh}", f"transfer-clm-{hh}", "rt-hedgehog-lora")],
-        [f"Hedgehog + window {window} + transfer", *cosines(f"minilm-{hhw}"), "", *lm_cells(f"clm-{hhw}"),
-         cost(f"transfer-minilm-{hhw}", f"transfer-clm-{hhw}")],
-        [f"Hedgehog + window {window} + transfer + LoRA", "", "", accuracy(lora, "LoRA"), *lm_cells(f"clm-{lora}"),
-         cost(f"rt-{lora}", f"clm-{lora}")],
+    encoder_rows = [
+        ["softmax (exact conversion)", "1 / 1", "1 / 1", accuracy("softmax-full", "full FT"),
+         cost("convert-minilm-softmax-cls", "rt-softmax-full")],
+        ["FAVOR+ swapped in, no training", *cosines("minilm-favor"), "", cost("convert-minilm-favor")],
+        ["Hedgehog + transfer (+ LoRA)", *cosines(f"minilm-{hh}"), accuracy("hedgehog-lora", "LoRA"),
+         cost(f"transfer-minilm-{hh}", "rt-hedgehog-lora")],
+        [f"Hedgehog + window {window} + transfer (+ LoRA)", *cosines(f"minilm-{hhw}"), accuracy(lora, "LoRA"),
+         cost(f"transfer-minilm-{hhw}", f"rt-{lora}")],
     ]
-    header = ("| model | MiniLM cosine, 256-token passages (mean / p5) | 512 (mean / p5) | Rotten Tomatoes test accuracy "
-              "| LM perplexity at 512 | at 2,048 | LM cache MiB after 2,048 / 8,192 tokens | CPU minutes |")
-    lines = [header, "|" + "---|" * 8]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lm_rows = [
+        ["Llama teacher (softmax, trained here)", *lm_cells("clm-teacher"), cost("clm-teacher")],
+        ["FAVOR+ swapped in, no training", *lm_cells("clm-favor"), cost("convert-clm-favor")],
+        ["Hedgehog + transfer", *lm_cells(f"clm-{hh}"), cost(f"transfer-clm-{hh}")],
+        ["Hedgehog + transfer + LoRA", *lm_cells("clm-hedgehog-lora"), cost("clm-hedgehog-lora")],
+        [f"Hedgehog + window {window} + transfer", *lm_cells(f"clm-{hhw}"), cost(f"transfer-clm-{hhw}")],
+        [f"Hedgehog + window {window} + transfer + LoRA", *lm_cells(f"clm-{lora}"), cost(f"clm-{lora}")],
+    ]
+    lines = table(["MiniLM / Rotten Tomatoes", "cosine, 256-token passages (mean / p5)", "512 (mean / p5)",
+                   "Rotten Tomatoes test accuracy", "CPU minutes"], encoder_rows)
+    lines.append("")
+    lines += table(["causal LM", "perplexity at 512", "at 2,048", "at 8,192", "cache MiB after 2,048 / 8,192 tokens",
+                    "cache vs teacher at 8,192", "CPU minutes"], lm_rows)
     lines.append("")
     lines.append(f"Total recorded: {sum(spent.values()):.1f} minutes ({', '.join(f'{k} {v:.1f}' for k, v in spent.items())})")
     return "\n".join(lines)

@@ -216,14 +216,17 @@ def test_recipe_report_reads_every_stage(tmp_path):
     for tokens, value in ((256, 0.9612), (512, 0.9873)):
         (folder / f"embeddings-{tokens}.json").write_text(json.dumps({
             str(folder / "minilm-hedgehog-w64-transferred"): {"mean_cosine": value, "p5_cosine": value - 0.01}}))
-    (folder / "clm-eval.json").write_text(json.dumps({str(folder / "clm-teacher"): {
-        "perplexity_512": 123.45, "perplexity_2048": 150.0, "cache_mib_2048": 8.0, "cache_mib_8192": 32.0}}))
+    (folder / "clm-eval.json").write_text(json.dumps({
+        str(folder / "clm-teacher"): {"perplexity_512": 123.45, "perplexity_2048": 150.0, "perplexity_8192": 170.25,
+                                      "cache_mib_2048": 8.0, "cache_mib_8192": 32.0},
+        str(folder / "clm-hedgehog-w64-lora"): {"perplexity_512": 124.0, "cache_mib_2048": 0.5, "cache_mib_8192": 0.5}}))
     (folder / "rt-softmax-full").mkdir()
     (folder / "rt-softmax-full" / "metrics.json").write_text(json.dumps({"test_accuracy": 0.8244}))
     (folder / "minutes.tsv").write_text("clm-teacher\t5.5\ntransfer-minilm-hedgehog-w64-transferred\t4.0 (resumed)\n"
                                         "transfer-minilm-hedgehog-w64-transferred\t1.0\n")
     table = recipe_report.main([str(folder), "--window", "64"]) or (folder / "results.md").read_text()
     assert "0.9873 / 0.9773" in table and "0.9612 / 0.9512" in table
-    assert "123.5" in table and "8.00 / 32.00" in table and "0.8244" in table
+    assert "123.5" in table and "170.2" in table and "8.00 / 32.00" in table and "0.8244" in table
+    assert "| 0.50 / 0.50 | 1/64 |" in table  # the linear cache against the teacher's at 8,192 tokens
     assert "| 5.5 |" in table and "| 5.0 |" in table  # minutes per row, a resumed step's parts added
     assert "10.5 minutes" in table

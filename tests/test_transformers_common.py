@@ -99,8 +99,10 @@ class _PerformerCommonTests(ModelTesterMixin):
 
     def setUp(self):
         self.model_tester = PerformerModelTester(self, **self.config_overrides)
-        # hidden_size=37 as BERT's tester; one head, because the config refuses sizes the heads do not divide.
-        self.config_tester = ConfigTester(self, config_class=PerformerConfig, hidden_size=37, num_attention_heads=1)
+        # hidden_size=37 as BERT's tester; one head, because the config refuses sizes the heads do not divide, and
+        # learned positions, because it refuses a rotary over an odd head dimension.
+        self.config_tester = ConfigTester(self, config_class=PerformerConfig, hidden_size=37, num_attention_heads=1,
+                                          position_embedding_type="learned")
 
     def test_config(self):
         self.config_tester.run_common_tests()
@@ -119,3 +121,11 @@ class PerformerSeq2SeqCommonTest(_PerformerCommonTests, GenerationTesterMixin, u
     all_model_classes = (PerformerModel, PerformerForConditionalGeneration)
     is_encoder_decoder = True
     config_overrides = {"is_encoder_decoder": True}
+
+
+
+# For a flat encoder-decoder config, transformers' get_text_config(decoder=True) returns a copy, so the
+# rope settings of this (parametrised) test never reach the model; the encoder and causal testers run it.
+for _name in [n for n in dir(PerformerSeq2SeqCommonTest) if n.startswith("test_model_rope_scaling_from_config")]:
+    setattr(PerformerSeq2SeqCommonTest, _name, unittest.skip("flat encoder-decoder config: get_text_config copies it")(
+        getattr(PerformerSeq2SeqCommonTest, _name)))
