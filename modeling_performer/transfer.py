@@ -182,7 +182,10 @@ def attention_errors(teacher, student, batch) -> dict:
         actual = _student_core(student_module, args, kwargs)
         weights = _token_weights(batch, expected)
         hidden = args[0] if args else kwargs["hidden_states"]
-        values = teacher_module.v_proj(hidden)  # heads side by side: [B, T, C], the layout of `expected`
+        values = teacher_module.v_proj(hidden)  # [B, T, H_kv * D]
+        # each key/value head's values for every query head of its group: [B, T, H * D], the layout of `expected`
+        groups = teacher_module.num_heads // teacher_module.num_key_value_heads
+        values = values.unflatten(-1, (-1, teacher_module.head_dim)).repeat_interleave(groups, dim=2).flatten(-2)
         keys_mask = weights if weights is not None else torch.ones_like(values[..., :1])
         if teacher_module.is_causal:
             mean_v = (values * keys_mask).cumsum(1) / keys_mask.cumsum(1).clamp_min(1.0)

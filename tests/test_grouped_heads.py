@@ -229,3 +229,26 @@ def test_grouped_encoder_decoder_generates_the_same_with_and_without_its_cache(c
     assert torch.equal(cached, model.generate(ids, attention_mask=mask, use_cache=False, **greedy))
     beams = model.generate(ids, attention_mask=mask, num_beams=3, **greedy)
     assert torch.equal(beams, model.generate(ids, attention_mask=mask, num_beams=3, use_cache=False, **greedy))
+
+
+def test_attention_transfer_fits_grouped_layers_against_their_teacher():
+    from modeling_performer.transfer import attention_errors, transfer_attention
+
+    torch.manual_seed(0)
+    teacher = PerformerForCausalLM(tiny(2, attention_type="softmax")).eval()
+    student = PerformerForCausalLM(tiny(2, feature_map="hedgehog", local_window=2))
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    generator = torch.Generator().manual_seed(1)
+
+    def batch(step):
+        ids = torch.randint(5, 99, (4, 16), generator=generator)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    probe = batch(0)
+    before = attention_errors(teacher, student, probe)
+    transfer_attention(teacher, student, batch, steps=30, learning_rate=3e-2, progress=False)
+    after = attention_errors(teacher, student, probe)
+    for layer, errors in after.items():
+        # the mean-of-V baseline reads each query head's own group of values
+        assert errors["mean_of_v"] == pytest.approx(before[layer]["mean_of_v"]) and errors["mean_of_v"] > 0
+        assert errors["student"] < before[layer]["student"], (layer, before[layer], errors)
