@@ -1,6 +1,8 @@
 #!/usr/bin/env python
-"""Prints the results table of scripts/convert_recipe.sh (markdown) from its output folder, and
-writes it to FOLDER/results.md. Cells of steps that have not run yet are left empty.
+"""Prints the results tables of scripts/convert_recipe.sh (markdown) from its output folder, and
+writes them to FOLDER/results.md, with every number behind them in FOLDER/results.json (the
+measurements, the minutes, the date and the commit). Cells of steps that have not run yet are left
+empty.
 
     python scripts/recipe_report.py outputs/recipe --window 64
 """
@@ -95,6 +97,29 @@ def report(folder: pathlib.Path, window: int) -> str:
     return "\n".join(lines)
 
 
+def measurements(folder: pathlib.Path, window: int) -> dict:
+    """Everything the tables are made of, keyed by the step that measured it (paths relative to FOLDER)."""
+    import datetime
+    import subprocess
+
+    def relative(table):
+        return {pathlib.Path(k).name if k.startswith(str(folder)) else k: v for k, v in table.items()}
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=pathlib.Path(__file__).resolve().parent).stdout.strip()
+    teacher = load(folder / "clm-teacher" / "metrics.json")
+    return {
+        "date": datetime.date.today().isoformat(), "commit": commit or None, "window": window,
+        "embeddings": {tokens: relative(load(folder / f"embeddings-{tokens}.json")) for tokens in (256, 512)},
+        "rotten_tomatoes": {name: {k: v for k, v in load(folder / f"rt-{name}" / "metrics.json").items()
+                                   if k.startswith("test_")}
+                            for name in ("softmax-full", "hedgehog-lora", f"hedgehog-w{window}-lora")},
+        "causal_lm": relative(load(folder / "clm-eval.json")),
+        "causal_lm_teacher": {k: v for k, v in teacher.items() if k != "train_loss_history"},
+        "minutes": minutes(folder),
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder")
@@ -103,6 +128,7 @@ def main(argv=None):
     folder = pathlib.Path(args.folder)
     text = report(folder, args.window)
     (folder / "results.md").write_text(text + "\n")
+    (folder / "results.json").write_text(json.dumps(measurements(folder, args.window), indent=2) + "\n")
     print(text)
 
 

@@ -230,3 +230,6 @@ def test_recipe_report_reads_every_stage(tmp_path):
     assert "| 0.50 / 0.50 | 1/64 |" in table  # the linear cache against the teacher's at 8,192 tokens
     assert "| 5.5 |" in table and "| 5.0 |" in table  # minutes per row, a resumed step's parts added
     assert "10.5 minutes" in table
+    numbers = json.loads((folder / "results.json").read_text())  # what the tables are made of
+    assert numbers["causal_lm"]["clm-teacher"]["perplexity_8192"] == 170.25
+    assert numbers["minutes"]["clm-teacher"] == 5.5 and numbers["rotten_tomatoes"]["softmax-full"]["test_accuracy"]

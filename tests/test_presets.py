@@ -35,3 +35,17 @@ def test_count_script_prints_every_preset():
                           text=True, check=True)
     for name in EXPECTED_MILLIONS:
         assert name in done.stdout
+
+
+def test_llama_teacher_preset_counts_as_a_transformers_llama():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from count_parameters import count
+    finally:
+        sys.path.pop(0)
+    from transformers import AutoConfig, LlamaModel
+
+    path = ROOT / "configuration" / "presets" / "llama-small-decoder.json"
+    config = AutoConfig.from_pretrained(path)
+    assert config.model_type == "llama" and config.num_key_value_heads < config.num_attention_heads
+    assert count(path) == sum(p.numel() for p in LlamaModel(config).parameters())
