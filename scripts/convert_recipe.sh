@@ -24,7 +24,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-WINDOW=${WINDOW:-64}
+# The transfer settings of the README's results, named once (modeling_performer.transfer.RECIPE_SETTINGS):
+# transfer_attention.py's defaults; the window is chosen when converting.
+setting() { python -c "from modeling_performer.transfer import RECIPE_SETTINGS; print(RECIPE_SETTINGS['$1'])"; }
+WINDOW=${WINDOW:-$(setting local_window)}
 out=${OUT:-outputs/recipe}
 steps() { awk -v n="$1" -v s="${STEPS_SCALE:-1}" 'BEGIN { v = int(n * s); print (v < 1 ? 1 : v) }'; }
 mkdir -p $out
@@ -53,20 +56,20 @@ convert() {  # SOURCE OUTPUT OPTIONS...
     timed "convert-$(basename "$output")" "$output/config.json" python scripts/convert_to_performer.py "$source" "$output" "$@"
 }
 
-# Layer by layer for STEPS, then 60 steps end to end on every layer's hidden states (no labels either).
-# Options after STEPS override the defaults (later flags win).
-transfer() {  # TEACHER STUDENT OUTPUT STEPS [OPTIONS...]
+# Layer by layer, then end to end on every layer's hidden states (no labels either), with
+# transfer_attention.py's defaults; only the step counts are scaled here (STEPS_SCALE). Options after
+# OUTPUT override the defaults (later flags win).
+transfer() {  # TEACHER STUDENT OUTPUT [OPTIONS...]
     timed "transfer-$(basename "$3")" "$3/transfer_metrics.json" python scripts/transfer_attention.py "$1" "$2" "$3" \
-        --steps "$4" --seq-len 512 --batch-size 4 --learning-rate 3e-2 \
-        --end-to-end-steps $(steps 60) --end-to-end-learning-rate 3e-3 "${@:5}"
+        --steps $(steps $(setting steps)) --end-to-end-steps $(steps $(setting end_to_end_steps)) "${@:4}"
 }
 
 if [[ " $stages " == *" embeddings "* ]]; then
     convert "$minilm" $out/minilm-favor --head base --num-random-features 256
     convert "$minilm" $out/minilm-hedgehog --head base --feature-map hedgehog
     convert "$minilm" $out/minilm-hedgehog-w$WINDOW --head base --feature-map hedgehog --local-window $WINDOW
-    transfer "$minilm" $out/minilm-hedgehog $out/minilm-hedgehog-transferred $(steps 300)
-    transfer "$minilm" $out/minilm-hedgehog-w$WINDOW $out/minilm-hedgehog-w$WINDOW-transferred $(steps 300)
+    transfer "$minilm" $out/minilm-hedgehog $out/minilm-hedgehog-transferred
+    transfer "$minilm" $out/minilm-hedgehog-w$WINDOW $out/minilm-hedgehog-w$WINDOW-transferred
     for tokens in 256 512; do
         timed "embeddings-$tokens" $out/embeddings-$tokens.json python scripts/embedding_similarity.py "$minilm" \
             $out/minilm-favor $out/minilm-hedgehog-transferred $out/minilm-hedgehog-w$WINDOW-transferred \
@@ -107,7 +110,7 @@ if [[ " $stages " == *" causal-lm "* ]]; then
     # windows only, the linear part, which then sums at most 448 keys, is off on the ~2,000 of a longer input
     # (perplexity at 2,048 tokens 11% above the teacher's instead of 3% below; README "Long inputs").
     for model in hedgehog hedgehog-w$WINDOW; do
-        transfer $teacher $out/clm-$model $out/clm-$model-transferred $(steps 200) --seq-len 2048 --batch-size 1
+        transfer $teacher $out/clm-$model $out/clm-$model-transferred --steps $(steps 200) --seq-len 2048 --batch-size 1
         timed clm-$model-lora $out/clm-$model-lora/metrics.json python scripts/train.py --task clm \
             --init $out/clm-$model-transferred --tokenizer $teacher --lora-rank 16 --max-steps $(steps 200) \
             --eval-steps $(steps 100) --batch-size 2 --seq-len 2048 --learning-rate 1e-3 \

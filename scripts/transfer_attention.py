@@ -3,16 +3,17 @@
 nothing else) so that every layer reproduces the softmax attention output of TEACHER on its own
 layer inputs, and writes the result to OUTPUT (loads with AutoModel* like STUDENT).
 
-    python scripts/convert_to_performer.py $MINILM outputs/minilm-hh --feature-map hedgehog --local-window 32
-    python scripts/transfer_attention.py $MINILM outputs/minilm-hh outputs/minilm-hh-transferred --steps 300
+    python scripts/convert_to_performer.py $MINILM outputs/minilm-hh --feature-map hedgehog --local-window 64
+    python scripts/transfer_attention.py $MINILM outputs/minilm-hh outputs/minilm-hh-transferred
 
 TEACHER: a softmax Performer folder of the student's shape, or an original BERT / RoBERTa / MiniLM
 / GPT-2 / Llama / Mistral / Qwen2 / Qwen3 folder (converted with exact softmax attention on the fly). --data: a .txt file or a
 .jsonl file with a `text` field (default: the bundled Shakespeare training plays, prepared by
 scripts/prepare_data.py). --end-to-end-steps N adds a second stage after the layer-by-layer one:
 the whole student run on the same text, every layer's hidden states pulled towards the teacher's
-(the same tensors move; still no labels). Interrupted runs resume from OUTPUT/transfer_state.pt
-with the same command and reach the same result.
+(the same tensors move; still no labels). The defaults are the settings of the README's results
+(modeling_performer.transfer.RECIPE_SETTINGS, which scripts/convert_recipe.sh runs too).
+Interrupted runs resume from OUTPUT/transfer_state.pt with the same command and reach the same result.
 """
 
 import argparse
@@ -87,14 +88,16 @@ def main(argv=None):
     parser.add_argument("student", help="Performer folder with linear attention (e.g. --feature-map hedgehog)")
     parser.add_argument("output", help="folder for the fitted student (resumable working state inside)")
     parser.add_argument("--data", help="unlabelled text: .txt, or .jsonl with a 'text' field")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--learning-rate", type=float, default=1e-2)
-    parser.add_argument("--end-to-end-steps", type=int, default=0,
-                        help="steps of the second stage, on the whole stack's hidden states (default 0: none)")
-    parser.add_argument("--end-to-end-learning-rate", type=float,
-                        help="learning rate of the second stage (default: --learning-rate / 10)")
+    from modeling_performer.transfer import RECIPE_SETTINGS as default  # the settings of the README's results
+
+    parser.add_argument("--steps", type=int, default=default["steps"], help="layer-by-layer steps (%(default)s)")
+    parser.add_argument("--batch-size", type=int, default=default["batch_size"], help="windows per step (%(default)s)")
+    parser.add_argument("--seq-len", type=int, default=default["seq_len"], help="tokens per window (%(default)s)")
+    parser.add_argument("--learning-rate", type=float, default=default["learning_rate"], help="(%(default)s)")
+    parser.add_argument("--end-to-end-steps", type=int, default=default["end_to_end_steps"],
+                        help="steps of the second stage, on the whole stack's hidden states (%(default)s; 0: none)")
+    parser.add_argument("--end-to-end-learning-rate", type=float, default=default["end_to_end_learning_rate"],
+                        help="learning rate of the second stage (%(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

@@ -173,6 +173,11 @@ def test_script_converts_transfers_and_saves_a_loadable_folder(source, tokenizer
     transfer_attention.main(args)  # the teacher is the original BERT folder, converted on the fly
     metrics = json.loads((output / "transfer_metrics.json").read_text())
     assert metrics["steps"] == 6
+    # what was not given comes from the one set of settings the recipe and the README's results use
+    from modeling_performer.transfer import RECIPE_SETTINGS
+
+    for key in ("learning_rate", "end_to_end_steps", "end_to_end_learning_rate"):
+        assert metrics[key] == RECIPE_SETTINGS[key], key
     model = AutoModelForMaskedLM.from_pretrained(output)
     assert model.config.feature_map == "hedgehog" and model.config.local_window == 4
     start = AutoModelForMaskedLM.from_pretrained(student_folder)
