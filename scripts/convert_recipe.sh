@@ -28,6 +28,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # transfer_attention.py's defaults; the window is chosen when converting.
 setting() { python -c "from modeling_performer.transfer import RECIPE_SETTINGS; print(RECIPE_SETTINGS['$1'])"; }
 WINDOW=${WINDOW:-$(setting local_window)}
+TRANSFER_STEPS=$(setting steps) END_TO_END_STEPS=$(setting end_to_end_steps)
 out=${OUT:-outputs/recipe}
 steps() { awk -v n="$1" -v s="${STEPS_SCALE:-1}" 'BEGIN { v = int(n * s); print (v < 1 ? 1 : v) }'; }
 mkdir -p $out
@@ -61,7 +62,7 @@ convert() {  # SOURCE OUTPUT OPTIONS...
 # OUTPUT override the defaults (later flags win).
 transfer() {  # TEACHER STUDENT OUTPUT [OPTIONS...]
     timed "transfer-$(basename "$3")" "$3/transfer_metrics.json" python scripts/transfer_attention.py "$1" "$2" "$3" \
-        --steps $(steps $(setting steps)) --end-to-end-steps $(steps $(setting end_to_end_steps)) "${@:4}"
+        --steps $(steps $TRANSFER_STEPS) --end-to-end-steps $(steps $END_TO_END_STEPS) "${@:4}"
 }
 
 if [[ " $stages " == *" embeddings "* ]]; then

@@ -5,8 +5,9 @@
 """
 
 import argparse
-import json
 import pathlib
+
+from train import preset_config  # scripts/ is on the path of a script run from it
 
 from modeling_performer import PerformerConfig, PerformerModel
 
@@ -16,14 +17,13 @@ PRESETS = pathlib.Path(__file__).resolve().parent.parent / "configuration" / "pr
 def count(path) -> int:
     """Parameters of the bare stack a preset describes (a Performer, or a transformers model of the
     preset's model_type, e.g. the Llama teacher of the linearizing recipe)."""
-    values = json.loads(pathlib.Path(path).read_text())
-    model_type = values.pop("model_type", PerformerConfig.model_type)
-    if model_type == PerformerConfig.model_type:
-        model = PerformerModel(PerformerConfig.from_dict(values))
+    config = preset_config(path)
+    if isinstance(config, PerformerConfig):
+        model = PerformerModel(config)
     else:
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoModel
 
-        model = AutoModel.from_config(AutoConfig.for_model(model_type, **values))
+        model = AutoModel.from_config(config)
     return sum(p.numel() for p in model.parameters())
 
 

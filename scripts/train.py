@@ -59,25 +59,33 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_config(args, tokenizer):
+def preset_config(path):
+    """The config a preset file describes: a PerformerConfig, or the transformers config of the
+    file's other model_type (the Llama teacher of the linearizing recipe)."""
     from transformers import AutoConfig
 
+    from modeling_performer import PerformerConfig
+
+    values = json.loads(pathlib.Path(path).read_text())
+    model_type = values.pop("model_type", PerformerConfig.model_type)
+    if model_type == PerformerConfig.model_type:
+        return PerformerConfig.from_dict(values)
+    return AutoConfig.for_model(model_type, **values)
+
+
+def load_config(args, tokenizer):
     from modeling_performer import PerformerConfig
 
     path = pathlib.Path(args.config)
     if not path.exists():
         path = ROOT / "configuration" / "presets" / f"{args.config}.json"
-    values = json.loads(path.read_text())
-    model_type = values.pop("model_type", PerformerConfig.model_type)
-    if model_type == PerformerConfig.model_type:
-        config = PerformerConfig.from_dict(values)
-    else:
+    config = preset_config(path)
+    if not isinstance(config, PerformerConfig):
         performer_options = [f"--{o.replace('_', '-')}" for o in ("attention_type", "feature_map", "local_window")
                              if getattr(args, o) is not None]
         if args.task != "clm" or performer_options:
-            raise SystemExit(f"{path.name} is a {model_type!r} config: it trains as a transformers causal LM "
+            raise SystemExit(f"{path.name} is a {config.model_type!r} config: it trains as a transformers causal LM "
                              f"(--task clm) without Performer options ({', '.join(performer_options) or args.task})")
-        config = AutoConfig.for_model(model_type, **values)
     config.vocab_size = len(tokenizer)
     config.pad_token_id, config.bos_token_id, config.eos_token_id = (
         tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
