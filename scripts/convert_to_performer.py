@@ -20,6 +20,28 @@ import json
 import sys
 
 
+def write_provenance(source, output, base_model=None):
+    """OUTPUT/provenance.json: where the weights come from (the base model's Hub id and licence, as
+    far as they are known), which scripts/train.py --init puts on the cards of models trained from it."""
+    import os
+
+    local = os.path.isdir(source)
+    facts = {"source": source, "base_model": base_model or (None if local else source), "license": None}
+    card = os.path.join(source, "README.md") if local else None
+    if card and os.path.exists(card):
+        from huggingface_hub import ModelCard
+
+        try:
+            data = ModelCard.load(card).data
+            facts["license"] = data.license
+            facts["base_model"] = facts["base_model"] or data.base_model
+        except Exception:  # a README that is not a model card: nothing to learn from it
+            pass
+    with open(os.path.join(output, "provenance.json"), "w") as handle:
+        json.dump(facts, handle, indent=2)
+    return facts
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a local transformers model folder (config.json, weights, tokenizer), or a "
@@ -36,6 +58,8 @@ def main(argv=None):
                         help="auto: the source architecture's head (BertModel -> base, GPT2LMHeadModel -> causal-lm, ...)")
     parser.add_argument("--num-labels", type=int, default=None, help="classification head: number of labels")
     parser.add_argument("--classifier-pooling", choices=["cls", "mean"], default=None)
+    parser.add_argument("--base-model", help="the source's Hub id, for the cards of models trained from OUTPUT "
+                                             "(default: SOURCE when it is a Hub id)")
     args = parser.parse_args(argv)
 
     from modeling_performer.conversion import ConversionError, convert_to_performer, save_converted
@@ -49,6 +73,7 @@ def main(argv=None):
     except ConversionError as error:
         sys.exit(f"convert_to_performer: {error}")
     save_converted(model, tokenizer, args.output)
+    write_provenance(args.source, args.output, args.base_model)
     print(json.dumps({"output": args.output, "class": type(model).__name__, "attention_type": args.attention_type,
                       "parameters": sum(p.numel() for p in model.parameters())}, indent=2))
 

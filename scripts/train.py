@@ -521,7 +521,8 @@ def finish_folder(args, stage, model, tokenizer, metrics, facts):
     if model.config.model_type == "performer":  # the card describes a Performer
         from make_model_card import make_card
 
-        make_card(stage, repo_id=args.hub_model_id, model_name=pathlib.Path(args.output).name, **facts)
+        name = args.hub_model_id.split("/")[-1] if args.hub_model_id else pathlib.Path(args.output).name
+        make_card(stage, repo_id=args.hub_model_id, model_name=name, **facts)
     keep_hub_files(stage)
 
 

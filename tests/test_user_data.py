@@ -180,3 +180,79 @@ def test_train_tokenizer_never_replaces_the_bundled_one_unless_named(corpora, tm
     train_tokenizer.main(["--corpus", str(corpora / "text" / "train.jsonl"), "--vocab-size", "200"])
     assert (tmp_path / "outputs" / "tokenizer" / "tokenizer.json").exists()
     assert hashlib.sha256(bundled.read_bytes()).hexdigest() == before
+
+
+class StandInHub:
+    """The two HfApi calls push_folder makes, against a local folder (never a real endpoint)."""
+
+    def __init__(self, root):
+        self.root, self.repos = root, []
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+    def create_repo(self, repo_id, exist_ok=False, private=False):
+        self.repos.append(repo_id)
+
+    def upload_folder(self, folder_path, repo_id, commit_message=None):
+        import shutil
+
+        shutil.copytree(folder_path, self.root / repo_id)
+        return f"local://{repo_id}"
+
+
+@pytest.mark.slow
+def test_bf16_on_cpu_learns_and_push_to_hub_uploads_the_model_folder_only(corpora, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    hub = StandInHub(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub)
+    output = tmp_path / "lm-bf16"
+    metrics = train.main(["--task", "clm", "--data", str(corpora / "text"), "--max-steps", "30", "--bf16",
+                          "--gradient-accumulation-steps", "2", "--push-to-hub", "--hub-model-id", "someone/tiny-lm",
+                          *base_args(corpora, output)])
+    losses = [loss for _, loss, _ in metrics["train_loss_history"]]
+    assert metrics["precision"] == "bf16" and losses[-1] < losses[0] - 0.5, losses
+    assert metrics["global_batch_size"] == 32
+    assert hub.repos == ["someone/tiny-lm"]
+    uploaded = {p.name for p in (tmp_path / "hub" / "someone" / "tiny-lm").iterdir()}
+    assert uploaded == {p.name for p in output.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "metrics.json"} <= uploaded
+    assert not any(n.startswith("checkpoint-") or n.endswith((".bin", ".pt")) for n in uploaded), uploaded
+    card = (output / "README.md").read_text()
+    assert 'from_pretrained("someone/tiny-lm"' in card and ".final-partial" not in card
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(output / "README.md").data
+    assert data.model_name == "tiny-lm" and data.datasets == ["text"] and data.pipeline_tag == "text-generation"
+
+
+def test_push_to_hub_needs_a_repository_and_fp16_needs_a_gpu(corpora, tmp_path):
+    output = tmp_path / "never"
+    expect_error(None, ["--task", "clm", "--push-to-hub", *base_args(corpora, output)], output, "--hub-model-id")
+    expect_error(None, ["--task", "clm", "--fp16", *base_args(corpora, output)], output, "--fp16 needs a GPU")
+    expect_error(None, ["--task", "clm", *base_args(corpora, output), "--device", "cuda:3"], output, "no CUDA GPU")
+
+
+@pytest.mark.slow
+def test_a_model_trained_from_a_converted_one_names_its_base_model(corpora, tmp_path):
+    import convert_to_performer
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "configuration" / "tokenizer")
+    source = tmp_path / "llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    (source / "README.md").write_text("---\nlicense: mit\n---\n# a tiny llama\n")
+    convert_to_performer.main([str(source), str(tmp_path / "converted"), "--base-model", "someone/tiny-llama"])
+    provenance = json.loads((tmp_path / "converted" / "provenance.json").read_text())
+    assert provenance["base_model"] == "someone/tiny-llama" and provenance["license"] == "mit"
+    output = tmp_path / "tuned"
+    train.main(["--task", "clm", "--init", str(tmp_path / "converted"), "--data", str(corpora / "text"),
+                "--max-steps", "2", *base_args(corpora, output)[2:]])
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(output / "README.md").data
+    assert data.base_model == "someone/tiny-llama" and data.license == "mit"
