@@ -75,7 +75,10 @@ def parse_args(argv=None):
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: 2 x rank)")
     parser.add_argument("--resume", action="store_true", help="resume from the newest complete checkpoint")
     parser.add_argument("--fsdp", action="store_true",
-                        help="shard parameters, gradients and optimizer state with FSDP2 (launch with torchrun)")
+                        help="shard parameters, gradients and optimizer state with FSDP2 (launch with torchrun; "
+                             "see scripts/fsdp_training.py)")
+    parser.add_argument("--global-batch-size", type=int,
+                        help="--fsdp: sequences per optimizer step over all processes (sets the per-device batch)")
     add_device_arguments(parser, training=True)
     hub = parser.add_argument_group("model card and Hub")
     hub.add_argument("--hub-model-id", help="the Hub repository (user/name) the card and --push-to-hub name")
