@@ -18,6 +18,7 @@ feature-map and window tensors: no labels, no other weight changes.
 its checkpoint sees exactly the batches an uninterrupted one would.
 """
 
+import contextlib
 import os
 from typing import Callable, Optional
 
@@ -201,6 +202,27 @@ def attention_errors(teacher, student, batch) -> dict:
     return errors
 
 
+def _step_loss(teacher, student, pairs, batch, layer_by_layer):
+    """The transfer objective on one batch: the mean over layers of the attention outputs' relative
+    error (layer by layer), or the hidden states' (end to end)."""
+    if not layer_by_layer:
+        return _hidden_state_error(teacher, student, batch)
+    loss = 0.0
+    for (_, _, module), (args, kwargs, expected) in zip(pairs, _teacher_pass(teacher, pairs, batch)):
+        actual = _student_core(module, args, kwargs)
+        loss = loss + _relative_error(actual, expected, _token_weights(batch, expected))
+    return loss / len(pairs)
+
+
+def _micro_batches(batch, count):
+    if count == 1:
+        return [batch]
+    rows = next(iter(batch.values())).shape[0]
+    if rows % count:
+        raise TransferError(f"a batch of {rows} rows does not split into {count} micro-batches")
+    return [{k: v[i * rows // count:(i + 1) * rows // count] for k, v in batch.items()} for i in range(count)]
+
+
 def _save_checkpoint(path, step, tensors, optimizer, history):
     save_atomically({"step": step, "tensors": {k: t.detach().clone() for k, t in tensors.items()},
                      "optimizer": optimizer.state_dict(), "history": history}, path)
@@ -217,6 +239,8 @@ def transfer_attention(
     progress: bool = True,
     end_to_end_steps: int = 0,
     end_to_end_learning_rate: Optional[float] = None,
+    accumulation_steps: int = 1,
+    autocast: Optional[Callable] = None,
 ) -> dict:
     """Fits the student's linear attention to the teacher's softmax attention (see the module
     docstring): `steps` steps layer by layer, then `end_to_end_steps` steps on the whole stack's
@@ -226,11 +250,17 @@ def transfer_attention(
     `checkpoint_every` steps and a later call with the same arguments resumes from there to the
     same result. Returns {"loss": [mean relative squared error per layer-by-layer step],
     "end_to_end_loss": [the same on hidden states, per end-to-end step], "steps": steps,
-    "end_to_end_steps": end_to_end_steps, "end_to_end_learning_rate": the rate used}."""
+    "end_to_end_steps": end_to_end_steps, "end_to_end_learning_rate": the rate used}.
+    accumulation_steps splits each batch into that many micro-batches whose gradients add up (the
+    loss is their mean); autocast, a context factory (e.g. bf16 autocast on a GPU), wraps the
+    forward passes."""
     if steps < 0 or end_to_end_steps < 0:
         raise TransferError(f"steps ({steps}) and end_to_end_steps ({end_to_end_steps}) cannot be negative")
     if end_to_end_learning_rate is None:
         end_to_end_learning_rate = learning_rate / 10
+    if accumulation_steps < 1:
+        raise TransferError(f"accumulation_steps must be at least 1, not {accumulation_steps}")
+    autocast = autocast or contextlib.nullcontext
     pairs = attention_pairs(teacher, student)
     teacher.eval()
     student.eval()  # no dropout: the objective is deterministic given the batch
@@ -262,22 +292,18 @@ def transfer_attention(
     try:
         for step in bar:
             batch = get_batch(step)
-            if step < steps:
-                records = _teacher_pass(teacher, pairs, batch)
-                loss = 0.0
-                for (_, _, module), (args, kwargs, expected) in zip(pairs, records):
-                    actual = _student_core(module, args, kwargs)
-                    loss = loss + _relative_error(actual, expected, _token_weights(batch, expected))
-                loss = loss / len(pairs)
-            else:
-                if step == steps:  # the second stage starts with a fresh optimizer of its own
-                    optimizer = torch.optim.Adam(tensors, lr=end_to_end_learning_rate)
-                    bar.set_description("attention transfer, end to end")
-                loss = _hidden_state_error(teacher, student, batch)
+            if step == steps:  # the second stage starts with a fresh optimizer of its own
+                optimizer = torch.optim.Adam(tensors, lr=end_to_end_learning_rate)
+                bar.set_description("attention transfer, end to end")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss = 0.0
+            for part in _micro_batches(batch, accumulation_steps):
+                with autocast():
+                    loss = _step_loss(teacher, student, pairs, part, layer_by_layer=step < steps)
+                (loss / accumulation_steps).backward()
+                step_loss += loss.item() / accumulation_steps
             optimizer.step()
-            history.append(loss.item())
+            history.append(step_loss)
             bar.set_postfix(loss=f"{history[-1]:.4f}")
             if path and ((step + 1) % checkpoint_every == 0 or step + 1 == total):
                 os.makedirs(checkpoint_dir, exist_ok=True)

@@ -12,7 +12,7 @@ import contextlib
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def add_device_arguments(parser, training: bool = False):
+def add_device_arguments(parser, training: bool = False, checkpointing: bool = True):
     group = parser.add_argument_group("device and precision")
     group.add_argument("--device", default="auto",
                        help="auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N, mps, xpu")
@@ -26,6 +26,7 @@ def add_device_arguments(parser, training: bool = False):
     if training:
         group.add_argument("--gradient-accumulation-steps", type=int, default=1,
                            help="micro-batches per optimizer step (the batch size is per device and micro-batch)")
+    if training and checkpointing:
         group.add_argument("--gradient-checkpointing", action="store_true",
                            help="recompute layer activations in the backward pass: less memory, more time")
     return group

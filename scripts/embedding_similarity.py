@@ -15,22 +15,26 @@ a classifier checkpoint) and must share the reference's tokenizer.
 """
 
 import argparse
+import contextlib
 import json
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def mean_pooled(model, batches):
+def mean_pooled(model, batches, autocast=contextlib.nullcontext):
+    """Mean over real tokens of the last hidden states, in float32 on the CPU."""
     import torch
     from tqdm.auto import tqdm
 
     pooled = []
     with torch.no_grad():
         for batch in tqdm(batches, desc="embeddings", leave=False):
-            hidden = model(**batch).last_hidden_state
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            with autocast():
+                hidden = model(**batch).last_hidden_state.float()
             weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled.append((hidden * weights).sum(1) / weights.sum(1))
+            pooled.append(((hidden * weights).sum(1) / weights.sum(1)).cpu())
     return torch.cat(pooled)
 
 
@@ -66,15 +70,19 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=0, help="use the first ROWS texts or passages (0 = all)")
     parser.add_argument("--passage-tokens", type=int, default=0, help="cut the texts into passages of this many tokens")
     parser.add_argument("--output", help="also write the results here (JSON)")
-    args = parser.parse_args(argv)
-
     import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import devices
+
+    devices.add_device_arguments(parser)
+    args = parser.parse_args(argv)
+    device, precision = devices.setup(args)
 
     from transformers import AutoModel, AutoTokenizer
 
     import modeling_performer  # noqa: F401  (registers the Performer Auto classes)
 
-    sys.path.insert(0, str(ROOT / "scripts"))
     default = "text/test.jsonl" if args.passage_tokens else "rotten_tomatoes/test.jsonl"
     data = pathlib.Path(args.data or ROOT / "data_cache" / default)
     if not data.exists():
@@ -85,10 +93,14 @@ def main(argv=None):
         batches = passage_batches(tokenizer, texts, args.passage_tokens, args.rows)
     else:
         batches = snippet_batches(tokenizer, texts[: args.rows] if args.rows else texts)
-    reference = mean_pooled(AutoModel.from_pretrained(args.reference).eval(), batches)
+    def embed(folder):
+        model = AutoModel.from_pretrained(folder).to(device).eval()
+        return mean_pooled(model, batches, lambda: devices.autocast(device, precision))
+
+    reference = embed(args.reference)
     results = {}
     for folder in args.models:
-        results[folder] = similarity(reference, mean_pooled(AutoModel.from_pretrained(folder).eval(), batches))
+        results[folder] = similarity(reference, embed(folder))
         print(folder, json.dumps(results[folder]), flush=True)
     if args.output:
         pathlib.Path(args.output).write_text(json.dumps(results, indent=2))

@@ -16,6 +16,7 @@ A model folder already in --output is not evaluated again.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import pathlib
@@ -23,6 +24,8 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
+import devices  # noqa: E402
+from devices import add_device_arguments  # noqa: E402
 from train import joined_ids  # noqa: E402
 
 
@@ -30,7 +33,7 @@ def validation_ids(tokenizer, path):
     return joined_ids(tokenizer, [json.loads(line)["text"] for line in open(path) if line.strip()])
 
 
-def perplexity(model, ids, seq_len, tokens_per_batch=8192, position_edges=()):
+def perplexity(model, ids, seq_len, tokens_per_batch=8192, position_edges=(), autocast=None):
     """-> (perplexity over every predicted token of the blocks, number of blocks, {"a-b": perplexity of
     the predictions made at positions a..b-1 of a block} for the edges inside the block)."""
     import torch
@@ -42,11 +45,14 @@ def perplexity(model, ids, seq_len, tokens_per_batch=8192, position_edges=()):
 
     batch = max(1, tokens_per_batch // seq_len)
     per_position = torch.zeros(seq_len - 1, dtype=torch.float64)  # summed loss of the prediction made at position t
+    autocast = autocast or contextlib.nullcontext
     with torch.inference_mode():
         for rows in tqdm(blocks.split(batch), desc=f"perplexity at {seq_len}", leave=False):
-            logits = model(input_ids=rows).logits[:, :-1].float()
+            rows = rows.to(model.device)
+            with autocast():
+                logits = model(input_ids=rows).logits[:, :-1].float()
             loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none")
-            per_position += loss.double().sum(0)
+            per_position += loss.double().sum(0).cpu()
     edges = [0, *[e for e in position_edges if 0 < e < seq_len - 1], seq_len - 1]
     spans = {f"{a}-{b}": math.exp(per_position[a:b].sum().item() / ((b - a) * len(blocks)))
              for a, b in zip(edges, edges[1:])} if len(edges) > 2 else {}
@@ -56,7 +62,7 @@ def perplexity(model, ids, seq_len, tokens_per_batch=8192, position_edges=()):
 def cache_mib(model, ids, tokens):
     import torch
 
-    prompt = torch.tensor((ids * (tokens // max(len(ids), 1) + 1))[:tokens])[None]
+    prompt = torch.tensor((ids * (tokens // max(len(ids), 1) + 1))[:tokens])[None].to(model.device)
     with torch.inference_mode():
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False, use_cache=True,
                              prefill_chunk_size=1024, return_dict_in_generate=True, pad_token_id=0)
@@ -74,7 +80,9 @@ def main(argv=None):
                         help="also report perplexity by position within the blocks, split at these positions")
     parser.add_argument("--data", default=str(ROOT / "data_cache" / "text" / "validation.jsonl"))
     parser.add_argument("--output", help="JSON file: results per model folder (kept and extended between runs)")
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
+    device, precision = devices.setup(args)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -90,11 +98,12 @@ def main(argv=None):
         if folder in results:
             print(folder, json.dumps(results[folder]), "(already evaluated)")
             continue
-        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
         row = {}
         for seq_len in args.seq_len:
             row[f"perplexity_{seq_len}"], row[f"blocks_{seq_len}"], spans = perplexity(
-                model, ids, seq_len, position_edges=args.position_edges)
+                model, ids, seq_len, position_edges=args.position_edges,
+                autocast=lambda: devices.autocast(device, precision))
             row.update({f"perplexity_{seq_len}_positions_{span}": value for span, value in spans.items()})
         for tokens in args.cache_tokens:
             row[f"cache_mib_{tokens}"] = round(cache_mib(model, ids, tokens), 3)

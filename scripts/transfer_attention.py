@@ -100,7 +100,15 @@ def main(argv=None):
                         help="learning rate of the second stage (%(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import devices
+
+    devices.add_device_arguments(parser, training=True, checkpointing=False)
     args = parser.parse_args(argv)
+    if args.batch_size % args.gradient_accumulation_steps:
+        raise SystemExit(f"--batch-size {args.batch_size} does not split into {args.gradient_accumulation_steps} "
+                         "micro-batches (--gradient-accumulation-steps)")
+    device, precision = devices.setup(args)
 
     import torch
     from transformers import AutoConfig, AutoTokenizer
@@ -115,8 +123,8 @@ def main(argv=None):
         return
     config = AutoConfig.from_pretrained(args.student)
     architecture = (config.architectures or ["PerformerModel"])[0]
-    student = getattr(modeling_performer, architecture).from_pretrained(args.student)
-    teacher = load_teacher(args.teacher, student)
+    student = getattr(modeling_performer, architecture).from_pretrained(args.student).to(device)
+    teacher = load_teacher(args.teacher, student).to(device)
     tokenizer = AutoTokenizer.from_pretrained(args.student)
 
     data = pathlib.Path(args.data) if args.data else ROOT / "data_cache" / "text" / "train.jsonl"
@@ -135,7 +143,7 @@ def main(argv=None):
         epoch, index = divmod(step, per_epoch)
         order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
         rows = order[index * args.batch_size: (index + 1) * args.batch_size]
-        ids = windows[rows]
+        ids = windows[rows].to(device)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     # A fixed probe batch from the end of the order of epoch 0 (reported, not a held-out score).
@@ -148,7 +156,9 @@ def main(argv=None):
         history = transfer_attention(teacher, student, get_batch, args.steps, args.learning_rate,
                                      checkpoint_dir=str(output), progress=not args.quiet,
                                      end_to_end_steps=args.end_to_end_steps,
-                                     end_to_end_learning_rate=args.end_to_end_learning_rate)
+                                     end_to_end_learning_rate=args.end_to_end_learning_rate,
+                                     accumulation_steps=args.gradient_accumulation_steps,
+                                     autocast=lambda: devices.autocast(device, precision))
     except TransferError as error:
         raise SystemExit(f"transfer_attention: {error}")
     after = attention_errors(teacher, student, probe)
@@ -162,7 +172,8 @@ def main(argv=None):
     tokenizer.save_pretrained(stage)
     metrics = {
         "teacher": args.teacher, "student": args.student, "data": str(data), "steps": args.steps,
-        "batch_size": args.batch_size, "seq_len": args.seq_len, "learning_rate": args.learning_rate,
+        "batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "device": device.type, "precision": precision, "seq_len": args.seq_len, "learning_rate": args.learning_rate,
         "end_to_end_steps": args.end_to_end_steps, "end_to_end_learning_rate": history["end_to_end_learning_rate"],
         "seconds_this_run": round(time.time() - start, 1), "loss_first": history["loss"][:1],
         "loss_last": history["loss"][-1:], "end_to_end_loss_first": history["end_to_end_loss"][:1],

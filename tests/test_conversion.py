@@ -209,3 +209,8 @@ def test_distillation_and_similarity_scripts(tmp_path, bert_tokenizer):
                                          "--data", str(data)])
     assert results[str(tmp_path / "softmax")]["min_cosine"] > 0.99999  # exact conversion
     assert results[str(tmp_path / "favor")]["mean_cosine"] < 0.99999
+    low = embedding_similarity.main([str(folder), str(tmp_path / "softmax"), str(tmp_path / "favor"), "--data", str(data),
+                                     "--device", "cpu", "--bf16"])  # reference and models in bf16 autocast
+    assert low[str(tmp_path / "softmax")]["min_cosine"] > 0.99999  # the same computation on both sides
+    favor, favor_bf16 = results[str(tmp_path / "favor")]["mean_cosine"], low[str(tmp_path / "favor")]["mean_cosine"]
+    assert favor_bf16 == pytest.approx(favor, abs=0.02)

@@ -203,6 +203,10 @@ def test_evaluate_lm_perplexity_and_cache(tmp_path):
     assert linear["cache_mib_256"] == linear["cache_mib_64"] < softmax["cache_mib_256"]
     again = evaluate_lm.main([*folders, "--data", str(data), "--output", str(tmp_path / "eval.json")])
     assert again == results  # already evaluated folders are kept, not recomputed
+    # bf16 autocast (what a GPU picks by itself), on the CPU here: close to fp32, not the same numbers
+    bf16 = evaluate_lm.main([folders[0], "--seq-len", "16", "--data", str(data), "--device", "cpu", "--bf16"])
+    assert bf16[folders[0]]["perplexity_16"] == pytest.approx(results[folders[0]]["perplexity_16"], rel=0.03)
+    assert bf16[folders[0]]["perplexity_16"] != results[folders[0]]["perplexity_16"]
 
 
 def test_recipe_report_reads_every_stage(tmp_path):

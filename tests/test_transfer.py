@@ -186,6 +186,15 @@ def test_script_converts_transfers_and_saves_a_loadable_folder(source, tokenizer
     AutoModel.from_pretrained(output)  # the bare stack loads too
     transfer_attention.main(args)  # complete: a re-run changes nothing
     assert json.loads((output / "transfer_metrics.json").read_text()) == metrics
+    # bf16 autocast and two micro-batches per step: still fits (the loss falls), recorded in the metrics
+    transfer_attention.main([*args[:2], str(tmp_path / "bf16"), *args[3:], "--device", "cpu", "--bf16",
+                             "--gradient-accumulation-steps", "2", "--steps", "12"])
+    low = json.loads((tmp_path / "bf16" / "transfer_metrics.json").read_text())
+    assert low["precision"] == "bf16" and low["gradient_accumulation_steps"] == 2
+    assert low["loss_last"][0] < low["loss_first"][0]
+    with pytest.raises(SystemExit, match="does not split into 3 micro-batches"):
+        transfer_attention.main([*args[:2], str(tmp_path / "o3"), *args[3:], "--gradient-accumulation-steps", "3"])
+    assert not (tmp_path / "o3").exists()
     with pytest.raises(SystemExit, match="not enough"):
         transfer_attention.main([str(source), str(student_folder), str(tmp_path / "o2"), "--data", str(data),
                                  "--seq-len", "4000"])
