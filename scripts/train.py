@@ -1,19 +1,26 @@
 #!/usr/bin/env python
-"""Trains a Performer with transformers' Trainer on prepared local data (scripts/prepare_data.py).
+"""Trains a Performer with transformers' Trainer on the bundled corpora or on your data.
 
-Tasks:  clm             causal LM on data_cache/text            (metric: perplexity)
-        mlm             masked LM on data_cache/text            (metric: perplexity of masked tokens)
-        classification  encoder classifier on data_cache/rotten_tomatoes (metrics: accuracy, F1)
-        seq2seq         en->es translation on data_cache/bible  (metrics: BLEU, chrF with sacrebleu;
-                        train a joint tokenizer first, see scripts/train_tokenizer.py --fields en es)
+Tasks:  clm             causal LM                 (metric: perplexity)
+        mlm             masked LM                 (metric: perplexity of masked tokens)
+        classification  encoder classifier        (metrics: accuracy, F1, macro F1; regression: MSE)
+        seq2seq         encoder-decoder           (metrics: BLEU, chrF with sacrebleu)
 
-The output folder is ready for the Hub: weights (safetensors), config with auto_map, modeling
-files (trust_remote_code), tokenizer, generation config, metrics.json and a model card (README.md,
-from model_cards/performer.md, filled with the measured metrics). Training resumes from
-the last checkpoint in the output folder with --resume.
+Data: --data FOLDER|FILE|HUB_NAME (scripts/data_sources.py) with --text-column, --label-column,
+--source-column/--target-column; without --data, the bundled data_cache/<dataset> prepared by
+scripts/prepare_data.py (text, rotten_tomatoes, bible). --train-tokenizer N trains a tokenizer on
+the training split first.
+
+OUTPUT is ready for the Hub and holds nothing else: weights (safetensors), config with auto_map,
+modeling files (trust_remote_code), tokenizer, generation config, metrics.json and a model card
+(README.md from model_cards/performer.md: the measured metrics, the data, licence and base model
+really used). Checkpoints go to OUTPUT.checkpoints; --resume continues from the newest complete
+one. --device / --bf16 / --gradient-accumulation-steps / --gradient-checkpointing for GPUs;
+--fsdp shards over processes under torchrun (scripts/fsdp_training.py).
 
     python scripts/train.py --task clm --max-steps 300 --output outputs/clm
-    python scripts/train.py --task classification --init outputs/mlm --output outputs/cls
+    python scripts/train.py --task classification --data tickets.csv --text-column message \
+        --label-column team --init outputs/mlm --output outputs/cls
 """
 
 import argparse

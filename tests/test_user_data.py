@@ -95,9 +95,15 @@ def test_three_topics_from_a_csv_with_its_own_tokenizer(corpora, tmp_path):
 def test_language_model_on_a_text_file_and_regression_on_jsonl(corpora, tmp_path):
     text = tmp_path / "book.txt"
     text.write_text("\n".join(json.loads(line)["text"] for line in open(corpora / "text" / "train.jsonl")))
-    metrics = train.main(["--task", "clm", "--data", str(text), "--max-steps", "4",
-                          *base_args(corpora, tmp_path / "lm")])
+    metrics = train.main(["--task", "clm", "--data", str(text), "--max-steps", "4", "--gradient-checkpointing",
+                          *base_args(corpora, tmp_path / "lm"), "--eval-steps", "4"])
     assert metrics["data"] == "book.txt" and metrics["validation_perplexity"] > 1
+    plain = train.main(["--task", "clm", "--data", str(text), "--max-steps", "4", *base_args(corpora, tmp_path / "lm2"),
+                        "--eval-steps", "4"])
+    assert len(plain["train_loss_history"]) == 4
+    # recomputing activations changes memory, not the numbers
+    assert [h[1] for h in plain["train_loss_history"]] == pytest.approx([h[1] for h in metrics["train_loss_history"]],
+                                                                        rel=1e-5)
 
     folder = tmp_path / "scores"
     folder.mkdir()
