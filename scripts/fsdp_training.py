@@ -128,12 +128,10 @@ def _train(args, world, rank, device, precision, micro, global_batch, task_data)
     checkpoints = pathlib.Path(args.checkpoint_dir or f"{output}.checkpoints")
     head = getattr(modeling_performer, train.HEADS[args.task])
     set_seed(args.seed)  # the same initial weights and projections on every process
+    tokenizer = AutoTokenizer.from_pretrained(train.tokenizer_folder(args))
     if args.init:
         model = head.from_pretrained(args.init)
-        tokenizer = AutoTokenizer.from_pretrained(args.init if (pathlib.Path(args.init) / "tokenizer_config.json").exists()
-                                                  else args.tokenizer)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         config = train.load_config(args, tokenizer)
         if config.model_type != "performer":
             raise SystemExit("--fsdp shards Performer layers: use a Performer preset")

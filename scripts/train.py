@@ -49,8 +49,8 @@ def parse_args(argv=None):
     parser.add_argument("--feature-map", choices=["softmax", "relu", "hedgehog"],
                         help="override the config's linear-attention features (hedgehog: learned maps)")
     parser.add_argument("--local-window", type=int, help="override the config's exact local window (0 = off)")
-    parser.add_argument("--tokenizer", default=str(ROOT / "configuration" / "tokenizer"),
-                        help="tokenizer folder (default: the bundled 8,000-piece tokenizer)")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the --init model's, else the bundled "
+                                             "8,000-piece tokenizer in configuration/tokenizer)")
     parser.add_argument("--train-tokenizer", type=int, default=0, metavar="VOCAB",
                         help="train a SentencePiece tokenizer of this many pieces on the training split first "
                              "(saved with the model; 0 = use --tokenizer)")
@@ -341,8 +341,8 @@ def main(argv=None):
         raise SystemExit("--push-to-hub needs --hub-model-id (user/name)")
     if args.gradient_accumulation_steps < 1 or args.batch_size < 1:
         raise SystemExit("--batch-size and --gradient-accumulation-steps must be at least 1")
-    if args.train_tokenizer and args.init:
-        raise SystemExit("--train-tokenizer makes a new vocabulary: it cannot start from --init's embeddings")
+    if args.train_tokenizer and (args.init or args.tokenizer):
+        raise SystemExit("--train-tokenizer makes a new vocabulary: it goes with neither --init nor --tokenizer")
     if args.lora_rank and not args.init:
         raise SystemExit("--lora-rank fine-tunes a trained model: give it with --init")
     device, precision = devices.setup(args)
@@ -378,8 +378,7 @@ def main(argv=None):
             value = getattr(args, option)
             if value is not None and value != getattr(model.config, option):
                 raise SystemExit(f"--{option.replace('_', '-')} cannot change a model loaded with --init")
-        tokenizer = AutoTokenizer.from_pretrained(args.init if pathlib.Path(args.init, "tokenizer_config.json").exists()
-                                                  else args.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(args))
     else:
         tokenizer = tokenizer_for(args, task_data, checkpoints)
         config = load_config(args, tokenizer)
@@ -501,13 +500,22 @@ HEADS = {"clm": "PerformerForCausalLM", "mlm": "PerformerForMaskedLM",
          "classification": "PerformerForSequenceClassification", "seq2seq": "PerformerForConditionalGeneration"}
 
 
+def tokenizer_folder(args):
+    """--tokenizer, else the --init model's own, else the bundled one."""
+    if args.tokenizer:
+        return args.tokenizer
+    if args.init and pathlib.Path(args.init, "tokenizer_config.json").exists():
+        return args.init
+    return str(ROOT / "configuration" / "tokenizer")
+
+
 def tokenizer_for(args, task_data, checkpoints):
     """--tokenizer, or with --train-tokenizer one trained on the training split, kept beside the
     checkpoints so that a resumed run uses the same vocabulary."""
     from transformers import AutoTokenizer
 
     if not args.train_tokenizer:
-        return AutoTokenizer.from_pretrained(args.tokenizer)
+        return AutoTokenizer.from_pretrained(tokenizer_folder(args))
     folder = checkpoints / "tokenizer"
     if args.resume and (folder / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(folder)

@@ -142,7 +142,7 @@ def test_split_files_and_formats(tmp_path):
     assert (count, problem, id2label[2]) == (3, "single_label_classification", "LABEL_2")
 
 
-def expect_error(capsys_or_none, argv, output, *fragments):
+def expect_error(argv, output, *fragments):
     with pytest.raises(SystemExit) as raised:
         train.main(argv)
     message = str(raised.value.code)
@@ -156,22 +156,22 @@ def test_bad_input_is_refused_before_anything_is_written(corpora, tmp_path):
     data = topic_csv(corpora, tmp_path / "topics.csv", per_topic=20)
     output = tmp_path / "never"
     common = ["--task", "classification", "--data", str(data), *base_args(corpora, output)]
-    expect_error(None, common, output, "no column 'text'", "id, passage, topic")
-    expect_error(None, [*common, "--text-column", "passage", "--label-column", "subject"], output,
+    expect_error(common, output, "no column 'text'", "id, passage, topic")
+    expect_error([*common, "--text-column", "passage", "--label-column", "subject"], output,
                  "no column 'subject'", "--label-column")
-    expect_error(None, [*common, "--text-column", "passage", "--label-column", "topic", "--num-labels", "2"],
+    expect_error([*common, "--text-column", "passage", "--label-column", "topic", "--num-labels", "2"],
                  output, "--num-labels 2", "3 classes")
     ints = tmp_path / "ints.csv"
     ints.write_text("text,label\n" + "".join(f"row {i},{i % 4}\n" for i in range(40)))
-    expect_error(None, ["--task", "classification", "--data", str(ints), "--num-labels", "3",
+    expect_error(["--task", "classification", "--data", str(ints), "--num-labels", "3",
                         *base_args(corpora, output)], output, "outside 0..2", "[3]")
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "fine"}\n{"text": \n')
-    expect_error(None, ["--task", "clm", "--data", str(broken), *base_args(corpora, output)], output,
+    expect_error(["--task", "clm", "--data", str(broken), *base_args(corpora, output)], output,
                  "cannot read", "broken.jsonl")
-    expect_error(None, ["--task", "clm", "--data", str(tmp_path / "absent.csv"), *base_args(corpora, output)],
+    expect_error(["--task", "clm", "--data", str(tmp_path / "absent.csv"), *base_args(corpora, output)],
                  output, "absent.csv does not exist")
-    expect_error(None, ["--task", "clm", "--data", "someone/some-dataset", *base_args(corpora, output)], output,
+    expect_error(["--task", "clm", "--data", "someone/some-dataset", *base_args(corpora, output)], output,
                  "Hub is offline")
 
 
@@ -235,9 +235,9 @@ def test_bf16_on_cpu_learns_and_push_to_hub_uploads_the_model_folder_only(corpor
 
 def test_push_to_hub_needs_a_repository_and_fp16_needs_a_gpu(corpora, tmp_path):
     output = tmp_path / "never"
-    expect_error(None, ["--task", "clm", "--push-to-hub", *base_args(corpora, output)], output, "--hub-model-id")
-    expect_error(None, ["--task", "clm", "--fp16", *base_args(corpora, output)], output, "--fp16 needs a GPU")
-    expect_error(None, ["--task", "clm", *base_args(corpora, output), "--device", "cuda:3"], output, "no CUDA GPU")
+    expect_error(["--task", "clm", "--push-to-hub", *base_args(corpora, output)], output, "--hub-model-id")
+    expect_error(["--task", "clm", "--fp16", *base_args(corpora, output)], output, "--fp16 needs a GPU")
+    expect_error(["--task", "clm", *base_args(corpora, output), "--device", "cuda:3"], output, "no CUDA GPU")
 
 
 @pytest.mark.slow
