@@ -7,17 +7,14 @@
 import argparse
 import pathlib
 
-from train import preset_config  # scripts/ is on the path of a script run from it
-
 from modeling_performer import PerformerConfig, PerformerModel
-
-PRESETS = pathlib.Path(__file__).resolve().parent.parent / "configuration" / "presets"
+from modeling_performer.bundled import load_preset, preset_names, preset_path
 
 
 def count(path) -> int:
     """Parameters of the bare stack a preset describes (a Performer, or a transformers model of the
     preset's model_type, e.g. the Llama teacher of the linearizing recipe)."""
-    config = preset_config(path)
+    config = load_preset(path)
     if isinstance(config, PerformerConfig):
         model = PerformerModel(config)
     else:
@@ -31,7 +28,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="*", help="config JSON files (default: every preset)")
     args = parser.parse_args()
-    for path in args.configs or sorted(PRESETS.glob("*.json")):
+    for path in args.configs or [preset_path(name) for name in preset_names()]:
         print(f"{pathlib.Path(path).stem:<28} {count(path) / 1e6:8.2f}M parameters")
 
 

