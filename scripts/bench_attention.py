@@ -20,7 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from plot_benchmarks import FIGURES, MALLOC_ENV, redraw  # noqa: E402
+from bench_common import MALLOC_ENV, add_output_arguments, save_and_draw  # noqa: E402
 
 METHODS = ["favor", "favor-causal", "sdpa", "sdpa-causal", "performer-pytorch", "performer-pytorch-causal"]
 # Learned maps and the exact local window (not in the default sweep; scripts/bench_approximation.py runs them).
@@ -111,8 +111,7 @@ def main():
     parser.add_argument("--max-performer-pytorch-length", type=int, default=8192,
                         help="its causal CPU path keeps a [T, M, D] tensor per head: longer runs exhaust memory")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per point")
-    parser.add_argument("--json", type=pathlib.Path, default=FIGURES / "attention.json",
-                        help="where the results go (the figure is written next to it, with .png)")
+    add_output_arguments(parser, "attention")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -164,9 +163,7 @@ def main():
             (t0, m0), (t1, m1) = points[0], points[-1]
             print(f"  {method}: peak memory {(m1 - m0) / (t1 - t0) / 1024:.1f} KiB per token "
                   f"(slope between T={t0} and T={t1})")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
-    print(f"wrote {redraw('attention', args.json)}")
+    save_and_draw("attention", args, {"results": results})
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from plot_benchmarks import FIGURES, cache_bytes, measure_in_process, save_and_draw  # noqa: E402
+from bench_common import add_output_arguments, cache_bytes, measure_in_process, save_and_draw  # noqa: E402
 
 
 def decode_latency(model, context, steps, vocab):
@@ -79,8 +79,7 @@ def main():
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--flush-denormal", action="store_true",
                         help="torch.set_flush_denormal(True) in the measuring processes")
-    parser.add_argument("--output", type=pathlib.Path, default=FIGURES / "decoding.json",
-                        help="where the results go (the figure is written next to it, with .png)")
+    add_output_arguments(parser, "decoding")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -14,7 +14,7 @@ so the prefill is reported apart.
     python scripts/bench_serving.py --batches 8 --contexts 4096 --compile   # compiled steps, GPT-2 static cache
     python scripts/bench_serving.py --replot                 # redraw the figure from the saved JSON
 
-Writes docs/figures/serving.json and docs/figures/serving.png.
+Writes outputs/bench/serving.json and .png; --update-figures writes the committed docs/figures/serving.*.
 """
 
 import argparse
@@ -25,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from plot_benchmarks import (  # noqa: E402
+from bench_common import (  # noqa: E402
     add_model_arguments, cache_bytes, handled_without_measuring, measure_in_process, save_and_draw,
 )
 

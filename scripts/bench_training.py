@@ -9,7 +9,7 @@ warm-up step, then the median of the timed ones).
     python scripts/bench_training.py --lengths 512 8192 --repeats 1
     python scripts/bench_training.py --replot
 
-Writes docs/figures/training.json and docs/figures/training.png.
+Writes outputs/bench/training.json and .png; --update-figures writes the committed docs/figures/training.*.
 """
 
 import argparse
@@ -21,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from plot_benchmarks import (  # noqa: E402
+from bench_common import (  # noqa: E402
     add_model_arguments, handled_without_measuring, measure_in_process, save_and_draw,
 )
 

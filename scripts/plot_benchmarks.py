@@ -1,79 +1,20 @@
 #!/usr/bin/env python
-"""Redraws every benchmark figure in docs/figures from the JSON the benchmark scripts saved there
-(no measuring): attention time and memory vs T, decode latency and cache size vs context, serving
-throughput vs batch, training tokens/s vs T.
+"""Draws the benchmark figures from their result files (no measuring): attention time and memory
+vs T, decode latency and cache size vs context, serving throughput vs batch, training tokens/s vs
+T. Without arguments, redraws every committed figure in docs/figures from the JSON beside it.
 
     python scripts/plot_benchmarks.py
 """
 
-import argparse
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from modeling_performer.cache_performer import cache_bytes  # noqa: E402,F401  (the benchmarks import it from here)
-
 FIGURES = pathlib.Path(__file__).resolve().parent.parent / "docs" / "figures"
-# Measuring processes keep freed memory (glibc would otherwise return and re-fault it every step).
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
-
-
-# -- shared by the benchmark scripts -------------------------------------------------------------
-
-def add_model_arguments(parser, name: str, worker_args: int):
-    """The model shape every benchmark takes, where its results go, --replot and the hidden
-    --worker switch (each point runs in a fresh process)."""
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--features", type=int, default=256)
-    parser.add_argument("--window", type=int, default=64, help="local window of the Hedgehog + window model")
-    parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--output", type=pathlib.Path, default=FIGURES / f"{name}.json",
-                        help="where the results go (the figure is written next to it, with .png)")
-    parser.add_argument("--replot", action="store_true", help="only redraw the figure from --output")
-    parser.add_argument("--worker", nargs=worker_args, help=argparse.SUPPRESS)
-
-
-def measure_in_process(script: str, worker_args, abort_on_error: bool = False) -> dict:
-    """Runs `script` with this command line plus --worker ARGS in a fresh process; its last line of
-    output is one JSON result. A point that fails (out of memory: the process is killed) gives
-    {"error": ...} and the benchmark goes on with the others (or stops with the worker's error
-    output, with abort_on_error)."""
-    cmd = [sys.executable, script, *sys.argv[1:], "--worker", *map(str, worker_args)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
-    if done.returncode:
-        if abort_on_error:
-            raise SystemExit(done.stderr)
-        reason = "killed (out of memory?)" if done.returncode < 0 else done.stderr.strip().splitlines()[-1:]
-        return {"error": f"exit {done.returncode}: {reason}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def handled_without_measuring(name: str, args, worker) -> bool:
-    """The two runs of a benchmark script that measure nothing here: a --worker process measures
-    one point; --replot redraws the figure from --output. Returns True when one of them ran."""
-    if args.worker:
-        worker(args)
-        return True
-    if args.replot:
-        print(f"wrote {redraw(name, args.output)}")
-        return True
-    return False
-
-
-def save_and_draw(name: str, args, payload: dict):
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("output", "replot", "worker")}
-    args.output.write_text(json.dumps({"settings": settings, **payload}, indent=1, default=str))
-    print(f"wrote {redraw(name, args.output)}")
 
 
 def _log_axes(ax, xlabel, ylabel):
@@ -149,7 +90,7 @@ def plot_training(results: list, path: pathlib.Path):
 
 
 PLOTS = {
-    "attention": (plot_attention, lambda data: data),
+    "attention": (plot_attention, lambda data: data.get("results", data)),
     "decoding": (plot_decoding, lambda data: data["rows"]),
     "serving": (plot_serving, lambda data: data["results"]),
     "training": (plot_training, lambda data: data["results"]),

@@ -23,7 +23,9 @@ def test_bench_serving_measures_every_model_and_draws(tmp_path):
     out = tmp_path / "serving.json"
     run("bench_serving.py", *TINY, "--window", "4", "--batches", "1", "3", "--contexts", "24", "--new-tokens", "3",
         "--repeats", "2", "--output", str(out))
-    results = json.loads(out.read_text())["results"]
+    saved = json.loads(out.read_text())
+    assert saved["date"].startswith("20") and len(saved["commit"].split("+")[0]) == 40  # when and from what
+    results = saved["results"]
     assert {(r["kind"], r["batch"]) for r in results} == {(k, b) for k in ("performer", "performer-window", "gpt2")
                                                            for b in (1, 3)}
     assert all(r["decode_tokens_per_s"] > 0 and r["cache_mib"] > 0 for r in results)
@@ -83,3 +85,17 @@ def test_every_figure_redraws_from_its_saved_results(tmp_path):
         source = tmp_path / f"{name}.json"
         source.write_text(json.dumps(data))
         assert plot_benchmarks.redraw(name, source).stat().st_size > 10_000
+
+
+def test_benchmarks_leave_the_committed_figures_alone_unless_asked():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import argparse
+
+    import bench_common
+
+    parser = argparse.ArgumentParser()
+    bench_common.add_output_arguments(parser, "serving")
+    assert bench_common.results_path(parser.parse_args([]), "serving") == ROOT / "outputs" / "bench" / "serving.json"
+    assert bench_common.results_path(parser.parse_args(["--update-figures"]), "serving") == \
+        ROOT / "docs" / "figures" / "serving.json"
+    assert bench_common.results_path(parser.parse_args(["--output", "x/y.json"]), "serving") == pathlib.Path("x/y.json")
