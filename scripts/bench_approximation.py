@@ -81,7 +81,7 @@ def standard_methods(q, k, v, exact, seeds=(0, 1, 2)):
 def synthetic(args):
     import torch
 
-    from modeling_performer.attention import naive_softmax_attention
+    from modeling_performer.reference_attention import naive_softmax_attention
     from modeling_performer.feature_maps import hedgehog_init
 
     heads, head_dim = 4, 64

@@ -16,12 +16,8 @@ def relative_error(a, b):
 
 
 def correctness(device):
-    from modeling_performer.attention import (
-        causal_linear_attention,
-        linear_attention,
-        naive_linear_attention,
-        recurrent_linear_attention,
-    )
+    from modeling_performer.attention import causal_linear_attention, linear_attention, recurrent_linear_attention
+    from modeling_performer.reference_attention import naive_linear_attention
     from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix
 
     torch.manual_seed(0)
@@ -51,10 +47,10 @@ def correctness(device):
 def windowed(device):
     from modeling_performer.attention import (
         causal_windowed_attention,
-        naive_windowed_attention,
         recurrent_windowed_attention,
         windowed_linear_attention,
     )
+    from modeling_performer.reference_attention import naive_windowed_attention
     from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init
 
     torch.manual_seed(0)

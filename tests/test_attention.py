@@ -6,11 +6,10 @@ import torch
 from modeling_performer.attention import (
     causal_linear_attention,
     linear_attention,
-    naive_linear_attention,
-    naive_softmax_attention,
     recurrent_linear_attention,
     softmax_attention,
 )
+from modeling_performer.reference_attention import naive_linear_attention, naive_softmax_attention
 from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix
 
 B, H, D, M = 2, 3, 16, 32

@@ -10,14 +10,12 @@ from modeling_performer.attention import (
     causal_linear_attention,
     causal_windowed_attention,
     linear_attention,
-    naive_linear_attention,
-    naive_softmax_attention,
-    naive_windowed_attention,
     recurrent_linear_attention,
     recurrent_windowed_attention,
     softmax_attention,
     windowed_linear_attention,
 )
+from modeling_performer.reference_attention import naive_linear_attention, naive_softmax_attention, naive_windowed_attention
 from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init
 
 B, H, D, M, F, T = 2, 4, 16, 32, 8, 23

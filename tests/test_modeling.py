@@ -26,7 +26,7 @@ from modeling_performer import (
     PerformerModel,
     shift_tokens_right,
 )
-from modeling_performer.attention import naive_softmax_attention
+from modeling_performer.reference_attention import naive_softmax_attention
 
 from .conftest import tiny_config
 

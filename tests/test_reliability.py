@@ -22,7 +22,8 @@ from modeling_performer import (
     PerformerForSequenceClassification,
     PerformerModel,
 )
-from modeling_performer.attention import causal_linear_attention, linear_attention, naive_softmax_attention
+from modeling_performer.attention import causal_linear_attention, linear_attention
+from modeling_performer.reference_attention import naive_softmax_attention
 from modeling_performer.checkpoint_performer import CorruptCheckpointError
 from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix
 

@@ -7,11 +7,10 @@ import torch
 from modeling_performer import PerformerConfig, PerformerForCausalLM, PerformerForMaskedLM, PerformerModel
 from modeling_performer.attention import (
     causal_windowed_attention,
-    naive_softmax_attention,
-    naive_windowed_attention,
     recurrent_windowed_attention,
     windowed_linear_attention,
 )
+from modeling_performer.reference_attention import naive_softmax_attention, naive_windowed_attention
 from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init
 
 B, H, D, M, F = 2, 3, 16, 32, 8

@@ -1,0 +1,92 @@
+"""Naive O(T x S) references of the attention kernels in `attention.py`, in float64: every score
+matrix written out, no chunks, no states, no stabiliser tricks. The tests hold the kernels to them;
+nothing in the models uses them.
+"""
+
+import torch
+
+from .attention import _resolve, build_attention_mask, repeat_key_heads
+
+
+def naive_linear_attention(q, k, v, projection, feature_map="softmax", key_padding_mask=None, causal=False):
+    """The T x S matrix phi(q) phi(k)^T written out, in float64, with one global key constant."""
+    fmap = _resolve(feature_map)
+    q, k, v, projection = q.double(), k.double(), v.double(), _double(projection)
+    head_dim = q.shape[-1]
+    qs, ks = q * head_dim**-0.25, k * head_dim**-0.25
+    if fmap.name == "softmax":
+        logits_q = qs @ projection.T
+        phi_q = torch.exp(logits_q - logits_q.amax(-1, keepdim=True))
+        r = ks @ projection.T - ks.pow(2).sum(-1, keepdim=True) / 2
+        valid = r if key_padding_mask is None else r.masked_fill(~key_padding_mask.bool()[:, None, :, None], float("-inf"))
+        phi_k = torch.exp(r - valid.amax(dim=(-1, -2), keepdim=True))
+    else:
+        phi_q, phi_k = _naive_features(fmap, q, k, projection)
+    scores = phi_q @ repeat_key_heads(phi_k, q.shape[1]).transpose(-1, -2)
+    mask = build_attention_mask(q.shape[2], k.shape[2], key_padding_mask, causal, device=q.device)
+    if mask is not None:
+        scores = scores * mask
+    return scores @ repeat_key_heads(v, q.shape[1]) / scores.sum(-1, keepdim=True).clamp_min(1e-300)
+
+
+def _double(projection):
+    """float64 copy of a projection or of a Hedgehog (query, key) pair."""
+    if isinstance(projection, (tuple, list)):
+        return tuple(p.double() for p in projection)
+    return projection.double()
+
+
+def _naive_features(fmap, q, k, projection):
+    """float64 phi(q), phi(k) of the uncalibrated maps (ReLU, Hedgehog), written out."""
+    if fmap.name == "hedgehog":
+        def phi(x, w):
+            logits = torch.einsum("bhtd,hdf->bhtf", x, w)
+            return torch.cat([torch.softmax(logits, -1), torch.softmax(-logits, -1)], dim=-1)
+        return phi(q, projection[0]), phi(k, projection[1])
+    head_dim = q.shape[-1]
+    qs, ks = q * head_dim**-0.25, k * head_dim**-0.25
+    return torch.relu(qs @ projection.T) + fmap.epsilon, torch.relu(ks @ projection.T) + fmap.epsilon
+
+
+def naive_windowed_attention(q, k, v, projection, feature_map="softmax", window=64, linear_log_weight=None,
+                             key_padding_mask=None, causal=False):
+    """The combined window + linear formula (above `windowed_linear_attention`) with T x S matrices, in float64. FAVOR+
+    features carry their exact constants, exp(W x' - |x'|^2 / 2) / sqrt(M)."""
+    fmap = _resolve(feature_map)
+    q, k, v, projection = q.double(), k.double(), v.double(), _double(projection)
+    head_dim = q.shape[-1]
+    heads = q.shape[1]
+    scores = q @ repeat_key_heads(k, heads).transpose(-1, -2) / head_dim**0.5
+    positions = torch.arange(q.shape[2], device=q.device)
+    distance = positions[:, None] - positions[None, :]  # i - j
+    in_window = (distance >= 0) & (distance < window) if causal else distance.abs() < window
+    outside = distance >= window if causal else distance.abs() >= window
+    if key_padding_mask is not None:
+        real = key_padding_mask.bool()[:, None, None, :]
+        in_window, outside = in_window & real, outside & real
+    top = scores.masked_fill(~in_window, float("-inf")).amax(-1, keepdim=True)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    exact = torch.exp(scores - top) * in_window
+    if fmap.calibrated:
+        qs, ks = q * head_dim**-0.25, k * head_dim**-0.25
+        phi_q = torch.exp(qs @ projection.T - qs.pow(2).sum(-1, keepdim=True) / 2) / projection.shape[0] ** 0.5
+        phi_k = torch.exp(ks @ projection.T - ks.pow(2).sum(-1, keepdim=True) / 2) / projection.shape[0] ** 0.5
+        linear = (phi_q @ repeat_key_heads(phi_k, heads).transpose(-1, -2)) * torch.exp(-top)
+    else:
+        phi_q, phi_k = _naive_features(fmap, q, k, projection)
+        linear = phi_q @ repeat_key_heads(phi_k, heads).transpose(-1, -2)
+    if linear_log_weight is not None:
+        linear = linear * torch.exp(linear_log_weight.double()).view(1, -1, 1, 1)
+    weights = exact + linear * outside
+    return weights @ repeat_key_heads(v, heads) / weights.sum(-1, keepdim=True).clamp_min(1e-300)
+
+
+def naive_softmax_attention(q, k, v, key_padding_mask=None, causal=False):
+    """softmax(q k^T / sqrt(D)) v written out."""
+    k, v = repeat_key_heads(k, q.shape[1]), repeat_key_heads(v, q.shape[1])
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    mask = build_attention_mask(q.shape[2], k.shape[2], key_padding_mask, causal, device=q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return weights @ v
