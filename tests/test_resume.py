@@ -228,16 +228,6 @@ def test_killed_attention_transfer_resumes_to_the_uninterrupted_result(setup, be
 
 
 @pytest.mark.slow
-def test_killed_distillation_resumes_to_the_uninterrupted_result(setup, bert_pair, tmp_path):
-    def script_args(output):
-        return [str(SCRIPTS / "distill_converted.py"), str(bert_pair / "softmax"), str(bert_pair / "hedgehog"),
-                str(output), "--data", str(setup / "text" / "train.jsonl"), "--steps", "30", "--batch-size", "2",
-                "--seq-len", "24"]
-
-    survives_kills(setup, tmp_path, script_args, "distillation.json", SCRIPT_KILL_POINTS)
-
-
-@pytest.mark.slow
 def test_killed_lora_fine_tuning_resumes_to_the_uninterrupted_result(setup, tmp_path):
     """train.py --lora-rank: checkpoints hold the adapters (and feature maps); the final folder is
     the merged model."""
