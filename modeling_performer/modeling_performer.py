@@ -303,7 +303,7 @@ class PerformerAttention(nn.Module):
 
     def draw_projection(self, draw: int) -> torch.Tensor:
         """The projection for the given redraw count: [M, D], same bits on every process."""
-        seed = (self.config.projection_seed * 1_000_003 + draw * 10_007 + self.projection_id) % (2**63)
+        seed = (self.config.projection_seed * SEED_STRIDE + draw * DRAW_STRIDE + self.projection_id) % (2**63)
         generator = torch.Generator().manual_seed(seed)
         return gaussian_orthogonal_random_matrix(
             self.config.num_random_features, self.head_dim, generator, self.config.projection_type == "orthogonal"
@@ -418,12 +418,13 @@ class PerformerLayer(GradientCheckpointingLayer):
         super().__init__()
         self.layer_idx = layer_idx
         attention_type = attention_type or config.layer_attention_type(layer_idx)
-        self.self_attn = PerformerAttention(config, attention_type, is_causal, False, projection_offset + 2 * layer_idx)
+        self.self_attn = PerformerAttention(config, attention_type, is_causal=is_causal, is_cross_attention=False,
+                                            projection_id=projection_offset + 2 * layer_idx)
         self.self_attn_residual = PerformerResidual(config)
         if has_cross_attention:
-            self.cross_attn = PerformerAttention(
-                config, config.cross_attention_type, False, True, projection_offset + 2 * layer_idx + 1
-            )
+            self.cross_attn = PerformerAttention(config, config.cross_attention_type, is_causal=False,
+                                                 is_cross_attention=True,
+                                                 projection_id=projection_offset + 2 * layer_idx + 1)
             self.cross_attn_residual = PerformerResidual(config)
         else:
             self.cross_attn = None
@@ -447,6 +448,16 @@ class PerformerLayer(GradientCheckpointingLayer):
         return self.mlp_residual(hidden_states, lambda x: self.mlp(x))
 
 
+# A projection's generator seed combines (projection_seed, draw, projection id) as
+# projection_seed * SEED_STRIDE + draw * DRAW_STRIDE + id: distinct seeds while ids stay below
+# DRAW_STRIDE and draws below SEED_STRIDE / DRAW_STRIDE (primes, so that the few collisions beyond
+# that do not fall on a regular pattern). Changing them changes every model's projections.
+SEED_STRIDE, DRAW_STRIDE = 1_000_003, 10_007
+# Projection ids: encoder layers count from 0, the decoder of an encoder-decoder from here, so the
+# two stacks never share a projection.
+DECODER_PROJECTION_OFFSET = 1000
+
+
 class PerformerStack(nn.Module):
     """A stack of PerformerLayers with a final norm for pre-norm types."""
 
@@ -457,7 +468,8 @@ class PerformerStack(nn.Module):
         self.is_causal = is_causal
         types = config.attention_type if isinstance(config.attention_type, list) else [config.attention_type] * num_layers
         self.layers = nn.ModuleList(
-            PerformerLayer(config, i, is_causal, has_cross_attention, types[i], projection_offset) for i in range(num_layers)
+            PerformerLayer(config, i, is_causal=is_causal, has_cross_attention=has_cross_attention,
+                           attention_type=types[i], projection_offset=projection_offset) for i in range(num_layers)
         )
         self.norm = make_norm(config) if config.norm_type.startswith("pre_") else None
 
@@ -868,12 +880,16 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
         # encoder-decoder, or with add_cross_attention). A decoder-only model has no encoder.
         self.encoder = self.decoder = None
         if config.is_encoder_decoder:
-            self.encoder = PerformerStack(config, sizes["encoder"], False, False, projection_offset=0)
-            self.decoder = PerformerStack(config, sizes["decoder"], True, True, projection_offset=1000)
+            self.encoder = PerformerStack(config, sizes["encoder"], is_causal=False, has_cross_attention=False,
+                                          projection_offset=0)
+            self.decoder = PerformerStack(config, sizes["decoder"], is_causal=True, has_cross_attention=True,
+                                          projection_offset=DECODER_PROJECTION_OFFSET)
         elif config.is_decoder:
-            self.decoder = PerformerStack(config, config.num_hidden_layers, True, config.add_cross_attention, 0)
+            self.decoder = PerformerStack(config, config.num_hidden_layers, is_causal=True,
+                                          has_cross_attention=config.add_cross_attention, projection_offset=0)
         else:
-            self.encoder = PerformerStack(config, config.num_hidden_layers, False, False, 0)
+            self.encoder = PerformerStack(config, config.num_hidden_layers, is_causal=False, has_cross_attention=False,
+                                          projection_offset=0)
         if self.encoder is not None:
             # The encoder embeds its own inputs when called alone (generate() runs `get_encoder()`);
             # the embeddings stay one module of this model, shared with the decoder.

@@ -24,6 +24,7 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+EPOCH_SEEDS = 100_003  # the window order of epoch e under --seed s comes from seed s * EPOCH_SEEDS + e
 
 
 def read_texts(path: pathlib.Path) -> list[str]:
@@ -141,7 +142,8 @@ def main(argv=None):
 
     def get_batch(step):
         epoch, index = divmod(step, per_epoch)
-        order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+        # one seeded order per (seed, epoch): seeds apart by more than any run's epoch count (a prime)
+        order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed * EPOCH_SEEDS + epoch))
         rows = order[index * args.batch_size: (index + 1) * args.batch_size]
         ids = windows[rows].to(device)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
