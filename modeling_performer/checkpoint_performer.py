@@ -172,6 +172,18 @@ def save_atomically(obj, path: str) -> None:
     os.replace(temporary, path)
 
 
+STAGE_NAME = ".final-partial"
+
+
+def fresh_stage(target: str) -> str:
+    """target/.final-partial, emptied of whatever an interrupted run left there: the folder a final
+    result is assembled in before `publish_folder` moves it into target."""
+    stage = os.path.join(target, STAGE_NAME)
+    if os.path.exists(stage):
+        shutil.rmtree(stage)
+    return stage
+
+
 def publish_folder(stage: str, target: str, marker: str = "config.json") -> None:
     """Moves every file of `stage` into `target` so that target never holds a mix that loads:
     an earlier `marker` (config.json: no folder loads without it) is removed first and the new

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from typing import Optional
 
 import torch
 from transformers.utils import logging
 
-from .checkpoint_performer import publish_folder
+from .checkpoint_performer import fresh_stage, publish_folder
 from .configuration_performer import PerformerConfig
 from .modeling_performer import (
     PerformerForCausalLM,
@@ -424,9 +423,7 @@ def save_converted(model, tokenizer, output: str):
     """Writes a folder that AutoModel (and the head's Auto class) loads, tokenizer included. It is
     assembled aside and moved into place with config.json last: a conversion killed while saving
     leaves no folder that loads, and running it again completes it."""
-    stage = os.path.join(output, ".final-partial")
-    if os.path.exists(stage):
-        shutil.rmtree(stage)
+    stage = fresh_stage(output)
     model.save_pretrained(stage)
     tokenizer.save_pretrained(stage)
     publish_folder(stage, output)

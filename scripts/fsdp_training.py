@@ -119,7 +119,7 @@ def _train(args, world, rank, device, precision, micro, global_batch, task_data)
 
     import devices
     import modeling_performer
-    from modeling_performer.checkpoint_performer import publish_folder
+    from modeling_performer.checkpoint_performer import fresh_stage, publish_folder
     from modeling_performer.modeling_performer import PerformerLayer
 
     import train
@@ -254,9 +254,7 @@ def _train(args, world, rank, device, precision, micro, global_batch, task_data)
             loss = evaluate(plain, data[split], collator, micro, device, precision, args.task == "clm")
             metrics[f"{split}_loss"] = loss
             metrics[f"{split}_perplexity"] = math.exp(min(loss, 50))
-        stage = output / train.FINAL_STAGE
-        if stage.exists():
-            shutil.rmtree(stage)
+        stage = pathlib.Path(fresh_stage(str(output)))
         plain.save_pretrained(stage)
         train.finish_folder(args, stage, plain, tokenizer, metrics, train.card_facts(args, task_data, args.init))
         publish_folder(str(stage), str(output))

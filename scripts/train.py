@@ -33,7 +33,6 @@ from devices import add_device_arguments
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_DATA = {"clm": "text", "mlm": "text", "classification": "rotten_tomatoes", "seq2seq": "bible"}
-FINAL_STAGE = ".final-partial"
 BUNDLED_LABELS = ["rotten", "fresh"]  # data_cache/rotten_tomatoes: 0 and 1
 
 
@@ -352,7 +351,7 @@ def main(argv=None):
 
     import modeling_performer
     from modeling_performer import PerformerRedrawCallback
-    from modeling_performer.checkpoint_performer import last_complete_checkpoint, publish_folder
+    from modeling_performer.checkpoint_performer import STAGE_NAME, fresh_stage, last_complete_checkpoint, publish_folder
 
     set_seed(args.seed)
     head = HEADS[args.task]
@@ -465,9 +464,9 @@ def main(argv=None):
               sep="\n")
     # The final folder is assembled aside and moved into place with config.json last: a run killed
     # while saving leaves nothing that loads, and --resume finishes the job.
-    stage = pathlib.Path(args.output, FINAL_STAGE)
-    if trainer.is_world_process_zero() and stage.exists():
-        shutil.rmtree(stage)
+    stage = pathlib.Path(args.output, STAGE_NAME)
+    if trainer.is_world_process_zero():
+        fresh_stage(args.output)
     if args.lora_rank:
         from modeling_performer.lora import merge_lora
 

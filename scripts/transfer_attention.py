@@ -19,7 +19,6 @@ Interrupted runs resume from OUTPUT/transfer_state.pt with the same command and 
 import argparse
 import json
 import pathlib
-import shutil
 import sys
 import time
 
@@ -115,7 +114,7 @@ def main(argv=None):
     from transformers import AutoConfig, AutoTokenizer
 
     import modeling_performer
-    from modeling_performer.checkpoint_performer import publish_folder
+    from modeling_performer.checkpoint_performer import fresh_stage, publish_folder
     from modeling_performer.transfer import TransferError, attention_errors, hidden_state_error, transfer_attention
 
     output = pathlib.Path(args.output)
@@ -167,9 +166,7 @@ def main(argv=None):
     hidden_after = hidden_state_error(teacher, student, probe)
     # Assembled aside and moved into place with config.json last: a kill during the save leaves
     # no folder that loads, and the same command finishes the job.
-    stage = output / ".final-partial"
-    if stage.exists():
-        shutil.rmtree(stage)
+    stage = pathlib.Path(fresh_stage(str(output)))
     student.save_pretrained(stage)
     tokenizer.save_pretrained(stage)
     metrics = {
