@@ -312,6 +312,8 @@ def keep_hub_files(folder):
 
 
 def main(argv=None):
+    """The run in four steps: the request and the data checked (nothing written yet), the model,
+    training (or resuming), the measured and published folder."""
     args = parse_args(argv)
     import devices
 
@@ -324,7 +326,20 @@ def main(argv=None):
         import fsdp_training
 
         return fsdp_training.main(args)
-    # Everything that can be wrong with the request is found before anything is written.
+    check_request(args)
+    device, precision = devices.setup(args)
+    task_data = TaskData(args)
+    model, tokenizer = build_model(args, task_data, checkpoints)
+    data = task_data.encode(args.task, tokenizer, args.seq_len)
+    trainer = make_trainer(args, model, tokenizer, data, task_data, device, precision, checkpoints)
+    train_or_resume(args, trainer, output, checkpoints)
+    metrics = measure(args, trainer, model, tokenizer, data, task_data, device, precision)
+    publish(args, trainer, model, tokenizer, metrics, task_data)
+    return metrics
+
+
+def check_request(args):
+    """What is wrong with the options themselves, found before anything is written."""
     if args.push_to_hub and not args.hub_model_id:
         raise SystemExit("--push-to-hub needs --hub-model-id (user/name)")
     if args.gradient_accumulation_steps < 1 or args.batch_size < 1:
@@ -333,35 +348,24 @@ def main(argv=None):
         raise SystemExit("--train-tokenizer makes a new vocabulary: it goes with neither --init nor --tokenizer")
     if args.lora_rank and not args.init:
         raise SystemExit("--lora-rank fine-tunes a trained model: give it with --init")
-    device, precision = devices.setup(args)
-    task_data = TaskData(args)
 
-    import torch
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        DataCollatorForLanguageModeling,
-        DataCollatorForSeq2Seq,
-        DataCollatorWithPadding,
-        Trainer,
-        TrainerState,
-        TrainingArguments,
-        set_seed,
-    )
+
+def build_model(args, task_data, checkpoints):
+    """(model, tokenizer): --init's model or a new one from the preset, the task's head and labels,
+    LoRA adapters with --lora-rank."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     import modeling_performer
-    from modeling_performer import PerformerRedrawCallback
-    from modeling_performer.checkpoint_performer import STAGE_NAME, fresh_stage, last_complete_checkpoint, publish_folder
 
     set_seed(args.seed)
-    head = HEADS[args.task]
+    head = getattr(modeling_performer, HEADS[args.task])
+    labels = {}
+    if args.task == "classification":
+        count, id2label, _, problem = task_data.labels
+        labels = {"num_labels": count, "id2label": id2label, "label2id": {v: k for k, v in id2label.items()},
+                  "problem_type": problem}
     if args.init:
-        extra = {}
-        if args.task == "classification":
-            count, id2label, _, problem = task_data.labels
-            extra = {"num_labels": count, "id2label": id2label, "label2id": {v: k for k, v in id2label.items()},
-                     "problem_type": problem}
-        model = getattr(modeling_performer, head).from_pretrained(args.init, **extra)
+        model = head.from_pretrained(args.init, **labels)
         for option in ("attention_type", "feature_map", "local_window"):
             value = getattr(args, option)
             if value is not None and value != getattr(model.config, option):
@@ -370,26 +374,33 @@ def main(argv=None):
     else:
         tokenizer = tokenizer_for(args, task_data, checkpoints)
         config = load_config(args, tokenizer)
-        if args.task == "classification":
-            count, id2label, _, problem = task_data.labels
-            config.num_labels, config.problem_type = count, problem
-            config.id2label, config.label2id = id2label, {v: k for k, v in id2label.items()}
-        model = (getattr(modeling_performer, head)(config) if config.model_type == "performer"
-                 else AutoModelForCausalLM.from_config(config))
+        for key, value in labels.items():
+            setattr(config, key, value)
+        model = head(config) if config.model_type == "performer" else AutoModelForCausalLM.from_config(config)
     if args.lora_rank:
         from modeling_performer.lora import add_lora
 
         model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
-    data = task_data.encode(args.task, tokenizer, args.seq_len)
-    if args.task == "clm":
-        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    elif args.task == "mlm":
-        collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=0.15)
+    return model, tokenizer
+
+
+def make_trainer(args, model, tokenizer, data, task_data, device, precision, checkpoints):
+    from transformers import (
+        DataCollatorForLanguageModeling,
+        DataCollatorForSeq2Seq,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
+
+    from modeling_performer import PerformerRedrawCallback
+
+    if args.task in ("clm", "mlm"):
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=args.task == "mlm", mlm_probability=0.15)
     elif args.task == "seq2seq":
         collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
     else:
         collator = DataCollatorWithPadding(tokenizer)
-
     training_args = TrainingArguments(
         output_dir=str(checkpoints), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -400,15 +411,20 @@ def main(argv=None):
         report_to=[], seed=args.seed, data_seed=args.seed, use_cpu=device.type == "cpu",
         disable_tqdm=args.quiet, dataloader_num_workers=0,
     )
-    classification = args.task == "classification"
-    regression = classification and task_data.labels[3] == "regression"
-    trainer = Trainer(
-        model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
-        data_collator=collator, processing_class=tokenizer,
-        compute_metrics=(compute_regression_metrics if regression else compute_classification_metrics)
-        if classification else None,
-        callbacks=[PerformerRedrawCallback()],
-    )
+    compute_metrics = None
+    if args.task == "classification":
+        regression = task_data.labels[3] == "regression"
+        compute_metrics = compute_regression_metrics if regression else compute_classification_metrics
+    return Trainer(model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
+                   data_collator=collator, processing_class=tokenizer, compute_metrics=compute_metrics,
+                   callbacks=[PerformerRedrawCallback()])
+
+
+def train_or_resume(args, trainer, output, checkpoints):
+    from transformers import TrainerState
+
+    from modeling_performer.checkpoint_performer import last_complete_checkpoint
+
     checkpoint = None
     if args.resume:
         # Earlier releases kept checkpoints inside the output folder: look there too.
@@ -425,10 +441,18 @@ def main(argv=None):
     else:
         trainer.train(resume_from_checkpoint=checkpoint)
 
+
+def measure(args, trainer, model, tokenizer, data, task_data, device, precision) -> dict:
+    """metrics.json: the run's settings, loss curve, the task's metrics on validation and test,
+    the trivial baseline, and (several processes) whether every rank holds the same projections."""
+    import torch
+
+    import devices
+
     metrics = {"task": args.task, "attention_type": getattr(model.config, "attention_type", "softmax"),
                "model_type": model.config.model_type, "steps": args.max_steps, "data": task_data.name,
                "precision": precision, "device": device.type,
-               "global_batch_size": args.batch_size * args.gradient_accumulation_steps * training_args.world_size,
+               "global_batch_size": args.batch_size * args.gradient_accumulation_steps * trainer.args.world_size,
                "parameters": sum(p.numel() for p in model.parameters()),
                "train_loss_history": [[e["step"], e["loss"], e.get("grad_norm")]
                                       for e in trainer.state.log_history if "loss" in e]}
@@ -445,7 +469,7 @@ def main(argv=None):
     if args.lora_rank:
         metrics["lora_rank"] = args.lora_rank
         metrics["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if classification:
+    if args.task == "classification":
         metrics["num_labels"] = task_data.labels[0]
         metrics.update(trivial_baseline(task_data, args.task))
     for split in ("validation", "test"):
@@ -462,15 +486,22 @@ def main(argv=None):
         metrics.update(scores)
         print("sample translations:", *[f"  {s}\n  -> {h}" for s, h in zip(test[source_column][:3], hypotheses[:3])],
               sep="\n")
-    # The final folder is assembled aside and moved into place with config.json last: a run killed
-    # while saving leaves nothing that loads, and --resume finishes the job.
+    return metrics
+
+
+def publish(args, trainer, model, tokenizer, metrics, task_data):
+    """The final folder, assembled aside and moved into place with config.json last: a run killed
+    while saving leaves nothing that loads, and --resume finishes the job. LoRA adapters are merged
+    (the saved model loads without peft); --push-to-hub uploads the finished folder."""
+    from modeling_performer.checkpoint_performer import STAGE_NAME, fresh_stage, publish_folder
+
     stage = pathlib.Path(args.output, STAGE_NAME)
     if trainer.is_world_process_zero():
         fresh_stage(args.output)
     if args.lora_rank:
         from modeling_performer.lora import merge_lora
 
-        model = merge_lora(model)  # the saved model loads without peft
+        model = merge_lora(model)
         if trainer.is_world_process_zero():
             model.save_pretrained(stage)
     else:
@@ -481,7 +512,6 @@ def main(argv=None):
         if args.push_to_hub:
             print(f"uploaded to {push_folder(args.output, args.hub_model_id)}")
         print(json.dumps(metrics, indent=2))
-    return metrics
 
 
 HEADS = {"clm": "PerformerForCausalLM", "mlm": "PerformerForMaskedLM",
