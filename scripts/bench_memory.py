@@ -5,16 +5,22 @@ buffers, per-call registrations) shows as RSS and Python-heap growth per call af
     python scripts/bench_memory.py --calls 60
 
 Prints, per decoding mode, RSS after warm-up, after all calls, the growth per call and the ratio
-of final to warm-up RSS (1.00 = no growth), plus the Python heap growth (tracemalloc).
+of final to warm-up RSS (1.00 = no growth), plus the Python heap growth (tracemalloc); writes them
+to outputs/bench/memory.json (--update-figures: the committed docs/figures/memory.json).
 """
 
 import argparse
 import gc
 import json
 import os
+import pathlib
+import sys
 import tracemalloc
 
 import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_common import add_output_arguments, provenance, results_path  # noqa: E402
 
 
 def rss_mib() -> float:
@@ -29,6 +35,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    add_output_arguments(parser, "memory")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from modeling_performer import PerformerConfig, PerformerForCausalLM
@@ -63,7 +70,13 @@ def main():
             "python_heap_growth_per_call_kib": round((end_heap - start_heap) / 1024 / args.calls, 2),
         }
         print(name, json.dumps(results[name]))
-    print(json.dumps({"calls": args.calls, "new_tokens": args.new_tokens, "results": results}, indent=2))
+    record = {"calls": args.calls, "warmup": args.warmup, "new_tokens": args.new_tokens, "threads": args.threads,
+              **provenance(), "results": results}
+    path = results_path(args, "memory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    print(json.dumps(record, indent=2))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
