@@ -2,8 +2,9 @@
 # Linear attention against the same models with exact softmax attention, same budget and seed
 # (README "Results"). Each language model is trained four times: softmax, FAVOR+, Hedgehog maps,
 # Hedgehog maps + an exact window of 64 tokens, at SEQ_LEN tokens of context (default 1024, so the
-# window sees a small part of it). Writes outputs/compare/<task>-<variant>/metrics.json and prints
-# the table.
+# window sees a small part of it). Writes outputs/compare/<task>-<variant>/metrics.json, prints the
+# table and writes it to outputs/bench/compare_attention_<SEQ_LEN>.json (UPDATE_FIGURES=1: the
+# committed docs/figures/compare_attention_<SEQ_LEN>.json), with date and commit.
 #   TASKS="clm mlm"        which tasks (clm, mlm, cls = Rotten Tomatoes on the MLM encoder, s2s)
 #   STEPS_SCALE=2          doubles every budget;  SEQ_LEN=128 for the short-context setting
 # The seq2seq task needs Debian's sword packages (apt); where they cannot be fetched it is skipped.
@@ -54,14 +55,24 @@ for variant in softmax favor hedgehog hedgehog-w64; do
         esac
     done
 done
-TASKS="$TASKS" python - <<'PY'
-import json, os, pathlib
+TASKS="$TASKS" SEQ_LEN=$seq_len STEPS_SCALE=$s python - <<'PY'
+import json, os, pathlib, sys
+sys.path.insert(0, "scripts")
+from bench_common import FIGURES, RESULTS, provenance
 keys = {"clm": ["validation_perplexity"], "mlm": ["validation_perplexity"], "cls": ["test_accuracy", "test_f1"],
         "s2s": ["test_bleu", "test_chrf"]}
 variants = ["softmax", "favor", "hedgehog", "hedgehog-w64"]
+results = {}
 print("| task | metric | " + " | ".join(variants) + " |\n|---|---|" + "---|" * len(variants))
 for task in os.environ["TASKS"].split():
     for key in keys[task]:
         values = [json.loads(pathlib.Path(f"outputs/compare/{task}-{v}/metrics.json").read_text())[key] for v in variants]
+        results.setdefault(task, {})[key] = dict(zip(variants, values))
         print(f"| {task} | {key} | " + " | ".join(f"{x:.3f}" for x in values) + " |")
+record = {"seq_len": int(os.environ["SEQ_LEN"]), "steps_scale": int(os.environ["STEPS_SCALE"]), **provenance(),
+          "results": results}
+path = (FIGURES if os.environ.get("UPDATE_FIGURES") == "1" else RESULTS) / f"compare_attention_{os.environ['SEQ_LEN']}.json"
+path.parent.mkdir(parents=True, exist_ok=True)
+path.write_text(json.dumps(record, indent=2))
+print(f"wrote {path}")
 PY
