@@ -219,10 +219,7 @@ def _train(args, world, rank, device, precision, micro, global_batch, task_data)
     memory = sharded_bytes(model, optimizer)
     gathered = [None] * world
     dist.all_gather_object(gathered, memory)
-    projections = [m.projection.flatten().float().cpu() for m in model.favor_modules()]
-    local = torch.cat(projections) if projections else torch.zeros(1)
-    copies = [torch.zeros_like(local) for _ in range(world)]
-    dist.all_gather(copies, local)
+    projections = train.projections_across_ranks(model)
     prompt = torch.tensor([tokenizer("ROMEO. I will", add_special_tokens=False)["input_ids"]], device=device)
     model.eval()
     with torch.no_grad():  # every process runs the same decoding (FSDP gathers each layer in step)
@@ -240,10 +237,8 @@ def _train(args, world, rank, device, precision, micro, global_batch, task_data)
         one = memory["one_process_parameter_bytes"] + memory["one_process_optimizer_bytes"]
         metrics = {"task": args.task, "attention_type": plain.config.attention_type, "model_type": "performer",
                    "steps": args.max_steps, "data": task_data.name, "precision": precision, "device": device.type,
-                   "fsdp": True, "world_size": world, "global_batch_size": global_batch,
-                   "parameters": sum(p.numel() for p in plain.parameters()),
-                   "projections_identical_across_ranks": all(torch.equal(c, copies[0]) for c in copies),
-                   "projection_draws": int(plain.base_model.redraw_state.draws),
+                   "fsdp": True, "global_batch_size": global_batch,
+                   "parameters": sum(p.numel() for p in plain.parameters()), **projections,
                    "memory_per_rank": gathered, "max_rank_bytes": per_rank, "one_process_bytes": one,
                    "max_rank_over_one_process": per_rank / one, "greedy_tokens_at_end": tokens_at_end,
                    "train_loss_history": history, "seconds_this_run": round(time.time() - began, 1)}

@@ -457,15 +457,7 @@ def measure(args, trainer, model, tokenizer, data, task_data, device, precision)
                "train_loss_history": [[e["step"], e["loss"], e.get("grad_norm")]
                                       for e in trainer.state.log_history if "loss" in e]}
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Every rank must hold the same random projections (seeded redraws): compare them.
-        performer = model.get_base_model() if args.lora_rank else model  # the Performer behind peft's wrapper
-        favor = [m.projection for m in performer.favor_modules()]
-        local = torch.cat([p.flatten().float() for p in favor]) if favor else torch.zeros(1)
-        gathered = [torch.zeros_like(local) for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather(gathered, local)
-        metrics["world_size"] = torch.distributed.get_world_size()
-        metrics["projections_identical_across_ranks"] = all(torch.equal(g, gathered[0]) for g in gathered)
-        metrics["projection_draws"] = int(performer.base_model.redraw_state.draws)
+        metrics.update(projections_across_ranks(model.get_base_model() if args.lora_rank else model))
     if args.lora_rank:
         metrics["lora_rank"] = args.lora_rank
         metrics["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -487,6 +479,24 @@ def measure(args, trainer, model, tokenizer, data, task_data, device, precision)
         print("sample translations:", *[f"  {s}\n  -> {h}" for s, h in zip(test[source_column][:3], hypotheses[:3])],
               sep="\n")
     return metrics
+
+
+def projections_across_ranks(performer) -> dict:
+    """Every rank must hold the same random projections (seeded redraws): gathers them from all
+    processes (a collective: every rank calls it) and compares. `performer`: the Performer model
+    itself (behind peft's wrapper, its base model)."""
+    import torch
+    import torch.distributed as dist
+
+    favor = [m.projection.flatten().float().cpu() for m in performer.favor_modules()]
+    local = torch.cat(favor) if favor else torch.zeros(1)
+    if dist.get_backend() == "nccl":
+        local = local.cuda()
+    copies = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(copies, local)
+    return {"world_size": dist.get_world_size(),
+            "projections_identical_across_ranks": all(torch.equal(c, copies[0]) for c in copies),
+            "projection_draws": int(performer.base_model.redraw_state.draws)}
 
 
 def publish(args, trainer, model, tokenizer, metrics, task_data):
