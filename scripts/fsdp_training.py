@@ -115,7 +115,7 @@ def _train(args, world, rank, device, precision, micro, global_batch, task_data)
         set_state_dict,
     )
     from torch.distributed.fsdp import fully_shard
-    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, get_cosine_schedule_with_warmup, set_seed
+    from transformers import DataCollatorForLanguageModeling, get_cosine_schedule_with_warmup
 
     import devices
     import modeling_performer
@@ -127,18 +127,11 @@ def _train(args, world, rank, device, precision, micro, global_batch, task_data)
     output = pathlib.Path(args.output)
     checkpoints = pathlib.Path(args.checkpoint_dir or f"{output}.checkpoints")
     head = getattr(modeling_performer, train.HEADS[args.task])
-    set_seed(args.seed)  # the same initial weights and projections on every process
-    tokenizer = AutoTokenizer.from_pretrained(train.tokenizer_folder(args))
-    if args.init:
-        model = head.from_pretrained(args.init)
-    else:
-        config = train.load_config(args, tokenizer)
-        if config.model_type != "performer":
-            raise SystemExit("--fsdp shards Performer layers: use a Performer preset")
-        model = head(config)
+    model, tokenizer = train.build_model(args, task_data, checkpoints)  # seeded: the same weights on every process
+    if model.config.model_type != "performer":
+        raise SystemExit("--fsdp shards Performer layers: use a Performer preset")
     data = task_data.encode(args.task, tokenizer, args.seq_len)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=args.task == "mlm", mlm_probability=0.15)
-    config = model.config
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.to(device)

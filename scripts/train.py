@@ -322,11 +322,11 @@ def main(argv=None):
     if args.resume and (output / "config.json").exists() and (output / "metrics.json").exists():
         print(f"{args.output} is complete (config.json and metrics.json): nothing to resume; remove them to train again")
         return json.loads((output / "metrics.json").read_text())
+    check_request(args)
     if args.fsdp:
         import fsdp_training
 
         return fsdp_training.main(args)
-    check_request(args)
     device, precision = devices.setup(args)
     task_data = TaskData(args)
     model, tokenizer = build_model(args, task_data, checkpoints)

