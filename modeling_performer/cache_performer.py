@@ -4,7 +4,8 @@ One entry per decoder layer:
 - self-attention: FAVOR+ layers keep a `LinearAttentionState` (kv [B, H, M, D], normaliser
   [B, H, M], stabiliser [B, H]) whose size never depends on the number of tokens seen; with a
   local window, a `WindowedAttentionState` adds the last W keys/values and their padding mask
-  (still constant in size); softmax layers keep keys/values [B, H, S, D] as any transformer
+  (still constant in size), and a sparse cache (`SparseWindowState`) the L pairs kept exactly
+  beyond the window with their scores; softmax layers keep keys/values [B, H, S, D] as any transformer
   cache does.
 - cross-attention (seq2seq, or a decoder with cross-attention): computed once from the encoder
   output and reused at every step (FAVOR+: the same state type; softmax: keys/values and the
@@ -20,11 +21,11 @@ from typing import Optional, Union
 import torch
 from transformers import Cache
 
-from .attention import LinearAttentionState, WindowedAttentionState
+from .attention import LinearAttentionState, SparseWindowState, WindowedAttentionState
 
 KeyValues = tuple[torch.Tensor, torch.Tensor]
 KeyValuesMask = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-LayerState = Union[LinearAttentionState, WindowedAttentionState, KeyValues, KeyValuesMask]
+LayerState = Union[LinearAttentionState, WindowedAttentionState, SparseWindowState, KeyValues, KeyValuesMask]
 
 
 def _map_state(state: Optional[LayerState], fn) -> Optional[LayerState]:

@@ -91,6 +91,11 @@ class PerformerConfig(PreTrainedConfig):
     # Exact softmax over the keys with |i - j| < local_window (j <= i when causal), the linear part
     # for the rest, under one normaliser. 0 = off. Self-attention of linear layers only.
     local_window: int = 0
+    # Causal layers with a window: also keep exactly the sparse_cache_size key/value pairs (per
+    # key/value head) that left the window worst reproduced by the linear state; the rest fold into
+    # it. Training-free, constant memory (window + cache + state). 0 = off. Decoders only: an
+    # encoder's window is two-sided and its linear part sees every key.
+    sparse_cache_size: int = 0
     num_random_features: int = 256
     projection_type: str = "orthogonal"
     # Redraw the random projection every this many training steps (0 = never). Eval never redraws.
@@ -209,6 +214,14 @@ class PerformerConfig(PreTrainedConfig):
             raise ValueError(f"hedgehog_dim must be a positive integer or None (= head dimension), got {self.hedgehog_dim!r}")
         if not isinstance(self.local_window, int) or isinstance(self.local_window, bool) or self.local_window < 0:
             raise ValueError(f"local_window must be an integer >= 0 (0 = no window), got {self.local_window!r}")
+        if (not isinstance(self.sparse_cache_size, int) or isinstance(self.sparse_cache_size, bool)
+                or self.sparse_cache_size < 0):
+            raise ValueError(f"sparse_cache_size must be an integer >= 0 (0 = off), got {self.sparse_cache_size!r}")
+        if self.sparse_cache_size and not self.local_window:
+            raise ValueError(
+                f"sparse_cache_size={self.sparse_cache_size} keeps pairs that left the local window, but local_window=0: "
+                "set local_window > 0 (e.g. 64) as well"
+            )
         types = self.attention_type if isinstance(self.attention_type, list) else [self.attention_type]
         if self.local_window and "favor" not in types:
             raise ValueError(

@@ -45,7 +45,9 @@ from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .attention import (
     causal_linear_attention,
+    causal_sparse_windowed_attention,
     causal_windowed_attention,
+    recurrent_sparse_windowed_attention,
     recurrent_windowed_attention,
     windowed_linear_attention,
     may_update_in_place,
@@ -365,7 +367,16 @@ class PerformerAttention(nn.Module):
         decoding = length == 1 and state is not None  # one token onto a state: the recurrent step
         # The cache owns its state: a decoding step updates it in place where that is safe.
         in_place = decoding and may_update_in_place(state)
-        if window:
+        cache_size = self.config.sparse_cache_size if window else 0
+        if cache_size:
+            if decoding:
+                out, state = recurrent_sparse_windowed_attention(query, key, value, features, feature_map, window,
+                                                                 cache_size, self.linear_log_weight, current_mask,
+                                                                 state, in_place)
+            else:
+                out, state = causal_sparse_windowed_attention(query, key, value, features, feature_map, window,
+                                                              cache_size, self.linear_log_weight, current_mask, state)
+        elif window:
             if decoding:
                 out, state = recurrent_windowed_attention(query, key, value, features, feature_map, window,
                                                           self.linear_log_weight, current_mask, state, in_place)

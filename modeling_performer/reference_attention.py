@@ -81,6 +81,65 @@ def naive_windowed_attention(q, k, v, projection, feature_map="softmax", window=
     return weights @ repeat_key_heads(v, heads) / weights.sum(-1, keepdim=True).clamp_min(1e-300)
 
 
+def _exact_features(fmap, q, k, projection):
+    """float64 phi(q), phi(k): FAVOR+ with its exact constants, the other maps as they are."""
+    if not fmap.calibrated:
+        return _naive_features(fmap, q, k, projection)
+    head_dim = q.shape[-1]
+
+    def phi(x):
+        xs = x * head_dim**-0.25
+        return torch.exp(xs @ projection.T - xs.pow(2).sum(-1, keepdim=True) / 2) / projection.shape[0] ** 0.5
+    return phi(q), phi(k)
+
+
+def naive_sparse_windowed_attention(q, k, v, projection, feature_map="softmax", window=64, cache_size=1,
+                                    linear_log_weight=None, key_padding_mask=None):
+    """Causal window + sparse cache + linear attention (above `SparseWindowState` in attention.py)
+    token by token in float64, with explicit sets: a list of cached positions, a list of folded
+    ones, every score and product written out."""
+    fmap = _resolve(feature_map)
+    q, k, v, projection = q.double(), k.double(), v.double(), _double(projection)
+    batch, heads, length, head_dim = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    real = (key_padding_mask.bool() if key_padding_mask is not None
+            else torch.ones(batch, length, dtype=torch.bool, device=q.device))
+    phi_q, phi_k = _exact_features(fmap, q, k, projection)
+    weight = (torch.exp(linear_log_weight.double()) if linear_log_weight is not None
+              else torch.ones(heads, dtype=torch.float64))
+    out = torch.zeros(batch, heads, length, v.shape[-1], dtype=torch.float64)
+    for b in range(batch):
+        for h in range(kv_heads):
+            cache, folded, score = [], [], {}
+            for t in range(length):
+                leaving = t - window
+                if leaving >= 0 and real[b, leaving]:
+                    cache.append(leaving)
+                    if len(cache) > cache_size:
+                        lowest = min(cache, key=lambda j: (score[j], j))
+                        cache.remove(lowest)
+                        folded.append(lowest)
+                if folded:
+                    similarity = phi_k[b, h, folded] @ phi_k[b, h, t]
+                    recalled = similarity @ v[b, h, folded] / similarity.sum()
+                else:
+                    recalled = torch.zeros_like(v[b, h, t])
+                score[t] = float((v[b, h, t] - recalled).pow(2).sum().detach())
+                exact = [j for j in range(max(0, t - window + 1), t + 1) if real[b, j]] + cache
+                for g in range(groups):
+                    head = h * groups + g
+                    logits = k[b, h, exact] @ q[b, head, t] / head_dim**0.5
+                    top = logits.max() if exact else torch.zeros((), dtype=torch.float64)
+                    exact_weights = torch.exp(logits - top)
+                    linear = (phi_k[b, h, folded] @ phi_q[b, head, t]) * weight[head]
+                    if fmap.calibrated:
+                        linear = linear * torch.exp(-top)
+                    numerator = exact_weights @ v[b, h, exact] + linear @ v[b, h, folded]
+                    out[b, head, t] = numerator / (exact_weights.sum() + linear.sum()).clamp_min(1e-300)
+    return out
+
+
 def naive_softmax_attention(q, k, v, key_padding_mask=None, causal=False):
     """softmax(q k^T / sqrt(D)) v written out."""
     k, v = repeat_key_heads(k, q.shape[1]), repeat_key_heads(v, q.shape[1])
