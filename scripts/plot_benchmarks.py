@@ -89,11 +89,44 @@ def plot_training(results: list, path: pathlib.Path):
     fig.savefig(path, dpi=110)
 
 
+def plot_recall(results: list, path: pathlib.Path):
+    """results: [{"model", "seq_len", "pairs", "accuracy"}] (bench_recall.py): answer accuracy per shape."""
+    shapes = sorted({(r["seq_len"], r["pairs"]) for r in results})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for model in dict.fromkeys(r["model"] for r in results):
+        rows = {(r["seq_len"], r["pairs"]): r["accuracy"] for r in results if r["model"] == model}
+        ax.plot(range(len(shapes)), [rows.get(shape, float("nan")) for shape in shapes], marker="o", label=model)
+    ax.set_xticks(range(len(shapes)), [f"T={t}, {p} pairs" for t, p in shapes])
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("answer accuracy (held-out sequences)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle("Multi-query associative recall, 2-layer models trained from scratch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_sparse_cache(results: dict, path: pathlib.Path):
+    """results: {model: [{"tokens", "cache_bytes", "ms_per_token"}]} (bench_recall.py --decoding)."""
+    fig, (latency, cache) = plt.subplots(1, 2, figsize=(11, 4))
+    for model, points in results.items():
+        tokens = [p["tokens"] for p in points]
+        latency.plot(tokens, [p["ms_per_token"] for p in points], marker="o", label=model)
+        cache.plot(tokens, [p["cache_bytes"] / 2**20 for p in points], marker="o", label=model)
+    _log_axes(latency, "tokens decoded", "ms per decoded token (batch 1)")
+    _log_axes(cache, "tokens decoded", "cache (MiB)")
+    fig.suptitle("Decoding with a sparse cache, 4 layers, hidden 256, CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 PLOTS = {
     "attention": (plot_attention, lambda data: data.get("results", data)),
     "decoding": (plot_decoding, lambda data: data["rows"]),
     "serving": (plot_serving, lambda data: data["results"]),
     "training": (plot_training, lambda data: data["results"]),
+    "recall": (plot_recall, lambda data: data["results"]),
+    "sparse_cache": (plot_sparse_cache, lambda data: data["decoding"]),
 }
 
 

@@ -1,0 +1,272 @@
+#!/usr/bin/env python
+"""Multi-query associative recall (MQAR; "Zoology", Arora et al. 2023): which attention can look
+up a value by its key, trained from scratch on sequences this script generates.
+
+A sequence holds `--pairs` key-value pairs (keys from the lower half of the vocabulary, values
+from the upper half, token 0 the filler), then each key once more at a random later position, at
+least `--gap` tokens after the last pair; the model must answer with the key's value there. Loss
+and accuracy count only those answer positions. Every model is a 2-layer Performer decoder
+(rotary positions) trained on fresh sequences at every step and scored on held-out ones
+(fixed seeds, never trained on).
+
+    python scripts/bench_recall.py                       # the table: every attention type, three shapes
+    python scripts/bench_recall.py --attention favor --feature-map hedgehog --local-window 8 \\
+        --seq-len 128 --pairs 8 --output outputs/bench/one.json   # one model, {"accuracy": ...}
+    python scripts/bench_recall.py --full                # zoology's grid (widths 64-512; a GPU)
+
+The table counts only where the softmax model reaches >= 99%: below that the task, not the
+attention, is what failed.
+"""
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from bench_common import add_output_arguments, provenance, results_path, save_and_draw  # noqa: E402
+from devices import add_device_arguments, resolve_device  # noqa: E402
+
+from modeling_performer import PerformerConfig, PerformerForCausalLM  # noqa: E402
+
+FILLER = 0
+TRAIN_SEED, TEST_SEED = 0, 10**6  # generators of training and held-out sequences, never equal
+# The table: (sequence length, pairs) as zoology's first three shapes.
+SHAPES = [(64, 4), (128, 8), (256, 16)]
+TIMED_STEPS = 256
+FULL_WIDTHS = [64, 128, 256, 512]
+
+
+def mqar_batch(generator: torch.Generator, batch: int, seq_len: int, pairs: int, vocab: int, gap: int):
+    """-> (ids [batch, seq_len], targets [batch, seq_len]: the value at each answer position, -100 elsewhere).
+    Pair i sits at positions 2i, 2i+1; each key is asked once, at distinct positions >= 2 pairs + gap."""
+    half = vocab // 2
+    first_query = 2 * pairs + gap
+    if half - 1 < pairs:
+        raise ValueError(f"vocabulary {vocab} has {half - 1} key tokens, fewer than {pairs} pairs")
+    if seq_len - first_query < pairs:
+        raise ValueError(f"sequence length {seq_len} leaves {seq_len - first_query} query positions after "
+                         f"{pairs} pairs and a gap of {gap}: need at least {pairs}")
+    keys = torch.rand(batch, half - 1, generator=generator).argsort(-1)[:, :pairs] + 1
+    values = torch.randint(half, vocab, (batch, pairs), generator=generator)
+    ids = torch.full((batch, seq_len), FILLER, dtype=torch.long)
+    ids[:, 0:2 * pairs:2], ids[:, 1:2 * pairs:2] = keys, values
+    positions = torch.rand(batch, seq_len - first_query, generator=generator).argsort(-1)[:, :pairs] + first_query
+    order = torch.rand(batch, pairs, generator=generator).argsort(-1)  # which key is asked where
+    rows = torch.arange(batch)[:, None]
+    ids[rows, positions] = keys.gather(1, order)
+    targets = torch.full((batch, seq_len), -100, dtype=torch.long)
+    targets[rows, positions] = values.gather(1, order)
+    return ids, targets
+
+
+def model_config(args, attention: str, feature_map: str, window: int, features: int, sparse: int) -> PerformerConfig:
+    return PerformerConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=2, num_attention_heads=args.heads,
+        intermediate_size=2 * args.hidden, hidden_act="gelu", norm_type="pre_layernorm", position_embedding_type="rotary",
+        max_position_embeddings=max(args.seq_len, 4096), attention_type=attention, feature_map=feature_map,
+        local_window=window, sparse_cache_size=sparse, num_random_features=features, chunk_size=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, tie_word_embeddings=True,
+    )
+
+
+def answer_loss(logits, targets):
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+@torch.no_grad()
+def accuracy(model, args, device, pairs, seq_len, batches=None) -> float:
+    """Answer accuracy on held-out sequences (TEST_SEED; never trained on)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(TEST_SEED + args.seed)
+    correct = total = 0
+    for _ in range(batches or args.eval_batches):
+        ids, targets = mqar_batch(generator, args.batch_size, seq_len, pairs, args.vocab, args.gap)
+        logits = model(ids.to(device)).logits
+        asked = targets != -100
+        correct += (logits.argmax(-1).cpu()[asked] == targets[asked]).sum().item()
+        total += asked.sum().item()
+    model.train()
+    return correct / total
+
+
+class Curriculum:
+    """Pairs per training sequence: from 1, one more each time the model answers >= MASTERY of the
+    last WINDOW steps' questions right, and never fewer than a linear ramp to --pairs over the first
+    --curriculum fraction of the steps (so every model trains on the full task at the end, learned
+    or not). Recall of one pair is easy; once a model recalls two, more come quickly."""
+
+    MASTERY, WINDOW = 0.95, 20
+
+    def __init__(self, args):
+        self.args, self.level, self.recent = args, 1, []
+
+    def pairs(self, step: int) -> int:
+        ramp = int(self.args.curriculum * self.args.steps)
+        scheduled = self.args.pairs if ramp <= 0 or step >= ramp else 1 + (self.args.pairs - 1) * step // ramp
+        return max(self.level, scheduled)
+
+    def record(self, pairs: int, correct: float) -> bool:
+        """One step's training accuracy; True when the model has mastered the full task."""
+        self.recent = (self.recent if pairs == self.level else [])[-(self.WINDOW - 1):] + [correct]
+        self.level = max(self.level, pairs)
+        mastered = len(self.recent) == self.WINDOW and sum(self.recent) / self.WINDOW >= self.MASTERY
+        if mastered and self.level < self.args.pairs:
+            self.level, self.recent = self.level + 1, []
+            return False
+        return mastered and self.level == self.args.pairs
+
+
+def train(model, args, device) -> dict:
+    """AdamW, linear warm-up then cosine decay, fresh sequences every step. -> history."""
+    torch.manual_seed(args.seed)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    warmup = max(1, int(0.1 * args.steps))
+
+    def schedule(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    generator = torch.Generator().manual_seed(TRAIN_SEED + args.seed)
+    curriculum = Curriculum(args)
+    history, start, mastered_at = [], time.perf_counter(), None
+    model.train()
+    for step in range(args.steps):
+        pairs = curriculum.pairs(step)
+        ids, targets = mqar_batch(generator, args.batch_size, args.seq_len, pairs, args.vocab, args.gap)
+        targets = targets.to(device)
+        logits = model(ids.to(device)).logits
+        loss = answer_loss(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        asked = targets != -100
+        correct = (logits.detach().argmax(-1)[asked] == targets[asked]).float().mean().item()
+        done = curriculum.record(pairs, correct)
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps or done:
+            entry = {"step": step + 1, "pairs": pairs, "loss": round(loss.item(), 4), "train_accuracy": round(correct, 4),
+                     "seconds": round(time.perf_counter() - start, 1)}
+            history.append(entry)
+            print(json.dumps(entry), flush=True)
+        if done:  # every step's sequences are new: its accuracy is already a held-out one
+            mastered_at = step + 1
+            break
+    return {"history": history, "train_seconds": round(time.perf_counter() - start, 1), "steps_run": step + 1,
+            "mastered_at_step": mastered_at}
+
+
+def run_one(args, device, attention, feature_map, window, features, sparse) -> dict:
+    torch.manual_seed(args.seed)
+    model = PerformerForCausalLM(model_config(args, attention, feature_map, window, features, sparse)).to(device)
+    record = train(model, args, device)
+    record["accuracy"] = accuracy(model, args, device, args.pairs, args.seq_len)
+    return record
+
+
+@torch.no_grad()
+def decoding_cost(args, device) -> dict:
+    """Cache bytes and time per decoded token up to --decode-tokens, for Hedgehog + window with and
+    without the sparse cache (one model's weights, the cache a switch) and the softmax stack's
+    growing KV cache beside them. Token by token from one prompt token; every layer decodes."""
+    shape = dict(vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                 intermediate_size=1024, position_embedding_type="rotary", max_position_embeddings=args.decode_tokens,
+                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    window, size = args.decode_window, args.decode_cache
+    kinds = {"softmax": dict(attention_type="softmax"),
+             f"hedgehog + W{window}": dict(feature_map="hedgehog", local_window=window),
+             f"hedgehog + W{window} + sparse {size}": dict(feature_map="hedgehog", local_window=window,
+                                                          sparse_cache_size=size)}
+    marks = sorted({m for m in (1024, 4096, 16384, args.decode_tokens) if m <= args.decode_tokens})
+    results = {}
+    for name, extra in kinds.items():
+        torch.manual_seed(0)
+        model = PerformerForCausalLM(PerformerConfig(**shape, **extra)).to(device).eval()
+        token = torch.ones(1, 1, dtype=torch.long, device=device)
+        out = model(token, use_cache=True)
+        cache, points, clock = out.cache, [], time.perf_counter()
+        for step in range(2, args.decode_tokens + 1):
+            if step + TIMED_STEPS - 1 in marks:
+                clock = time.perf_counter()
+            out = model(token, cache=cache, use_cache=True)
+            if step in marks:  # the mean over the TIMED_STEPS steps that end here
+                points.append({"tokens": step, "cache_bytes": cache.num_bytes(),
+                               "ms_per_token": round((time.perf_counter() - clock) * 1000 / TIMED_STEPS, 3)})
+        results[name] = points
+        print(name, json.dumps(points), flush=True)
+    plain, sparse = results[f"hedgehog + W{window}"], results[f"hedgehog + W{window} + sparse {size}"]
+    return {"decoding": results, "ratios": {
+        "sparse_over_window_ms_per_token": [round(b["ms_per_token"] / a["ms_per_token"], 3)
+                                            for a, b in zip(plain, sparse)],
+        "sparse_cache_bytes_constant": len({p["cache_bytes"] for p in sparse}) == 1,
+        "softmax_over_sparse_cache_bytes": [round(c["cache_bytes"] / b["cache_bytes"], 2)
+                                            for b, c in zip(sparse, results["softmax"])]}}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attention", choices=["softmax", "favor"], help="one model only (default: the table)")
+    parser.add_argument("--feature-map", default="softmax", choices=["softmax", "relu", "hedgehog"])
+    parser.add_argument("--local-window", type=int, default=0)
+    parser.add_argument("--sparse-cache-size", type=int, default=0)
+    parser.add_argument("--features", type=int, default=64, help="random features M of FAVOR+ and ReLU")
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--gap", type=int, default=8, help="filler tokens between the last pair and the first query")
+    parser.add_argument("--vocab", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--curriculum", type=float, default=0.5,
+                        help="pairs per sequence grow from 1 as the model masters them, and at least linearly to "
+                             "--pairs over this fraction of the steps (0 = the full task from the start)")
+    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--full", action="store_true", help="zoology's grid of widths 64-512 (meant for a GPU)")
+    parser.add_argument("--decoding", action="store_true",
+                        help="only measure decoding with the sparse cache: cache bytes and ms per token up to "
+                             "--decode-tokens (results: sparse_cache.json)")
+    parser.add_argument("--decode-tokens", type=int, default=16384)
+    parser.add_argument("--decode-window", type=int, default=64)
+    parser.add_argument("--decode-cache", type=int, default=64)
+    add_device_arguments(parser)
+    add_output_arguments(parser, "recall")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if args.decoding:
+        save_and_draw("sparse_cache", args, decoding_cost(args, device))
+        return
+    if args.attention:
+        record = run_one(args, device, args.attention, args.feature_map, args.local_window, args.features,
+                         args.sparse_cache_size)
+        path = results_path(args, "recall_one")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        settings = {k: v for k, v in vars(args).items() if k not in ("output", "update_figures")}
+        path.write_text(json.dumps({"accuracy": record["accuracy"], "settings": settings, **provenance(), **record},
+                                   indent=1, default=str))
+        print(f"accuracy {record['accuracy']:.4f}; wrote {path}")
+        return
+    raise SystemExit("the table is not written yet")
+
+
+if __name__ == "__main__":
+    main()
