@@ -36,7 +36,8 @@ from devices import add_device_arguments, resolve_device  # noqa: E402
 from modeling_performer import PerformerConfig, PerformerForCausalLM  # noqa: E402
 
 FILLER = 0
-TRAIN_SEED, TEST_SEED = 0, 10**6  # generators of training and held-out sequences, never equal
+# generators of training, held-out and transfer sequences, never equal
+TRAIN_SEED, TEST_SEED, TRANSFER_SEED = 0, 10**6, 2 * 10**6
 # The table: (sequence length, pairs) as zoology's first three shapes.
 SHAPES = [(64, 4), (128, 8), (256, 16)]
 TIMED_STEPS = 256
@@ -103,6 +104,8 @@ class Curriculum:
     or not). Recall of one pair is easy; once a model recalls two, more come quickly."""
 
     MASTERY, WINDOW = 0.95, 20
+    # Training stops early once the full task is answered this well over this many steps.
+    FINISHED, FINISH_WINDOW = 0.995, 50
 
     def __init__(self, args):
         self.args, self.level, self.recent = args, 1, []
@@ -113,14 +116,15 @@ class Curriculum:
         return max(self.level, scheduled)
 
     def record(self, pairs: int, correct: float) -> bool:
-        """One step's training accuracy; True when the model has mastered the full task."""
-        self.recent = (self.recent if pairs == self.level else [])[-(self.WINDOW - 1):] + [correct]
+        """One step's training accuracy; True when the model has finished the full task."""
+        self.recent = (self.recent if pairs == self.level else [])[-(self.FINISH_WINDOW - 1):] + [correct]
         self.level = max(self.level, pairs)
-        mastered = len(self.recent) == self.WINDOW and sum(self.recent) / self.WINDOW >= self.MASTERY
-        if mastered and self.level < self.args.pairs:
-            self.level, self.recent = self.level + 1, []
+        if self.level < self.args.pairs:
+            last = self.recent[-self.WINDOW:]
+            if len(last) == self.WINDOW and sum(last) / self.WINDOW >= self.MASTERY:
+                self.level, self.recent = self.level + 1, []
             return False
-        return mastered and self.level == self.args.pairs
+        return len(self.recent) == self.FINISH_WINDOW and sum(self.recent) / self.FINISH_WINDOW >= self.FINISHED
 
 
 def train(model, args, device) -> dict:
@@ -173,6 +177,116 @@ def run_one(args, device, attention, feature_map, window, features, sparse) -> d
     model = PerformerForCausalLM(model_config(args, attention, feature_map, window, features, sparse)).to(device)
     record = train(model, args, device)
     record["accuracy"] = accuracy(model, args, device, args.pairs, args.seq_len)
+    for size in args.score_sparse_cache:
+        model.config.sparse_cache_size = size  # a switch at inference: the same trained weights
+        record.setdefault("sparse_cache_accuracy", {})[size] = accuracy(model, args, device, args.pairs, args.seq_len)
+    return record
+
+
+# The table's models: name -> (attention, feature map, window, features); the window is shorter
+# than every key-to-query distance (the queries start --gap tokens after the last pair).
+TABLE_WINDOW = 8
+MODELS = {
+    "softmax": ("softmax", "softmax", 0, 64),
+    "FAVOR+ M=64": ("favor", "softmax", 0, 64),
+    "FAVOR+ M=256": ("favor", "softmax", 0, 256),
+    "ReLU M=64": ("favor", "relu", 0, 64),
+    "Hedgehog": ("favor", "hedgehog", 0, 64),
+    f"Hedgehog + W{TABLE_WINDOW}": ("favor", "hedgehog", TABLE_WINDOW, 64),
+}
+
+
+def table(args) -> list:
+    """Every model of MODELS at every shape, each in its own process (--jobs at a time), each
+    result kept in outputs/bench/recall/ as it finishes: a killed run starts again where it
+    stopped. The Hedgehog + window models are also scored with a sparse cache of 2 x pairs (the
+    same weights, switched on at inference)."""
+    import concurrent.futures
+    import subprocess
+
+    shapes = [(t, p) for t, p in SHAPES] if not args.full else [(t, p) for t, p in SHAPES + [(512, 64)]]
+    widths = FULL_WIDTHS if args.full else [args.hidden]
+    folder = results_path(args, "recall").parent / "recall"
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for width in widths:
+        for seq_len, pairs in shapes:
+            for name, (attention, feature_map, window, features) in MODELS.items():
+                out = folder / f"{name.replace(' ', '').replace('+', 'p').replace('=', '')}-d{width}-T{seq_len}-P{pairs}.json"
+                cmd = [sys.executable, __file__, "--attention", attention, "--feature-map", feature_map,
+                       "--local-window", str(window), "--features", str(features), "--seq-len", str(seq_len),
+                       "--pairs", str(pairs), "--hidden", str(width), "--output", str(out), "--threads",
+                       str(args.threads or 1), "--seed", str(args.seed), "--steps", str(args.steps),
+                       "--heads", str(args.heads), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
+                       "--vocab", str(args.vocab), "--gap", str(args.gap), "--device", args.device]
+                if window:
+                    cmd += ["--score-sparse-cache", str(2 * pairs)]
+                jobs.append((name, width, seq_len, pairs, out, cmd))
+
+    def run(job):
+        name, width, seq_len, pairs, out, cmd = job
+        if not out.exists():
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{name} T={seq_len} pairs={pairs} failed:\n{done.stderr[-2000:]}")
+        return job, json.loads(out.read_text())
+
+    rows = []
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        for (name, width, seq_len, pairs, _, _), record in pool.map(run, jobs):
+            common = {"width": width, "seq_len": seq_len, "pairs": pairs, "train_seconds": record["train_seconds"],
+                      "steps_run": record["steps_run"]}
+            rows.append({"model": name, **common, "accuracy": record["accuracy"]})
+            print(f"{name:28s} d={width} T={seq_len:4d} pairs={pairs:3d}  accuracy {record['accuracy']:.4f}  "
+                  f"({record['train_seconds']:.0f} s)", flush=True)
+            for size, value in record.get("sparse_cache_accuracy", {}).items():
+                rows.append({"model": f"{name} + sparse 2P (same weights)", **common, "sparse_cache_size": int(size),
+                             "accuracy": value})
+    return rows
+
+
+def linearize(args, device) -> dict:
+    """Recall beyond the window after linearizing: a softmax teacher trained on MQAR, copied into
+    Hedgehog + window layers and fitted by attention transfer on unlabelled MQAR sequences (the
+    attention outputs only: no answer is ever a target), then scored on held-out sequences whose
+    queries all lie more than --linearize-window tokens after their pair, with the sparse cache off
+    and on (the same weights), beside the teacher and a FAVOR+ swap of the teacher (no fitting)."""
+    from modeling_performer.transfer import transfer_attention
+
+    torch.manual_seed(args.seed)
+    teacher = PerformerForCausalLM(model_config(args, "softmax", "softmax", 0, args.features, 0)).to(device)
+    record = {"teacher": train(teacher, args, device)}
+    teacher.eval()
+    window = args.linearize_window
+    if args.gap < window:
+        raise SystemExit(f"--gap {args.gap} lets queries come within the window ({window}): use --gap >= window")
+    results = {"softmax teacher": accuracy(teacher, args, device, args.pairs, args.seq_len)}
+
+    def copy_of(feature_map, window, features, sparse=0):
+        student = PerformerForCausalLM(model_config(args, "favor", feature_map, window, features, sparse)).to(device)
+        missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+        assert not unexpected, unexpected
+        return student.eval()
+
+    results[f"FAVOR+ M={args.swap_features} swap (no fitting)"] = accuracy(
+        copy_of("softmax", 0, args.swap_features), args, device, args.pairs, args.seq_len)
+    student = copy_of("hedgehog", window, args.features)
+    generator = torch.Generator().manual_seed(TRANSFER_SEED + args.seed)
+    batches = [mqar_batch(generator, args.batch_size, args.seq_len, args.pairs, args.vocab, args.gap)[0]
+               for _ in range(args.transfer_steps + args.end_to_end_steps)]
+    fit = transfer_attention(teacher, student, lambda step: {"input_ids": batches[step].to(device)},
+                             steps=args.transfer_steps, learning_rate=args.transfer_lr,
+                             end_to_end_steps=args.end_to_end_steps, progress=False)
+    record["transfer_loss"] = {"first": round(fit["loss"][0], 4), "last": round(fit["loss"][-1], 4)}
+    for size in [0] + args.linearize_cache:
+        student.config.sparse_cache_size = size  # a switch at inference: the same fitted weights
+        name = f"Hedgehog + W{window}" + (f" + sparse {size}" if size else "")
+        results[name] = accuracy(student, args, device, args.pairs, args.seq_len)
+    teacher_accuracy = results["softmax teacher"]
+    record["accuracy"] = results
+    record["of_teacher"] = {name: round(value / teacher_accuracy, 4) for name, value in results.items()}
+    for name, value in results.items():
+        print(f"{name:40s} {value:.4f}  ({value / teacher_accuracy:.1%} of the teacher)")
     return record
 
 
@@ -240,9 +354,23 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--full", action="store_true", help="zoology's grid of widths 64-512 (meant for a GPU)")
+    parser.add_argument("--jobs", type=int, default=2, help="models trained at once by the table")
+    parser.add_argument("--score-sparse-cache", type=int, nargs="*", default=[],
+                        help="one model: also score it with these sparse cache sizes (same weights)")
     parser.add_argument("--decoding", action="store_true",
                         help="only measure decoding with the sparse cache: cache bytes and ms per token up to "
                              "--decode-tokens (results: sparse_cache.json)")
+    parser.add_argument("--linearize", action="store_true",
+                        help="only the linearized model: train a softmax teacher at --seq-len/--pairs, fit Hedgehog + "
+                             "window to it by attention transfer, score recall beyond the window with and without "
+                             "the sparse cache (results: recall_linearized.json)")
+    parser.add_argument("--linearize-window", type=int, default=8)
+    parser.add_argument("--linearize-cache", type=int, nargs="+", default=[4, 8, 16],
+                        help="sparse cache sizes to score the fitted student with (0 = off is always scored)")
+    parser.add_argument("--swap-features", type=int, default=256)
+    parser.add_argument("--transfer-steps", type=int, default=300)
+    parser.add_argument("--transfer-lr", type=float, default=1e-2)
+    parser.add_argument("--end-to-end-steps", type=int, default=0)
     parser.add_argument("--decode-tokens", type=int, default=16384)
     parser.add_argument("--decode-window", type=int, default=64)
     parser.add_argument("--decode-cache", type=int, default=64)
@@ -255,6 +383,14 @@ def main():
     if args.decoding:
         save_and_draw("sparse_cache", args, decoding_cost(args, device))
         return
+    if args.linearize:
+        record = linearize(args, device)
+        path = results_path(args, "recall_linearized")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        settings = {k: v for k, v in vars(args).items() if k not in ("output", "update_figures")}
+        path.write_text(json.dumps({"settings": settings, **provenance(), **record}, indent=1, default=str))
+        print(f"wrote {path}")
+        return
     if args.attention:
         record = run_one(args, device, args.attention, args.feature_map, args.local_window, args.features,
                          args.sparse_cache_size)
@@ -265,7 +401,13 @@ def main():
                                    indent=1, default=str))
         print(f"accuracy {record['accuracy']:.4f}; wrote {path}")
         return
-    raise SystemExit("the table is not written yet")
+    rows = table(args)
+    softmax = {(r["width"], r["seq_len"], r["pairs"]): r["accuracy"] for r in rows if r["model"] == "softmax"}
+    counted = {shape: value >= 0.99 for shape, value in softmax.items()}
+    for row in rows:
+        row["softmax_solved"] = counted[(row["width"], row["seq_len"], row["pairs"])]
+    save_and_draw("recall", args, {"results": rows, "softmax_solved": {f"d{w}-T{t}-P{p}": ok for (w, t, p), ok
+                                                                        in counted.items()}})
 
 
 if __name__ == "__main__":

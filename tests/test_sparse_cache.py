@@ -269,3 +269,28 @@ def test_sparse_cache_size_saves_and_loads(tmp_path):
 def test_config_rejects_bad_values(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
+
+
+def test_needle_beyond_the_window_is_recalled_only_with_the_cache():
+    """One pair far behind the window whose value the state reproduces badly (it is unlike every other
+    value); a query that matches its key. The cache keeps it and returns its value; the window + linear
+    state alone blur it into the average of everything else."""
+    g = torch.Generator().manual_seed(11)
+    length, needle, dim = 160, 30, 16
+    k = torch.randn(1, 1, length, dim, generator=g) * 0.3
+    v = torch.randn(1, 1, length, dim, generator=g) * 0.1
+    direction = torch.randn(dim, generator=g)
+    direction = direction / direction.norm()
+    k[0, 0, needle] = 5.0 * direction
+    v[0, 0, needle] = 0.0
+    v[0, 0, needle, 0] = 2.0
+    q = torch.randn(1, 1, length, dim, generator=g) * 0.3
+    q[0, 0, -1] = 5.0 * direction
+    w = gaussian_orthogonal_random_matrix(64, dim, torch.Generator().manual_seed(0))
+    with_cache, state = causal_sparse_windowed_attention(q, k, v, w, "softmax", 8, 4)
+    without, _ = causal_windowed_attention(q, k, v, w, "softmax", 8)
+    exact = naive_softmax_attention(q.double(), k.double(), v.double(), causal=True)[0, 0, -1]
+    assert (state.cache_keys[0, 0] == k[0, 0, needle]).all(-1).any()  # kept, among 150 pairs that left
+    assert exact[0] > 1.0  # softmax itself recalls it (weight ~ 3/4)
+    assert with_cache[0, 0, -1, 0] > 0.75 * exact[0]
+    assert without[0, 0, -1, 0] < 0.25 * exact[0]
