@@ -1,0 +1,103 @@
+"""The recall benchmark (scripts/bench_recall.py): the MQAR sequences it generates, its curriculum,
+and smoke runs of each mode on the CPU (a few steps: the numbers are the benchmark's, not the test's)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_recall  # noqa: E402
+from bench_recall import Curriculum, mqar_batch  # noqa: E402
+
+
+def test_mqar_sequences_pose_each_key_once_after_the_pairs():
+    ids, targets = mqar_batch(torch.Generator().manual_seed(0), 16, 64, 4, 64, 8)
+    assert ids.shape == targets.shape == (16, 64)
+    for row_ids, row_targets in zip(ids, targets):
+        keys, values = row_ids[0:8:2], row_ids[1:8:2]
+        assert ((keys >= 1) & (keys < 32)).all() and ((values >= 32) & (values < 64)).all()
+        assert len(set(keys.tolist())) == 4  # distinct keys: each question has one answer
+        asked = (row_targets != -100).nonzero().flatten()
+        assert len(asked) == 4 and (asked >= 16).all()  # after the pairs and the gap
+        pairing = dict(zip(keys.tolist(), values.tolist()))
+        for position in asked.tolist():
+            assert row_targets[position] == pairing[row_ids[position].item()]
+        others = torch.ones(64, dtype=torch.bool)
+        others[:8], others[asked] = False, False
+        assert (row_ids[others] == bench_recall.FILLER).all()
+    again, _ = mqar_batch(torch.Generator().manual_seed(0), 16, 64, 4, 64, 8)
+    assert torch.equal(ids, again)
+
+
+@pytest.mark.parametrize("shape,message", [((64, 40, 64, 8), "fewer than 40 pairs"),
+                                           ((19, 4, 64, 8), "leaves 3 query positions")])
+def test_impossible_shapes_are_refused(shape, message):
+    seq_len, pairs, vocab, gap = shape
+    with pytest.raises(ValueError, match=message):
+        mqar_batch(torch.Generator(), 2, seq_len, pairs, vocab, gap)
+
+
+def test_curriculum_advances_on_mastery_and_never_falls_behind_its_ramp():
+    curriculum = Curriculum(SimpleNamespace(pairs=4, steps=1000, curriculum=0.8))
+    assert curriculum.pairs(0) == 1
+    for _ in range(Curriculum.WINDOW - 1):
+        assert not curriculum.record(1, 1.0)
+    assert curriculum.pairs(10) == 1  # not yet a full window of mastery
+    curriculum.record(1, 1.0)
+    assert curriculum.pairs(20) == 2
+    for _ in range(100):
+        curriculum.record(2, 0.5)  # not mastered: stays, until the ramp takes over
+    # the ramp: 1 + 3 (step / 800)^2 pairs
+    assert curriculum.pairs(100) == 2 and curriculum.pairs(600) == 2 and curriculum.pairs(700) == 3
+    assert curriculum.pairs(790) == 3 and curriculum.pairs(800) == 4
+    finished = [curriculum.record(4, 1.0) for _ in range(Curriculum.FINISH_WINDOW)]
+    assert not any(finished[:-1]) and finished[-1]
+
+
+def run_script(*args, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_recall.py"), *args], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+SMALL = ["--seq-len", "32", "--pairs", "2", "--gap", "4", "--vocab", "32", "--hidden", "32", "--heads", "2",
+         "--batch-size", "8", "--eval-batches", "1", "--threads", "1"]
+
+
+def test_one_model_writes_accuracy_at_the_top_level(tmp_path):
+    out = tmp_path / "one.json"
+    run_script("--attention", "favor", "--feature-map", "hedgehog", "--local-window", "2", "--steps", "6",
+               "--score-sparse-cache", "2", "--output", str(out), *SMALL, tmp_path=tmp_path)
+    record = json.loads(out.read_text())
+    assert 0.0 <= record["accuracy"] <= 1.0
+    assert record["settings"]["local_window"] == 2 and "commit" in record and "date" in record
+    assert set(record["sparse_cache_accuracy"]) == {"2"}
+    assert record["steps_run"] == 6 and len(record["history"]) >= 1
+
+
+def test_linearize_and_decoding_modes_write_their_results(tmp_path):
+    out = tmp_path / "linearized.json"
+    run_script("--linearize", "--linearize-window", "2", "--linearize-cache", "2", "--steps", "4",
+               "--transfer-steps", "3", "--swap-features", "16", "--output", str(out), *SMALL, tmp_path=tmp_path)
+    record = json.loads(out.read_text())
+    assert set(record["accuracy"]) == {"softmax teacher", "FAVOR+ M=16 swap (no fitting)", "Hedgehog + W2",
+                                       "Hedgehog + W2 + sparse 2"}
+    decoding = tmp_path / "sparse.json"
+    run_script("--decoding", "--decode-tokens", "600", "--decode-window", "4", "--decode-cache", "4", "--threads", "1",
+               "--output", str(decoding), tmp_path=tmp_path)
+    record = json.loads(decoding.read_text())
+    sparse = record["decoding"]["hedgehog + W4 + sparse 4"]
+    assert [p["tokens"] for p in sparse] == [300, 600] and record["ratios"]["sparse_cache_bytes_constant"]
+    softmax = record["decoding"]["softmax"]
+    assert softmax[1]["cache_bytes"] > softmax[0]["cache_bytes"]  # the KV cache grows; the sparse one does not
+    assert decoding.with_suffix(".png").exists()
