@@ -217,12 +217,14 @@ def causal_linear_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     state: Optional[LinearAttentionState] = None,
     chunk_size: int = 128,
+    kernel=None,
 ) -> tuple[torch.Tensor, LinearAttentionState]:
     """Causal FAVOR+, chunk by chunk: a masked C x C product inside each chunk plus the running
     state of all earlier chunks. O(T) time and memory.
 
     q, k, v: [B, H, T, D] (query t sees keys <= t, plus everything in `state`).
     Returns ([B, H, T, D] in v's dtype, the state after the last token).
+    kernel: a simple-GLA kernel in fla's signature to compute the sums on (`fast_attention`), or None.
     """
     _check_qkv(q, k, v, key_padding_mask)
     if q.shape[2] != k.shape[2]:
@@ -241,17 +243,24 @@ def causal_linear_attention(
         phi_q = fmap.queries(q, projection)
         logits, offset, token_max = _key_terms(k, projection, fmap, key_padding_mask)
         out, _, new_state = _causal_terms(fmap, phi_q, logits, offset, token_max, _with_ones(v), key_padding_mask,
-                                          state, chunk_size)
+                                          state, chunk_size, kernel, q.dtype)
         out = _divide(out)
     return out.to(v.dtype), new_state
 
 
-def _causal_terms(fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, state, chunk_size):
+def _causal_terms(fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, state, chunk_size, kernel=None,
+                  kernel_dtype=None):
     """The unnormalised causal sums, chunk by chunk. phi_q: [B, H, T, M]; logits, offset,
     token_max as `_key_terms` returns them; v1: [B, H, T, D + 1] (values and a column of ones).
     Keys, values and the state have H_kv heads; each query head reads its group's.
     -> (sum_{j <= t} phi(q_t) phi(k_j) [v_j, 1]: [B, H, T, D + 1] at the scale exp(-stabiliser_t),
-        stabiliser_t: [B, H, T] (finite), the state after the last token)."""
+        stabiliser_t: [B, H, T] (finite), the state after the last token).
+    kernel: compute them on a simple-GLA kernel instead (`fast_attention.gla_causal_terms`), in kernel_dtype."""
+    if kernel is not None:
+        from .fast_attention import gla_causal_terms
+
+        return gla_causal_terms(kernel, fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, state,
+                                kernel_dtype)
     batch, query_heads, length, _ = phi_q.shape
     heads = logits.shape[1]
     groups = query_heads // heads
@@ -610,12 +619,14 @@ def causal_windowed_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     state: Optional[WindowedAttentionState] = None,
     chunk_size: int = 128,
+    kernel=None,
 ) -> tuple[torch.Tensor, WindowedAttentionState]:
     """Causal linear attention plus an exact window of the last W keys (query t sees t-W+1..t
     exactly and every earlier key through the linear part). q, k, v: [B, H, T, D] ->
     ([B, H, T, D], state). The linear part is causal linear attention over the keys delayed by W
     positions (the state's buffer first), so it costs what `causal_linear_attention` costs; the
-    window adds a [W, 2W] score block per W queries."""
+    window adds a [W, 2W] score block per W queries. kernel: as in `causal_linear_attention` (the
+    linear part; the window's band stays here)."""
     _check_qkv(q, k, v, key_padding_mask)
     _check_window(window, q, k)
     if chunk_size < 1:
@@ -637,7 +648,7 @@ def causal_windowed_attention(
         linear_state = LinearAttentionState(state.kvz, state.stabiliser)
         linear, linear_stabiliser, linear_state = _causal_terms(
             fmap, phi_q, logits, offset, token_max, _with_ones(values[:, :, :length]), delayed_mask, linear_state,
-            chunk_size,
+            chunk_size, kernel, q.dtype,
         )
         window_num, window_den, window_max = _causal_window_terms(q, repeat_key_heads(keys, heads),
                                                                   repeat_key_heads(values, heads), key_mask, window)

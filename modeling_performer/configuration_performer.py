@@ -104,6 +104,9 @@ class PerformerConfig(PreTrainedConfig):
     projection_seed: int = 0
     # Chunk length of causal FAVOR+ (a C x C product per chunk plus a running state).
     chunk_size: int = 128
+    # Causal linear attention on flash-linear-attention's Triton kernels where they can run (a CUDA
+    # device, `pip install "modeling-performer[cuda]"`); False forces the PyTorch kernels everywhere.
+    use_fast_kernels: bool = True
     norm_type: str = "pre_layernorm"
     position_embedding_type: str = "rotary"
     max_position_embeddings: int = 2048
@@ -228,6 +231,8 @@ class PerformerConfig(PreTrainedConfig):
                 f"local_window={self.local_window} combines an exact window with linear attention, but every layer "
                 "uses attention_type='softmax' (already exact): set local_window=0, or make some layers 'favor'"
             )
+        if not isinstance(self.use_fast_kernels, bool):
+            raise ValueError(f"use_fast_kernels must be True or False, got {self.use_fast_kernels!r}")
         for name in ("encoder_layers", "decoder_layers"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

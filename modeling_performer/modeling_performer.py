@@ -43,6 +43,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
+from .fast_attention import kernel_for as fast_kernel_for
 from .attention import (
     causal_linear_attention,
     causal_sparse_windowed_attention,
@@ -382,16 +383,24 @@ class PerformerAttention(nn.Module):
                                                           self.linear_log_weight, current_mask, state, in_place)
             else:
                 out, state = causal_windowed_attention(query, key, value, features, feature_map, window,
-                                                       self.linear_log_weight, current_mask, state, self.config.chunk_size)
+                                                       self.linear_log_weight, current_mask, state, self.config.chunk_size,
+                                                       self._fast_kernel(query))
         elif decoding:
             out, state = recurrent_linear_attention(query, key, value, features, feature_map, current_mask, state,
                                                     in_place)
         else:
             out, state = causal_linear_attention(query, key, value, features, feature_map, current_mask, state,
-                                                 self.config.chunk_size)
+                                                 self.config.chunk_size, self._fast_kernel(query))
         if layer_cache is not None:
             layer_cache.self_attention = state
         return out
+
+    def _fast_kernel(self, query):
+        """The Triton kernel causal sums run on (training and prefill), or None for the PyTorch ones:
+        see `fast_attention.kernel_for`; never while compiling or exporting (their graphs keep PyTorch ops)."""
+        if not self.config.use_fast_kernels or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return None
+        return fast_kernel_for(query.device)
 
     def _cross_attention(self, query, key_value_states, attention_mask, layer_cache):
         cached = layer_cache.cross_attention if layer_cache is not None else None

@@ -1,0 +1,192 @@
+"""The CUDA fast path (modeling_performer/fast_attention.py) without a GPU: the mapping of our causal
+sums onto fla's simple-GLA recurrence, run on fla's own reference implementations (its Triton kernels
+need a GPU), against the PyTorch kernels and the float64 references; the fallback and its log line;
+the config switch; a prefill on the fast path continued by the PyTorch decoding step."""
+
+import logging
+
+import pytest
+import torch
+
+from modeling_performer import PerformerConfig, PerformerForCausalLM, fast_attention
+from modeling_performer.attention import causal_linear_attention, causal_windowed_attention
+from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init
+from modeling_performer.reference_attention import naive_linear_attention, naive_windowed_attention
+
+naive = pytest.importorskip("fla.ops.simple_gla.naive", reason="fla-core is installed by the dev extra")
+
+B, H, H_KV, D, M, F = 2, 4, 2, 8, 16, 6
+MAPS = ["softmax", "relu", "hedgehog"]
+
+
+def chunked_reference(q, k, v, g, scale, initial_state, output_final_state, chunk_size=8):
+    """fla's chunked reference in the fast kernel's signature (it wants a decay tensor: zeros for none)."""
+    if g is None:
+        g = q.new_zeros(q.shape[:3])
+    return naive.naive_chunk_simple_gla(q, k, v, g, initial_state=initial_state, output_final_state=True,
+                                        chunk_size=chunk_size, scale=scale)
+
+
+def recurrent_reference(q, k, v, g, scale, initial_state, output_final_state):
+    if g is None:
+        g = q.new_zeros(q.shape[:3])
+    out, state = naive.naive_recurrent_simple_gla(q, k, v, g, scale=scale, initial_state=initial_state,
+                                                  output_final_state=True)
+    return out.float(), state
+
+
+KERNELS = {"fla-chunked": chunked_reference, "fla-recurrent": recurrent_reference}
+
+
+def features(feature_map, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if feature_map == "hedgehog":
+        weights = hedgehog_init(H, D, F) + 0.3 * torch.randn(2, H, D, F, generator=g)
+        return weights[0], weights[1, :H_KV]
+    return gaussian_orthogonal_random_matrix(M, D, g)
+
+
+def qkv(length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, length, D, generator=g), torch.randn(B, H_KV, length, D, generator=g),
+            torch.randn(B, H_KV, length, D, generator=g))
+
+
+def padding(length):
+    mask = torch.ones(B, length, dtype=torch.bool)
+    mask[0, length - 3:] = False
+    mask[1, :5] = False
+    return mask
+
+
+def max_error(actual, expected, mask=None):
+    diff = (actual.double() - expected.double()).abs()
+    if mask is not None:
+        diff = diff * mask[:, None, :, None]
+    return diff.max().item() / expected.double().abs().max().clamp_min(1e-30).item()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("feature_map", MAPS)
+def test_causal_sums_on_the_gla_recurrence_equal_pytorch_and_reference(kernel, feature_map):
+    q, k, v = qkv(29)
+    w, mask = features(feature_map), padding(29)
+    pytorch, pytorch_state = causal_linear_attention(q, k, v, w, feature_map, mask, chunk_size=5)
+    fast, fast_state = causal_linear_attention(q, k, v, w, feature_map, mask, chunk_size=5, kernel=KERNELS[kernel])
+    reference = naive_linear_attention(q, k, v, w, feature_map, mask, causal=True)
+    assert max_error(fast, reference, mask) < 1e-5
+    assert max_error(fast, pytorch, mask) < 1e-5
+    # The same state, at the same scale: either path can continue it.
+    assert torch.equal(fast_state.stabiliser, pytorch_state.stabiliser)
+    assert max_error(fast_state.kvz, pytorch_state.kvz) < 1e-5
+
+
+@pytest.mark.parametrize("feature_map", MAPS)
+def test_incoming_state_and_window_on_the_fast_path(feature_map):
+    q, k, v = qkv(33, seed=2)
+    w, mask = features(feature_map, 1), padding(33)
+    kernel = KERNELS["fla-chunked"]
+    # A state from the PyTorch path continued on the fast one.
+    _, state = causal_linear_attention(q[:, :, :12], k[:, :, :12], v[:, :, :12], w, feature_map, mask[:, :12])
+    fast, _ = causal_linear_attention(q[:, :, 12:], k[:, :, 12:], v[:, :, 12:], w, feature_map, mask[:, 12:],
+                                      state=state, kernel=kernel)
+    whole, _ = causal_linear_attention(q, k, v, w, feature_map, mask)
+    assert max_error(fast, whole[:, :, 12:], mask[:, 12:]) < 1e-5
+    weight = 0.5 * torch.randn(H, generator=torch.Generator().manual_seed(3))
+    windowed, _ = causal_windowed_attention(q, k, v, w, feature_map, 4, weight, mask, kernel=kernel)
+    reference = naive_windowed_attention(q, k, v, w, feature_map, 4, weight, mask, causal=True)
+    assert max_error(windowed, reference, mask) < 1e-5
+
+
+@pytest.mark.parametrize("feature_map", ["softmax", "hedgehog"])
+def test_gradients_through_the_fast_path_equal_pytorch(feature_map):
+    q, k, v = (x.requires_grad_() for x in qkv(21, seed=4))
+    w, mask = features(feature_map), padding(21)
+    probe = torch.randn(B, H, 21, D, generator=torch.Generator().manual_seed(5)) * mask[:, None, :, None]
+    grads = {}
+    for name, kernel in (("pytorch", None), ("fast", KERNELS["fla-chunked"])):
+        out, _ = causal_windowed_attention(q, k, v, w, feature_map, 3, None, mask, kernel=kernel)
+        grads[name] = torch.autograd.grad((out * probe).sum(), (q, k, v))
+    for fast, pytorch in zip(grads["fast"], grads["pytorch"]):
+        assert max_error(fast, pytorch) < 1e-4
+
+
+def test_bf16_inputs_run_the_kernel_in_bf16_with_fp32_states():
+    q, k, v = (x.bfloat16() for x in qkv(17, seed=6))
+    w = features("softmax")
+    seen = {}
+
+    def spy(q, k, v, g, scale, initial_state, output_final_state):
+        seen["dtype"], seen["state"] = q.dtype, initial_state.dtype
+        return chunked_reference(q.float(), k.float(), v.float(), g, scale, initial_state, output_final_state)
+
+    out, state = causal_linear_attention(q, k, v, w, "softmax", kernel=spy)
+    exact, _ = causal_linear_attention(q.float(), k.float(), v.float(), w, "softmax")
+    assert seen == {"dtype": torch.bfloat16, "state": torch.float32} and state.kvz.dtype == torch.float32
+    assert out.dtype == torch.bfloat16 and max_error(out, exact) < 3e-2
+
+
+def tiny_config(**overrides):
+    values = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=37, num_random_features=16, hedgehog_dim=8, chunk_size=4, hidden_dropout_prob=0.0)
+    values.update(overrides)
+    return PerformerConfig(**values)
+
+
+def perturbed(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("feature_map,window", [("softmax", 0), ("hedgehog", 3)])
+def test_prefill_on_the_fast_path_then_pytorch_decoding_gives_the_same_tokens(monkeypatch, feature_map, window):
+    model = perturbed(PerformerForCausalLM(tiny_config(feature_map=feature_map, local_window=window)))
+    ids = torch.randint(3, 99, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0
+    pytorch = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    calls = []
+
+    def forced(device):
+        calls.append(device.type)
+        return KERNELS["fla-chunked"]
+
+    monkeypatch.setattr("modeling_performer.modeling_performer.fast_kernel_for", forced)
+    with torch.no_grad():
+        logits_fast = model(ids, attention_mask=mask).logits
+    fast = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert calls, "the fast path never ran"
+    assert torch.equal(fast, pytorch)
+    monkeypatch.undo()
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    assert max_error(logits_fast[mask.bool()], logits[mask.bool()]) < 1e-5
+    # The switch forces the PyTorch kernels even where the fast ones would run.
+    calls.clear()
+    monkeypatch.setattr("modeling_performer.modeling_performer.fast_kernel_for", forced)
+    model.config.use_fast_kernels = False
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert calls == []
+
+
+def test_fallback_without_fla_logs_once_how_to_install(monkeypatch, caplog):
+    monkeypatch.setattr(fast_attention, "_announced", set())
+    monkeypatch.setattr(fast_attention, "load_fla_kernel", lambda: None)
+    with caplog.at_level(logging.INFO, logger="modeling_performer.fast_attention"):
+        assert fast_attention.kernel_for(torch.device("cuda")) is None
+        assert fast_attention.kernel_for(torch.device("cuda")) is None
+        assert fast_attention.kernel_for(torch.device("cpu")) is None
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "modeling-performer[cuda]" in warnings[0].getMessage()
+    assert any("PyTorch kernels on cpu" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(fast_attention, "load_fla_kernel", lambda: chunked_reference)
+    assert fast_attention.kernel_for(torch.device("cuda")) is chunked_reference
+
+
+def test_config_switch_is_checked():
+    with pytest.raises(ValueError, match="use_fast_kernels"):
+        tiny_config(use_fast_kernels="no")
