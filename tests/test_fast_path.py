@@ -190,3 +190,27 @@ def test_fallback_without_fla_logs_once_how_to_install(monkeypatch, caplog):
 def test_config_switch_is_checked():
     with pytest.raises(ValueError, match="use_fast_kernels"):
         tiny_config(use_fast_kernels="no")
+
+
+def test_gpu_benchmark_script_runs_end_to_end_in_its_cpu_smoke_mode(tmp_path):
+    """scripts/bench_gpu.py is meant for one call on a GPU; --smoke runs every section at tiny sizes on
+    the CPU with fla's reference kernel, so the script itself is known to work before that call."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, str(root / "scripts" / "bench_gpu.py"), "--smoke", "--output", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["device"] == "cpu (smoke run)" and record["versions"]["fla"]
+    assert all(row["ok"] for row in record["correctness"]) and len(record["correctness"]) == 8
+    for key in ("causal_fwd_bwd_vs_sdpa_4k", "causal_fwd_bwd_vs_sdpa_16k", "noncausal_fwd_bwd_vs_sdpa_16k",
+                "train_step_vs_softmax_4k", "train_step_vs_softmax_16k"):
+        assert record["ratios"][key] > 0, key
+    assert {(r["kind"], r["batch"]) for r in record["decoding"]} == {(k, b) for k in ("performer", "gpt2 static")
+                                                                     for b in (1, 4)}
