@@ -217,7 +217,7 @@ class Bench:
                     row = {"kind": kind, "length": length, "error": "out of memory"}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            del model, optimizer
+            model = optimizer = None  # free the memory before the next kind
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         self.record["training"] = rows

@@ -117,6 +117,13 @@ class Curriculum:
                      else 1 + int((self.args.pairs - 1) * (step / ramp) ** 2))
         return max(self.level, scheduled)
 
+    def length(self, pairs: int) -> int:
+        """Sequence length of a training step: --curriculum-length (shorter, cheaper, fewer
+        distractors) until the model trains on all --pairs, then --seq-len."""
+        if pairs >= self.args.pairs or not self.args.curriculum_length:
+            return self.args.seq_len
+        return min(self.args.seq_len, self.args.curriculum_length)
+
     def record(self, pairs: int, correct: float) -> bool:
         """One step's training accuracy; True when the model has finished the full task."""
         self.recent = (self.recent if pairs == self.level else [])[-(self.FINISH_WINDOW - 1):] + [correct]
@@ -150,7 +157,7 @@ def train(model, args, device) -> dict:
     model.train()
     for step in range(args.steps):
         pairs = curriculum.pairs(step)
-        ids, targets = mqar_batch(generator, args.batch_size, args.seq_len, pairs, args.vocab, args.gap)
+        ids, targets = mqar_batch(generator, args.batch_size, curriculum.length(pairs), pairs, args.vocab, args.gap)
         targets = targets.to(device)
         logits = model(ids.to(device)).logits
         loss = answer_loss(logits, targets)
@@ -163,7 +170,7 @@ def train(model, args, device) -> dict:
         correct = (logits.detach().argmax(-1)[asked] == targets[asked]).float().mean().item()
         done = curriculum.record(pairs, correct)
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps or done:
-            entry = {"step": step + 1, "pairs": pairs, "loss": round(loss.item(), 4), "train_accuracy": round(correct, 4),
+            entry = {"step": step + 1, "pairs": pairs, "length": ids.shape[1], "loss": round(loss.item(), 4), "train_accuracy": round(correct, 4),
                      "seconds": round(time.perf_counter() - start, 1)}
             history.append(entry)
             print(json.dumps(entry), flush=True)
@@ -220,7 +227,9 @@ def table(args) -> list:
                        "--pairs", str(pairs), "--hidden", str(width), "--output", str(out), "--threads",
                        str(args.threads or 1), "--seed", str(args.seed), "--steps", str(args.steps),
                        "--heads", str(args.heads), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
-                       "--vocab", str(args.vocab), "--gap", str(args.gap), "--device", args.device]
+                       "--vocab", str(args.vocab), "--gap", str(args.gap), "--device", args.device,
+                       "--curriculum", str(args.curriculum), "--curriculum-length", str(args.curriculum_length),
+                       "--weight-decay", str(args.weight_decay), "--eval-batches", str(args.eval_batches)]
                 if window:
                     cmd += ["--score-sparse-cache", str(2 * pairs)]
                 jobs.append((name, width, seq_len, pairs, out, cmd))
@@ -355,6 +364,8 @@ def main():
     parser.add_argument("--curriculum", type=float, default=0.8,
                         help="pairs per sequence grow from 1 as the model masters them, and at least linearly to "
                              "--pairs over this fraction of the steps (0 = the full task from the start)")
+    parser.add_argument("--curriculum-length", type=int, default=64,
+                        help="training sequence length while the pairs grow (0 = --seq-len throughout)")
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
