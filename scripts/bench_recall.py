@@ -9,7 +9,7 @@ and accuracy count only those answer positions. Every model is a 2-layer Perform
 (rotary positions) trained on fresh sequences at every step and scored on held-out ones
 (fixed seeds, never trained on).
 
-    python scripts/bench_recall.py                       # the table: every attention type, three shapes
+    python scripts/bench_recall.py                       # the table: every attention type, two shapes
     python scripts/bench_recall.py --attention favor --feature-map hedgehog --local-window 8 \\
         --seq-len 128 --pairs 8 --output outputs/bench/one.json   # one model, {"accuracy": ...}
     python scripts/bench_recall.py --full                # zoology's grid (widths 64-512; a GPU)
@@ -19,6 +19,7 @@ attention, is what failed.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import pathlib
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from bench_common import add_output_arguments, provenance, results_path, save_and_draw  # noqa: E402
+from bench_common import RESULTS, add_output_arguments, provenance, results_path, save_and_draw  # noqa: E402
 from devices import add_device_arguments, resolve_device  # noqa: E402
 
 from modeling_performer import PerformerConfig, PerformerForCausalLM  # noqa: E402
@@ -38,8 +39,9 @@ from modeling_performer import PerformerConfig, PerformerForCausalLM  # noqa: E4
 FILLER = 0
 # generators of training, held-out and transfer sequences, never equal
 TRAIN_SEED, TEST_SEED, TRANSFER_SEED = 0, 10**6, 2 * 10**6
-# The table: (sequence length, pairs) as zoology's first three shapes.
-SHAPES = [(64, 4), (128, 8), (256, 16)]
+# The table: (sequence length, pairs) as zoology's first shapes; --full adds (256, 16) and its widths.
+SHAPES = [(64, 4), (128, 8)]
+FULL_SHAPES = SHAPES + [(256, 16)]
 TIMED_STEPS = 256
 FULL_WIDTHS = [64, 128, 256, 512]
 
@@ -213,14 +215,19 @@ def table(args) -> list:
     import concurrent.futures
     import subprocess
 
-    shapes = [(t, p) for t, p in SHAPES] if not args.full else [(t, p) for t, p in SHAPES + [(512, 64)]]
+    shapes = args.shapes or (FULL_SHAPES if args.full else SHAPES)
+    models = {name: MODELS[name] for name in (args.models or MODELS)}
     widths = FULL_WIDTHS if args.full else [args.hidden]
-    folder = results_path(args, "recall").parent / "recall"
+    # Finished models are kept per setting (a killed table resumes; other settings start afresh).
+    fingerprint = hashlib.sha1(json.dumps({k: v for k, v in sorted(vars(args).items())
+                                           if k not in ("output", "update_figures", "jobs", "threads")},
+                                          default=str).encode()).hexdigest()[:10]
+    folder = (pathlib.Path(args.output).parent if args.output else RESULTS) / f"recall-{fingerprint}"
     folder.mkdir(parents=True, exist_ok=True)
     jobs = []
     for width in widths:
         for seq_len, pairs in shapes:
-            for name, (attention, feature_map, window, features) in MODELS.items():
+            for name, (attention, feature_map, window, features) in models.items():
                 out = folder / f"{name.replace(' ', '').replace('+', 'p').replace('=', '')}-d{width}-T{seq_len}-P{pairs}.json"
                 cmd = [sys.executable, __file__, "--attention", attention, "--feature-map", feature_map,
                        "--local-window", str(window), "--features", str(features), "--seq-len", str(seq_len),
@@ -344,6 +351,14 @@ def decoding_cost(args, device) -> dict:
                                             for b, c in zip(sparse, results["softmax"])]}}
 
 
+def shape_argument(text: str) -> tuple:
+    try:
+        length, pairs = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is LENGTH:PAIRS, e.g. 64:4, not {text!r}") from None
+    return length, pairs
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attention", choices=["softmax", "favor"], help="one model only (default: the table)")
@@ -355,11 +370,11 @@ def main():
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--gap", type=int, default=8, help="filler tokens between the last pair and the first query")
     parser.add_argument("--vocab", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2000, help="at most (training stops once the full task is solved)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--curriculum", type=float, default=0.8,
                         help="pairs per sequence grow from 1 as the model masters them, and at least linearly to "
@@ -372,6 +387,9 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--full", action="store_true", help="zoology's grid of widths 64-512 (meant for a GPU)")
     parser.add_argument("--jobs", type=int, default=2, help="models trained at once by the table")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="the table: only these models")
+    parser.add_argument("--shapes", nargs="+", type=shape_argument, metavar="T:PAIRS",
+                        help="the table: only these shapes (default: " + " ".join(f"{t}:{p}" for t, p in SHAPES) + ")")
     parser.add_argument("--score-sparse-cache", type=int, nargs="*", default=[],
                         help="one model: also score it with these sparse cache sizes (same weights)")
     parser.add_argument("--decoding", action="store_true",
@@ -418,6 +436,8 @@ def main():
                                    indent=1, default=str))
         print(f"accuracy {record['accuracy']:.4f}; wrote {path}")
         return
+    if args.models and "softmax" not in args.models:
+        raise SystemExit("the table needs the softmax model: it decides which shapes count")
     rows = table(args)
     softmax = {(r["width"], r["seq_len"], r["pairs"]): r["accuracy"] for r in rows if r["model"] == "softmax"}
     counted = {shape: value >= 0.99 for shape, value in softmax.items()}

@@ -101,3 +101,22 @@ def test_linearize_and_decoding_modes_write_their_results(tmp_path):
     softmax = record["decoding"]["softmax"]
     assert softmax[1]["cache_bytes"] > softmax[0]["cache_bytes"]  # the KV cache grows; the sparse one does not
     assert decoding.with_suffix(".png").exists()
+
+
+def test_table_runs_each_model_in_its_own_process_and_resumes(tmp_path):
+    out = tmp_path / "recall.json"
+    args = ["--models", "softmax", "Hedgehog + W8", "--shapes", "32:2", "--steps", "3", "--output", str(out),
+            "--jobs", "2", *SMALL]
+    run_script(*args, tmp_path=tmp_path)
+    record = json.loads(out.read_text())
+    models = [row["model"] for row in record["results"]]
+    assert models == ["softmax", "Hedgehog + W8", "Hedgehog + W8 + sparse 2P (same weights)"]
+    assert all(0.0 <= row["accuracy"] <= 1.0 and row["seq_len"] == 32 for row in record["results"])
+    assert set(record["softmax_solved"]) == {"d32-T32-P2"} and out.with_suffix(".png").exists()
+    # A second run finds every model done: nothing is trained again.
+    finished = sorted(tmp_path.glob("recall-*/*-d32-T32-P2.json"))
+    stamps = {path: path.stat().st_mtime_ns for path in finished}
+    run_script(*args, tmp_path=tmp_path)
+    assert stamps and {path: path.stat().st_mtime_ns for path in stamps} == stamps
+    with pytest.raises(AssertionError, match="needs the softmax model"):
+        run_script("--models", "Hedgehog", *SMALL, tmp_path=tmp_path)
