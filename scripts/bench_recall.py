@@ -314,34 +314,39 @@ def linearize(args, device) -> dict:
 @torch.no_grad()
 def decoding_cost(args, device) -> dict:
     """Cache bytes and time per decoded token up to --decode-tokens, for Hedgehog + window with and
-    without the sparse cache (one model's weights, the cache a switch) and the softmax stack's
-    growing KV cache beside them. Token by token from one prompt token; every layer decodes."""
+    without the sparse cache (one model, the cache size a switch) and the softmax stack's growing KV
+    cache beside them. Token by token from one prompt token; the three decode in lockstep, one step
+    each in turn, so that whatever else the machine does falls on all three alike."""
     shape = dict(vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                  intermediate_size=1024, position_embedding_type="rotary", max_position_embeddings=args.decode_tokens,
                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     window, size = args.decode_window, args.decode_cache
-    kinds = {"softmax": dict(attention_type="softmax"),
-             f"hedgehog + W{window}": dict(feature_map="hedgehog", local_window=window),
-             f"hedgehog + W{window} + sparse {size}": dict(feature_map="hedgehog", local_window=window,
-                                                          sparse_cache_size=size)}
+    torch.manual_seed(0)
+    softmax = PerformerForCausalLM(PerformerConfig(**shape, attention_type="softmax")).to(device).eval()
+    torch.manual_seed(0)
+    linear = PerformerForCausalLM(PerformerConfig(**shape, feature_map="hedgehog", local_window=window)).to(device).eval()
+    kinds = {"softmax": (softmax, 0), f"hedgehog + W{window}": (linear, 0),
+             f"hedgehog + W{window} + sparse {size}": (linear, size)}
     marks = sorted(m for m in {1024, 4096, 16384, args.decode_tokens // 2, args.decode_tokens}
                    if TIMED_STEPS < m <= args.decode_tokens)
-    results = {}
-    for name, extra in kinds.items():
-        torch.manual_seed(0)
-        model = PerformerForCausalLM(PerformerConfig(**shape, **extra)).to(device).eval()
-        token = torch.ones(1, 1, dtype=torch.long, device=device)
-        out = model(token, use_cache=True)
-        cache, points, clock = out.cache, [], time.perf_counter()
-        for step in range(2, args.decode_tokens + 1):
-            if step + TIMED_STEPS - 1 in marks:
-                clock = time.perf_counter()
-            out = model(token, cache=cache, use_cache=True)
+    token = torch.ones(1, 1, dtype=torch.long, device=device)
+    caches, spent, results = {}, dict.fromkeys(kinds, 0.0), {name: [] for name in kinds}
+    for name, (model, cache_size) in kinds.items():
+        model.config.sparse_cache_size = cache_size
+        caches[name] = model(token, use_cache=True).cache
+    for step in range(2, args.decode_tokens + 1):
+        for name, (model, cache_size) in kinds.items():
+            model.config.sparse_cache_size = cache_size
+            clock = time.perf_counter()
+            model(token, cache=caches[name], use_cache=True)
+            if any(m - TIMED_STEPS < step <= m for m in marks):
+                spent[name] += time.perf_counter() - clock
             if step in marks:  # the mean over the TIMED_STEPS steps that end here
-                points.append({"tokens": step, "cache_bytes": cache.num_bytes(),
-                               "ms_per_token": round((time.perf_counter() - clock) * 1000 / TIMED_STEPS, 3)})
-        results[name] = points
-        print(name, json.dumps(points), flush=True)
+                results[name].append({"tokens": step, "cache_bytes": caches[name].num_bytes(),
+                                      "ms_per_token": round(spent[name] * 1000 / TIMED_STEPS, 3)})
+                spent[name] = 0.0
+        if step in marks:
+            print(step, json.dumps({name: points[-1] for name, points in results.items()}), flush=True)
     plain, sparse = results[f"hedgehog + W{window}"], results[f"hedgehog + W{window} + sparse {size}"]
     return {"decoding": results, "ratios": {
         "sparse_over_window_ms_per_token": [round(b["ms_per_token"] / a["ms_per_token"], 3)
