@@ -827,6 +827,17 @@ def _merge_exact(first, second):
     return first[0] * a[..., None] + second[0] * b[..., None], first[1] * a + second[1] * b, top
 
 
+def _combine_with_cache(window_part, cache_part, linear, linear_scale, log_scale, linear_log_weight, calibrated):
+    """`_combine` of window, cache and linear part. A calibrated map's linear part has its absolute
+    scale; an uncalibrated map's (ReLU, Hedgehog) was set against the window alone, through g_h and
+    the window's maximum score m_w: its weight stays g_h exp(m_w) phi(q).S, so a cached key enters
+    at its softmax weight relative to the window, and without cached keys nothing changes."""
+    numerator, denominator, top = _merge_exact(window_part, cache_part)
+    if not calibrated:
+        log_scale = log_scale + _finite(window_part[2]) - _finite(top)
+    return _combine(numerator, denominator, top, linear, linear_scale, log_scale, linear_log_weight, calibrated)
+
+
 def _sparse_segment(q, k, v, mask, projection, fmap, window, linear_log_weight, state):
     """Up to W steps of window + sparse cache + linear attention (see above)."""
     batch, heads, steps, _ = q.shape
@@ -859,8 +870,8 @@ def _sparse_segment(q, k, v, mask, projection, fmap, window, linear_log_weight, 
                                            key_mask, window)
         weights, top = _window_scores(q, repeat_key_heads(candidate_keys, heads), repeat_key_heads(member, heads))
         cache_part = (weights @ repeat_key_heads(candidate_values, heads).float(), weights.sum(-1), top)
-        out = _combine(*_merge_exact(window_part, cache_part), linear, linear_scale, log_scale, linear_log_weight,
-                       fmap.calibrated)
+        out = _combine_with_cache(window_part, cache_part, linear, linear_scale, log_scale, linear_log_weight,
+                                  fmap.calibrated)
     kept = _kept(member[:, :, -1], cache_size, candidate_keys, candidate_values, scores)
     key_scores = torch.cat([state.key_scores, new_scores], dim=-1)[:, :, steps:]
     new_state = SparseWindowState(*linear_state, keys[:, :, steps:], values[:, :, steps:], key_mask[:, steps:],
@@ -945,13 +956,13 @@ def recurrent_sparse_windowed_attention(
         keys = torch.cat([state.keys[:, :, 1:], k.to(state.keys.dtype)], dim=2)
         values = torch.cat([state.values[:, :, 1:], v.to(state.values.dtype)], dim=2)
         key_mask = torch.cat([state.key_mask[:, 1:], mask], dim=1)
-        exact_keys = torch.cat([keys, candidate_keys], dim=2)
-        exact_values = torch.cat([values, candidate_values], dim=2)
-        allowed = torch.cat([key_mask[:, None, :].expand(batch, kv_heads, window), member], dim=-1)
-        weights, top = _window_scores(q, repeat_key_heads(exact_keys, heads),
-                                      repeat_key_heads(allowed, heads)[:, :, None, :])
-        out = _combine(weights @ repeat_key_heads(exact_values, heads).float(), weights.sum(-1), top, linear,
-                       repeat_key_heads(stabiliser, heads)[..., None], log_scale, linear_log_weight, fmap.calibrated)
+        weights, top = _window_scores(q, repeat_key_heads(keys, heads), key_mask[:, None, None, :])
+        window_part = (weights @ repeat_key_heads(values, heads).float(), weights.sum(-1), top)
+        weights, top = _window_scores(q, repeat_key_heads(candidate_keys, heads),
+                                      repeat_key_heads(member, heads)[:, :, None, :])
+        cache_part = (weights @ repeat_key_heads(candidate_values, heads).float(), weights.sum(-1), top)
+        out = _combine_with_cache(window_part, cache_part, linear, repeat_key_heads(stabiliser, heads)[..., None],
+                                  log_scale, linear_log_weight, fmap.calibrated)
     kept = _kept(member, cache_size, candidate_keys, candidate_values, scores)
     key_scores = torch.cat([state.key_scores[:, :, 1:], new_score], dim=-1)
     new_state = SparseWindowState(kvz, running, keys, values, key_mask, key_scores, kept[0], kept[1], kept[3], kept[2])

@@ -97,7 +97,8 @@ def naive_sparse_windowed_attention(q, k, v, projection, feature_map="softmax", 
                                     linear_log_weight=None, key_padding_mask=None):
     """Causal window + sparse cache + linear attention (above `SparseWindowState` in attention.py)
     token by token in float64, with explicit sets: a list of cached positions, a list of folded
-    ones, every score and product written out."""
+    ones, every score and product written out. Uncalibrated maps' linear part is weighed against the
+    window's maximum score, as without a cache."""
     fmap = _resolve(feature_map)
     q, k, v, projection = q.double(), k.double(), v.double(), _double(projection)
     batch, heads, length, head_dim = q.shape
@@ -126,7 +127,8 @@ def naive_sparse_windowed_attention(q, k, v, projection, feature_map="softmax", 
                 else:
                     recalled = torch.zeros_like(v[b, h, t])
                 score[t] = float((v[b, h, t] - recalled).pow(2).sum().detach())
-                exact = [j for j in range(max(0, t - window + 1), t + 1) if real[b, j]] + cache
+                in_window = [j for j in range(max(0, t - window + 1), t + 1) if real[b, j]]
+                exact = in_window + cache
                 for g in range(groups):
                     head = h * groups + g
                     logits = k[b, h, exact] @ q[b, head, t] / head_dim**0.5
@@ -135,6 +137,8 @@ def naive_sparse_windowed_attention(q, k, v, projection, feature_map="softmax", 
                     linear = (phi_k[b, h, folded] @ phi_q[b, head, t]) * weight[head]
                     if fmap.calibrated:
                         linear = linear * torch.exp(-top)
+                    elif in_window:  # weighed against the window's own maximum score
+                        linear = linear * torch.exp(logits[:len(in_window)].max() - top)
                     numerator = exact_weights @ v[b, h, exact] + linear @ v[b, h, folded]
                     out[b, head, t] = numerator / (exact_weights.sum() + linear.sum()).clamp_min(1e-300)
     return out
