@@ -271,13 +271,25 @@ def linearize(args, device) -> dict:
     and on (the same weights), beside the teacher and a FAVOR+ swap of the teacher (no fitting)."""
     from modeling_performer.transfer import transfer_attention
 
-    torch.manual_seed(args.seed)
-    teacher = PerformerForCausalLM(model_config(args, "softmax", "softmax", 0, args.features, 0)).to(device)
-    record = {"teacher": train(teacher, args, device)}
-    teacher.eval()
     window = args.linearize_window
     if args.gap < window:
         raise SystemExit(f"--gap {args.gap} lets queries come within the window ({window}): use --gap >= window")
+    # Teacher and fitted student are kept per setting: scoring other cache sizes reuses them.
+    fingerprint = hashlib.sha1(json.dumps({k: v for k, v in sorted(vars(args).items())
+                                           if k not in ("output", "update_figures", "threads", "linearize_cache")},
+                                          default=str).encode()).hexdigest()[:10]
+    folder = (pathlib.Path(args.output).parent if args.output else RESULTS) / f"recall-linearized-{fingerprint}"
+    teacher_folder, student_folder = folder / "teacher", folder / "student"
+    if (teacher_folder / "training.json").exists():
+        teacher = PerformerForCausalLM.from_pretrained(teacher_folder).to(device)
+        record = {"teacher": json.loads((teacher_folder / "training.json").read_text())}
+    else:
+        torch.manual_seed(args.seed)
+        teacher = PerformerForCausalLM(model_config(args, "softmax", "softmax", 0, args.features, 0)).to(device)
+        record = {"teacher": train(teacher, args, device)}
+        teacher.save_pretrained(teacher_folder)
+        (teacher_folder / "training.json").write_text(json.dumps(record["teacher"]))  # last: the folder is complete
+    teacher.eval()
     results = {"softmax teacher": accuracy(teacher, args, device, args.pairs, args.seq_len)}
 
     def copy_of(feature_map, window, features, sparse=0):
@@ -288,14 +300,20 @@ def linearize(args, device) -> dict:
 
     results[f"FAVOR+ M={args.swap_features} swap (no fitting)"] = accuracy(
         copy_of("softmax", 0, args.swap_features), args, device, args.pairs, args.seq_len)
-    student = copy_of("hedgehog", window, args.features)
-    generator = torch.Generator().manual_seed(TRANSFER_SEED + args.seed)
-    batches = [mqar_batch(generator, args.batch_size, args.seq_len, args.pairs, args.vocab, args.gap)[0]
-               for _ in range(args.transfer_steps + args.end_to_end_steps)]
-    fit = transfer_attention(teacher, student, lambda step: {"input_ids": batches[step].to(device)},
-                             steps=args.transfer_steps, learning_rate=args.transfer_lr,
-                             end_to_end_steps=args.end_to_end_steps, progress=False)
-    record["transfer_loss"] = {"first": round(fit["loss"][0], 4), "last": round(fit["loss"][-1], 4)}
+    if (student_folder / "transfer.json").exists():
+        student = PerformerForCausalLM.from_pretrained(student_folder).to(device).eval()
+        record["transfer_loss"] = json.loads((student_folder / "transfer.json").read_text())
+    else:
+        student = copy_of("hedgehog", window, args.features)
+        generator = torch.Generator().manual_seed(TRANSFER_SEED + args.seed)
+        batches = [mqar_batch(generator, args.batch_size, args.seq_len, args.pairs, args.vocab, args.gap)[0]
+                   for _ in range(args.transfer_steps + args.end_to_end_steps)]
+        fit = transfer_attention(teacher, student, lambda step: {"input_ids": batches[step].to(device)},
+                                 steps=args.transfer_steps, learning_rate=args.transfer_lr,
+                                 end_to_end_steps=args.end_to_end_steps, progress=False)
+        record["transfer_loss"] = {"first": round(fit["loss"][0], 4), "last": round(fit["loss"][-1], 4)}
+        student.save_pretrained(student_folder)
+        (student_folder / "transfer.json").write_text(json.dumps(record["transfer_loss"]))
     for size in [0] + args.linearize_cache:
         student.config.sparse_cache_size = size  # a switch at inference: the same fitted weights
         name = f"Hedgehog + W{window}" + (f" + sparse {size}" if size else "")
