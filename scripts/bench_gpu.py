@@ -44,7 +44,8 @@ from modeling_performer.attention import (  # noqa: E402
 )
 from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init  # noqa: E402
 
-TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 3e-2}  # relative to the output's largest entry
+# relative to the output's largest entry (fp32: Triton's dots may round through tf32)
+TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 3e-2}
 
 
 def reference_kernel():
@@ -129,9 +130,10 @@ class Bench:
                     failed.append(row)
                 print(json.dumps(row), flush=True)
         self.record["correctness"] = rows
+        self.record["fast_path_correct"] = not failed
         self.save()
-        if failed:
-            raise SystemExit(f"the fast path disagrees with the PyTorch kernels: {failed}")
+        if failed:  # reported, and the exit status says so at the end; the timings still run
+            print(f"THE FAST PATH DISAGREES WITH THE PYTORCH KERNELS: {failed}", flush=True)
 
     def kernels(self):
         heads, dim = (2, 16) if self.smoke else (8, 64)
@@ -333,6 +335,8 @@ def main():
     bench.save()
     print(json.dumps(bench.record["ratios"], indent=1))
     print(f"wrote {bench.path}")
+    if not bench.record.get("fast_path_correct", True):
+        raise SystemExit("the fast path disagreed with the PyTorch kernels (see correctness in the result file)")
 
 
 if __name__ == "__main__":
