@@ -144,6 +144,7 @@ def test_fsdp2_on_two_cpu_processes_matches_one_shards_memory_and_resumes(tmp_pa
         time.sleep(0.01)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    kill_processes_naming(killed)  # torchrun starts each worker in a session of its own
     assert marker.exists() and not (killed / "config.json").exists(), "the kill came too late to interrupt the run"
     resumed, printed = run(2, killed, "--resume")
     assert "resuming from" in printed
@@ -152,6 +153,31 @@ def test_fsdp2_on_two_cpu_processes_matches_one_shards_memory_and_resumes(tmp_pa
     weights, again = load_file(tmp_path / "two" / "model.safetensors"), load_file(killed / "model.safetensors")
     for name in weights:
         torch.testing.assert_close(again[name], weights[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def kill_processes_naming(path):
+    """SIGKILLs every process whose command line names `path` (the workers of a killed launcher),
+    and waits until they are gone."""
+    needle = str(path).encode()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        found = []
+        for entry in pathlib.Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if needle in (entry / "cmdline").read_bytes():
+                        found.append(int(entry.name))
+                except OSError:  # gone meanwhile, or not ours to read
+                    continue
+        if not found:
+            return
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"processes naming {path} survived SIGKILL")
 
 
 def test_fsdp_refuses_a_global_batch_the_processes_do_not_divide(tmp_path, monkeypatch):
