@@ -225,10 +225,7 @@ def table(args) -> list:
     models = {name: MODELS[name] for name in (args.models or MODELS)}
     widths = FULL_WIDTHS if args.full else [args.hidden]
     # Finished models are kept per setting (a killed table resumes; other settings start afresh).
-    fingerprint = hashlib.sha1(json.dumps({k: v for k, v in sorted(vars(args).items())
-                                           if k not in ("output", "update_figures", "jobs", "threads")},
-                                          default=str).encode()).hexdigest()[:10]
-    folder = (pathlib.Path(args.output).parent if args.output else RESULTS) / f"recall-{fingerprint}"
+    folder = kept_folder(args, "recall", ignored=("jobs",))
     folder.mkdir(parents=True, exist_ok=True)
     jobs = []
     for width in widths:
@@ -281,10 +278,7 @@ def linearize(args, device) -> dict:
     if args.gap < window:
         raise SystemExit(f"--gap {args.gap} lets queries come within the window ({window}): use --gap >= window")
     # Teacher and fitted student are kept per setting: scoring other cache sizes reuses them.
-    fingerprint = hashlib.sha1(json.dumps({k: v for k, v in sorted(vars(args).items())
-                                           if k not in ("output", "update_figures", "threads", "linearize_cache")},
-                                          default=str).encode()).hexdigest()[:10]
-    folder = (pathlib.Path(args.output).parent if args.output else RESULTS) / f"recall-linearized-{fingerprint}"
+    folder = kept_folder(args, "recall-linearized", ignored=("linearize_cache",))
     teacher_folder, student_folder = folder / "teacher", folder / "student"
     if (teacher_folder / "training.json").exists():
         teacher = PerformerForCausalLM.from_pretrained(teacher_folder).to(device)
@@ -380,6 +374,24 @@ def decoding_cost(args, device) -> dict:
                                             for b, c in zip(sparse, results["softmax"])]}}
 
 
+def kept_folder(args, prefix: str, ignored=()) -> pathlib.Path:
+    """Where models finished under these settings are kept: beside --output (else outputs/bench),
+    named by a fingerprint of every setting that changes them."""
+    settings = {k: v for k, v in sorted(vars(args).items())
+                if k not in ("output", "update_figures", "threads", *ignored)}
+    fingerprint = hashlib.sha1(json.dumps(settings, default=str).encode()).hexdigest()[:10]
+    return (pathlib.Path(args.output).parent if args.output else RESULTS) / f"{prefix}-{fingerprint}"
+
+
+def write_record(args, name: str, record: dict) -> pathlib.Path:
+    """{"settings", "date", "commit", **record} to the results file of `name` (or --output)."""
+    path = results_path(args, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("output", "update_figures")}
+    path.write_text(json.dumps({"settings": settings, **provenance(), **record}, indent=1, default=str))
+    return path
+
+
 def shape_argument(text: str) -> tuple:
     try:
         length, pairs = (int(x) for x in text.split(":"))
@@ -448,22 +460,12 @@ def main():
         save_and_draw("sparse_cache", args, decoding_cost(args, device))
         return
     if args.linearize:
-        record = linearize(args, device)
-        path = results_path(args, "recall_linearized")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        settings = {k: v for k, v in vars(args).items() if k not in ("output", "update_figures")}
-        path.write_text(json.dumps({"settings": settings, **provenance(), **record}, indent=1, default=str))
-        print(f"wrote {path}")
+        print(f"wrote {write_record(args, 'recall_linearized', linearize(args, device))}")
         return
     if args.attention:
         record = run_one(args, device, args.attention, args.feature_map, args.local_window, args.features,
                          args.sparse_cache_size)
-        path = results_path(args, "recall_one")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        settings = {k: v for k, v in vars(args).items() if k not in ("output", "update_figures")}
-        path.write_text(json.dumps({"accuracy": record["accuracy"], "settings": settings, **provenance(), **record},
-                                   indent=1, default=str))
-        print(f"accuracy {record['accuracy']:.4f}; wrote {path}")
+        print(f"accuracy {record['accuracy']:.4f}; wrote {write_record(args, 'recall_one', record)}")
         return
     if args.models and "softmax" not in args.models:
         raise SystemExit("the table needs the softmax model: it decides which shapes count")
