@@ -60,6 +60,24 @@ def tiny_config(**overrides) -> PerformerConfig:
     return PerformerConfig(**values)
 
 
+def max_error(actual, expected, mask=None):
+    """Largest absolute difference relative to the largest expected entry; mask [B, T] (or None):
+    compare real query positions of [B, H, T, D] tensors only."""
+    diff = (actual.double() - expected.double()).abs()
+    if mask is not None:
+        diff = diff * mask[:, None, :, None]
+    return diff.max().item() / expected.double().abs().max().clamp_min(1e-30).item()
+
+
+def perturbed(model, seed=0):
+    """Moves every weight off its initial value, so learned maps and mixing weights are not trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

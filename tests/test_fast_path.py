@@ -13,6 +13,8 @@ from modeling_performer.attention import causal_linear_attention, causal_windowe
 from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init
 from modeling_performer.reference_attention import naive_linear_attention, naive_windowed_attention
 
+from .conftest import max_error, perturbed
+
 naive = pytest.importorskip("fla.ops.simple_gla.naive", reason="fla-core is installed by the dev extra")
 
 B, H, H_KV, D, M, F = 2, 4, 2, 8, 16, 6
@@ -57,13 +59,6 @@ def padding(length):
     mask[0, length - 3:] = False
     mask[1, :5] = False
     return mask
-
-
-def max_error(actual, expected, mask=None):
-    diff = (actual.double() - expected.double()).abs()
-    if mask is not None:
-        diff = diff * mask[:, None, :, None]
-    return diff.max().item() / expected.double().abs().max().clamp_min(1e-30).item()
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -131,14 +126,6 @@ def tiny_config(**overrides):
                   intermediate_size=37, num_random_features=16, hedgehog_dim=8, chunk_size=4, hidden_dropout_prob=0.0)
     values.update(overrides)
     return PerformerConfig(**values)
-
-
-def perturbed(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 @pytest.mark.parametrize("feature_map,window", [("softmax", 0), ("hedgehog", 3)])

@@ -15,6 +15,8 @@ from modeling_performer.attention import (
 from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init
 from modeling_performer.reference_attention import naive_softmax_attention, naive_sparse_windowed_attention
 
+from .conftest import max_error, perturbed
+
 B, H, H_KV, D, M, F = 2, 4, 2, 8, 16, 6
 MAPS = ["softmax", "relu", "hedgehog"]
 
@@ -43,13 +45,6 @@ def padding(length):
     mask[0, length - 3:] = False
     mask[1, :5] = False
     return mask
-
-
-def max_error(actual, expected, mask=None):
-    diff = (actual.double() - expected.double()).abs()
-    if mask is not None:  # real query positions only
-        diff = diff * mask[:, None, :, None]
-    return diff.max().item() / expected.double().abs().max().clamp_min(1e-30).item()
 
 
 def run_steps(q, k, v, w, feature_map, window, size, weight, mask, state):
@@ -175,14 +170,6 @@ def tiny_config(**overrides):
                   local_window=3, sparse_cache_size=2)
     values.update(overrides)
     return PerformerConfig(**values)
-
-
-def perturbed(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 def left_padded_batch(length=14, seed=0):

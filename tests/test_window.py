@@ -13,6 +13,8 @@ from modeling_performer.attention import (
 from modeling_performer.reference_attention import naive_softmax_attention, naive_windowed_attention
 from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init
 
+from .conftest import max_error, perturbed
+
 B, H, D, M, F = 2, 3, 16, 32, 8
 MAPS = ["softmax", "relu", "hedgehog"]
 WINDOWS = [1, 2, 5, 8]
@@ -40,13 +42,6 @@ def padding(length):
     mask[0, length - 4:] = False
     mask[1, :5] = False
     return mask
-
-
-def max_error(actual, expected, mask=None):
-    diff = (actual.double() - expected.double()).abs()
-    if mask is not None:  # compare real query positions only
-        diff = diff * mask[:, None, :, None]
-    return diff.max().item() / expected.double().abs().max().clamp_min(1e-30).item()
 
 
 def run_recurrent(q, k, v, w, feature_map, window, weight, mask=None, state=None):
@@ -180,15 +175,6 @@ def tiny_config(**overrides):
                   num_random_features=16, hedgehog_dim=8, chunk_size=4, hidden_dropout_prob=0.0)
     values.update(overrides)
     return PerformerConfig(**values)
-
-
-def perturbed(model, seed=0):
-    """Moves every weight off its initial value, so learned maps and mixing weights are not trivial."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 def left_padded_batch(length=11, seed=0):
