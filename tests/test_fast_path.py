@@ -8,17 +8,15 @@ import logging
 import pytest
 import torch
 
-from modeling_performer import PerformerConfig, PerformerForCausalLM, fast_attention
+from modeling_performer import PerformerForCausalLM, fast_attention
 from modeling_performer.attention import causal_linear_attention, causal_windowed_attention
-from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init
 from modeling_performer.reference_attention import naive_linear_attention, naive_windowed_attention
 
 from .conftest import max_error, perturbed
+from .test_sparse_cache import MAPS, B, D, H, features, padding, qkv  # the same kernel inputs
+from .test_sparse_cache import tiny_config as sparse_tiny_config
 
 naive = pytest.importorskip("fla.ops.simple_gla.naive", reason="fla-core is installed by the dev extra")
-
-B, H, H_KV, D, M, F = 2, 4, 2, 8, 16, 6
-MAPS = ["softmax", "relu", "hedgehog"]
 
 
 def chunked_reference(q, k, v, g, scale, initial_state, output_final_state, chunk_size=8):
@@ -38,27 +36,6 @@ def recurrent_reference(q, k, v, g, scale, initial_state, output_final_state):
 
 
 KERNELS = {"fla-chunked": chunked_reference, "fla-recurrent": recurrent_reference}
-
-
-def features(feature_map, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    if feature_map == "hedgehog":
-        weights = hedgehog_init(H, D, F) + 0.3 * torch.randn(2, H, D, F, generator=g)
-        return weights[0], weights[1, :H_KV]
-    return gaussian_orthogonal_random_matrix(M, D, g)
-
-
-def qkv(length, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, length, D, generator=g), torch.randn(B, H_KV, length, D, generator=g),
-            torch.randn(B, H_KV, length, D, generator=g))
-
-
-def padding(length):
-    mask = torch.ones(B, length, dtype=torch.bool)
-    mask[0, length - 3:] = False
-    mask[1, :5] = False
-    return mask
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -122,10 +99,8 @@ def test_bf16_inputs_run_the_kernel_in_bf16_with_fp32_states():
 
 
 def tiny_config(**overrides):
-    values = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=37, num_random_features=16, hedgehog_dim=8, chunk_size=4, hidden_dropout_prob=0.0)
-    values.update(overrides)
-    return PerformerConfig(**values)
+    """test_sparse_cache's model without window or cache unless asked for."""
+    return sparse_tiny_config(**{"local_window": 0, "sparse_cache_size": 0, **overrides})
 
 
 @pytest.mark.parametrize("feature_map,window", [("softmax", 0), ("hedgehog", 3)])
