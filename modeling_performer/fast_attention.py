@@ -18,6 +18,7 @@ device with fla importable, else the PyTorch kernels. `PerformerConfig(use_fast_
 forces the PyTorch path.
 """
 
+import functools
 import logging
 from typing import Callable, Optional
 
@@ -44,8 +45,10 @@ def _announce(key: str, level: int, message: str):
         logger.log(level, message)
 
 
+@functools.lru_cache(maxsize=None)
 def load_fla_kernel() -> Optional[Callable]:
-    """fla's chunked simple-GLA kernel, or None when fla (or triton) cannot be imported."""
+    """fla's chunked simple-GLA kernel, or None when fla (or triton) cannot be imported. Asked once
+    per process: every forward pass of a CUDA model asks, and a failed import is not cached by Python."""
     try:
         from fla.ops.simple_gla import chunk_simple_gla
     except Exception:  # ImportError, or triton failing to initialise
