@@ -42,6 +42,8 @@ from devices import add_device_arguments, resolve_device  # noqa: E402
 
 from modeling_performer import PerformerConfig, PerformerForCausalLM  # noqa: E402
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BUNDLED_TEXT = ROOT / "data_cache" / "text"
 FILLER = 0
 # generators of training, held-out and transfer sequences, never equal
 TRAIN_SEED, TEST_SEED, TRANSFER_SEED = 0, 10**6, 2 * 10**6
@@ -75,9 +77,10 @@ def mqar_batch(generator: torch.Generator, batch: int, seq_len: int, pairs: int,
     return ids, targets
 
 
-def model_config(args, attention: str, feature_map: str, window: int, features: int, sparse: int) -> PerformerConfig:
+def model_config(args, attention: str, feature_map: str, window: int, features: int, sparse: int,
+                 vocab: int = 0) -> PerformerConfig:
     return PerformerConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=2, num_attention_heads=args.heads,
+        vocab_size=vocab or args.vocab, hidden_size=args.hidden, num_hidden_layers=2, num_attention_heads=args.heads,
         intermediate_size=2 * args.hidden, hidden_act="gelu", norm_type="pre_layernorm", position_embedding_type="rotary",
         max_position_embeddings=max(args.seq_len, 4096), attention_type=attention, feature_map=feature_map,
         local_window=window, sparse_cache_size=sparse, num_random_features=features, chunk_size=64,
@@ -144,8 +147,27 @@ class Curriculum:
         return len(self.recent) == self.FINISH_WINDOW and sum(self.recent) / self.FINISH_WINDOW >= self.FINISHED
 
 
-def train(model, args, device) -> dict:
-    """AdamW, linear warm-up then cosine decay, fresh sequences every step. -> history."""
+class MQARSteps:
+    """Training sequences of MQAR, step by step, as the curriculum grows them."""
+
+    def __init__(self, args):
+        self.args, self.curriculum = args, Curriculum(args)
+
+    def batch(self, generator, step):
+        """-> (ids, targets aligned with the logits kept, logits to keep (0 = all), what to log)."""
+        pairs = self.curriculum.pairs(step)
+        length = self.curriculum.length(pairs)
+        ids, targets = mqar_batch(generator, self.args.batch_size, length, pairs, self.args.vocab, self.args.gap)
+        return ids, targets, 0, {"pairs": pairs, "length": length}
+
+    def record(self, logged: dict, correct: float) -> bool:
+        return self.curriculum.record(logged["pairs"], correct)
+
+
+def train(model, args, device, steps=None) -> dict:
+    """AdamW, linear warm-up then cosine decay, fresh sequences every step (`steps`: MQARSteps by
+    default, PasskeySteps for the pass-key task). -> history."""
+    steps = steps or MQARSteps(args)
     torch.manual_seed(args.seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
@@ -160,14 +182,12 @@ def train(model, args, device) -> dict:
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator().manual_seed(TRAIN_SEED + args.seed)
-    curriculum = Curriculum(args)
     history, start, mastered_at = [], time.perf_counter(), None
     model.train()
     for step in range(args.steps):
-        pairs = curriculum.pairs(step)
-        ids, targets = mqar_batch(generator, args.batch_size, curriculum.length(pairs), pairs, args.vocab, args.gap)
+        ids, targets, keep, logged = steps.batch(generator, step)
         targets = targets.to(device)
-        logits = model(ids.to(device)).logits
+        logits = model(ids.to(device), logits_to_keep=keep).logits
         loss = answer_loss(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -176,9 +196,9 @@ def train(model, args, device) -> dict:
         scheduler.step()
         asked = targets != -100
         correct = (logits.detach().argmax(-1)[asked] == targets[asked]).float().mean().item()
-        done = curriculum.record(pairs, correct)
+        done = steps.record(logged, correct)
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps or done:
-            entry = {"step": step + 1, "pairs": pairs, "length": ids.shape[1], "loss": round(loss.item(), 4), "train_accuracy": round(correct, 4),
+            entry = {"step": step + 1, **logged, "loss": round(loss.item(), 4), "train_accuracy": round(correct, 4),
                      "seconds": round(time.perf_counter() - start, 1)}
             history.append(entry)
             print(json.dumps(entry), flush=True)
@@ -198,6 +218,82 @@ def run_one(args, device, attention, feature_map, window, features, sparse) -> d
         model.config.sparse_cache_size = size  # a switch at inference: the same trained weights
         record.setdefault("sparse_cache_accuracy", {})[size] = accuracy(model, args, device, args.pairs, args.seq_len)
     return record
+
+
+# The pass-key task: a 5-digit key planted in running text at a random depth, asked for at the end.
+DIGITS = 5
+ANSWERS = DIGITS + 1  # logits kept: the ask mark and the key's digits after it (the last predicts nothing)
+
+
+def passkey_batch(generator: torch.Generator, stream: torch.Tensor, batch: int, length: int, min_gap: int,
+                  text_vocab: int):
+    """Windows of the token stream with `key-mark d1..d5` planted at a random depth and
+    `ask-mark d1..d5` at the end. Digits are the ids text_vocab..text_vocab + 9, the key mark
+    text_vocab + 10, the ask mark text_vocab + 11: ids the text never uses. At least `min_gap` text
+    tokens lie between the planted key and the ask mark.
+    -> (ids [batch, length], targets [batch, ANSWERS]: the digits at the last ANSWERS positions
+    (-100 at the very last), gap [batch]: the text tokens between the planted key and the ask mark)."""
+    text_len = length - 2 * ANSWERS
+    if text_len - min_gap < 0:
+        raise ValueError(f"length {length} leaves {text_len} text tokens, fewer than the gap {min_gap}")
+    if len(stream) <= text_len:
+        raise ValueError(f"the text has {len(stream)} tokens, too few for windows of {text_len}")
+    starts = torch.randint(0, len(stream) - text_len, (batch, 1), generator=generator)
+    text = stream[starts + torch.arange(text_len)]
+    key = torch.randint(0, 10, (batch, DIGITS), generator=generator) + text_vocab
+    depth = torch.randint(0, text_len - min_gap + 1, (batch, 1), generator=generator)
+    position = torch.arange(text_len + ANSWERS)[None]
+    # before the key the text as it is; after it the text shifted by the planted block
+    body = text.gather(1, torch.where(position < depth, position, position - ANSWERS).clamp(0, text_len - 1))
+    block = torch.cat([torch.full((batch, 1), text_vocab + 10), key], 1)
+    planted = (position >= depth) & (position < depth + ANSWERS)
+    body = torch.where(planted, block.gather(1, (position - depth).clamp(0, ANSWERS - 1)), body)
+    ids = torch.cat([body, torch.full((batch, 1), text_vocab + 11), key], 1)
+    targets = torch.cat([key, torch.full((batch, 1), -100)], 1)
+    return ids, targets, (text_len - depth).flatten()
+
+
+def bundled_tokens(folder, split: str) -> tuple:
+    """The plays of one split (<folder>/<split>.jsonl; the bundled ones in data_cache/text are
+    prepared on first use), tokenised by the bundled tokenizer into one stream.
+    -> (ids, the tokenizer's vocabulary size)."""
+    import subprocess
+
+    from transfer_attention import read_texts
+    from transformers import AutoTokenizer
+
+    from modeling_performer.bundled import tokenizer_path
+
+    path = pathlib.Path(folder) / f"{split}.jsonl"
+    if not path.exists():
+        if pathlib.Path(folder).resolve() != BUNDLED_TEXT:
+            raise SystemExit(f"--passkey-data: {path} does not exist")
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_data.py"), "--datasets", "text"], check=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path()))
+    ids = tokenizer(read_texts(path), add_special_tokens=False)["input_ids"]
+    return torch.tensor([token for row in ids for token in row]), len(tokenizer)
+
+
+class PasskeySteps:
+    """Pass-key training sequences over the training plays: the length doubles from
+    --passkey-start-length to --passkey-length as the model masters each (the MQAR curriculum with
+    lengths for pairs: mastery, a quadratic ramp, early finish)."""
+
+    def __init__(self, args, stream, text_vocab):
+        self.args, self.stream, self.text_vocab = args, stream, text_vocab
+        self.lengths = [args.passkey_length]
+        while self.lengths[0] // 2 >= max(args.passkey_start_length, 2 * ANSWERS + 1):
+            self.lengths.insert(0, self.lengths[0] // 2)
+        self.curriculum = Curriculum(argparse.Namespace(pairs=len(self.lengths), steps=args.steps,
+                                                        curriculum=args.curriculum))
+
+    def batch(self, generator, step):
+        length = self.lengths[self.curriculum.pairs(step) - 1]
+        ids, targets, _ = passkey_batch(generator, self.stream, self.args.batch_size, length, 0, self.text_vocab)
+        return ids, targets, ANSWERS, {"length": length}
+
+    def record(self, logged: dict, correct: float) -> bool:
+        return self.curriculum.record(self.lengths.index(logged["length"]) + 1, correct)
 
 
 # The table's models: name -> (attention, feature map, window, features); the window is shorter
@@ -266,48 +362,108 @@ def table(args) -> list:
     return rows
 
 
-def linearize(args, device) -> dict:
-    """Recall beyond the window after linearizing: a softmax teacher trained on MQAR, copied into
-    Hedgehog + window layers and fitted by attention transfer on unlabelled MQAR sequences (the
-    attention outputs only: no answer is ever a target), then scored on held-out sequences whose
-    queries all lie more than --linearize-window tokens after their pair, with the sparse cache off
-    and on (the same weights), beside the teacher and a FAVOR+ swap of the teacher (no fitting)."""
+class MQARTask:
+    """MQAR for the linearizing run: queries lie at least --gap after their pairs (--gap >= the window)."""
+
+    name, prefix = "MQAR", "recall-linearized"
+
+    def __init__(self, args, device, window):
+        if args.gap < window:
+            raise SystemExit(f"--gap {args.gap} lets queries come within the window ({window}): use --gap >= window")
+        self.args, self.device = args, device
+
+    def config(self, attention, feature_map, window, features, sparse=0):
+        return model_config(self.args, attention, feature_map, window, features, sparse)
+
+    def train(self, model):
+        return train(model, self.args, self.device)
+
+    def score(self, model) -> float:
+        return accuracy(model, self.args, self.device, self.args.pairs, self.args.seq_len)
+
+    def transfer_inputs(self, generator):
+        return mqar_batch(generator, self.args.batch_size, self.args.seq_len, self.args.pairs, self.args.vocab,
+                          self.args.gap)[0]
+
+
+class PasskeyTask:
+    """The pass-key task over the bundled plays: trained on the training plays at every depth, scored
+    on the held-out plays with the key more than the window before the question, attention transfer
+    on plain text of the training plays (no key in it)."""
+
+    name, prefix = "pass-key", "recall-passkey"
+
+    def __init__(self, args, device, window):
+        self.args, self.device, self.window = args, device, window
+        self.train_stream, self.text_vocab = bundled_tokens(args.passkey_data, "train")
+        self.test_stream, _ = bundled_tokens(args.passkey_data, "test")
+
+    def config(self, attention, feature_map, window, features, sparse=0):
+        return model_config(self.args, attention, feature_map, window, features, sparse, vocab=self.text_vocab + 12)
+
+    def train(self, model):
+        return train(model, self.args, self.device, PasskeySteps(self.args, self.train_stream, self.text_vocab))
+
+    @torch.no_grad()
+    def score(self, model) -> float:
+        """Keys recalled whole (all five digits; what greedy decoding after the ask mark returns),
+        on the held-out plays, the key at least the window's length before the ask mark."""
+        model.eval()
+        generator = torch.Generator().manual_seed(TEST_SEED + self.args.seed)
+        recalled = total = 0
+        for _ in range(self.args.eval_batches):
+            ids, targets, _ = passkey_batch(generator, self.test_stream, self.args.batch_size, self.args.passkey_length,
+                                            self.window, self.text_vocab)
+            digits = model(ids.to(self.device), logits_to_keep=ANSWERS).logits.argmax(-1).cpu()[:, :DIGITS]
+            recalled += (digits == targets[:, :DIGITS]).all(-1).sum().item()
+            total += len(ids)
+        return recalled / total
+
+    def transfer_inputs(self, generator):
+        length = self.args.passkey_length
+        starts = torch.randint(0, len(self.train_stream) - length, (self.args.batch_size, 1), generator=generator)
+        return self.train_stream[starts + torch.arange(length)]
+
+
+def linearize(args, device, task_class=MQARTask) -> dict:
+    """Recall beyond the window after linearizing: a softmax teacher trained on the task, copied into
+    Hedgehog + window layers and fitted by attention transfer on unlabelled sequences (the attention
+    outputs only: no answer is ever a target), then scored on held-out sequences whose questions all
+    lie more than --linearize-window tokens after what they ask for, with the sparse cache off and on
+    (the same weights), beside the teacher and a FAVOR+ swap of the teacher (no fitting)."""
     from modeling_performer.transfer import transfer_attention
 
     window = args.linearize_window
-    if args.gap < window:
-        raise SystemExit(f"--gap {args.gap} lets queries come within the window ({window}): use --gap >= window")
+    task = task_class(args, device, window)
     # Teacher and fitted student are kept per setting: scoring other cache sizes reuses them.
-    folder = kept_folder(args, "recall-linearized", ignored=("linearize_cache",))
+    folder = kept_folder(args, task.prefix, ignored=("linearize_cache",))
     teacher_folder, student_folder = folder / "teacher", folder / "student"
     if (teacher_folder / "training.json").exists():
         teacher = PerformerForCausalLM.from_pretrained(teacher_folder).to(device)
-        record = {"teacher": json.loads((teacher_folder / "training.json").read_text())}
+        record = {"task": task.name, "teacher": json.loads((teacher_folder / "training.json").read_text())}
     else:
         torch.manual_seed(args.seed)
-        teacher = PerformerForCausalLM(model_config(args, "softmax", "softmax", 0, args.features, 0)).to(device)
-        record = {"teacher": train(teacher, args, device)}
+        teacher = PerformerForCausalLM(task.config("softmax", "softmax", 0, args.features)).to(device)
+        record = {"task": task.name, "teacher": task.train(teacher)}
         teacher.save_pretrained(teacher_folder)
         (teacher_folder / "training.json").write_text(json.dumps(record["teacher"]))  # last: the folder is complete
     teacher.eval()
-    results = {"softmax teacher": accuracy(teacher, args, device, args.pairs, args.seq_len)}
+    results = {"softmax teacher": task.score(teacher)}
 
     def copy_of(feature_map, window, features, sparse=0):
-        student = PerformerForCausalLM(model_config(args, "favor", feature_map, window, features, sparse)).to(device)
+        student = PerformerForCausalLM(task.config("favor", feature_map, window, features, sparse)).to(device)
         missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
         assert not unexpected, unexpected
         return student.eval()
 
-    results[f"FAVOR+ M={args.swap_features} swap (no fitting)"] = accuracy(
-        copy_of("softmax", 0, args.swap_features), args, device, args.pairs, args.seq_len)
+    results[f"FAVOR+ M={args.swap_features} swap (no fitting)"] = task.score(copy_of("softmax", 0, args.swap_features))
     if (student_folder / "transfer.json").exists():
         student = PerformerForCausalLM.from_pretrained(student_folder).to(device).eval()
         record["transfer_loss"] = json.loads((student_folder / "transfer.json").read_text())
     else:
         student = copy_of("hedgehog", window, args.features)
         generator = torch.Generator().manual_seed(TRANSFER_SEED + args.seed)
-        batches = [mqar_batch(generator, args.batch_size, args.seq_len, args.pairs, args.vocab, args.gap)[0]
-                   for _ in range(args.transfer_steps + args.end_to_end_steps)]
+        batches = [task.transfer_inputs(generator) for _ in range(args.transfer_steps + args.end_to_end_steps)]
         fit = transfer_attention(teacher, student, lambda step: {"input_ids": batches[step].to(device)},
                                  steps=args.transfer_steps, learning_rate=args.transfer_lr,
                                  end_to_end_steps=args.end_to_end_steps, progress=False)
@@ -317,7 +473,7 @@ def linearize(args, device) -> dict:
     for size in [0] + args.linearize_cache:
         student.config.sparse_cache_size = size  # a switch at inference: the same fitted weights
         name = f"Hedgehog + W{window}" + (f" + sparse {size}" if size else "")
-        results[name] = accuracy(student, args, device, args.pairs, args.seq_len)
+        results[name] = task.score(student)
     teacher_accuracy = results["softmax teacher"]
     record["accuracy"] = results
     # a share of the teacher's recall (None where the teacher recalls nothing: the task failed, not the student)
@@ -440,6 +596,15 @@ def main():
                         help="only the linearized model: train a softmax teacher at --seq-len/--pairs, fit Hedgehog + "
                              "window to it by attention transfer, score recall beyond the window with and without "
                              "the sparse cache (results: recall_linearized.json)")
+    parser.add_argument("--passkey", action="store_true",
+                        help="the linearized model on the pass-key task over the bundled plays (a softmax teacher "
+                             "trained to return a planted 5-digit key, fitted to Hedgehog + window on plain text; "
+                             "results: recall_passkey.json)")
+    parser.add_argument("--passkey-length", type=int, default=128, help="pass-key sequence length")
+    parser.add_argument("--passkey-data", default=str(BUNDLED_TEXT),
+                        help="folder of train.jsonl and test.jsonl ('text' rows): the plays, prepared on first use")
+    parser.add_argument("--passkey-start-length", type=int, default=32,
+                        help="pass-key training starts at this length and doubles up to --passkey-length")
     parser.add_argument("--linearize-window", type=int, default=8)
     parser.add_argument("--linearize-cache", type=int, nargs="+", default=[4, 8, 16],
                         help="sparse cache sizes to score the fitted student with (0 = off is always scored)")
@@ -461,6 +626,9 @@ def main():
         return
     if args.linearize:
         print(f"wrote {write_record(args, 'recall_linearized', linearize(args, device))}")
+        return
+    if args.passkey:
+        print(f"wrote {write_record(args, 'recall_passkey', linearize(args, device, PasskeyTask))}")
         return
     if args.attention:
         record = run_one(args, device, args.attention, args.feature_map, args.local_window, args.features,

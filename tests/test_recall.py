@@ -15,7 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_recall  # noqa: E402
-from bench_recall import Curriculum, mqar_batch  # noqa: E402
+from bench_recall import ANSWERS, DIGITS, Curriculum, PasskeySteps, mqar_batch, passkey_batch  # noqa: E402
+from tests.conftest import prepare_data  # noqa: E402
 
 
 def test_mqar_sequences_pose_each_key_once_after_the_pairs():
@@ -43,6 +44,40 @@ def test_impossible_shapes_are_refused(shape, message):
     seq_len, pairs, vocab, gap = shape
     with pytest.raises(ValueError, match=message):
         mqar_batch(torch.Generator(), 2, seq_len, pairs, vocab, gap)
+
+
+def test_passkey_sequences_plant_the_key_in_running_text_and_ask_for_it_at_the_end():
+    stream, vocab = torch.arange(1000) % 50, 50  # text ids below 50; digits 50-59, marks 60 and 61
+    ids, targets, gap = passkey_batch(torch.Generator().manual_seed(0), stream, 32, 40, 7, vocab)
+    assert ids.shape == (32, 40) and targets.shape == (32, ANSWERS) and (gap >= 7).all()
+    assert (targets[:, -1] == -100).all()
+    for row, target, row_gap in zip(ids, targets, gap.tolist()):
+        key = target[:DIGITS]
+        assert ((key >= vocab) & (key < vocab + 10)).all()
+        assert row[-ANSWERS] == vocab + 11 and torch.equal(row[-DIGITS:], key)  # ask mark, then the key
+        text_len = 40 - 2 * ANSWERS
+        depth = text_len - row_gap
+        assert row[depth] == vocab + 10 and torch.equal(row[depth + 1:depth + ANSWERS], key)  # the planted key
+        text = torch.cat([row[:depth], row[depth + ANSWERS:-ANSWERS]])
+        assert len(text) == text_len and (text < vocab).all()
+        assert (torch.diff(text) % 50 == 1).all()  # one unbroken window of the stream around the key
+    assert len(set(gap.tolist())) > 5  # planted at many depths
+    again = passkey_batch(torch.Generator().manual_seed(0), stream, 32, 40, 7, vocab)
+    assert all(torch.equal(a, b) for a, b in zip((ids, targets, gap), again))
+    with pytest.raises(ValueError, match="fewer than the gap"):
+        passkey_batch(torch.Generator(), stream, 2, 20, 9, vocab)
+
+
+def test_passkey_training_doubles_the_length_on_mastery():
+    args = SimpleNamespace(passkey_length=128, passkey_start_length=32, steps=1000, curriculum=0.8, batch_size=4)
+    steps = PasskeySteps(args, torch.arange(500) % 50, 50)
+    assert steps.lengths == [32, 64, 128]
+    generator = torch.Generator().manual_seed(0)
+    ids, targets, keep, logged = steps.batch(generator, 0)
+    assert ids.shape == (4, 32) and keep == ANSWERS == targets.shape[1] and logged == {"length": 32}
+    for _ in range(Curriculum.WINDOW):
+        steps.record(logged, 1.0)
+    assert steps.batch(generator, 1)[0].shape == (4, 64)
 
 
 def test_curriculum_advances_on_mastery_and_never_falls_behind_its_ramp():
@@ -101,6 +136,22 @@ def test_linearize_and_decoding_modes_write_their_results(tmp_path):
     softmax = record["decoding"]["softmax"]
     assert softmax[1]["cache_bytes"] > softmax[0]["cache_bytes"]  # the KV cache grows; the sparse one does not
     assert decoding.with_suffix(".png").exists()
+
+
+def test_passkey_mode_linearizes_a_teacher_of_the_planted_key(tmp_path):
+    prepare_data(tmp_path / "data", "text", max_rows=20)
+    out = tmp_path / "passkey.json"
+    run_script("--passkey", "--passkey-data", str(tmp_path / "data" / "text"), "--passkey-length", "32",
+               "--passkey-start-length", "16", "--linearize-window", "4", "--linearize-cache", "8", "--steps", "4",
+               "--transfer-steps", "3", "--swap-features", "16", "--hidden", "32", "--heads", "2", "--batch-size", "8",
+               "--eval-batches", "1", "--threads", "1", "--output", str(out), tmp_path=tmp_path)
+    record = json.loads(out.read_text())
+    assert record["task"] == "pass-key" and record["teacher"]["history"][-1] == {**record["teacher"]["history"][-1], "step": 4, "length": 32}
+    assert set(record["accuracy"]) == {"softmax teacher", "FAVOR+ M=16 swap (no fitting)", "Hedgehog + W4",
+                                       "Hedgehog + W4 + sparse 8"}
+    assert all(0.0 <= value <= 1.0 for value in record["accuracy"].values())
+    with pytest.raises(AssertionError, match="does not exist"):
+        run_script("--passkey", "--passkey-data", str(tmp_path / "nowhere"), tmp_path=tmp_path)
 
 
 def test_table_runs_each_model_in_its_own_process_and_resumes(tmp_path):
