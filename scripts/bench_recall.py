@@ -386,6 +386,12 @@ class MQARTask:
                           self.args.gap)[0]
 
 
+PASSKEY_TRANSFER = {"text": "plain text of the training plays",
+                    "planted": "the same text with a key planted (digits and key mark seen, never asked for)",
+                    "sequences": "whole pass-key sequences, question included (unlabelled: attention outputs "
+                                 "are the targets, never the answer)"}
+
+
 class PasskeyTask:
     """The pass-key task over the bundled plays: trained on the training plays at every depth, scored
     on the held-out plays with the key more than the window before the question, attention transfer
@@ -420,9 +426,17 @@ class PasskeyTask:
         return recalled / total
 
     def transfer_inputs(self, generator):
-        length = self.args.passkey_length
-        starts = torch.randint(0, len(self.train_stream) - length, (self.args.batch_size, 1), generator=generator)
-        return self.train_stream[starts + torch.arange(length)]
+        """--passkey-transfer: plain text of the training plays; or with a key planted (digits and
+        the key mark seen, never asked for); or whole pass-key sequences, question included (no
+        answer is a target: attention outputs are)."""
+        length, kind = self.args.passkey_length, self.args.passkey_transfer
+        if kind == "text":
+            starts = torch.randint(0, len(self.train_stream) - length, (self.args.batch_size, 1), generator=generator)
+            return self.train_stream[starts + torch.arange(length)]
+        if kind == "planted":  # cut the question off a longer sequence
+            return passkey_batch(generator, self.train_stream, self.args.batch_size, length + ANSWERS, 0,
+                                 self.text_vocab)[0][:, :length]
+        return passkey_batch(generator, self.train_stream, self.args.batch_size, length, 0, self.text_vocab)[0]
 
 
 def linearize(args, device, task_class=MQARTask) -> dict:
@@ -436,8 +450,11 @@ def linearize(args, device, task_class=MQARTask) -> dict:
     window = args.linearize_window
     task = task_class(args, device, window)
     # Teacher and fitted student are kept per setting: scoring other cache sizes reuses them.
-    folder = kept_folder(args, task.prefix, ignored=("linearize_cache",))
-    teacher_folder, student_folder = folder / "teacher", folder / "student"
+    # The teacher does not depend on how it is linearized: one teacher for every transfer setting.
+    transfer_settings = ("linearize_cache", "linearize_window", "swap_features", "transfer_steps", "transfer_lr",
+                         "end_to_end_steps", "passkey_transfer")
+    teacher_folder = kept_folder(args, task.prefix, ignored=transfer_settings) / "teacher"
+    student_folder = kept_folder(args, task.prefix, ignored=("linearize_cache",)) / "student"
     if (teacher_folder / "training.json").exists():
         teacher = PerformerForCausalLM.from_pretrained(teacher_folder).to(device)
         record = {"task": task.name, "teacher": json.loads((teacher_folder / "training.json").read_text())}
@@ -601,6 +618,9 @@ def main():
                              "trained to return a planted 5-digit key, fitted to Hedgehog + window on plain text; "
                              "results: recall_passkey.json)")
     parser.add_argument("--passkey-length", type=int, default=128, help="pass-key sequence length")
+    parser.add_argument("--passkey-transfer", nargs="+", default=list(PASSKEY_TRANSFER),
+                        choices=list(PASSKEY_TRANSFER), help="students fitted on each of: " +
+                        "; ".join(f"{k}: {v}" for k, v in PASSKEY_TRANSFER.items()))
     parser.add_argument("--passkey-data", default=str(BUNDLED_TEXT),
                         help="folder of train.jsonl and test.jsonl ('text' rows): the plays, prepared on first use")
     parser.add_argument("--passkey-start-length", type=int, default=32,
@@ -628,7 +648,12 @@ def main():
         print(f"wrote {write_record(args, 'recall_linearized', linearize(args, device))}")
         return
     if args.passkey:
-        print(f"wrote {write_record(args, 'recall_passkey', linearize(args, device, PasskeyTask))}")
+        students = {}
+        for kind in args.passkey_transfer:  # one teacher, one student per kind of transfer data
+            print(f"-- student fitted on {PASSKEY_TRANSFER[kind]}", flush=True)
+            students[kind] = linearize(argparse.Namespace(**{**vars(args), "passkey_transfer": kind}), device,
+                                       PasskeyTask)
+        print(f"wrote {write_record(args, 'recall_passkey', {'task': 'pass-key', 'transfer_data': PASSKEY_TRANSFER, 'by_transfer': students})}")
         return
     if args.attention:
         record = run_one(args, device, args.attention, args.feature_map, args.local_window, args.features,

@@ -68,6 +68,17 @@ def test_passkey_sequences_plant_the_key_in_running_text_and_ask_for_it_at_the_e
         passkey_batch(torch.Generator(), stream, 2, 20, 9, vocab)
 
 
+@pytest.mark.parametrize("kind,key_marks,ask_marks", [("text", 0, 0), ("planted", 1, 0), ("sequences", 1, 1)])
+def test_passkey_students_are_fitted_on_text_with_or_without_the_key_and_question(kind, key_marks, ask_marks):
+    task = bench_recall.PasskeyTask.__new__(bench_recall.PasskeyTask)
+    task.args = SimpleNamespace(passkey_length=40, batch_size=16, passkey_transfer=kind)
+    task.train_stream, task.text_vocab = torch.arange(1000) % 50, 50
+    ids = task.transfer_inputs(torch.Generator().manual_seed(0))
+    assert ids.shape == (16, 40)
+    assert ((ids == 60).sum(1) == key_marks).all() and ((ids == 61).sum(1) == ask_marks).all()
+    assert ((ids >= 50).sum(1) == key_marks * ANSWERS + ask_marks * ANSWERS).all()
+
+
 def test_passkey_training_doubles_the_length_on_mastery():
     args = SimpleNamespace(passkey_length=128, passkey_start_length=32, steps=1000, curriculum=0.8, batch_size=4)
     steps = PasskeySteps(args, torch.arange(500) % 50, 50)
@@ -146,10 +157,16 @@ def test_passkey_mode_linearizes_a_teacher_of_the_planted_key(tmp_path):
                "--transfer-steps", "3", "--swap-features", "16", "--hidden", "32", "--heads", "2", "--batch-size", "8",
                "--eval-batches", "1", "--threads", "1", "--output", str(out), tmp_path=tmp_path)
     record = json.loads(out.read_text())
-    assert record["task"] == "pass-key" and record["teacher"]["history"][-1] == {**record["teacher"]["history"][-1], "step": 4, "length": 32}
-    assert set(record["accuracy"]) == {"softmax teacher", "FAVOR+ M=16 swap (no fitting)", "Hedgehog + W4",
-                                       "Hedgehog + W4 + sparse 8"}
-    assert all(0.0 <= value <= 1.0 for value in record["accuracy"].values())
+    assert record["task"] == "pass-key" and set(record["by_transfer"]) == {"text", "planted", "sequences"}
+    teachers = [student.pop("teacher") for student in record["by_transfer"].values()]
+    assert teachers[0]["history"][-1] == {**teachers[0]["history"][-1], "step": 4, "length": 32}
+    assert teachers[1] == teachers[2] == teachers[0]  # one teacher, fitted three ways
+    assert len(list(tmp_path.glob("recall-passkey-*/teacher"))) == 1
+    assert len(list(tmp_path.glob("recall-passkey-*/student"))) == 3
+    for student in record["by_transfer"].values():
+        assert set(student["accuracy"]) == {"softmax teacher", "FAVOR+ M=16 swap (no fitting)", "Hedgehog + W4",
+                                            "Hedgehog + W4 + sparse 8"}
+        assert all(0.0 <= value <= 1.0 for value in student["accuracy"].values())
     with pytest.raises(AssertionError, match="does not exist"):
         run_script("--passkey", "--passkey-data", str(tmp_path / "nowhere"), tmp_path=tmp_path)
 
