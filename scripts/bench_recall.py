@@ -309,56 +309,69 @@ MODELS = {
 }
 
 
+# The slowest on a CPU (twice FAVOR+ M=64 per step, and no better at recall there): in the table
+# with --full, or when --models names it.
+FULL_ONLY = ("FAVOR+ M=256",)
+
+
 def table(args) -> list:
     """Every model of MODELS at every shape, each in its own process (--jobs at a time), each
-    result kept in outputs/bench/recall/ as it finishes: a killed run starts again where it
-    stopped. The Hedgehog + window models are also scored with a sparse cache of 2 x pairs (the
-    same weights, switched on at inference)."""
+    result kept in outputs/bench/recall-<settings>/ as it finishes: a killed run starts again where
+    it stopped. Softmax trains first: the steps it takes to solve a shape are every other model's
+    budget at that shape (the same training for all; at most --steps). The Hedgehog + window models
+    are also scored with a sparse cache of 2 x pairs (the same weights, switched on at inference)."""
     import concurrent.futures
     import subprocess
 
     shapes = args.shapes or (FULL_SHAPES if args.full else SHAPES)
-    models = {name: MODELS[name] for name in (args.models or MODELS)}
+    names = args.models or [name for name in MODELS if args.full or name not in FULL_ONLY]
     widths = FULL_WIDTHS if args.full else [args.hidden]
     # Finished models are kept per setting (a killed table resumes; other settings start afresh).
-    folder = kept_folder(args, "recall", ignored=("jobs",))
+    folder = kept_folder(args, "recall", ignored=("jobs", "models", "shapes", "full"))  # files name those
     folder.mkdir(parents=True, exist_ok=True)
-    jobs = []
-    for width in widths:
-        for seq_len, pairs in shapes:
-            for name, (attention, feature_map, window, features) in models.items():
-                out = folder / f"{name.replace(' ', '').replace('+', 'p').replace('=', '')}-d{width}-T{seq_len}-P{pairs}.json"
-                cmd = [sys.executable, __file__, "--attention", attention, "--feature-map", feature_map,
-                       "--local-window", str(window), "--features", str(features), "--seq-len", str(seq_len),
-                       "--pairs", str(pairs), "--hidden", str(width), "--output", str(out), "--threads",
-                       str(args.threads or 1), "--seed", str(args.seed), "--steps", str(args.steps),
-                       "--heads", str(args.heads), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
-                       "--vocab", str(args.vocab), "--gap", str(args.gap), "--device", args.device,
-                       "--curriculum", str(args.curriculum), "--curriculum-length", str(args.curriculum_length),
-                       "--weight-decay", str(args.weight_decay), "--eval-batches", str(args.eval_batches)]
-                if window:
-                    cmd += ["--score-sparse-cache", str(2 * pairs)]
-                jobs.append((name, width, seq_len, pairs, out, cmd))
+
+    def job(name, width, seq_len, pairs, steps):
+        attention, feature_map, window, features = MODELS[name]
+        out = folder / f"{name.replace(' ', '').replace('+', 'p').replace('=', '')}-d{width}-T{seq_len}-P{pairs}.json"
+        cmd = [sys.executable, __file__, "--attention", attention, "--feature-map", feature_map,
+               "--local-window", str(window), "--features", str(features), "--seq-len", str(seq_len),
+               "--pairs", str(pairs), "--hidden", str(width), "--output", str(out), "--threads",
+               str(args.threads or 1), "--seed", str(args.seed), "--steps", str(steps),
+               "--heads", str(args.heads), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
+               "--vocab", str(args.vocab), "--gap", str(args.gap), "--device", args.device,
+               "--curriculum", str(args.curriculum), "--curriculum-length", str(args.curriculum_length),
+               "--weight-decay", str(args.weight_decay), "--eval-batches", str(args.eval_batches)]
+        if window:
+            cmd += ["--score-sparse-cache", str(2 * pairs)]
+        return name, (width, seq_len, pairs), out, cmd
 
     def run(job):
-        name, width, seq_len, pairs, out, cmd = job
+        name, (width, seq_len, pairs), out, cmd = job
         if not out.exists():
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 raise SystemExit(f"{name} T={seq_len} pairs={pairs} failed:\n{done.stderr[-2000:]}")
         return job, json.loads(out.read_text())
 
+    grid = [(width, seq_len, pairs) for width in widths for seq_len, pairs in shapes]
     rows = []
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        for (name, width, seq_len, pairs, _, _), record in pool.map(run, jobs):
+
+    def collect(finished):
+        for (name, (width, seq_len, pairs), _, _), record in finished:
             common = {"width": width, "seq_len": seq_len, "pairs": pairs, "train_seconds": record["train_seconds"],
                       "steps_run": record["steps_run"]}
             rows.append({"model": name, **common, "accuracy": record["accuracy"]})
             print(f"{name:28s} d={width} T={seq_len:4d} pairs={pairs:3d}  accuracy {record['accuracy']:.4f}  "
-                  f"({record['train_seconds']:.0f} s)", flush=True)
+                  f"({record['train_seconds']:.0f} s, {record['steps_run']} steps)", flush=True)
             for size, value in record.get("sparse_cache_accuracy", {}).items():
                 rows.append({"model": f"{name} + sparse 2P (same weights)", **common, "sparse_cache_size": int(size),
                              "accuracy": value})
+
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        collect(pool.map(run, [job("softmax", *shape, args.steps) for shape in grid]))
+        budget = {(r["width"], r["seq_len"], r["pairs"]): r["steps_run"] for r in rows}
+        collect(pool.map(run, [job(name, *shape, budget[shape]) for shape in grid
+                               for name in names if name != "softmax"]))
     return rows
 
 
@@ -601,7 +614,9 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--full", action="store_true", help="zoology's grid of widths 64-512 (meant for a GPU)")
     parser.add_argument("--jobs", type=int, default=2, help="models trained at once by the table")
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="the table: only these models")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS),
+                        help="the table: only these models (default: all but " + ", ".join(FULL_ONLY) +
+                             ", which --full adds)")
     parser.add_argument("--shapes", nargs="+", type=shape_argument, metavar="T:PAIRS",
                         help="the table: only these shapes (default: " + " ".join(f"{t}:{p}" for t, p in SHAPES) + ")")
     parser.add_argument("--score-sparse-cache", type=int, nargs="*", default=[],
@@ -662,13 +677,16 @@ def main():
         return
     if args.models and "softmax" not in args.models:
         raise SystemExit("the table needs the softmax model: it decides which shapes count")
+    start = time.perf_counter()
     rows = table(args)
     softmax = {(r["width"], r["seq_len"], r["pairs"]): r["accuracy"] for r in rows if r["model"] == "softmax"}
     counted = {shape: value >= 0.99 for shape, value in softmax.items()}
     for row in rows:
         row["softmax_solved"] = counted[(row["width"], row["seq_len"], row["pairs"])]
     save_and_draw("recall", args, {"results": rows, "softmax_solved": {f"d{w}-T{t}-P{p}": ok for (w, t, p), ok
-                                                                        in counted.items()}})
+                                                                        in counted.items()},
+                                   # this run's wall time (models kept from a killed run are not retrained)
+                                   "table_seconds": round(time.perf_counter() - start)})
 
 
 if __name__ == "__main__":

@@ -171,20 +171,28 @@ def test_passkey_mode_linearizes_a_teacher_of_the_planted_key(tmp_path):
         run_script("--passkey", "--passkey-data", str(tmp_path / "nowhere"), tmp_path=tmp_path)
 
 
-def test_table_runs_each_model_in_its_own_process_and_resumes(tmp_path):
+def test_table_gives_every_model_the_steps_softmax_took_and_resumes(tmp_path):
     out = tmp_path / "recall.json"
-    args = ["--models", "softmax", "Hedgehog + W8", "--shapes", "32:2", "--steps", "3", "--output", str(out),
-            "--jobs", "2", *SMALL]
+    common = ["--shapes", "32:2", "--steps", "3", "--output", str(out), "--jobs", "2", *SMALL]
+    run_script("--models", "softmax", *common, tmp_path=tmp_path)
+    [softmax] = tmp_path.glob("recall-*/softmax-d32-T32-P2.json")
+    kept = json.loads(softmax.read_text())
+    assert kept["steps_run"] == 3
+    softmax.write_text(json.dumps({**kept, "steps_run": 2}))  # as if softmax had solved the shape in 2 steps
+    args = ["--models", "softmax", "Hedgehog + W8", *common]
     run_script(*args, tmp_path=tmp_path)
     record = json.loads(out.read_text())
     models = [row["model"] for row in record["results"]]
     assert models == ["softmax", "Hedgehog + W8", "Hedgehog + W8 + sparse 2P (same weights)"]
+    assert [row["steps_run"] for row in record["results"]] == [2, 2, 2]  # softmax's budget, kept softmax reused
     assert all(0.0 <= row["accuracy"] <= 1.0 and row["seq_len"] == 32 for row in record["results"])
     assert set(record["softmax_solved"]) == {"d32-T32-P2"} and out.with_suffix(".png").exists()
+    assert record["table_seconds"] >= 0
     # A second run finds every model done: nothing is trained again.
     finished = sorted(tmp_path.glob("recall-*/*-d32-T32-P2.json"))
+    assert len(finished) == 2
     stamps = {path: path.stat().st_mtime_ns for path in finished}
     run_script(*args, tmp_path=tmp_path)
-    assert stamps and {path: path.stat().st_mtime_ns for path in stamps} == stamps
+    assert {path: path.stat().st_mtime_ns for path in stamps} == stamps
     with pytest.raises(AssertionError, match="needs the softmax model"):
         run_script("--models", "Hedgehog", *SMALL, tmp_path=tmp_path)
