@@ -391,6 +391,10 @@ class MQARTask:
     def train(self, model):
         return train(model, self.args, self.device)
 
+    @property
+    def length(self) -> int:
+        return self.args.seq_len
+
     def score(self, model) -> float:
         return accuracy(model, self.args, self.device, self.args.pairs, self.args.seq_len)
 
@@ -422,6 +426,10 @@ class PasskeyTask:
 
     def train(self, model):
         return train(model, self.args, self.device, PasskeySteps(self.args, self.train_stream, self.text_vocab))
+
+    @property
+    def length(self) -> int:
+        return self.args.passkey_length
 
     @torch.no_grad()
     def score(self, model) -> float:
@@ -504,6 +512,10 @@ def linearize(args, device, task_class=MQARTask) -> dict:
         student.config.sparse_cache_size = size  # a switch at inference: the same fitted weights
         name = f"Hedgehog + W{window}" + (f" + sparse {size}" if size else "")
         results[name] = task.score(student)
+    # Control: a cache as long as the sequence keeps every key exact and leaves the linear part
+    # empty, so the student computes the teacher's softmax: what it loses is the linear part's.
+    student.config.sparse_cache_size = task.length
+    results[f"Hedgehog + W{window} + sparse {task.length} (every key exact: control)"] = task.score(student)
     teacher_accuracy = results["softmax teacher"]
     record["accuracy"] = results
     # a share of the teacher's recall (None where the teacher recalls nothing: the task failed, not the student)

@@ -137,7 +137,10 @@ def test_linearize_and_decoding_modes_write_their_results(tmp_path):
                "--transfer-steps", "3", "--swap-features", "16", "--output", str(out), *SMALL, tmp_path=tmp_path)
     record = json.loads(out.read_text())
     assert set(record["accuracy"]) == {"softmax teacher", "FAVOR+ M=16 swap (no fitting)", "Hedgehog + W2",
-                                       "Hedgehog + W2 + sparse 2"}
+                                       "Hedgehog + W2 + sparse 2", "Hedgehog + W2 + sparse 32 (every key exact: control)"}
+    # the control computes the teacher's softmax exactly: the same answers
+    control = record["accuracy"]["Hedgehog + W2 + sparse 32 (every key exact: control)"]
+    assert control == pytest.approx(record["accuracy"]["softmax teacher"], abs=1 / 16)
     decoding = tmp_path / "sparse.json"
     run_script("--decoding", "--decode-tokens", "600", "--decode-window", "4", "--decode-cache", "4", "--threads", "1",
                "--output", str(decoding), tmp_path=tmp_path)
@@ -165,7 +168,7 @@ def test_passkey_mode_linearizes_a_teacher_of_the_planted_key(tmp_path):
     assert len(list(tmp_path.glob("recall-passkey-*/student"))) == 3
     for student in record["by_transfer"].values():
         assert set(student["accuracy"]) == {"softmax teacher", "FAVOR+ M=16 swap (no fitting)", "Hedgehog + W4",
-                                            "Hedgehog + W4 + sparse 8"}
+                                            "Hedgehog + W4 + sparse 8", "Hedgehog + W4 + sparse 32 (every key exact: control)"}
         assert all(0.0 <= value <= 1.0 for value in student["accuracy"].values())
     with pytest.raises(AssertionError, match="does not exist"):
         run_script("--passkey", "--passkey-data", str(tmp_path / "nowhere"), tmp_path=tmp_path)
