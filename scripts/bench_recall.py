@@ -9,10 +9,17 @@ and accuracy count only those answer positions. Every model is a 2-layer Perform
 (rotary positions) trained on fresh sequences at every step and scored on held-out ones
 (fixed seeds, never trained on).
 
-    python scripts/bench_recall.py                       # the table: every attention type, two shapes
+    python scripts/bench_recall.py                       # the table: softmax, then each linear attention, two shapes
     python scripts/bench_recall.py --attention favor --feature-map hedgehog --local-window 8 \\
         --seq-len 128 --pairs 8 --output outputs/bench/one.json   # one model, {"accuracy": ...}
     python scripts/bench_recall.py --full                # zoology's grid (widths 64-512; a GPU)
+    python scripts/bench_recall.py --linearize --seq-len 128 --pairs 8   # recall beyond the window, linearized
+    python scripts/bench_recall.py --passkey             # the same for a 5-digit key planted in the plays
+
+The pass-key task: a 5-digit key (digits and marks are ids the text never uses) planted at a random
+depth in a window of the bundled plays and asked for at the end; a key counts when all five digits
+are right. One softmax teacher, students fitted on plain text, on text with a planted key, and on
+whole unlabelled pass-key sequences (--passkey-transfer).
 
 The table counts only where the softmax model reaches >= 99%: below that the task, not the
 attention, is what failed.
@@ -411,8 +418,8 @@ PASSKEY_TRANSFER = {"text": "plain text of the training plays",
 
 class PasskeyTask:
     """The pass-key task over the bundled plays: trained on the training plays at every depth, scored
-    on the held-out plays with the key more than the window before the question, attention transfer
-    on plain text of the training plays (no key in it)."""
+    on the held-out plays with the key more than the window before the question; the student fitted
+    on the training plays as --passkey-transfer says (transfer_inputs)."""
 
     name, prefix = "pass-key", "recall-passkey"
 
