@@ -32,6 +32,7 @@ learned in 1,100 steps). A quadratic ramp makes every model end on the full task
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -260,6 +261,7 @@ def passkey_batch(generator: torch.Generator, stream: torch.Tensor, batch: int, 
     return ids, targets, (text_len - depth).flatten()
 
 
+@functools.lru_cache(maxsize=None)  # one tokenisation per process: every student's task reads the same plays
 def bundled_tokens(folder, split: str) -> tuple:
     """The plays of one split (<folder>/<split>.jsonl; the bundled ones in data_cache/text are
     prepared on first use), tokenised by the bundled tokenizer into one stream.
@@ -446,7 +448,7 @@ class PasskeyTask:
         generator = torch.Generator().manual_seed(TEST_SEED + self.args.seed)
         recalled = total = 0
         for _ in range(self.args.eval_batches):
-            ids, targets, _ = passkey_batch(generator, self.test_stream, self.args.batch_size, self.args.passkey_length,
+            ids, targets, _ = passkey_batch(generator, self.test_stream, self.args.batch_size, self.length,
                                             self.window, self.text_vocab)
             digits = model(ids.to(self.device), logits_to_keep=ANSWERS).logits.argmax(-1).cpu()[:, :DIGITS]
             recalled += (digits == targets[:, :DIGITS]).all(-1).sum().item()
@@ -457,7 +459,7 @@ class PasskeyTask:
         """--passkey-transfer: plain text of the training plays; or with a key planted (digits and
         the key mark seen, never asked for); or whole pass-key sequences, question included (no
         answer is a target: attention outputs are)."""
-        length, kind = self.args.passkey_length, self.args.passkey_transfer
+        length, kind = self.length, self.args.passkey_transfer
         if kind == "text":
             starts = torch.randint(0, len(self.train_stream) - length, (self.args.batch_size, 1), generator=generator)
             return self.train_stream[starts + torch.arange(length)]
@@ -649,8 +651,8 @@ def main():
                              "the sparse cache (results: recall_linearized.json)")
     parser.add_argument("--passkey", action="store_true",
                         help="the linearized model on the pass-key task over the bundled plays (a softmax teacher "
-                             "trained to return a planted 5-digit key, fitted to Hedgehog + window on plain text; "
-                             "results: recall_passkey.json)")
+                             "trained to return a planted 5-digit key, fitted to Hedgehog + window on each kind of "
+                             "--passkey-transfer data; results: recall_passkey.json)")
     parser.add_argument("--passkey-length", type=int, default=128, help="pass-key sequence length")
     parser.add_argument("--passkey-transfer", nargs="+", default=list(PASSKEY_TRANSFER),
                         choices=list(PASSKEY_TRANSFER), help="students fitted on each of: " +
