@@ -516,6 +516,7 @@ def windowed_linear_attention(
     window: int = 64,
     linear_log_weight: Optional[torch.Tensor] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
+    sink_tokens: int = 0,
 ) -> torch.Tensor:
     """Non-causal linear attention plus an exact window |i - j| < W. q, k, v: [B, H, T, D] -> [B, H, T, D].
 
@@ -524,9 +525,13 @@ def windowed_linear_attention(
     keys, minus phi(q) phi(k)^T [v, 1] over the window's keys (a sum of positive terms minus a
     part of it; cancellation only matters where the window already dominates the output).
     O(T (W + M) D) time and O(T) memory, never a T x T matrix. linear_log_weight: [H], log g_h (None = 0).
+    sink_tokens: the first S real keys of each row (e.g. [CLS]) are exact for every query as well
+    (`_add_sinks`): O(T S D) more.
     """
     _check_qkv(q, k, v, key_padding_mask)
     _check_window(window, q, k)
+    if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be an integer >= 0, got {sink_tokens!r}")
     fmap = _resolve(feature_map)
     batch, heads, length, head_dim = q.shape
     block = window
@@ -574,9 +579,50 @@ def windowed_linear_attention(
         def flat(x):
             return x.reshape(batch, heads, num_blocks * block, *x.shape[4:])[:, :, :length]
 
-        out = _combine(flat(window_num), flat(window_den), flat(top), flat(linear),
-                       _finite(stabiliser)[..., None], log_scale, linear_log_weight, fmap.calibrated)
+        window_num, window_den, top, linear = flat(window_num), flat(window_den), flat(top), flat(linear)
+        if sink_tokens:
+            window_num, window_den, top, linear, log_scale = _add_sinks(
+                q, k, v1[..., :length, :], phi_q[..., :length, :], phi_k[..., :length, :], mask[:, :length], block,
+                sink_tokens, (window_num, window_den, top, linear, log_scale), fmap.calibrated)
+        out = _combine(window_num, window_den, top, linear, _finite(stabiliser)[..., None], log_scale,
+                       linear_log_weight, fmap.calibrated)
     return out.to(v.dtype)
+
+
+def _add_sinks(q, k, v1, phi_q, phi_k, mask, window, sink_tokens, parts, calibrated):
+    """Moves the first `sink_tokens` real keys of every row from the linear part to the exact one
+    for the queries whose window does not hold them (attention sinks: [CLS] and the like, which
+    many heads of a softmax model attend to from everywhere). q, k: [B, H, T, D] (keys already per
+    query head), v1: [B, H, T, D + 1], phi_q, phi_k: [B, H, T, M], mask: [B, T] bool; parts: the
+    window's numerator, denominator and maximum, the linear sums and the queries' log scale, as
+    `_combine` takes them. The exact part is rescaled to the new maximum; an uncalibrated map's
+    linear part stays weighed against the window's own maximum (as with a sparse cache)."""
+    window_num, window_den, top, linear, log_scale = parts
+    length = q.shape[2]
+    positions = torch.arange(length, device=q.device)
+    # the positions of each row's first S real tokens: [B, S], and whether the row has that many
+    is_sink = mask & (mask.long().cumsum(1) <= sink_tokens)
+    order = torch.where(is_sink, positions, positions + length).argsort(dim=1)[:, :sink_tokens]
+    real = is_sink.gather(1, order)
+
+    def pick(x):  # [B, H, T, X] -> the sinks' rows [B, H, S, X]
+        return x.gather(2, order[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
+
+    # a sink moves only for the queries that see it outside the window (inside, it is exact already)
+    moved = real[:, None, None, :] & ((positions[None, None, :, None] - order[:, None, None, :]).abs() >= window)
+    scores = (q.float() @ pick(k).float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, T, S]
+    scores = scores.masked_fill(~moved, float("-inf"))
+    new_top = torch.maximum(top, scores.amax(dim=-1))
+    rescale = torch.exp(_finite(top) - _finite(new_top))  # window weights were taken at exp(-top)
+    sink_v1 = pick(v1)
+    exact = torch.exp(scores - _finite(new_top)[..., None]) @ sink_v1  # exp(-inf) = 0 where not moved
+    window_num = window_num * rescale[..., None] + exact[..., :-1]
+    window_den = window_den * rescale + exact[..., -1]
+    linear = linear - ((phi_q @ pick(phi_k).transpose(-1, -2)) * moved) @ sink_v1
+    linear = torch.cat([linear[..., :-1], linear[..., -1:].clamp_min(0.0)], dim=-1)
+    if not calibrated:
+        log_scale = log_scale + _finite(top) - _finite(new_top)
+    return window_num, window_den, new_top, linear, log_scale
 
 
 def _causal_window_terms(q, keys, values, key_mask, window):

@@ -96,6 +96,11 @@ class PerformerConfig(PreTrainedConfig):
     # it. Training-free, constant memory (window + cache + state). 0 = off. Decoders only: an
     # encoder's window is two-sided and its linear part sees every key.
     sparse_cache_size: int = 0
+    # Non-causal layers with a window: the first sink_tokens real tokens of every sequence (e.g.
+    # [CLS]) are attended exactly by every query, beside the window (attention sinks: heads of
+    # BERT-like models give [CLS] a tenth or more of their weight from everywhere). 0 = off. Encoders
+    # only: a model without a non-causal stack refuses it.
+    sink_tokens: int = 0
     num_random_features: int = 256
     projection_type: str = "orthogonal"
     # Redraw the random projection every this many training steps (0 = never). Eval never redraws.
@@ -224,6 +229,18 @@ class PerformerConfig(PreTrainedConfig):
             raise ValueError(
                 f"sparse_cache_size={self.sparse_cache_size} keeps pairs that left the local window, but local_window=0: "
                 "set local_window > 0 (e.g. 64) as well"
+            )
+        if not isinstance(self.sink_tokens, int) or isinstance(self.sink_tokens, bool) or self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be an integer >= 0 (0 = off), got {self.sink_tokens!r}")
+        if self.sink_tokens and not self.local_window:
+            raise ValueError(
+                f"sink_tokens={self.sink_tokens} adds exact keys to the local window, but local_window=0: set "
+                "local_window > 0 (e.g. 64) as well"
+            )
+        if self.sink_tokens and self.is_decoder and not self.is_encoder_decoder:
+            raise ValueError(
+                f"sink_tokens={self.sink_tokens} applies to non-causal (encoder) attention, and this model is a "
+                "decoder only: set sink_tokens=0 (a decoder's window can keep pairs exactly with sparse_cache_size)"
             )
         types = self.attention_type if isinstance(self.attention_type, list) else [self.attention_type]
         if self.local_window and "favor" not in types:

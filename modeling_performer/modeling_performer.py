@@ -362,7 +362,7 @@ class PerformerAttention(nn.Module):
         if not self.is_causal:
             if window:
                 return windowed_linear_attention(query, key, value, features, feature_map, window,
-                                                 self.linear_log_weight, current_mask)
+                                                 self.linear_log_weight, current_mask, self.config.sink_tokens)
             return linear_attention(query, key, value, features, feature_map, current_mask)
         state = layer_cache.self_attention if layer_cache is not None else None
         decoding = length == 1 and state is not None  # one token onto a state: the recurrent step
@@ -910,6 +910,9 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
         else:
             self.encoder = PerformerStack(config, config.num_hidden_layers, is_causal=False, has_cross_attention=False,
                                           projection_offset=0)
+        if config.sink_tokens and self.encoder is None:
+            raise ValueError(f"sink_tokens={config.sink_tokens} applies to non-causal (encoder) attention, and this "
+                             "model has a causal stack only: set sink_tokens=0")
         if self.encoder is not None:
             # The encoder embeds its own inputs when called alone (generate() runs `get_encoder()`);
             # the embeddings stay one module of this model, shared with the decoder.

@@ -49,9 +49,11 @@ def _naive_features(fmap, q, k, projection):
 
 
 def naive_windowed_attention(q, k, v, projection, feature_map="softmax", window=64, linear_log_weight=None,
-                             key_padding_mask=None, causal=False):
+                             key_padding_mask=None, causal=False, sink_tokens=0):
     """The combined window + linear formula (above `windowed_linear_attention`) with T x S matrices, in float64. FAVOR+
-    features carry their exact constants, exp(W x' - |x'|^2 / 2) / sqrt(M)."""
+    features carry their exact constants, exp(W x' - |x'|^2 / 2) / sqrt(M). sink_tokens (non-causal): the first
+    real keys of each row are exact for every query too, weighed like the window's (an uncalibrated map's linear
+    part stays at the scale of the window's maximum score)."""
     fmap = _resolve(feature_map)
     q, k, v, projection = q.double(), k.double(), v.double(), _double(projection)
     head_dim = q.shape[-1]
@@ -61,12 +63,18 @@ def naive_windowed_attention(q, k, v, projection, feature_map="softmax", window=
     distance = positions[:, None] - positions[None, :]  # i - j
     in_window = (distance >= 0) & (distance < window) if causal else distance.abs() < window
     outside = distance >= window if causal else distance.abs() >= window
-    if key_padding_mask is not None:
-        real = key_padding_mask.bool()[:, None, None, :]
-        in_window, outside = in_window & real, outside & real
+    real = (key_padding_mask.bool() if key_padding_mask is not None
+            else torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device))
+    if causal and sink_tokens:
+        raise ValueError("sink tokens are defined for non-causal attention only")
+    sinks = torch.zeros(q.shape[0], 1, q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
+    for row in range(q.shape[0]):
+        first = real[row].nonzero().flatten()[:sink_tokens]
+        sinks[row, :, :, first] = True
+    in_window, outside = in_window & real[:, None, None, :], outside & real[:, None, None, :] & ~sinks
     top = scores.masked_fill(~in_window, float("-inf")).amax(-1, keepdim=True)
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    exact = torch.exp(scores - top) * in_window
+    exact = torch.exp(scores - top) * (in_window | sinks)
     if fmap.calibrated:
         qs, ks = q * head_dim**-0.25, k * head_dim**-0.25
         phi_q = torch.exp(qs @ projection.T - qs.pow(2).sum(-1, keepdim=True) / 2) / projection.shape[0] ** 0.5

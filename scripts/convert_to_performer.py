@@ -12,7 +12,8 @@ AutoModelForCausalLM), tokenizer included.
 
 --attention-type softmax reproduces the source model exactly (to float rounding); favor swaps in
 linear attention: FAVOR+ (the default features), or `--feature-map hedgehog --local-window 32`,
-learned maps plus an exact window, which scripts/transfer_attention.py then fits to the source.
+learned maps plus an exact window, which scripts/transfer_attention.py then fits to the source
+(encoders: `--sink-tokens 1` keeps [CLS] exact for every query too).
 """
 
 import argparse
@@ -54,6 +55,9 @@ def main(argv=None):
     parser.add_argument("--hedgehog-dim", type=int, default=None, help="width F of each Hedgehog half (default: head dim)")
     parser.add_argument("--local-window", type=int, default=None,
                         help="exact softmax over the keys within this distance, linear attention beyond (0 = off)")
+    parser.add_argument("--sink-tokens", type=int, default=None,
+                        help="encoders with a window: the first N tokens of every text ([CLS] for N = 1) stay exact for "
+                             "every query (0 = off)")
     parser.add_argument("--head", choices=["auto", "base", "masked-lm", "classification", "causal-lm"], default="auto",
                         help="auto: the source architecture's head (BertModel -> base, GPT2LMHeadModel -> causal-lm, ...)")
     parser.add_argument("--num-labels", type=int, default=None, help="classification head: number of labels")
@@ -66,7 +70,8 @@ def main(argv=None):
 
     overrides = {k: v for k, v in (("num_labels", args.num_labels), ("classifier_pooling", args.classifier_pooling),
                                     ("feature_map", args.feature_map), ("hedgehog_dim", args.hedgehog_dim),
-                                    ("local_window", args.local_window)) if v is not None}
+                                    ("local_window", args.local_window), ("sink_tokens", args.sink_tokens))
+                 if v is not None}
     try:
         model, tokenizer = convert_to_performer(args.source, args.attention_type, args.num_random_features,
                                                 head=args.head, **overrides)
