@@ -13,7 +13,7 @@ from modeling_performer.attention import windowed_linear_attention
 from modeling_performer.reference_attention import naive_softmax_attention, naive_windowed_attention
 
 from .conftest import ROOT, max_error, perturbed
-from .test_conversion import minilm_path  # noqa: F401 (fixture)
+from .test_conversion import bert_tokenizer, minilm_path  # noqa: F401 (fixtures)
 from .test_conversion_llama import tiny_source, tokenizer  # noqa: F401 (fixture)
 from .test_window import MAPS, features, log_weight, padding, qkv
 
@@ -148,3 +148,31 @@ def test_converter_sets_sinks_and_refuses_them_for_a_decoder(tmp_path, minilm_pa
     refused = convert(tmp_path / "llama", tmp_path / "performer-llama")
     assert refused.returncode != 0 and "sink_tokens=1" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "performer-llama").exists()
+
+
+def test_attention_shares_of_uniform_attention(bert_tokenizer):
+    """Zero query and key weights make every head attend uniformly: each query gives each of the T
+    keys 1/T, so the share outside the window is the fraction of keys at distance >= W."""
+    import transformers
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from attention_sinks import attention_shares
+    finally:
+        sys.path.pop(0)
+    config = transformers.BertConfig(vocab_size=len(bert_tokenizer), hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=48, attn_implementation="eager")
+    model = transformers.BertModel(config).eval()
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            for projection in (layer.attention.self.query, layer.attention.self.key):
+                projection.weight.zero_()
+                projection.bias.zero_()
+    length, window = 20, 6
+    shares = attention_shares(model, torch.randint(1000, 2000, (3, length)), window)
+    positions = torch.arange(length)
+    far = ((positions[:, None] - positions[None, :]).abs() >= window).double().mean().item()
+    assert torch.allclose(torch.tensor(shares["far"]), torch.full((2, 4), far, dtype=torch.float32), atol=1e-6)
+    assert torch.allclose(torch.tensor(shares["first_token"]), torch.full((2, 4), 1 / length), atol=1e-6)
+    with pytest.raises(SystemExit, match="no key outside"):
+        attention_shares(model, torch.randint(1000, 2000, (1, 5)), window)
