@@ -88,6 +88,9 @@ class PerformerConfig(PreTrainedConfig):
     feature_map: str = "softmax"
     # Width F of each half of a Hedgehog map (2F features per head); None = the head dimension.
     hedgehog_dim: int | None = None
+    # Hedgehog key maps with one more column u: each key's features scaled by a learned
+    # exp(16 tanh(k.u / 16)) (1 at the start), so that keys can draw unequal total weight as in softmax.
+    hedgehog_key_scale: bool = False
     # Exact softmax over the keys with |i - j| < local_window (j <= i when causal), the linear part
     # for the rest, under one normaliser. 0 = off. Self-attention of linear layers only.
     local_window: int = 0
@@ -220,6 +223,11 @@ class PerformerConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.hedgehog_dim is not None and (not isinstance(self.hedgehog_dim, int) or self.hedgehog_dim < 1):
             raise ValueError(f"hedgehog_dim must be a positive integer or None (= head dimension), got {self.hedgehog_dim!r}")
+        if not isinstance(self.hedgehog_key_scale, bool):
+            raise ValueError(f"hedgehog_key_scale must be True or False, got {self.hedgehog_key_scale!r}")
+        if self.hedgehog_key_scale and self.feature_map != "hedgehog":
+            raise ValueError(f"hedgehog_key_scale scales the keys of learned Hedgehog maps, but feature_map="
+                             f"{self.feature_map!r}: set feature_map='hedgehog'")
         if not isinstance(self.local_window, int) or isinstance(self.local_window, bool) or self.local_window < 0:
             raise ValueError(f"local_window must be an integer >= 0 (0 = no window), got {self.local_window!r}")
         if (not isinstance(self.sparse_cache_size, int) or isinstance(self.sparse_cache_size, bool)

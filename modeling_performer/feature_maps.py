@@ -165,18 +165,27 @@ def _hedgehog_features(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.softmax(logits, dim=-1), torch.softmax(-logits, dim=-1)], dim=-1)
 
 
+# A scaled key's log weight s(k) = B tanh(k.u / B) stays within +-B: features stay bounded (by e^B).
+KEY_SCALE_BOUND = 16.0
+
+
 class HedgehogFeatureMap(_BoundedFeatureMap):
     """Learned per-head maps phi(x) = [softmax(x W), softmax(-x W)] (Hedgehog, Zhang et al. 2024),
     with separate weights for queries and keys. projection: (query maps [H, D, F], key maps [H_kv, D, F])
     or one [2, H, D, F] tensor when H_kv = H; M = 2F features per head. The two signs let phi(q).phi(k) grow both where x W agree in
     their largest and in their smallest coordinates, as exp(q.k) does; softmax keeps every feature
-    positive and bounded."""
+    positive and bounded.
+
+    Softmax gives every key the same total mass, whereas softmax attention lets some keys draw far
+    more weight than others. Key maps of F + 1 columns [H_kv, D, F + 1] (`hedgehog_key_scale`) give
+    it back: the last column u scales each key's features by exp(B tanh(k.u / B)) (1 at u = 0; B =
+    KEY_SCALE_BOUND), passed to `keys` as the key's offset."""
 
     name = "hedgehog"
 
     @staticmethod
     def num_features(projection) -> int:
-        return 2 * projection[1].shape[-1]
+        return 2 * projection[0].shape[-1]
 
     @staticmethod
     def queries(q: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
@@ -185,11 +194,15 @@ class HedgehogFeatureMap(_BoundedFeatureMap):
     @staticmethod
     def key_logits(k: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = _hedgehog_logits(k, projection[1])
+        if logits.shape[-1] == projection[0].shape[-1] + 1:  # key maps with a scale column
+            scale = logits[..., -1]
+            return logits[..., :-1], -KEY_SCALE_BOUND * torch.tanh(scale / KEY_SCALE_BOUND)
         return logits, logits.new_zeros(logits.shape[:-1])
 
     @staticmethod
     def keys(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        return _hedgehog_features(logits)
+        # shift = offset (the stabiliser of a bounded map is 0): -log of the key's scale, 0 without one
+        return _hedgehog_features(logits) * torch.exp(-shift)
 
 
 def hedgehog_init(heads: int, head_dim: int, width: int) -> torch.Tensor:
@@ -198,6 +211,13 @@ def hedgehog_init(heads: int, head_dim: int, width: int) -> torch.Tensor:
     elsewhere."""
     eye = torch.eye(head_dim, width)
     return eye.expand(2, heads, head_dim, width).clone()
+
+
+def hedgehog_key_init(heads: int, head_dim: int, width: int, key_scale: bool = False) -> torch.Tensor:
+    """Initial key maps [H, D, F] as `hedgehog_init`, with a zero scale column [H, D, F + 1] when
+    key_scale (every key's scale starts at 1: the same map as without the column)."""
+    weight = hedgehog_init(heads, head_dim, width)[1]
+    return torch.cat([weight, weight.new_zeros(heads, head_dim, 1)], dim=-1) if key_scale else weight
 
 
 FEATURE_MAPS = {"softmax": SoftmaxFeatureMap, "relu": ReluFeatureMap, "hedgehog": HedgehogFeatureMap}

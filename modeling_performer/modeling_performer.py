@@ -61,7 +61,7 @@ from .attention import (
 from .checkpoint_performer import add_checksum, verify, weight_files
 from .cache_performer import PerformerCache, PerformerLayerCache
 from .configuration_performer import PerformerConfig
-from .feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init
+from .feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init, hedgehog_key_init
 
 logger = logging.get_logger(__name__)
 
@@ -252,7 +252,9 @@ class PerformerHedgehogMap(nn.Module):
         super().__init__()
         width = config.hedgehog_dim or config.head_dim
         self.query_weight = nn.Parameter(hedgehog_init(config.num_attention_heads, config.head_dim, width)[0])
-        self.key_weight = nn.Parameter(hedgehog_init(config.num_key_value_heads, config.head_dim, width)[1])
+        # with hedgehog_key_scale, one more column: each key's learned scale (HedgehogFeatureMap)
+        self.key_weight = nn.Parameter(hedgehog_key_init(config.num_key_value_heads, config.head_dim, width,
+                                                         config.hedgehog_key_scale))
 
     @property
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -819,7 +821,9 @@ class PerformerPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.linear_log_weight)
         elif isinstance(module, PerformerHedgehogMap):
             init.copy_(module.query_weight, hedgehog_init(*module.query_weight.shape)[0])
-            init.copy_(module.key_weight, hedgehog_init(*module.key_weight.shape)[1])
+            _, head_dim, width = module.query_weight.shape
+            init.copy_(module.key_weight, hedgehog_key_init(module.key_weight.shape[0], head_dim, width,
+                                                            self.config.hedgehog_key_scale))
         elif isinstance(module, PerformerScaleNorm):
             init.constant_(module.scale, self.config.hidden_size**0.5)
         elif isinstance(module, PerformerResidual) and module.norm_type == "rezero":

@@ -6,6 +6,7 @@ nothing in the models uses them.
 import torch
 
 from .attention import _resolve, build_attention_mask, repeat_key_heads
+from .feature_maps import KEY_SCALE_BOUND
 
 
 def naive_linear_attention(q, k, v, projection, feature_map="softmax", key_padding_mask=None, causal=False):
@@ -42,7 +43,12 @@ def _naive_features(fmap, q, k, projection):
         def phi(x, w):
             logits = torch.einsum("bhtd,hdf->bhtf", x, w)
             return torch.cat([torch.softmax(logits, -1), torch.softmax(-logits, -1)], dim=-1)
-        return phi(q, projection[0]), phi(k, projection[1])
+        width = projection[0].shape[-1]
+        phi_k = phi(k, projection[1][..., :width])
+        if projection[1].shape[-1] == width + 1:  # each key's features scaled by exp(B tanh(k.u / B))
+            scale = torch.einsum("bhtd,hd->bht", k, projection[1][..., width])
+            phi_k = phi_k * torch.exp(KEY_SCALE_BOUND * torch.tanh(scale / KEY_SCALE_BOUND))[..., None]
+        return phi(q, projection[0]), phi_k
     head_dim = q.shape[-1]
     qs, ks = q * head_dim**-0.25, k * head_dim**-0.25
     return torch.relu(qs @ projection.T) + fmap.epsilon, torch.relu(ks @ projection.T) + fmap.epsilon

@@ -6,10 +6,10 @@
 #   bash scripts/convert_recipe.sh                      # all three, then the table
 #   bash scripts/convert_recipe.sh embeddings           # or: classification, causal-lm, report
 #
-#   embeddings      all-MiniLM-L6-v2 -> Hedgehog maps + exact window of $WINDOW with [CLS] exact for
-#                   every query (and without window, and plain FAVOR+); attention transfer on the
-#                   Shakespeare training plays at 512 tokens; mean-pooled cosine to the original on
-#                   passages of 256 and 512 tokens from the held-out test plays
+#   embeddings      all-MiniLM-L6-v2 -> Hedgehog maps + exact window of $WINDOW (and without window,
+#                   and plain FAVOR+); attention transfer on the Shakespeare training plays at 512
+#                   tokens; mean-pooled cosine to the original on passages of 256 and 512 tokens
+#                   from the held-out test plays
 #   classification  Rotten Tomatoes: the softmax MiniLM fine-tuned in full vs the transferred linear
 #                   MiniLMs (with and without the window) fine-tuned with LoRA, same steps, batch,
 #                   schedule and seed
@@ -27,7 +27,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # The transfer settings of the README's results, named once (modeling_performer.transfer.RECIPE_SETTINGS):
 # transfer_attention.py's defaults; the window is chosen when converting.
 setting() { python -c "from modeling_performer.transfer import RECIPE_SETTINGS; print(RECIPE_SETTINGS['$1'])"; }
-WINDOW=${WINDOW:-$(setting local_window)} SINKS=$(setting sink_tokens)
+WINDOW=${WINDOW:-$(setting local_window)}
 TRANSFER_STEPS=$(setting steps) END_TO_END_STEPS=$(setting end_to_end_steps)
 out=${OUT:-outputs/recipe}
 steps() { awk -v n="$1" -v s="${STEPS_SCALE:-1}" 'BEGIN { v = int(n * s); print (v < 1 ? 1 : v) }'; }
@@ -68,8 +68,7 @@ transfer() {  # TEACHER STUDENT OUTPUT [OPTIONS...]
 if [[ " $stages " == *" embeddings "* ]]; then
     convert "$minilm" $out/minilm-favor --head base --num-random-features 256
     convert "$minilm" $out/minilm-hedgehog --head base --feature-map hedgehog
-    convert "$minilm" $out/minilm-hedgehog-w$WINDOW --head base --feature-map hedgehog --local-window $WINDOW \
-        --sink-tokens $SINKS
+    convert "$minilm" $out/minilm-hedgehog-w$WINDOW --head base --feature-map hedgehog --local-window $WINDOW
     transfer "$minilm" $out/minilm-hedgehog $out/minilm-hedgehog-transferred
     transfer "$minilm" $out/minilm-hedgehog-w$WINDOW $out/minilm-hedgehog-w$WINDOW-transferred
     for tokens in 256 512; do

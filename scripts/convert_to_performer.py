@@ -53,6 +53,8 @@ def main(argv=None):
     parser.add_argument("--feature-map", choices=["softmax", "relu", "hedgehog"], default=None,
                         help="linear-attention features (hedgehog: learned maps, fit them with transfer_attention.py)")
     parser.add_argument("--hedgehog-dim", type=int, default=None, help="width F of each Hedgehog half (default: head dim)")
+    parser.add_argument("--hedgehog-key-scale", action="store_true", default=None,
+                        help="Hedgehog key maps also learn each key's scale (one more column per map)")
     parser.add_argument("--local-window", type=int, default=None,
                         help="exact softmax over the keys within this distance, linear attention beyond (0 = off)")
     parser.add_argument("--sink-tokens", type=int, default=None,
@@ -70,6 +72,7 @@ def main(argv=None):
 
     overrides = {k: v for k, v in (("num_labels", args.num_labels), ("classifier_pooling", args.classifier_pooling),
                                     ("feature_map", args.feature_map), ("hedgehog_dim", args.hedgehog_dim),
+                                    ("hedgehog_key_scale", args.hedgehog_key_scale),
                                     ("local_window", args.local_window), ("sink_tokens", args.sink_tokens))
                  if v is not None}
     try:

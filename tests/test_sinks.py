@@ -142,11 +142,13 @@ def test_converter_sets_sinks_and_refuses_them_for_a_decoder(tmp_path):
 
     def convert(source, out):
         return subprocess.run([sys.executable, str(script), str(source), str(out), "--feature-map", "hedgehog",
-                               "--local-window", "8", "--sink-tokens", "1"], capture_output=True, text=True, timeout=300)
+                               "--local-window", "8", "--sink-tokens", "1", "--hedgehog-key-scale"],
+                              capture_output=True, text=True, timeout=300)
 
     done = convert(minilm_path, tmp_path / "minilm")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert PerformerConfig.from_pretrained(tmp_path / "minilm").sink_tokens == 1
+    config = PerformerConfig.from_pretrained(tmp_path / "minilm")
+    assert config.sink_tokens == 1 and config.hedgehog_key_scale is True
     tiny_source("llama-gqa-llama3-untied", tmp_path / "llama", tokenizer)
     refused = convert(tmp_path / "llama", tmp_path / "performer-llama")
     assert refused.returncode != 0 and "sink_tokens=1" in refused.stderr and "Traceback" not in refused.stderr
