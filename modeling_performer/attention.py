@@ -573,8 +573,6 @@ def windowed_linear_attention(
         phi_qb = blocks(phi_q)
         inside = (phi_qb @ band(phi_k[..., :length, :])) * near.to(phi_q.dtype)
         linear = phi_qb @ total.unsqueeze(2) - inside @ v1_band
-        # The normaliser is a sum of positive terms: rounding must not make it negative.
-        linear = torch.cat([linear[..., :-1], linear[..., -1:].clamp_min(0.0)], dim=-1)
 
         def flat(x):
             return x.reshape(batch, heads, num_blocks * block, *x.shape[4:])[:, :, :length]
@@ -584,6 +582,8 @@ def windowed_linear_attention(
             window_num, window_den, top, linear, log_scale = _add_sinks(
                 q, k, v1[..., :length, :], phi_q[..., :length, :], phi_k[..., :length, :], mask[:, :length], block,
                 sink_tokens, (window_num, window_den, top, linear, log_scale), fmap.calibrated)
+        # The normaliser is a sum of positive terms: rounding must not make it negative.
+        linear = torch.cat([linear[..., :-1], linear[..., -1:].clamp_min(0.0)], dim=-1)
         out = _combine(window_num, window_den, top, linear, _finite(stabiliser)[..., None], log_scale,
                        linear_log_weight, fmap.calibrated)
     return out.to(v.dtype)
@@ -619,7 +619,6 @@ def _add_sinks(q, k, v1, phi_q, phi_k, mask, window, sink_tokens, parts, calibra
     window_num = window_num * rescale[..., None] + exact[..., :-1]
     window_den = window_den * rescale + exact[..., -1]
     linear = linear - ((phi_q @ pick(phi_k).transpose(-1, -2)) * moved) @ sink_v1
-    linear = torch.cat([linear[..., :-1], linear[..., -1:].clamp_min(0.0)], dim=-1)
     if not calibrated:
         log_scale = log_scale + _finite(top) - _finite(new_top)
     return window_num, window_den, new_top, linear, log_scale
