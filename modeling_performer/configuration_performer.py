@@ -194,6 +194,11 @@ class PerformerConfig(PreTrainedConfig):
                 raise ValueError(f"Invalid {name}={value!r}; valid values: {list(valid)}")
             return value
 
+        def count(name, meaning):  # an integer >= 0 (bool refused)
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0 ({meaning}), got {value!r}")
+
         def attention(value):
             value = ATTENTION_TYPE_ALIASES.get(value, value)
             return choose("attention_type", value, ATTENTION_TYPES)
@@ -228,18 +233,14 @@ class PerformerConfig(PreTrainedConfig):
         if self.hedgehog_key_scale and self.feature_map != "hedgehog":
             raise ValueError(f"hedgehog_key_scale scales the keys of learned Hedgehog maps, but feature_map="
                              f"{self.feature_map!r}: set feature_map='hedgehog'")
-        if not isinstance(self.local_window, int) or isinstance(self.local_window, bool) or self.local_window < 0:
-            raise ValueError(f"local_window must be an integer >= 0 (0 = no window), got {self.local_window!r}")
-        if (not isinstance(self.sparse_cache_size, int) or isinstance(self.sparse_cache_size, bool)
-                or self.sparse_cache_size < 0):
-            raise ValueError(f"sparse_cache_size must be an integer >= 0 (0 = off), got {self.sparse_cache_size!r}")
+        count("local_window", "0 = no window")
+        count("sparse_cache_size", "0 = off")
         if self.sparse_cache_size and not self.local_window:
             raise ValueError(
                 f"sparse_cache_size={self.sparse_cache_size} keeps pairs that left the local window, but local_window=0: "
                 "set local_window > 0 (e.g. 64) as well"
             )
-        if not isinstance(self.sink_tokens, int) or isinstance(self.sink_tokens, bool) or self.sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be an integer >= 0 (0 = off), got {self.sink_tokens!r}")
+        count("sink_tokens", "0 = off")
         if self.sink_tokens and not self.local_window:
             raise ValueError(
                 f"sink_tokens={self.sink_tokens} adds exact keys to the local window, but local_window=0: set "

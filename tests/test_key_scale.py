@@ -5,7 +5,7 @@ plain map, the model's saving and generation, and the configurations that are re
 import pytest
 import torch
 
-from modeling_performer import PerformerConfig, PerformerForCausalLM, PerformerForMaskedLM
+from modeling_performer import PerformerForCausalLM, PerformerForMaskedLM
 from modeling_performer.attention import (
     causal_linear_attention,
     causal_sparse_windowed_attention,
@@ -21,6 +21,7 @@ from modeling_performer.reference_attention import (
 )
 
 from .conftest import max_error, perturbed
+from .test_sinks import tiny_config as sink_config
 from .test_window import log_weight, padding, run_recurrent
 
 B, H, H_KV, D, F, T = 2, 4, 2, 16, 8, 37
@@ -86,11 +87,8 @@ def test_large_scales_stay_finite():
 
 
 def tiny_config(**overrides):
-    values = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=37, hedgehog_dim=8, hidden_dropout_prob=0.0, feature_map="hedgehog",
-                  hedgehog_key_scale=True, local_window=3, chunk_size=4, pad_token_id=0)
-    values.update(overrides)
-    return PerformerConfig(**values)
+    """test_sinks' model with key scales and no sink (a causal LM refuses sinks)."""
+    return sink_config(**{"hedgehog_key_scale": True, "sink_tokens": 0, "chunk_size": 4, **overrides})
 
 
 def test_fresh_model_starts_as_the_plain_map():
