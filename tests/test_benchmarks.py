@@ -99,3 +99,47 @@ def test_benchmarks_leave_the_committed_figures_alone_unless_asked():
     assert bench_common.results_path(parser.parse_args(["--update-figures"]), "serving") == \
         ROOT / "docs" / "figures" / "serving.json"
     assert bench_common.results_path(parser.parse_args(["--output", "x/y.json"]), "serving") == pathlib.Path("x/y.json")
+
+
+def test_recipe_time_estimate_fits_fixed_and_per_layer_seconds():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import estimate_recipe_time as estimate
+    finally:
+        sys.path.pop(0)
+    costs = {"layer_by_layer": (3.0, 0.5), "end_to_end": (1.0, 2.0), "lora": (4.0, 0.25)}
+    points = [{"layers": n, **{kind: {"seconds_per_step": a + b * n} for kind, (a, b) in costs.items()}}
+              for n in (1, 2, 4)]
+    result = estimate.fit_and_estimate(points, 16)
+    minutes = 0.0
+    for kind, (a, b) in costs.items():
+        assert result[kind]["fixed_seconds"] == pytest.approx(a)
+        assert result[kind]["seconds_per_layer"] == pytest.approx(b)
+        assert result[kind]["seconds_per_step"] == pytest.approx(a + 16 * b)
+        minutes += (a + 16 * b) * estimate.RECIPE_STEPS[kind]["steps"] / 60
+    assert result["minutes_per_student"] == pytest.approx(minutes)
+    with pytest.raises(SystemExit, match="two different depths"):
+        estimate.fit_and_estimate(points[:1] * 2, 16)
+
+
+@pytest.mark.slow
+def test_recipe_time_estimate_measures_shallow_copies_of_a_llama_and_checks_a_deeper_one(tmp_path):
+    out = tmp_path / "time.json"
+    shape = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "head_dim": 8, "vocab_size": 300, "num_hidden_layers": 6}
+    stdout = run("estimate_recipe_time.py", "--shape", json.dumps(shape), "--seq-len", "32", "--window", "4",
+                 "--layers", "1", "2", "--check-layers", "3", "--steps", "1", "--device", "cpu", "--output", str(out))
+    record = json.loads(out.read_text())
+    assert record["shape"]["num_hidden_layers"] == 6 and "6-layer model on cpu" in stdout
+    one, two = record["measured"]
+    three = record["checks"][0]
+    assert (one["layers"], two["layers"], three["layers"]) == (1, 2, 3)
+    per_layer = two["parameters"] - one["parameters"]  # the models differ in depth only
+    assert per_layer > 0 and three["parameters"] - two["parameters"] == per_layer
+    for point in (one, two, three):
+        assert all(point[kind]["seconds_per_step"] > 0 for kind in ("layer_by_layer", "end_to_end", "lora"))
+    assert set(three["estimated_over_measured"]) == {"layer_by_layer", "end_to_end", "lora"}
+    assert record["estimate"]["minutes_per_student"] > 0
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "estimate_recipe_time.py"), "--shape",
+                          '{"hidden": 8}'], capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown keys ['hidden']" in bad.stderr
