@@ -507,6 +507,19 @@ def _combine(window_num, window_den, window_max, linear, linear_stabiliser, quer
     return _divide(combined)
 
 
+def _exact_attention(q, k, v, key_padding_mask):
+    """Softmax attention over every real key, by the window part's own formula (fp32; a row
+    without real keys gives 0, as in the windowed path). q: [B, H, T, D], k, v: [B, H_kv, T, D]."""
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        heads = q.shape[1]
+        k, v = repeat_key_heads(k, heads), repeat_key_heads(v, heads)
+        allowed = (key_padding_mask.to(torch.bool)[:, None, None, :] if key_padding_mask is not None
+                   else torch.ones((), dtype=torch.bool, device=q.device))
+        weights, _ = _window_scores(q, k, allowed)
+        out = _divide(weights @ _with_ones(v))
+    return out.to(v.dtype)
+
+
 def windowed_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -521,12 +534,14 @@ def windowed_linear_attention(
     """Non-causal linear attention plus an exact window |i - j| < W. q, k, v: [B, H, T, D] -> [B, H, T, D].
 
     Blocks of C = W positions: the window of block b lies in blocks b-1..b+1 (a band of 3C keys,
-    a strided view), where the exact scores are computed. The linear part is phi(q) times the state of all
+    a strided view), where the exact scores are computed; an input shorter than 3W is one block whose
+    band is the whole input (T keys per query instead of 3W). The linear part is phi(q) times the state of all
     keys, minus phi(q) phi(k)^T [v, 1] over the window's keys (a sum of positive terms minus a
     part of it; cancellation only matters where the window already dominates the output).
-    O(T (W + M) D) time and O(T) memory, never a T x T matrix. linear_log_weight: [H], log g_h (None = 0).
+    O(T (W + M) D) time and O(T) memory (no T x T matrix from T = 3W on). linear_log_weight: [H], log g_h (None = 0).
     sink_tokens: the first S real keys of each row (e.g. [CLS]) are exact for every query as well
-    (`_add_sinks`): O(T S D) more.
+    (`_add_sinks`): O(T S D) more. Inputs of at most W tokens have every key inside every query's
+    window: exact softmax attention, computed directly (a short sentence costs what it costs softmax).
     """
     _check_qkv(q, k, v, key_padding_mask)
     _check_window(window, q, k)
@@ -534,7 +549,10 @@ def windowed_linear_attention(
         raise ValueError(f"sink_tokens must be an integer >= 0, got {sink_tokens!r}")
     fmap = _resolve(feature_map)
     batch, heads, length, head_dim = q.shape
-    block = window
+    if length <= window:  # |i - j| < W for every pair: the linear part sums no key
+        return _exact_attention(q, k, v, key_padding_mask)
+    dense = length < 3 * window  # fewer keys per query than a band of three blocks
+    block = length if dense else window
     num_blocks = -(-length // block)
     padded = num_blocks * block - length
     with torch.autocast(device_type=q.device.type, enabled=False):
@@ -555,17 +573,20 @@ def windowed_linear_attention(
             return x.view(x.shape[0], x.shape[1], num_blocks, block, x.shape[-1])
 
         def band(x):  # blocks b-1, b, b+1 of x as a strided view (no copy): [B, H, NB, X, 3C]
+            if dense:  # the one block's band is the whole input: [B, H, 1, X, T]
+                return x.transpose(-1, -2).unsqueeze(2)
             return F.pad(x, (0, 0, block, block + padded)).unfold(2, 3 * block, block)
 
         # distance d = j - i between key slot a' of the band and query slot a of block b
         local = torch.arange(block, device=q.device)
-        distance = torch.arange(3 * block, device=q.device)[None, :] - block - local[:, None]  # [C, 3C]
+        band_keys = torch.arange(block if dense else 3 * block, device=q.device) - (0 if dense else block)
+        distance = band_keys[None, :] - local[:, None]  # [C, 3C] ([T, T] dense)
         near = distance.abs() < window
         key_ok = band(mask[:, None, :length, None].float())[..., 0, :].bool()[:, :, :, None, :]  # [B, 1, NB, 1, 3C]
         weights, top = _window_scores(blocks(F.pad(q.float(), pad)), band(k.float()).transpose(-1, -2), key_ok & near)
         v1_band = band(v1[..., :length, :]).transpose(-1, -2)  # [B, H, NB, 3C, D + 1]
-        window = weights @ v1_band  # [..., D + 1]: numerator and, in the ones column, the denominator
-        window_num, window_den = window[..., :-1], window[..., -1]
+        exact = weights @ v1_band  # [..., D + 1]: numerator and, in the ones column, the denominator
+        window_num, window_den = exact[..., :-1], exact[..., -1]
 
         # Linear part: every key through the one global state, minus the window's own share
         # (phi of padded keys is already 0). No per-block states: memory stays that of linear_attention.
@@ -580,7 +601,7 @@ def windowed_linear_attention(
         window_num, window_den, top, linear = flat(window_num), flat(window_den), flat(top), flat(linear)
         if sink_tokens:
             window_num, window_den, top, linear, log_scale = _add_sinks(
-                q, k, v1[..., :length, :], phi_q[..., :length, :], phi_k[..., :length, :], mask[:, :length], block,
+                q, k, v1[..., :length, :], phi_q[..., :length, :], phi_k[..., :length, :], mask[:, :length], window,
                 sink_tokens, (window_num, window_den, top, linear, log_scale), fmap.calibrated)
         # The normaliser is a sum of positive terms: rounding must not make it negative.
         linear = torch.cat([linear[..., :-1], linear[..., -1:].clamp_min(0.0)], dim=-1)

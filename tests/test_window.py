@@ -65,6 +65,44 @@ def test_noncausal_window_equals_reference(feature_map, window):
 
 
 @pytest.mark.parametrize("feature_map", MAPS)
+@pytest.mark.parametrize("window", [8, 13, 37, 50], ids=lambda w: f"W{w}")
+@pytest.mark.parametrize("sinks", [0, 2], ids=lambda s: f"S{s}")
+def test_noncausal_regimes_equal_reference_with_gradients(feature_map, window, sinks):
+    """The non-causal kernel computes T = 37 three ways: bands of three blocks (W = 8), one dense
+    block (W < T < 3W: 13) and, with every key inside every window (T <= W: 37, 50), exact softmax
+    directly. Each against the float64 reference: padding on both sides, one key/value head shared by
+    all query heads, gradients to q, k, v, the maps and the window weights."""
+    length = 37
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(B, H, length, D, generator=g)
+    k, v = (torch.randn(B, 1, length, D, generator=g) for _ in range(2))
+    if feature_map == "hedgehog":  # query maps per query head, key maps per key/value head
+        w = (hedgehog_init(H, D, F)[0] + 0.3 * torch.randn(H, D, F, generator=g),
+             hedgehog_init(1, D, F)[1] + 0.3 * torch.randn(1, D, F, generator=g))
+    else:
+        w = (features(feature_map),)
+    mask, weight = padding(length), log_weight()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, *w, weight)]
+    twins = [t.clone().requires_grad_() for t in (q, k, v, *w, weight)]
+    probe = torch.randn(B, H, length, D, generator=g) * mask[:, None, :, None]
+
+    def maps(tensors):
+        return tuple(tensors[3:-1]) if feature_map == "hedgehog" else tensors[3]
+
+    out = windowed_linear_attention(*leaves[:3], maps(leaves), feature_map, window, leaves[-1], mask, sinks)
+    expected = naive_windowed_attention(*twins[:3], maps(twins), feature_map, window, twins[-1], mask,
+                                        sink_tokens=sinks)
+    assert max_error(out, expected, mask) < 1e-5
+    (out * probe).sum().backward()
+    (expected * probe).sum().backward()
+    for fast, ref in zip(leaves, twins):
+        if fast.grad is None:  # maps and window weights take no part once every key is in the window
+            assert window >= length and ref.grad.abs().max() < 1e-9
+            continue
+        assert max_error(fast.grad, ref.grad) < 1e-4
+
+
+@pytest.mark.parametrize("feature_map", MAPS)
 @pytest.mark.parametrize("window", WINDOWS, ids=lambda w: f"W{w}")
 @pytest.mark.parametrize("chunk_size", [3, 8, 128], ids=lambda c: f"C{c}")
 def test_causal_chunked_and_recurrent_equal_reference(feature_map, window, chunk_size):
