@@ -32,7 +32,9 @@ CHECKPOINT_NAME = "transfer_state.pt"
 # scripts/transfer_attention.py and what scripts/convert_recipe.sh runs. The window is chosen when
 # converting (scripts/convert_to_performer.py --local-window); the recipe converts with this one.
 RECIPE_SETTINGS = {"local_window": 64, "steps": 300, "seq_len": 512, "batch_size": 4, "learning_rate": 3e-2,
-                   "end_to_end_steps": 60, "end_to_end_learning_rate": 3e-3}
+                   "end_to_end_steps": 60, "end_to_end_learning_rate": 3e-3,
+                   # encoders, chosen when converting: [CLS] exact for every query, Hedgehog keys with learned scales
+                   "sink_tokens": 1, "hedgehog_key_scale": True}
 
 
 class TransferError(ValueError):

@@ -6,8 +6,9 @@
 #   bash scripts/convert_recipe.sh                      # all three, then the table
 #   bash scripts/convert_recipe.sh embeddings           # or: classification, causal-lm, report
 #
-#   embeddings      all-MiniLM-L6-v2 -> Hedgehog maps + exact window of $WINDOW (and without window,
-#                   and plain FAVOR+); attention transfer on the Shakespeare training plays at 512
+#   embeddings      all-MiniLM-L6-v2 -> Hedgehog maps + exact window of $WINDOW, [CLS] exact for every
+#                   query and learned key scales (and Hedgehog without any of them, and plain FAVOR+);
+#                   attention transfer on the Shakespeare training plays at 512
 #                   tokens; mean-pooled cosine to the original on passages of 256 and 512 tokens
 #                   from the held-out test plays
 #   classification  Rotten Tomatoes: the softmax MiniLM fine-tuned in full vs the transferred linear
@@ -25,9 +26,12 @@ cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # The transfer settings of the README's results, named once (modeling_performer.transfer.RECIPE_SETTINGS):
-# transfer_attention.py's defaults; the window is chosen when converting.
+# transfer_attention.py's defaults; the window, sink tokens and key scales are chosen when converting.
 setting() { python -c "from modeling_performer.transfer import RECIPE_SETTINGS; print(RECIPE_SETTINGS['$1'])"; }
 WINDOW=${WINDOW:-$(setting local_window)}
+# The encoder's windowed copy also keeps its first tokens exact and learns each key's scale.
+encoder_options=(--sink-tokens $(setting sink_tokens))
+[ "$(setting hedgehog_key_scale)" = True ] && encoder_options+=(--hedgehog-key-scale)
 TRANSFER_STEPS=$(setting steps) END_TO_END_STEPS=$(setting end_to_end_steps)
 out=${OUT:-outputs/recipe}
 steps() { awk -v n="$1" -v s="${STEPS_SCALE:-1}" 'BEGIN { v = int(n * s); print (v < 1 ? 1 : v) }'; }
@@ -68,7 +72,8 @@ transfer() {  # TEACHER STUDENT OUTPUT [OPTIONS...]
 if [[ " $stages " == *" embeddings "* ]]; then
     convert "$minilm" $out/minilm-favor --head base --num-random-features 256
     convert "$minilm" $out/minilm-hedgehog --head base --feature-map hedgehog
-    convert "$minilm" $out/minilm-hedgehog-w$WINDOW --head base --feature-map hedgehog --local-window $WINDOW
+    convert "$minilm" $out/minilm-hedgehog-w$WINDOW --head base --feature-map hedgehog --local-window $WINDOW \
+        "${encoder_options[@]}"
     transfer "$minilm" $out/minilm-hedgehog $out/minilm-hedgehog-transferred
     transfer "$minilm" $out/minilm-hedgehog-w$WINDOW $out/minilm-hedgehog-w$WINDOW-transferred
     for tokens in 256 512; do
