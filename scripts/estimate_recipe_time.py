@@ -17,6 +17,8 @@ is a + b x layers: the two depths give a (embeddings, LM head, the step's fixed 
 see the estimate against the real thing where the device has room for it.
 
     python scripts/estimate_recipe_time.py                         # this machine's device
+    python scripts/estimate_recipe_time.py --device cpu --steps 2 --check-layers 4 \
+        --output docs/figures/recipe/time_1b_cpu.json              # the README's CPU numbers
     python scripts/estimate_recipe_time.py --device cuda --check-layers 16 \\
         --output docs/figures/recipe/time_1b_cuda.json
 
