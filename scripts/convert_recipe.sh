@@ -27,12 +27,13 @@ source scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # The transfer settings of the README's results, named once (modeling_performer.transfer.RECIPE_SETTINGS):
 # transfer_attention.py's defaults; the window, sink tokens and key scales are chosen when converting.
-setting() { python -c "from modeling_performer.transfer import RECIPE_SETTINGS; print(RECIPE_SETTINGS['$1'])"; }
-WINDOW=${WINDOW:-$(setting local_window)}
+read -r RECIPE_WINDOW TRANSFER_STEPS END_TO_END_STEPS SINK_TOKENS KEY_SCALE < <(python -c "
+from modeling_performer.transfer import RECIPE_SETTINGS as s
+print(s['local_window'], s['steps'], s['end_to_end_steps'], s['sink_tokens'], int(s['hedgehog_key_scale']))")
+WINDOW=${WINDOW:-$RECIPE_WINDOW}
 # The encoder's windowed copy also keeps its first tokens exact and learns each key's scale.
-encoder_options=(--sink-tokens $(setting sink_tokens))
-[ "$(setting hedgehog_key_scale)" = True ] && encoder_options+=(--hedgehog-key-scale)
-TRANSFER_STEPS=$(setting steps) END_TO_END_STEPS=$(setting end_to_end_steps)
+encoder_options=(--sink-tokens $SINK_TOKENS)
+[ "$KEY_SCALE" = 1 ] && encoder_options+=(--hedgehog-key-scale)
 out=${OUT:-outputs/recipe}
 steps() { awk -v n="$1" -v s="${STEPS_SCALE:-1}" 'BEGIN { v = int(n * s); print (v < 1 ? 1 : v) }'; }
 mkdir -p $out
