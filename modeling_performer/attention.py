@@ -549,11 +549,13 @@ def windowed_linear_attention(
         raise ValueError(f"sink_tokens must be an integer >= 0, got {sink_tokens!r}")
     fmap = _resolve(feature_map)
     batch, heads, length, head_dim = q.shape
-    if length <= window:  # |i - j| < W for every pair: the linear part sums no key
+    # An exported graph serves every length: it keeps the banded path, right for all of them.
+    exporting = torch.compiler.is_exporting()
+    if length <= window and not exporting:  # |i - j| < W for every pair: the linear part sums no key
         return _exact_attention(q, k, v, key_padding_mask)
-    dense = length < 3 * window  # fewer keys per query than a band of three blocks
+    dense = length < 3 * window and not exporting  # fewer keys per query than a band of three blocks
     block = length if dense else window
-    num_blocks = -(-length // block)
+    num_blocks = (length + block - 1) // block  # not -(-T // C): exported integer division truncates
     padded = num_blocks * block - length
     with torch.autocast(device_type=q.device.type, enabled=False):
         mask = (key_padding_mask.to(torch.bool) if key_padding_mask is not None
@@ -651,7 +653,7 @@ def _causal_window_terms(q, keys, values, key_mask, window):
     combined positions t+1 .. t+W. -> (numerator [B, H, T, D], denominator [B, H, T], max [B, H, T])."""
     batch, heads, length, head_dim = q.shape
     block = window
-    num_blocks = -(-length // block)
+    num_blocks = (length + block - 1) // block  # not -(-T // C): exported integer division truncates
     q = F.pad(q.float(), (0, 0, 0, num_blocks * block - length))
     total = (num_blocks + 1) * block
     extra = total - keys.shape[2]

@@ -84,17 +84,23 @@ class _Logits(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
 
 
+@pytest.mark.parametrize("window", [0, 3], ids=["favor", "hedgehog-window"])
 @pytest.mark.parametrize("head", [PerformerForSequenceClassification, PerformerForCausalLM], ids=lambda h: h.__name__)
-def test_onnx_export_with_dynamic_batch_and_length_runs_in_onnxruntime(tmp_path, head):
+def test_onnx_export_with_dynamic_batch_and_length_runs_in_onnxruntime(tmp_path, head, window):
     onnxruntime = pytest.importorskip("onnxruntime")
-    wrapper = _Logits(head(tiny_config(num_labels=3)).eval())
+    options = {}
+    if window:  # traced on 3 tokens, all inside the window: the graph must still serve the longer inputs
+        options = {"feature_map": "hedgehog", "local_window": window, "hedgehog_key_scale": True}
+        if head is PerformerForSequenceClassification:
+            options["sink_tokens"] = 1
+    wrapper = _Logits(head(tiny_config(num_labels=3, **options)).eval())
     dynamic = torch.export.Dim.DYNAMIC
-    kwargs = inputs(head)
+    kwargs = inputs(head, length=3 if window else 9)
     path = tmp_path / "model.onnx"
     torch.onnx.export(wrapper, (kwargs["input_ids"], kwargs["attention_mask"]), str(path), dynamo=True,
                       dynamic_shapes=({0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic}))
     session = onnxruntime.InferenceSession(str(path))
-    for batch, length in ((3, 13), (1, 4)):  # other shapes than the traced one
+    for batch, length in ((3, 13), (1, 4), (2, 7)):  # other shapes than the traced one
         other = inputs(head, batch, length)
         got = session.run(None, {"input_ids": other["input_ids"].numpy(),
                                  "attention_mask": other["attention_mask"].numpy()})[0]
