@@ -41,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 import devices  # noqa: E402
 from bench_common import provenance  # noqa: E402
 
+from modeling_performer.transfer import RECIPE_SETTINGS  # noqa: E402
+
 # Llama 3.2 1B's shape (its config.json); only the depth changes between the measured models.
 TARGET_SHAPE = {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32,
                 "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "tie_word_embeddings": True,
@@ -48,7 +50,7 @@ TARGET_SHAPE = {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_h
 # What the recipe's causal-LM stage runs per linear student (scripts/convert_recipe.sh: its transfer
 # and LoRA lines; the end-to-end steps are RECIPE_SETTINGS').
 RECIPE_STEPS = {"layer_by_layer": {"steps": 200, "batch_size": 1},
-                "end_to_end": {"steps": 60, "batch_size": 1},
+                "end_to_end": {"steps": RECIPE_SETTINGS["end_to_end_steps"], "batch_size": 1},
                 "lora": {"steps": 200, "batch_size": 2}}
 
 
