@@ -17,7 +17,7 @@ is a + b x layers: the two depths give a (embeddings, LM head, the step's fixed 
 see the estimate against the real thing where the device has room for it.
 
     python scripts/estimate_recipe_time.py                         # this machine's device
-    python scripts/estimate_recipe_time.py --device cpu --steps 2 --check-layers 4 \
+    python scripts/estimate_recipe_time.py --device cpu --steps 2 --check-layers 4 \\
         --output docs/figures/recipe/time_1b_cpu.json              # the README's CPU numbers
     python scripts/estimate_recipe_time.py --device cuda --check-layers 16 \\
         --output docs/figures/recipe/time_1b_cuda.json
@@ -115,7 +115,7 @@ def measure(layers: int, shape: dict, args, device, precision) -> dict:
         lbl = kind == "layer_by_layer"
         # get_batch is called once per step: the last call's stamp closes the last timed step
         transfer_attention(teacher, student, get_batch, steps=runs if lbl else 0, end_to_end_steps=0 if lbl else runs,
-                           learning_rate=3e-2, progress=False, autocast=autocast)
+                           learning_rate=RECIPE_SETTINGS["learning_rate"], progress=False, autocast=autocast)
         result[kind] = {"seconds_per_step": _step_seconds(stamps[:runs])}
         if device.type == "cuda":
             result[kind]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
