@@ -1,3 +1,4 @@
+import math
 import os
 import pathlib
 import subprocess
@@ -67,6 +68,22 @@ def max_error(actual, expected, mask=None):
     if mask is not None:
         diff = diff * mask[:, None, :, None]
     return diff.max().item() / expected.double().abs().max().clamp_min(1e-30).item()
+
+
+def tolerance(dtype, terms=64):
+    """The relative error (as max_error measures it) allowed between two different computations of
+    the same values: a few units of the dtype's rounding per term of the sums they take. Bitwise
+    equality holds only for the same computation run twice or for copied data: another shape, order
+    or concatenated column rounds differently on another CPU's vector width or thread count."""
+    return 16 * torch.finfo(dtype).eps * math.sqrt(terms)
+
+
+def assert_equivalent(actual, expected, mask=None, terms=64):
+    """`actual` and `expected` are the same values computed two ways, to the dtype's tolerance."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.isfinite(actual).all()
+    error = max_error(actual, expected, mask)
+    assert error <= tolerance(expected.dtype, terms), f"relative error {error:.3g} > {tolerance(expected.dtype, terms):.3g}"
 
 
 def perturbed(model, seed=0):

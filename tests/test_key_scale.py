@@ -20,7 +20,7 @@ from modeling_performer.reference_attention import (
     naive_windowed_attention,
 )
 
-from .conftest import max_error, perturbed
+from .conftest import assert_equivalent, max_error, perturbed
 from .test_sinks import tiny_config as sink_config
 from .test_window import log_weight, padding, run_recurrent
 
@@ -72,7 +72,8 @@ def test_zero_scale_column_is_the_plain_map_and_a_scale_changes_it():
     mask, weight = padding(T), torch.zeros(H)
     plain = windowed_linear_attention(q, k, v, (query, key[..., :F]), "hedgehog", 5, weight, mask)
     zero = torch.cat([key[..., :F], torch.zeros(H_KV, D, 1)], dim=-1)
-    assert torch.equal(windowed_linear_attention(q, k, v, (query, zero), "hedgehog", 5, weight, mask), plain)
+    # A zero column is a different matmul shape: equal up to rounding, not bitwise.
+    assert_equivalent(windowed_linear_attention(q, k, v, (query, zero), "hedgehog", 5, weight, mask), plain)
     scaled = windowed_linear_attention(q, k, v, (query, key), "hedgehog", 5, weight, mask)
     assert max_error(scaled * mask[:, None, :, None], plain * mask[:, None, :, None]) > 1e-2
 
@@ -100,7 +101,7 @@ def test_fresh_model_starts_as_the_plain_map():
     plain.load_state_dict(state)
     ids = torch.randint(3, 99, (2, 15), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(scaled(ids).logits, plain(ids).logits)
+        assert_equivalent(scaled(ids).logits, plain(ids).logits)
 
 
 def test_causal_lm_generates_the_same_with_its_cache_and_saves_exactly(tmp_path):
