@@ -70,6 +70,15 @@ def max_error(actual, expected, mask=None):
     return diff.max().item() / expected.double().abs().max().clamp_min(1e-30).item()
 
 
+NUMERICS_ENV = ("ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def numerics_env() -> dict:
+    """The variables that decide how this process rounds (vector width, threads), for a child process
+    with an otherwise clean environment that must compute bit for bit what this one does."""
+    return {name: os.environ[name] for name in NUMERICS_ENV if name in os.environ}
+
+
 def tolerance(dtype, terms=64):
     """The relative error (as max_error measures it) allowed between two different computations of
     the same values: a few units of the dtype's rounding per term of the sums they take. Bitwise

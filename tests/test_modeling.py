@@ -28,7 +28,7 @@ from modeling_performer import (
 )
 from modeling_performer.reference_attention import naive_softmax_attention
 
-from .conftest import tiny_config
+from .conftest import numerics_env, tiny_config
 
 HEADS = {
     "model": PerformerModel,
@@ -240,7 +240,7 @@ def run_remote(folder, reference, auto_name, tmp_path):
     script.write_text(REMOTE_LOAD)
     done = subprocess.run([sys.executable, str(script), str(folder), str(reference), auto_name],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **numerics_env()})
     assert "remote ok" in done.stdout, done.stdout + done.stderr
 
 
