@@ -1,11 +1,14 @@
 """Conversion of pretrained softmax Transformers (BERT, RoBERTa, MiniLM, GPT-2, the Llama family:
 Llama, Mistral, Qwen2, Qwen3; or a Performer trained with softmax attention) into Performers.
+A decoder may also come as a GGUF file (llama.cpp's format, quantized or not): transformers
+dequantizes it to float32 and the same mapping applies.
 
 The converted model keeps every weight of the source; only the attention computation changes
 (`attention_type="favor"`), or nothing at all (`attention_type="softmax"`, which reproduces the
 source's hidden states and is how the mapping is tested).
 
     model, tokenizer = convert_to_performer("path/to/bert", attention_type="favor")
+    model, tokenizer = convert_to_performer("path/to/SmolLM2-135M-Instruct.Q4_1.gguf", attention_type="softmax")
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ DEFAULT_HEADS = {
     "LlamaModel": "base", "LlamaForCausalLM": "causal-lm", "MistralModel": "base", "MistralForCausalLM": "causal-lm",
     "Qwen2Model": "base", "Qwen2ForCausalLM": "causal-lm", "Qwen3Model": "base", "Qwen3ForCausalLM": "causal-lm",
 }
+# GGUF `general.architecture` values whose transformers model type converts (llama.cpp stores
+# Mistral checkpoints as "llama").
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 # The gated MLP's activation -> the Performer's gated unit.
 GATED_ACTIVATIONS = {"silu": "swiglu", "gelu": "geglu", "relu": "reglu"}
 class ConversionError(ValueError):
@@ -95,11 +101,48 @@ def _convert_performer(source, config, attention_type, num_random_features, head
     return model.eval(), AutoTokenizer.from_pretrained(source)
 
 
-def resolve_source(source: str) -> str:
-    """A local folder as it is; anything else is taken for a Hub model id and downloaded (weights,
-    config, tokenizer) where the Hub is reachable. Offline, the error says so."""
+def check_gguf(path: str) -> dict:
+    """Reads a GGUF file's header and tensor table (no weights): {"architecture", "name",
+    "license"} from its metadata. A missing, truncated or corrupt file, or an architecture that
+    does not convert, raises ConversionError naming the problem."""
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path}: no such GGUF file")
+    try:
+        import gguf
+    except ImportError:
+        raise ConversionError("reading a GGUF file needs the gguf package: pip install gguf "
+                              "(or modeling-performer[gguf])") from None
+    size = os.path.getsize(path)
+    try:
+        reader = gguf.GGUFReader(path)
+        facts = {key: reader.fields[f"general.{key}"].contents() if f"general.{key}" in reader.fields else None
+                 for key in ("architecture", "name", "license")}
+        end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as error:  # the reader fails in many ways on a cut or damaged file
+        raise ConversionError(f"{path} is not a readable GGUF file (truncated or corrupt: {error})") from None
+    if facts["architecture"] is None:
+        raise ConversionError(f"{path}: the GGUF file names no architecture (general.architecture)")
+    if end > size or not reader.tensors:
+        raise ConversionError(f"{path} is truncated: its tensors need {end:,} bytes, the file has {size:,}")
+    if facts["architecture"] not in GGUF_ARCHITECTURES:
+        raise ConversionError(f"{path}: GGUF architecture {facts['architecture']!r} does not convert; supported: "
+                              f"{list(GGUF_ARCHITECTURES)} (checkpoint folders also: {list(SUPPORTED_TYPES)})")
+    return facts
+
+
+def resolve_source(source: str, gguf_file: Optional[str] = None) -> tuple[str, Optional[str]]:
+    """(folder, gguf_file). A local folder as it is; a `.gguf` path splits into its folder and file
+    name; anything else is taken for a Hub model id and downloaded (weights, config, tokenizer, or
+    just `gguf_file`) where the Hub is reachable. Offline, the error says so. A GGUF file is checked
+    (check_gguf) before anything else reads it."""
+    if gguf_file is None and source.endswith(".gguf"):
+        source, gguf_file = os.path.split(os.path.abspath(source))
+    if gguf_file is not None and os.path.basename(gguf_file) != gguf_file:
+        raise ConversionError(f"gguf_file must be a file name inside SOURCE, not a path: {gguf_file!r}")
     if os.path.isdir(source):
-        return source
+        if gguf_file is not None:
+            check_gguf(os.path.join(source, gguf_file))
+        return source, gguf_file
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source):
         raise ConversionError(f"SOURCE must be a local model folder or a Hub model id; {source!r} is not a folder")
     from huggingface_hub import constants, snapshot_download
@@ -109,20 +152,27 @@ def resolve_source(source: str) -> str:
             f"{source!r} is not a local folder, and the Hub is offline (HF_HUB_OFFLINE=1): download the model to a "
             "folder first (huggingface-cli download) and pass the folder"
         )
+    patterns = [gguf_file] if gguf_file else ["*.json", "*.safetensors", "*.model", "*.txt"]
     try:
-        return snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        folder = snapshot_download(source, allow_patterns=patterns)
     except Exception as error:  # network, authentication, unknown repository: all mean "no source"
         raise ConversionError(f"could not download {source!r} from the Hub: {error}") from error
+    if gguf_file is not None:
+        check_gguf(os.path.join(folder, gguf_file))
+    return folder, gguf_file
 
 
-def _source_config(source):
+def _source_config(source, gguf_file=None):
     from transformers import AutoConfig
 
     if not os.path.isdir(source):
         raise ConversionError(f"SOURCE must be a local model folder (config.json + weights); {source!r} is not a folder")
-    if not os.path.isfile(os.path.join(source, "config.json")):
+    if gguf_file is not None:
+        config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
+    elif not os.path.isfile(os.path.join(source, "config.json")):
         raise ConversionError(f"{source!r} has no config.json: not a transformers model folder")
-    config = AutoConfig.from_pretrained(source)
+    else:
+        config = AutoConfig.from_pretrained(source)
     if config.model_type == PerformerConfig.model_type:
         return config
     if config.model_type not in SUPPORTED_TYPES:
@@ -329,6 +379,8 @@ def _head_weights(head: str, model_type: str, state: dict, tied: bool = True) ->
 
 BASE_CLASSES = {"bert": "BertModel", "roberta": "RobertaModel", "gpt2": "GPT2Model", "llama": "LlamaModel",
                 "mistral": "MistralModel", "qwen2": "Qwen2Model", "qwen3": "Qwen3Model"}
+CAUSAL_LM_CLASSES = {"gpt2": "GPT2LMHeadModel", **{name: BASE_CLASSES[name][:-len("Model")] + "ForCausalLM"
+                                                   for name in LLAMA_TYPES}}
 # Source weights that have no counterpart and carry nothing a Performer head uses.
 IGNORED_SOURCE_WEIGHTS = ("cls.seq_relationship.", "position_ids", ".attn.bias", ".attn.masked_bias")
 
@@ -338,10 +390,14 @@ def _ignored(key: str) -> bool:
 
 
 def convert_to_performer(source: str, attention_type: str = "favor", num_random_features: Optional[int] = None,
-                         head: str = "auto", **config_overrides):
+                         head: str = "auto", gguf_file: Optional[str] = None, **config_overrides):
     """Loads a BERT / RoBERTa / MiniLM / GPT-2 / Llama / Mistral / Qwen2 / Qwen3 checkpoint (a local
     folder, or a Hub model id where the Hub is reachable), or a saved Performer (typically one trained
     with softmax attention, to be made linear), and returns (performer_model, tokenizer).
+
+    A GGUF file is a source too: its path (`"folder/model.Q4_1.gguf"`), or `source` its folder (or Hub
+    id) and `gguf_file` its name. Its weights are dequantized to float32 and its tokenizer (chat
+    template included) comes from the file.
 
     head: "auto" (from the source's architecture), "base", "masked-lm", "classification" or
     "causal-lm". config_overrides go to PerformerConfig (e.g. num_labels=2, classifier_pooling="mean").
@@ -352,14 +408,17 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
     import transformers
     from transformers import AutoTokenizer
 
-    source = resolve_source(os.fspath(source))
-    source_config = _source_config(source)
+    source, gguf_file = resolve_source(os.fspath(source), gguf_file)
+    source_config = _source_config(source, gguf_file)
+    from_file = {"gguf_file": gguf_file} if gguf_file is not None else {}
     if head != "auto" and head not in HEADS:
         raise ConversionError(f"Unknown head {head!r}; valid: {list(HEADS)} or 'auto'")
     model_type = source_config.model_type
     if model_type == PerformerConfig.model_type:
         return _convert_performer(source, source_config, attention_type, num_random_features, head, config_overrides)
-    architecture = (getattr(source_config, "architectures", None) or [BASE_CLASSES[model_type]])[0]
+    # A GGUF file names no architecture: a decoder stored with its LM head is a causal LM.
+    unnamed = CAUSAL_LM_CLASSES[model_type] if gguf_file is not None else BASE_CLASSES[model_type]
+    architecture = (getattr(source_config, "architectures", None) or [unnamed])[0]
     if head == "auto":
         if architecture not in DEFAULT_HEADS:
             raise ConversionError(f"Cannot infer the head for architecture {architecture!r}; pass head= one of {list(HEADS)}")
@@ -369,7 +428,7 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
         raise ConversionError(f"A {model_type} checkpoint cannot become a {head} Performer")
 
     class_name = architecture if architecture in DEFAULT_HEADS else BASE_CLASSES[model_type]
-    source_model = getattr(transformers, class_name).from_pretrained(source, dtype=torch.float32)
+    source_model = getattr(transformers, class_name).from_pretrained(source, dtype=torch.float32, **from_file)
     state = dict(source_model.state_dict())  # the source model is dropped after this: no copies needed
     if source_model.base_model is source_model:
         base, state = state, {}
@@ -415,7 +474,7 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
             "%s has no weights for %s: initialised fresh, train them before use", class_name, ", ".join(fresh)
         )
     model.tie_weights()
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, **from_file)
     return model.eval(), tokenizer
 
 

