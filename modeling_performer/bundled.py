@@ -64,6 +64,11 @@ def tokenizer_path() -> pathlib.Path:
     return _folder("configuration") / "tokenizer"
 
 
+def lm_eval_tasks_path() -> pathlib.Path:
+    """The lm-evaluation-harness tasks and their held-out data (`lm_eval run --include_path ...`)."""
+    return _folder("configuration") / "lm_eval"
+
+
 def accelerate_config(name: str) -> pathlib.Path:
     return _folder("configuration") / "accelerate" / f"{name}.yaml"
 

@@ -107,3 +107,56 @@ def perturbed(model, seed=0):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+CHAT_TEMPLATE = ("{% for message in messages %}<s>{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def tiny_chat_model(folder, steps=100, **overrides):
+    """A tiny causal Performer (Hedgehog maps, an exact window of 16) with the bundled tokenizer and
+    a chat template, fitted for `steps` steps on the held-out plays of the lm-evaluation-harness
+    tasks, only so that its predictions are sharp and its greedy answers varied (the tests that use
+    it compare tools against each other, never quality). Saved to `folder`; -> (model, tokenizer)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from modeling_performer import PerformerForCausalLM
+    from modeling_performer.bundled import lm_eval_tasks_path, tokenizer_path
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path())
+    tokenizer.chat_template = CHAT_TEMPLATE
+    text = "\n\n".join(json.loads(line)["text"] for line in open(lm_eval_tasks_path() / "plays_test.jsonl"))
+    ids = torch.tensor(tokenizer(text[:200_000]).input_ids)
+    config = tiny_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         max_position_embeddings=256, feature_map="hedgehog", local_window=16, is_decoder=True,
+                         **overrides)
+    torch.manual_seed(0)
+    model = PerformerForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 65, (16,), generator=generator)
+        batch = torch.stack([ids[s:s + 64] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    # A model this small repeats itself; the penalty (saved in the folder's generation config, which
+    # the server and generate() both read) keeps its answers varied.
+    model.generation_config.repetition_penalty = 1.5
+    # As a chat model's own generation config does: requests sample unless they ask for temperature 0.
+    model.generation_config.do_sample = True
+    model.eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_folder(tmp_path_factory):
+    """tiny_chat_model's folder, made once per test session: -> (folder, model, tokenizer)."""
+    folder = tmp_path_factory.mktemp("chat") / "tiny-chat"
+    model, tokenizer = tiny_chat_model(folder, steps=200)
+    return folder, model, tokenizer

@@ -1,0 +1,229 @@
+"""`python -m modeling_performer.serve`: transformers' own OpenAI-compatible server, driven with the
+`openai` client on a loopback port, serving a tiny causal Performer (Hedgehog + window)."""
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from modeling_performer.serve import ServeArgumentError, check_serving, expose_classes
+
+from .conftest import ROOT, tiny_config
+
+openai = pytest.importorskip("openai", reason="the serve extra: pip install .[serve]")
+psutil = pytest.importorskip("psutil")
+pytest.importorskip("fastapi", reason="the serve extra: pip install .[serve]")
+
+QUESTIONS = ["Who is the king of France?", "Sing me a song.", "What is love?", "Where is the duke?",
+             "Tell me of the war.", "Is the queen well?", "What news from Rome?", "Speak, what wouldst thou?"]
+NEW_TOKENS = 12
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat_folder):
+    """-> (base url, folder, model, tokenizer); at the end the server and the model process it spawned
+    are stopped, and checked to be gone."""
+    folder, model, tokenizer = tiny_chat_folder
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "modeling_performer.serve", str(folder), "--host", "127.0.0.1",
+                                "--port", str(port), "--device", "cpu"], cwd=ROOT, env=env, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the server did not start:\n{process.stdout.read()[-4000:]}")
+        time.sleep(0.5)
+    family = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+    assert len(family) >= 2  # the server and the model's process
+    try:
+        yield url, folder, model, tokenizer
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+        process.stdout.close()
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in family) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in family if alive(pid)], "the server left processes behind"
+
+
+def alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def greedy(model, tokenizer, question, new_tokens=NEW_TOKENS, **kwargs):
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
+                             **({"stop_strings": kwargs["stop_strings"], "tokenizer": tokenizer} if kwargs else {}))
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def ask(url, folder, question, **kwargs):
+    answer = client(url).chat.completions.create(
+        model=str(folder), messages=[{"role": "user", "content": question}],
+        **{"max_tokens": NEW_TOKENS, "temperature": 0, **kwargs})
+    return answer.choices[0].message.content, answer
+
+
+def test_chat_answers_equal_greedy_generate_streaming_or_not(server):
+    url, folder, model, tokenizer = server
+    expected = greedy(model, tokenizer, QUESTIONS[0])
+    assert len(set(tokenizer(expected).input_ids)) >= 3  # a varied answer: the comparison means something
+    text, answer = ask(url, folder, QUESTIONS[0])
+    assert text == expected
+    assert answer.usage.completion_tokens == NEW_TOKENS and answer.choices[0].finish_reason == "length"
+    stream = client(url).chat.completions.create(
+        model=str(folder), messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=NEW_TOKENS,
+        temperature=0, stream=True)
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert len(pieces) >= 2 and "".join(pieces) == expected
+
+
+def test_completions_equal_greedy_generate(server):
+    url, folder, model, tokenizer = server
+    prompt = "My lord, the king"
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    expected = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = client(url).completions.create(model=str(folder), prompt=prompt, max_tokens=NEW_TOKENS, temperature=0)
+    assert answer.choices[0].text == expected
+
+
+def test_eight_concurrent_requests_are_all_answered_unchanged(server):
+    url, folder, model, tokenizer = server
+    expected = [greedy(model, tokenizer, q) for q in QUESTIONS]
+    assert len(set(expected)) >= 3
+    with concurrent.futures.ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        answers = list(pool.map(lambda q: ask(url, folder, q)[0], QUESTIONS))
+    assert answers == expected
+
+
+def test_max_tokens_stop_strings_and_seeded_sampling_behave_as_generate(server):
+    url, folder, model, tokenizer = server
+    expected = greedy(model, tokenizer, QUESTIONS[1])
+    short, answer = ask(url, folder, QUESTIONS[1], max_tokens=3)
+    assert answer.usage.completion_tokens == 3 and expected.startswith(short)
+    cut = expected.strip().split()[1]  # the second word: the answer stops at it, as generate(stop_strings=) does
+    stopped, answer = ask(url, folder, QUESTIONS[1], stop=[cut])
+    assert stopped == greedy(model, tokenizer, QUESTIONS[1], stop_strings=[cut])
+    assert expected.startswith(stopped) and len(stopped) < len(expected) and stopped.rstrip().endswith(cut)
+    assert answer.choices[0].finish_reason == "stop"
+    sampled = [ask(url, folder, QUESTIONS[1], temperature=1.5, seed=7)[0] for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    others = {ask(url, folder, QUESTIONS[1], temperature=1.5, seed=seed)[0] for seed in range(4)}
+    assert len(others) >= 2  # sampling does sample
+
+
+def post(url, body):
+    request = urllib.request.Request(url + "/v1/chat/completions", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+@pytest.mark.parametrize("body", [
+    pytest.param({"max_tokens": 4}, id="no-messages"),
+    pytest.param('{"messages": [', id="bad-json"),
+    pytest.param({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": -3}, id="negative-max-tokens"),
+    pytest.param({"messages": [{"role": "user", "content": "word " * 300}], "max_tokens": 4}, id="prompt-too-long"),
+])
+def test_malformed_requests_get_an_error_status_and_the_next_is_served(server, body):
+    url, folder, model, tokenizer = server
+    if isinstance(body, dict):
+        body = json.dumps({"model": str(folder), **body})
+    status, text = post(url, body)
+    assert 400 <= status < 600, (status, text)
+    if "word word" in body:
+        assert status == 400 and "tokens" in text  # the server's own message, not a traceback
+    assert ask(url, folder, QUESTIONS[2])[0] == greedy(model, tokenizer, QUESTIONS[2])
+
+
+# What is refused before the server starts.
+
+def save(tmp_path, head, **overrides):
+    from modeling_performer import PerformerForCausalLM, PerformerForConditionalGeneration, PerformerForMaskedLM
+
+    classes = {"causal": PerformerForCausalLM, "masked": PerformerForMaskedLM,
+               "seq2seq": PerformerForConditionalGeneration}
+    folder = tmp_path / head
+    classes[head](tiny_config(**overrides)).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("head,reason", [("masked", "PerformerForMaskedLM"), ("seq2seq", "encoder-decoder")])
+def test_a_folder_that_is_not_a_causal_lm_is_refused_with_the_reason(tmp_path, head, reason):
+    folder = save(tmp_path, head)
+    with pytest.raises(ServeArgumentError, match=reason):
+        check_serving(folder)
+    done = subprocess.run([sys.executable, "-m", "modeling_performer.serve", folder, "--port", str(free_port())],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and reason in done.stderr and "causal LM" in done.stderr
+
+
+def test_continuous_batching_is_refused_for_a_performer(tmp_path):
+    folder = save(tmp_path, "causal", is_decoder=True)
+    check_serving(folder)  # a causal LM is served
+    with pytest.raises(ServeArgumentError, match="recurrent state"):
+        check_serving(folder, continuous_batching=True)
+    with pytest.raises(ServeArgumentError, match="on the command line"):
+        check_serving(None, continuous_batching=True)
+    done = subprocess.run([sys.executable, "-m", "modeling_performer.serve", folder, "--continuous-batching"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--continuous-batching" in done.stderr
+
+
+def test_other_models_pass_through_and_no_transformers_name_is_replaced(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import transformers
+    from modeling_performer import PerformerForCausalLM
+
+    folder = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                 intermediate_size=37)).save_pretrained(folder)
+    check_serving(str(folder), continuous_batching=True)  # transformers' own model: its own rules
+    check_serving(str(folder) + ":model.gguf")
+    expose_classes()
+    assert transformers.PerformerForCausalLM is PerformerForCausalLM
+    assert transformers.LlamaForCausalLM is LlamaForCausalLM
