@@ -227,3 +227,22 @@ def test_other_models_pass_through_and_no_transformers_name_is_replaced(tmp_path
     expose_classes()
     assert transformers.PerformerForCausalLM is PerformerForCausalLM
     assert transformers.LlamaForCausalLM is LlamaForCausalLM
+
+
+def test_server_benchmark_measures_each_point_once_and_resumes(tiny_chat_folder, tmp_path):
+    folder = tiny_chat_folder[0]
+    output = tmp_path / "serving_chat.json"
+    command = [sys.executable, str(ROOT / "scripts" / "bench_chat_server.py"), str(folder), "--labels", "tiny",
+               "--contexts", "64", "96", "--clients", "2", "--requests", "1", "--new-tokens", "4", "--output",
+               str(output)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(output.read_text())["results"]
+    assert [r["context"] for r in rows] == [64, 96]
+    for row in rows:
+        assert row["requests"] == 2 and row["generated_per_request"] == 4  # exactly --new-tokens
+        assert 0 < row["ttft_s_min"] <= row["ttft_s_mean"] <= row["latency_s_mean"]
+        assert row["prompt_tokens"] <= row["context"] - 4 + 8  # the prompt is cut to fit the context
+    assert output.with_suffix(".png").stat().st_size > 0
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and json.loads(output.read_text())["results"] == rows  # nothing measured twice
