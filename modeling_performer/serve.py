@@ -121,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
     from transformers.cli.transformers import app
 
-    app(["serve", *argv], prog_name=PROG)
+    app.get_command(None, "serve").main(args=argv, prog_name=PROG)
     return 0
 
 
