@@ -9,6 +9,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# torch.compile's code cache keys its generated C++ without ATEN_CPU_CAPABILITY, but compiles it with
+# that capability's flags: a kernel vectorized by an earlier run no longer compiles under
+# ATEN_CPU_CAPABILITY=default ("'at::vec' has not been declared"). One cache per capability.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(pathlib.Path(__file__).resolve().parent.parent / ".cache" / (
+    "torchinductor-" + os.environ.get("ATEN_CPU_CAPABILITY", "native"))))
 
 from modeling_performer import PerformerConfig  # noqa: E402
 
