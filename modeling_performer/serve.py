@@ -27,9 +27,15 @@ exactly as `transformers serve` serves it, so both can be measured the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from typing import Optional, Sequence
 
 import transformers
@@ -56,6 +62,15 @@ def expose_classes() -> None:
             raise RuntimeError(f"transformers already defines {name}; refusing to shadow it")
 
 
+def split_gguf(model: str) -> tuple[str, Optional[str]]:
+    """The server's model argument as (folder or Hub id, GGUF file name or None): `folder:file.gguf`
+    names a GGUF file in a folder, as transformers serve reads it; an existing path is a folder."""
+    repo, colon, name = model.rpartition(":")
+    if colon and name.endswith(".gguf") and not os.path.exists(model):
+        return repo, name
+    return model, None
+
+
 def _performer_config(model: str) -> Optional[dict]:
     """The config.json of a local Performer folder, else None (a hub id, a GGUF file, another model)."""
     path = os.path.join(model, "config.json")
@@ -79,7 +94,7 @@ def check_serving(model: Optional[str], continuous_batching: bool = False) -> No
                 "Performer models keep a recurrent state that continuous batching's paged key/value cache has no "
                 "place for (it holds full and sliding-window attention layers only)")
         return
-    if not os.path.exists(model) and model.rpartition(":")[2].endswith(".gguf"):
+    if split_gguf(model)[1] is not None:
         return
     values = _performer_config(model)
     if values is None:
@@ -101,28 +116,64 @@ def check_serving(model: Optional[str], continuous_batching: bool = False) -> No
             "Leave the flag out: requests are then served one generate() at a time")
 
 
-def _parse(argv: Sequence[str]) -> dict:
-    """transformers serve's own parse of the command line (its option names and defaults)."""
+def _serve_command():
+    """transformers' `serve` command (a click command: its own parser, options and defaults)."""
     from transformers.cli.transformers import app
 
-    command = app.get_command(None, "serve")
-    context = command.make_context("serve", list(argv), resilient_parsing=True)
-    return context.params
+    return app.get_command(None, "serve")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = _serve_command()
     if not {"--help", "-h"} & set(argv):
-        params = _parse(argv)
+        params = command.make_context("serve", list(argv), resilient_parsing=True).params
         try:
             check_serving(params.get("force_model"), bool(params.get("continuous_batching")))
         except ServeArgumentError as error:
             print(f"{PROG}: error: {error}", file=sys.stderr)
             return 2
-    from transformers.cli.transformers import app
-
-    app.get_command(None, "serve").main(args=argv, prog_name=PROG)
+    command.main(args=argv, prog_name=PROG)
     return 0
+
+
+def start(model: str, *flags: str, port: Optional[int] = None, timeout: float = 600,
+          **popen_kwargs) -> tuple[subprocess.Popen, str]:
+    """Starts this entry point for `model` in a process group of its own, on loopback (`port`, or a
+    free one), and waits until it answers /health. `flags` go to the server, `popen_kwargs` to
+    subprocess.Popen (stdout, env, ...). -> (process, base url). Raises RuntimeError if the server
+    stops or does not answer within `timeout` seconds (it is then stopped)."""
+    if port is None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "modeling_performer.serve", model, "--host", "127.0.0.1", "--port", str(port),
+                                *flags], start_new_session=True, **popen_kwargs)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return process, url
+        except OSError:
+            time.sleep(0.5)
+    code = process.poll()
+    stop(process)
+    raise RuntimeError(f"the server for {model} " + (f"stopped (exit code {code})" if code is not None
+                                                     else f"did not answer /health in {timeout:g} s"))
+
+
+def stop(process: subprocess.Popen, timeout: float = 60) -> None:
+    """Stops a server that `start` started, with the model process it spawned (SIGTERM to its process
+    group, SIGKILL after `timeout` seconds)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 expose_classes()

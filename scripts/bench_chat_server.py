@@ -25,51 +25,13 @@ import concurrent.futures
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
-import urllib.request
 
 from bench_common import ROOT, add_output_arguments, provenance, results_path
 
 NAME = "serving_chat"
 QUESTION = "\n\nIn one sentence: who speaks first in this scene?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: str, port: int, device: str) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "modeling_performer.serve", model, "--host", "127.0.0.1",
-                                "--port", str(port), "--device", device, "--log-level", "warning"],
-                               cwd=ROOT, env=env, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server for {model} stopped (exit code {process.returncode})")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return process
-        except OSError:
-            time.sleep(1)
-    stop_server(process)
-    raise SystemExit(f"the server for {model} did not answer /health in 600 s")
-
-
-def stop_server(process: subprocess.Popen):
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def prompt_of(tokenizer, tokens: int) -> str:
@@ -183,7 +145,7 @@ def main(argv=None):
         return
     from transformers import AutoTokenizer
 
-    import modeling_performer  # noqa: F401  (registers the Performer classes)
+    from modeling_performer import serve  # importing it registers the Performer classes
 
     data = json.loads(path.read_text()) if path.exists() else {"results": []}
     data.update({"clients": args.clients, "requests_per_client": args.requests, "new_tokens": args.new_tokens,
@@ -193,14 +155,17 @@ def main(argv=None):
                 if not any(r["model"] == model and r["context"] == c for r in data["results"])]
         if not todo:
             continue
-        repo, _, gguf_file = model.rpartition(":") if model.endswith(".gguf") else (model, "", None)
+        repo, gguf_file = serve.split_gguf(model)
         tokenizer = AutoTokenizer.from_pretrained(repo, **({"gguf_file": gguf_file} if gguf_file else {}))
-        port = free_port()
-        process = start_server(model, port, args.device)
+        try:
+            process, url = serve.start(model, "--device", args.device, "--log-level", "warning", cwd=ROOT,
+                                       env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        except RuntimeError as error:
+            raise SystemExit(str(error)) from None
         try:
             for context in todo:
                 row = {"model": model, "label": label, "context": context,
-                       **measure(model, f"http://127.0.0.1:{port}", prompt_of(tokenizer, context - args.new_tokens), args)}
+                       **measure(model, url, prompt_of(tokenizer, context - args.new_tokens), args)}
                 print(json.dumps(row), flush=True)
                 data["results"].append(row)
                 data.update(provenance())
@@ -209,7 +174,7 @@ def main(argv=None):
                 tmp.write_text(json.dumps(data, indent=1))
                 tmp.replace(path)
         finally:
-            stop_server(process)
+            serve.stop(process)
     draw(data, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
 

@@ -30,6 +30,16 @@ def lm_eval(folder, out, *tasks, limit=8):
     return json.loads(open(path).read())
 
 
+def tasks_module():
+    """The tasks' dataset module (a file beside the YAMLs, as lm_eval imports it)."""
+    sys.path.insert(0, str(lm_eval_tasks_path()))
+    try:
+        import performer_tasks
+    finally:
+        sys.path.pop(0)
+    return performer_tasks
+
+
 def test_tasks_run_offline_and_perplexity_agrees_with_evaluate_lm(tiny_chat_folder, tmp_path):
     folder, model, tokenizer = tiny_chat_folder
     results = lm_eval(folder, tmp_path / "lm_eval", *TASKS)
@@ -39,11 +49,7 @@ def test_tasks_run_offline_and_perplexity_agrees_with_evaluate_lm(tiny_chat_fold
 
     # lm_eval scores each work in rolling windows of the model's length (256) and reports per byte;
     # evaluate_lm scores the same text (the works as its rows) in blocks of 256 tokens. Per token, they agree.
-    sys.path.insert(0, str(lm_eval_tasks_path()))
-    try:
-        import performer_tasks
-    finally:
-        sys.path.pop(0)
+    performer_tasks = tasks_module()
     rolling = results["results"]["performer_plays_ppl"]
     documents = performer_tasks.works()["test"]["text"]
     size = sum(len(text.encode("utf-8")) for text in documents)
@@ -70,11 +76,7 @@ def test_the_shipped_plays_are_the_prepared_test_split(tmp_path):
 
 
 def test_the_next_line_task_is_the_same_everywhere_and_its_answers_follow_their_context():
-    sys.path.insert(0, str(lm_eval_tasks_path()))
-    try:
-        import performer_tasks
-    finally:
-        sys.path.pop(0)
+    performer_tasks = tasks_module()
     rows = performer_tasks.next_lines()["test"]
     assert rows.to_list() == performer_tasks.next_lines()["test"].to_list()
     assert len(rows) > 150

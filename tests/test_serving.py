@@ -3,9 +3,6 @@
 
 import concurrent.futures
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +12,7 @@ import urllib.request
 import pytest
 import torch
 
+from modeling_performer import serve
 from modeling_performer.serve import ServeArgumentError, check_serving, expose_classes
 
 from .conftest import ROOT, tiny_config
@@ -28,47 +26,25 @@ QUESTIONS = ["Who is the king of France?", "Sing me a song.", "What is love?", "
 NEW_TOKENS = 12
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tiny_chat_folder):
+def server(tiny_chat_folder, tmp_path_factory):
     """-> (base url, folder, model, tokenizer); at the end the server and the model process it spawned
-    are stopped, and checked to be gone."""
+    are stopped, and checked to be gone. The server's output goes to a file (a pipe nobody reads
+    would fill and stall it)."""
     folder, model, tokenizer = tiny_chat_folder
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "modeling_performer.serve", str(folder), "--host", "127.0.0.1",
-                                "--port", str(port), "--device", "cpu"], cwd=ROOT, env=env, start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log, "w") as output:
         try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the server did not start:\n{process.stdout.read()[-4000:]}")
-        time.sleep(0.5)
+            process, url = serve.start(str(folder), "--device", "cpu", timeout=180, cwd=ROOT, stdout=output,
+                                       stderr=subprocess.STDOUT)
+        except RuntimeError as error:
+            pytest.fail(f"{error}:\n{log.read_text()[-4000:]}")
     family = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
     assert len(family) >= 2  # the server and the model's process
     try:
         yield url, folder, model, tokenizer
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
-        process.stdout.close()
+        serve.stop(process, timeout=30)
         deadline = time.monotonic() + 30
         while any(alive(pid) for pid in family) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -196,7 +172,7 @@ def test_a_folder_that_is_not_a_causal_lm_is_refused_with_the_reason(tmp_path, h
     folder = save(tmp_path, head)
     with pytest.raises(ServeArgumentError, match=reason):
         check_serving(folder)
-    done = subprocess.run([sys.executable, "-m", "modeling_performer.serve", folder, "--port", str(free_port())],
+    done = subprocess.run([sys.executable, "-m", "modeling_performer.serve", folder],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and reason in done.stderr and "causal LM" in done.stderr
 
