@@ -67,7 +67,7 @@ def _resolve(feature_map):
 
 def _finite(m: torch.Tensor) -> torch.Tensor:
     """A stabiliser usable in a subtraction: -inf (nothing seen yet) becomes 0."""
-    return torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    return torch.where(torch.isinf(m), 0.0, m)
 
 
 def _check_qkv(q, k, v, key_padding_mask):
@@ -145,8 +145,7 @@ def _divide(augmented: torch.Tensor) -> torch.Tensor:
     """[..., D + 1] (numerator, normaliser) -> [..., D]; rows whose normaliser underflowed -> 0."""
     numerator, denominator = augmented[..., :-1], augmented[..., -1:]
     valid = denominator > _DENOMINATOR_FLOOR
-    safe = torch.where(valid, denominator, torch.ones_like(denominator))
-    return torch.where(valid, numerator / safe, torch.zeros_like(numerator))
+    return torch.where(valid, numerator / torch.where(valid, denominator, 1.0), 0.0)
 
 
 
@@ -295,12 +294,15 @@ def _causal_terms(fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, 
     keep = None if mask is None else mask.view(batch, mask.shape[1], num_chunks, chunk, 1)
     shift = (offset.view(batch, heads, num_chunks, chunk) + stabiliser[..., None]).unsqueeze(-1)
     phi_k = _masked_keys(fmap, logits.view(batch, heads, num_chunks, chunk, logits.shape[-1]), shift, keep)
-    # Query heads as [key/value head, group member]: every key-side tensor gains a broadcast group axis.
-    phi_q = phi_q.reshape(batch, heads, groups, num_chunks, chunk, num_features)
+    # The G query heads of a key/value head as one block of G * C rows per chunk: [B, H_kv, NC, G * C, M],
+    # so that every product reads the key-side chunk as it is (no copy per query head).
+    phi_q = phi_q.reshape(batch, heads, groups, num_chunks, chunk, num_features).transpose(2, 3)
+    phi_q = phi_q.reshape(batch, heads, num_chunks, groups * chunk, num_features)
     v1 = v1.view(batch, heads, num_chunks, chunk, value_dim + 1)
 
-    # Inside each chunk: an explicit lower-triangular product.
-    out = (phi_q @ phi_k.transpose(-1, -2).unsqueeze(2)).tril() @ v1.unsqueeze(2)  # [B, H_kv, G, NC, C, D + 1]
+    # Inside each chunk: an explicit lower-triangular product (in place: the product is needed by nothing else).
+    later = torch.ones(chunk, chunk, dtype=torch.bool, device=phi_q.device).triu(1).repeat(groups, 1)
+    out = (phi_q @ phi_k.transpose(-1, -2)).masked_fill_(later, 0.0) @ v1  # [B, H_kv, NC, G * C, D + 1]
 
     # Across chunks: the state before chunk c, at chunk c's scale.
     chunk_kvz = (v1.transpose(-1, -2) @ phi_k).transpose(-1, -2)  # [B, H, NC, M, D + 1]
@@ -318,12 +320,15 @@ def _causal_terms(fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, 
             before.append(kvz)
             kvz = kvz + kvz_c
         before = torch.stack(before, dim=2)
-    out = out + phi_q @ before.unsqueeze(2)
+    out = out + phi_q @ before
 
+    out = out.view(batch, heads, num_chunks, groups, chunk, value_dim + 1).transpose(2, 3)
     out = out.reshape(batch, query_heads, num_chunks * chunk, value_dim + 1)[:, :, :length]
     per_token = stabiliser[:, :, None, :, None].expand(batch, heads, groups, num_chunks, chunk)
     per_token = per_token.reshape(batch, query_heads, -1)[..., :length]
-    return out, per_token, LinearAttentionState(kvz, running[..., -1])
+    # The running maximum as a tensor of its own (not a strided view of the chunks' maxima): a state
+    # keeps one layout from the prefill on, so a compiled decoding step does not recompile for it.
+    return out, per_token, LinearAttentionState(kvz, running[..., -1].clone(memory_format=torch.contiguous_format))
 
 
 def _running_max(x: torch.Tensor) -> torch.Tensor:
@@ -355,11 +360,11 @@ def _absorb_key(state, k, v, projection, fmap, key_padding_mask, in_place=False)
     """Adds one key/value (k, v: [B, H, 1, D]; key_padding_mask: [B, 1], [B, H, 1] or None) to a linear state.
     -> (joined state [B, H, M, D + 1] at the new scale, new running maximum [B, H] (-inf while
     empty), its finite version). in_place: state.kvz itself is rescaled and added to (two passes
-    over it instead of five, no new tensor) and returned. On CPU the rescaling pass is skipped
-    when no head's maximum grows (the decay is then exactly 1): a new maximum grows rare as the
-    context grows (for keys drawn alike, about B * H / t of the steps at t tokens), so long contexts
-    mostly make one pass. Asking costs a host sync, free on CPU but not on an accelerator, where
-    the pass always runs."""
+    over it instead of five, no new tensor) and returned. The rescaling pass always runs (its
+    factor is exactly 1 where no head's maximum grew): asking whether it may be skipped would
+    synchronise with the host at every layer of every step."""
+    if not fmap.calibrated:
+        return _absorb_bounded_key(state, k, v, projection, fmap, key_padding_mask, in_place)
     logits, offset, token_max = _key_terms(k, projection, fmap, key_padding_mask)
     running = torch.maximum(state.stabiliser, token_max[..., 0])
     stabiliser = _finite(running)
@@ -369,12 +374,27 @@ def _absorb_key(state, k, v, projection, fmap, key_padding_mask, in_place=False)
     phi_k = _masked_keys(fmap, logits, shift, keep)[:, :, 0]  # [B, H, M]
     outer = (phi_k.unsqueeze(-1), _with_ones(v)[:, :, 0].unsqueeze(-2))
     if in_place:
-        if state.kvz.device.type != "cpu" or bool((running != state.stabiliser).any()):
-            state.kvz.mul_(decay)
-        kvz = state.kvz.addcmul_(*outer)
+        kvz = state.kvz.mul_(decay).addcmul_(*outer)
     else:
         kvz = state.kvz * decay + outer[0] * outer[1]
     return kvz, running, stabiliser
+
+
+def _absorb_bounded_key(state, k, v, projection, fmap, key_padding_mask, in_place):
+    """`_absorb_key` for a map without a stabiliser (ReLU, Hedgehog): token maxima are 0, so the
+    running maximum is -inf until the first real key and 0 from then on, and the state is all
+    zeros while it is -inf. The rescaling factor is therefore 1, or multiplies zeros: the key's
+    features are simply added (a padded key's are zeroed), with the same result in fewer passes."""
+    phi_k = fmap.key_features(k, projection)[:, :, 0]  # [B, H, M]
+    if key_padding_mask is None:
+        running = state.stabiliser.clamp_min(0.0)
+    else:
+        real = _head_mask(key_padding_mask)[..., 0]  # [B, 1 or H]
+        phi_k = torch.where(real[..., None], phi_k, 0.0)
+        running = state.stabiliser.masked_fill(real, 0.0)
+    outer = (phi_k.unsqueeze(-1), _with_ones(v)[:, :, 0].unsqueeze(-2))
+    kvz = state.kvz.addcmul_(*outer) if in_place else state.kvz + outer[0] * outer[1]
+    return kvz, running, running.clamp_min(0.0)  # the finite stabiliser: -inf and 0 both give 0
 
 
 def may_update_in_place(state) -> bool:
@@ -482,10 +502,10 @@ def _check_window(window, q, k):
 def _window_scores(q, keys, allowed):
     """q: [..., C, D], keys: [..., K, D], allowed: bool broadcastable to [..., C, K].
     -> (sum_j exp(s - m) v-weights [..., C, K] (0 where not allowed), m: [..., C] (-inf if none))."""
-    scores = (q.float() @ keys.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    top = scores.amax(dim=-1)
-    weights = torch.exp(scores - _finite(top)[..., None])  # exp(-inf) = 0 where not allowed
+    scores = (q.float() @ keys.float().transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    scores = scores.masked_fill_(~allowed, float("-inf"))
+    top = scores.amax(dim=-1)  # (its backward reads the scores: they are not overwritten below)
+    weights = (scores - _finite(top)[..., None]).exp_()  # exp(-inf) = 0 where not allowed
     return weights, top
 
 
@@ -493,11 +513,12 @@ def _combine(window_num, window_den, window_max, linear, linear_stabiliser, quer
              calibrated):
     """One normaliser for both parts. window_num: [B, H, T, D], window_den, window_max: [B, H, T];
     linear: [B, H, T, D + 1] (phi(q) sums at the scale exp(-linear_stabiliser)); query_log_scale:
-    [B, H, T]; linear_log_weight: [H] or None. -> [B, H, T, D] fp32."""
+    [B, H, T] or None; linear_log_weight: [H] or None. -> [B, H, T, D] fp32."""
     heads = linear.shape[1]
     log_weight = (linear_log_weight.float().view(1, heads, 1) if linear_log_weight is not None
                   else linear.new_zeros(1, heads, 1))
-    log_weight = log_weight + query_log_scale
+    if query_log_scale is not None:  # None: no factor was removed from the queries (an uncalibrated map)
+        log_weight = log_weight + query_log_scale
     if calibrated:
         log_weight = log_weight + linear_stabiliser - _finite(window_max)
     # Scale both parts by exp(-max(a, 0)): neither factor can overflow, the ratio is unchanged.
@@ -505,6 +526,17 @@ def _combine(window_num, window_den, window_max, linear, linear_stabiliser, quer
     window_factor, linear_factor = torch.exp(-top)[..., None], torch.exp(log_weight - top)[..., None]
     combined = torch.cat([window_num, window_den[..., None]], dim=-1) * window_factor + linear * linear_factor
     return _divide(combined)
+
+
+def _mix_uncalibrated(window_part, linear, linear_log_weight):
+    """`_combine` for an uncalibrated map, in the grouped layout of a decoding step: window_part
+    (numerator and denominator) and linear: [B, H_kv, G, D + 1]; linear_log_weight: [H] or None.
+    The same products as `_combine`, with nothing to add for the queries' scale. -> [B, H_kv, G, D]."""
+    if linear_log_weight is None:  # both factors are exactly 1
+        return _divide(window_part + linear)
+    log_weight = linear_log_weight.float().view(1, *window_part.shape[1:3], 1)
+    top = log_weight.clamp_min(0.0)
+    return _divide(window_part * torch.exp(-top) + linear * torch.exp(log_weight - top))
 
 
 def _exact_attention(q, k, v, key_padding_mask):
@@ -648,30 +680,39 @@ def _add_sinks(q, k, v1, phi_q, phi_k, mask, window, sink_tokens, parts, calibra
 
 
 def _causal_window_terms(q, keys, values, key_mask, window):
-    """Exact part of causal windowed attention. q: [B, H, T, D]; keys/values: [B, H, W + T, D],
+    """Exact part of causal windowed attention. q: [B, H, T, D]; keys/values: [B, H_kv, W + T, D],
     the W keys before the first query then the T new ones; key_mask: [B, W + T]. Query t sees
-    combined positions t+1 .. t+W. -> (numerator [B, H, T, D], denominator [B, H, T], max [B, H, T])."""
+    combined positions t+1 .. t+W. -> (numerator [B, H, T, D], denominator [B, H, T], max [B, H, T]).
+    Blocks of C = W queries read a band of the next 2C keys. The G = H / H_kv query heads of a
+    key/value head are stacked as one block of G * C rows, so every product reads the key/value head's
+    band as it is: nothing key-side is copied per query head."""
     batch, heads, length, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    groups = heads // kv_heads
     block = window
     num_blocks = (length + block - 1) // block  # not -(-T // C): exported integer division truncates
     q = F.pad(q.float(), (0, 0, 0, num_blocks * block - length))
+    # [B, H_kv, G, NB, C, D] -> [B, H_kv, NB, G * C, D]
+    q = q.view(batch, kv_heads, groups, num_blocks, block, head_dim).transpose(2, 3)
+    q = q.reshape(batch, kv_heads, num_blocks, groups * block, head_dim)
     total = (num_blocks + 1) * block
     extra = total - keys.shape[2]
     keys, values = F.pad(keys.float(), (0, 0, 0, extra)), F.pad(values.float(), (0, 0, 0, extra))
     key_mask = F.pad(key_mask, (0, extra), value=False)
 
-    def band(x):  # [B, H, (NB + 1) C, X] -> blocks b and b+1 as a strided view: [B, H, NB, X, 2C]
+    def band(x):  # [B, H_kv, (NB + 1) C, X] -> blocks b and b+1 as a strided view: [B, H_kv, NB, X, 2C]
         return x.unfold(2, 2 * block, block)
 
     local = torch.arange(block, device=q.device)
     ahead = torch.arange(2 * block, device=q.device)[None, :] - local[:, None]  # key slot a' - query slot a
-    allowed = (ahead >= 1) & (ahead <= window) & band(key_mask[:, None, :, None])[..., 0, :].bool()[:, :, :, None, :]
-    weights, top = _window_scores(q.view(batch, heads, num_blocks, block, head_dim),
-                                  band(keys).transpose(-1, -2), allowed)
+    near = ((ahead >= 1) & (ahead <= window)).repeat(groups, 1)  # [G * C, 2C]
+    allowed = near & band(key_mask[:, None, :, None])[..., 0, :].bool()[:, :, :, None, :]
+    weights, top = _window_scores(q, band(keys).transpose(-1, -2), allowed)  # [B, H_kv, NB, G * C, 2C]
     numerator = weights @ band(values).transpose(-1, -2)
 
-    def flat(x):
-        return x.reshape(batch, heads, num_blocks * block, *x.shape[4:])[:, :, :length]
+    def flat(x):  # [B, H_kv, NB, G * C, ...] -> [B, H, T, ...]
+        x = x.view(batch, kv_heads, num_blocks, groups, block, *x.shape[4:]).transpose(2, 3)
+        return x.reshape(batch, heads, num_blocks * block, *x.shape[5:])[:, :, :length]
 
     return flat(numerator), flat(weights.sum(-1)), flat(top)
 
@@ -718,11 +759,14 @@ def causal_windowed_attention(
             fmap, phi_q, logits, offset, token_max, _with_ones(values[:, :, :length]), delayed_mask, linear_state,
             chunk_size, kernel, q.dtype,
         )
-        window_num, window_den, window_max = _causal_window_terms(q, repeat_key_heads(keys, heads),
-                                                                  repeat_key_heads(values, heads), key_mask, window)
+        window_num, window_den, window_max = _causal_window_terms(q, keys, values, key_mask, window)
         out = _combine(window_num, window_den, window_max, linear, linear_stabiliser, log_scale, linear_log_weight,
                        fmap.calibrated)
-    new_state = WindowedAttentionState(*linear_state, keys[:, :, length:], values[:, :, length:], key_mask[:, length:])
+    # Contiguous copies (W tokens each): the state keeps one layout from the prefill on, so a compiled
+    # decoding step does not recompile for the buffers' strides.
+    new_state = WindowedAttentionState(*linear_state, *(x.clone(memory_format=torch.contiguous_format)
+                                                        for x in (keys[:, :, length:], values[:, :, length:],
+                                                                  key_mask[:, length:])))
     return out.to(v.dtype), new_state
 
 
@@ -750,19 +794,29 @@ def recurrent_windowed_attention(
     state = _window_state_for(state, fmap, projection, k, v, window)
     mask = (key_padding_mask.to(torch.bool) if key_padding_mask is not None
             else torch.ones(batch, 1, dtype=torch.bool, device=q.device))
+    heads, kv_heads = q.shape[1], k.shape[1]
     with torch.autocast(device_type=q.device.type, enabled=False):
         kvz, running, stabiliser = _absorb_key(state, state.keys[:, :, :1], state.values[:, :, :1], projection, fmap,
                                                state.key_mask[:, :1], in_place)
-        phi_q, log_scale = fmap.queries_with_log_scale(q, projection)
-        heads = q.shape[1]
-        linear = _query_heads(_query_groups(phi_q, kvz.shape[1]) @ kvz, heads)  # [B, H, 1, D + 1]
-
+        if fmap.calibrated:
+            phi_q, log_scale = fmap.queries_with_log_scale(q, projection)
+        else:  # nothing removed from the queries: no log scale to add
+            phi_q, log_scale = fmap.queries(q, projection), None
+        # Every product runs per key/value head with its group's queries side by side ([B, H_kv, G, X]):
+        # nothing key-side is repeated per query head.
+        linear = _query_groups(phi_q, kv_heads) @ kvz  # [B, H_kv, G, D + 1]
         keys = torch.cat([state.keys[:, :, 1:], k.to(state.keys.dtype)], dim=2)
         values = torch.cat([state.values[:, :, 1:], v.to(state.values.dtype)], dim=2)
         key_mask = torch.cat([state.key_mask[:, 1:], mask], dim=1)
-        weights, top = _window_scores(q, repeat_key_heads(keys, heads), key_mask[:, None, None, :])
-        out = _combine(weights @ repeat_key_heads(values, heads).float(), weights.sum(-1), top, linear,
-                       repeat_key_heads(stabiliser, heads)[..., None], log_scale, linear_log_weight, fmap.calibrated)
+        weights, top = _window_scores(_query_groups(q, kv_heads), keys, key_mask[:, None, None, :])
+        window_part = torch.cat([weights @ values.float(), weights.sum(-1, keepdim=True)], dim=-1)  # [B, H_kv, G, D + 1]
+        if fmap.calibrated:
+            stabiliser = _query_heads(stabiliser[..., None, None].expand(-1, -1, heads // kv_heads, 1), heads)[..., 0]
+            window_part = _query_heads(window_part, heads)
+            out = _combine(window_part[..., :-1], window_part[..., -1], top.view(batch, heads, 1),
+                           _query_heads(linear, heads), stabiliser, log_scale, linear_log_weight, True)
+        else:
+            out = _query_heads(_mix_uncalibrated(window_part, linear, linear_log_weight), heads)
     new_state = WindowedAttentionState(kvz, running, keys, values, key_mask)
     return out.to(v.dtype), new_state
 
@@ -934,8 +988,7 @@ def _sparse_segment(q, k, v, mask, projection, fmap, window, linear_log_weight, 
         linear = terms[:, :, :groups].reshape(batch, heads, steps, -1)
         linear_scale = term_scale[:, :, :groups].reshape(batch, heads, steps)
         new_scores = _recall_error(v, terms[:, :, groups])
-        window_part = _causal_window_terms(q, repeat_key_heads(keys, heads), repeat_key_heads(values, heads),
-                                           key_mask, window)
+        window_part = _causal_window_terms(q, keys, values, key_mask, window)
         weights, top = _window_scores(q, repeat_key_heads(candidate_keys, heads), repeat_key_heads(member, heads))
         cache_part = (weights @ repeat_key_heads(candidate_values, heads).float(), weights.sum(-1), top)
         out = _combine_with_cache(window_part, cache_part, linear, linear_scale, log_scale, linear_log_weight,

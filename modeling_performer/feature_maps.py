@@ -128,6 +128,12 @@ class _BoundedFeatureMap:
     def token_max(logits: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(offset)
 
+    @classmethod
+    def key_features(cls, k: torch.Tensor, projection) -> torch.Tensor:
+        """phi(k): [B, H, S, M] directly (a bounded map needs no stabiliser in between)."""
+        logits, offset = cls.key_logits(k, projection)
+        return cls.keys(logits, offset.unsqueeze(-1))
+
 
 class ReluFeatureMap(_BoundedFeatureMap):
     """Generalised-kernel features relu(W x') + eps (no stabiliser needed)."""
@@ -156,13 +162,13 @@ class ReluFeatureMap(_BoundedFeatureMap):
 
 def _hedgehog_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x: [B, H, T, D], weight: [H, D, F] -> x W per head: [B, H, T, F] in fp32."""
-    return torch.einsum("bhtd,hdf->bhtf", x.float(), weight.float())
+    return x.float() @ weight.float()  # broadcast over the batch: one batched product
 
 
 def _hedgehog_features(logits: torch.Tensor) -> torch.Tensor:
     """[..., F] -> [softmax(l), softmax(-l)]: [..., 2F]. Every feature lies in (0, 1] and each half
     sums to 1, so phi(q).phi(k) is in (0, 2]: no stabiliser is needed, in any precision."""
-    return torch.cat([torch.softmax(logits, dim=-1), torch.softmax(-logits, dim=-1)], dim=-1)
+    return torch.stack([logits, -logits], dim=-2).softmax(dim=-1).flatten(-2)
 
 
 # A scaled key's log weight s(k) = B tanh(k.u / B) stays within +-B: features stay bounded (by e^B).
@@ -203,6 +209,15 @@ class HedgehogFeatureMap(_BoundedFeatureMap):
     def keys(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         # shift = offset (the stabiliser of a bounded map is 0): -log of the key's scale, 0 without one
         return _hedgehog_features(logits) * torch.exp(-shift)
+
+    @staticmethod
+    def key_features(k: torch.Tensor, projection) -> torch.Tensor:
+        """As `keys(*key_logits(k))`, the same values, without the all-zero offset of unscaled maps."""
+        logits = _hedgehog_logits(k, projection[1])
+        if logits.shape[-1] == projection[0].shape[-1] + 1:  # the scale column: exp(B tanh(k.u / B))
+            scale = torch.exp(KEY_SCALE_BOUND * torch.tanh(logits[..., -1:] / KEY_SCALE_BOUND))
+            return _hedgehog_features(logits[..., :-1]) * scale
+        return _hedgehog_features(logits)
 
 
 def hedgehog_init(heads: int, head_dim: int, width: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ from typing import Optional, Union
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch.nn import functional as F
 from transformers import Cache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -93,7 +94,14 @@ class PerformerScaleNorm(nn.Module):
 
 
 class PerformerRMSNorm(LlamaRMSNorm):
-    """transformers' RMSNorm (Llama, Mistral, Qwen): x / rms(x) * weight, computed in fp32."""
+    """transformers' RMSNorm (Llama, Mistral, Qwen): x / rms(x) * weight, normalised in fp32 and
+    cast back before the weight, as Llama does; torch's fused rms_norm gives the same values in two
+    ops instead of eight."""
+
+    def forward(self, hidden_states):
+        dtype = hidden_states.dtype
+        normalised = F.rms_norm(hidden_states.float(), hidden_states.shape[-1:], eps=self.variance_epsilon)
+        return self.weight * normalised.to(dtype)
 
 
 def make_norm(config: PerformerConfig) -> nn.Module:
@@ -121,10 +129,13 @@ class PerformerResidual(nn.Module):
         # `sublayer` is a closure, never an nn.Module: device-map hooks move every module argument to
         # the execution device, which fails for offloaded (meta) weights.
         if self.norm_type == "rezero":
-            return hidden_states + self.alpha * self.dropout(sublayer(hidden_states))
+            return hidden_states + self.alpha * self._dropout(sublayer(hidden_states))
         if self.norm_type == "post_layernorm":
-            return self.norm(hidden_states + self.dropout(sublayer(hidden_states)))
-        return hidden_states + self.dropout(sublayer(self.norm(hidden_states)))
+            return self.norm(hidden_states + self._dropout(sublayer(hidden_states)))
+        return hidden_states + self._dropout(sublayer(self.norm(hidden_states)))
+
+    def _dropout(self, x):
+        return self.dropout(x) if self.training and self.dropout.p > 0 else x
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,15 +215,18 @@ def rotary_frequencies(config: PerformerConfig, device=None, seq_len: Optional[i
 
 def rotary_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
                    dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """position_ids: [B, T] -> cos, sin: [B, 1, T, D/2] (times `scaling`), computed on the fly."""
+    """position_ids: [B, T] -> cos, sin: [B, 1, T, D] (times `scaling`), computed once per forward for
+    every layer: cos repeated over both halves, sin with the first half negated (what `apply_rotary` takes)."""
     angles = position_ids.float()[:, None, :, None] * inv_freq
-    return (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype)
+    cos, sin = angles.cos() * scaling, angles.sin() * scaling
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates pairs (first half, second half) of x: [B, H, T, D]."""
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+    """Rotates pairs (first half, second half) of x: [B, H, T, D] -> [first cos - second sin,
+    second cos + first sin], the halves swapped by one roll (three ops per tensor; the same
+    products and sums as transformers' rotate_half, so converted models rotate exactly as before)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,6 +56,33 @@ def plot_decoding(rows: list, path: pathlib.Path):
     fig.savefig(path, dpi=110)
 
 
+def plot_chat_decode(rows: list, path: pathlib.Path):
+    """rows: [{"kind", "mode", "batch", "context", "ms_per_token", "prefill_s"?}] (bench_chat.py)."""
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5.5 * (len(batches) + 1), 4))
+    labels = {"student": "linearized (Hedgehog + window)", "teacher": "teacher (Llama, KV cache)"}
+    for ax, batch in zip(axes, batches):
+        for kind in ("student", "teacher"):
+            for mode, style in (("eager", "-"), ("compiled", "--")):
+                points = sorted((r["context"], r["ms_per_token"]) for r in rows
+                                if r["kind"] == kind and r["mode"] == mode and r["batch"] == batch)
+                if points:
+                    ax.plot(*zip(*points), style, marker="o", label=f"{labels[kind]}, {mode}")
+        ax.set_title(f"decoding, batch {batch}")
+        _log_axes(ax, "context (tokens)", "ms per decoding step")
+    prefill = axes[-1]
+    for kind in ("student", "teacher"):
+        points = sorted((r["context"], r["prefill_s"]) for r in rows
+                        if r["kind"] == kind and r["mode"] == "eager" and "prefill_s" in r)
+        if points:
+            prefill.plot(*zip(*points), marker="o", label=labels[kind])
+    prefill.set_title("prefill, batch 1")
+    _log_axes(prefill, "prompt length (tokens)", "seconds")
+    fig.suptitle("SmolLM2-135M shape (30 layers, 9/3 heads), fp32")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def plot_serving(results: list, path: pathlib.Path):
     labels = {"performer": "Performer FAVOR+", "performer-window": "Performer Hedgehog + window",
               "gpt2": "GPT-2 (SDPA, KV cache)"}
@@ -124,6 +151,7 @@ PLOTS = {
     "attention": (plot_attention, lambda data: data.get("results", data)),
     "decoding": (plot_decoding, lambda data: data["rows"]),
     "serving": (plot_serving, lambda data: data["results"]),
+    "chat_decode": (plot_chat_decode, lambda data: data["rows"]),
     "training": (plot_training, lambda data: data["results"]),
     "recall": (plot_recall, lambda data: data["results"]),
     "sparse_cache": (plot_sparse_cache, lambda data: data["decoding"]),

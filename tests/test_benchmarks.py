@@ -143,3 +143,27 @@ def test_recipe_time_estimate_measures_shallow_copies_of_a_llama_and_checks_a_de
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "estimate_recipe_time.py"), "--shape",
                           '{"hidden": 8}'], capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown keys ['hidden']" in bad.stderr
+
+
+@pytest.mark.slow
+def test_bench_chat_times_student_and_teacher_in_both_modes_and_pairs_them(tmp_path):
+    out = tmp_path / "chat_decode.json"
+    stdout = run("bench_chat.py", "--shape", "tiny", "--window", "4", "--contexts", "8", "24", "--batches", "1", "2",
+                 "--steps", "2", "--warmup", "2", "--output", str(out))
+    saved = json.loads(out.read_text())
+    rows = {(r["kind"], r["mode"], r["batch"], r["context"]): r for r in saved["rows"]}
+    assert set(rows) == {(k, m, b, c) for k in ("student", "teacher") for m in ("eager", "compiled")
+                         for b in (1, 2) for c in (8, 24)}
+    for (kind, mode, batch, context), r in rows.items():
+        assert r["ms_per_token"] > 0 and r["peak_rss_mib"] > 0
+        assert ("prefill_s" in r) == (batch == 1) and ("ttft_s" in r) == (batch == 1 and mode == "eager")
+    # The student's state does not grow with the context; the teacher's keys and values do, and with the batch.
+    assert rows["student", "eager", 1, 8]["cache_mib"] == rows["student", "eager", 1, 24]["cache_mib"]
+    assert rows["teacher", "eager", 1, 24]["cache_mib"] > rows["teacher", "eager", 1, 8]["cache_mib"]
+    assert rows["teacher", "eager", 2, 24]["cache_mib"] == pytest.approx(2 * rows["teacher", "eager", 1, 24]["cache_mib"])
+    ratio = next(e for e in saved["ratios"] if (e["student_mode"], e["teacher_mode"], e["batch"], e["context"])
+                 == ("eager", "eager", 1, 24))
+    assert ratio["ms_per_token_teacher_over_student"] == pytest.approx(
+        rows["teacher", "eager", 1, 24]["ms_per_token"] / rows["student", "eager", 1, 24]["ms_per_token"])
+    assert "teacher compiled / student compiled" in stdout
+    assert out.with_suffix(".png").stat().st_size > 10_000
