@@ -224,9 +224,10 @@ def rotary_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates pairs (first half, second half) of x: [B, H, T, D] -> [first cos - second sin,
-    second cos + first sin], the halves swapped by one roll (three ops per tensor; the same
-    products and sums as transformers' rotate_half, so converted models rotate exactly as before)."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+    second cos + first sin], the halves swapped by one roll (four ops per tensor; the same
+    products and sums, rounded as often, as transformers' rotate_half, so converted models rotate
+    exactly as their source in every dtype)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 # --------------------------------------------------------------------------------------------

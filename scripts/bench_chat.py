@@ -25,8 +25,8 @@ after --warmup steps (which compile in compiled mode), median.
     python scripts/bench_chat.py --device cuda --dtype bfloat16   # the same file from a GPU, in one run
     python scripts/bench_chat.py --replot
 
-Writes outputs/bench/chat_decode.json and .png; --update-figures writes the committed
-docs/figures/chat_decode.*.
+Writes outputs/bench/chat_decode.json and .png (chat_decode_gpu.* with --device cuda);
+--update-figures writes the committed docs/figures/chat_decode.* (chat_decode_gpu.*).
 """
 
 import argparse
@@ -158,6 +158,7 @@ def measure_context(kind, mode, model, batch, context, args, step_fn):
     g = torch.Generator().manual_seed(context)
     ids = torch.randint(3, model.config.vocab_size, (1, context), generator=g).to(device)
     row = {"context": context}
+    release_freed_memory()  # what the previous context freed is not this one's
     reset_peak_rss()
     with torch.inference_mode():
         synchronize(device)
@@ -259,7 +260,8 @@ def main():
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0 or min(args.contexts) < 1 or min(args.batches) < 1:
         parser.error("--steps, --contexts and --batches must be positive and --warmup >= 0")
-    if handled_without_measuring("chat_decode", args, worker):
+    name = "chat_decode" if args.device == "cpu" else "chat_decode_gpu"  # the CPU figure is kept
+    if handled_without_measuring(name, args, worker):
         return
     rows, meta = [], {}
     for batch in sorted(args.batches):
@@ -278,7 +280,7 @@ def main():
         parts = " ".join(f"{k.split('_teacher')[0]} x{v:.2f}" for k, v in entry.items() if k.endswith("student"))
         print(f"teacher {entry['teacher_mode']} / student {entry['student_mode']}, batch {entry['batch']}, "
               f"context {entry['context']}: {parts}")
-    save_and_draw("chat_decode", args, {**meta, "rows": rows, "ratios": table})
+    save_and_draw(name, args, {**meta, "rows": rows, "ratios": table})
 
 
 if __name__ == "__main__":

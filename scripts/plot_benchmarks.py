@@ -56,8 +56,9 @@ def plot_decoding(rows: list, path: pathlib.Path):
     fig.savefig(path, dpi=110)
 
 
-def plot_chat_decode(rows: list, path: pathlib.Path):
-    """rows: [{"kind", "mode", "batch", "context", "ms_per_token", "prefill_s"?}] (bench_chat.py)."""
+def plot_chat_decode(data: dict, path: pathlib.Path):
+    """data: bench_chat.py's results, rows [{"kind", "mode", "batch", "context", "ms_per_token", "prefill_s"?}]."""
+    rows = data["rows"]
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5.5 * (len(batches) + 1), 4))
     labels = {"student": "linearized (Hedgehog + window)", "teacher": "teacher (Llama, KV cache)"}
@@ -78,7 +79,9 @@ def plot_chat_decode(rows: list, path: pathlib.Path):
             prefill.plot(*zip(*points), marker="o", label=labels[kind])
     prefill.set_title("prefill, batch 1")
     _log_axes(prefill, "prompt length (tokens)", "seconds")
-    fig.suptitle("SmolLM2-135M shape (30 layers, 9/3 heads), fp32")
+    settings = data.get("settings", {})
+    fig.suptitle(f"SmolLM2-135M shape (30 layers, 9/3 heads), {data.get('device_name', 'cpu')}, "
+                 f"{settings.get('dtype', 'float32')}, teacher weights: {data.get('weights', '?')}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -151,7 +154,8 @@ PLOTS = {
     "attention": (plot_attention, lambda data: data.get("results", data)),
     "decoding": (plot_decoding, lambda data: data["rows"]),
     "serving": (plot_serving, lambda data: data["results"]),
-    "chat_decode": (plot_chat_decode, lambda data: data["rows"]),
+    "chat_decode": (plot_chat_decode, lambda data: data),
+    "chat_decode_gpu": (plot_chat_decode, lambda data: data),
     "training": (plot_training, lambda data: data["results"]),
     "recall": (plot_recall, lambda data: data["results"]),
     "sparse_cache": (plot_sparse_cache, lambda data: data["decoding"]),

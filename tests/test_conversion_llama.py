@@ -144,3 +144,29 @@ def test_sliding_window_and_other_unmappable_sources_are_refused(tokenizer, tmp_
 def test_a_hub_id_offline_says_the_hub_is_offline():
     with pytest.raises(ConversionError, match="Hub is offline"):
         convert_to_performer("meta-llama/Llama-3.2-1B")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_norm_and_rotary_compute_what_llama_computes(dtype):
+    """The fused rms_norm and the roll-based rotary against transformers' Llama functions. The
+    rotary does the same products and sums, rounded as often: equal bit for bit. The fused norm's
+    reduction may round differently on other CPUs: a tolerance."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    from modeling_performer.modeling_performer import PerformerRMSNorm, apply_rotary, rotary_cos_sin
+
+    g = torch.Generator().manual_seed(0)
+    ours, theirs = PerformerRMSNorm(48, eps=1e-5).to(dtype), LlamaRMSNorm(48, eps=1e-5).to(dtype)
+    weight = torch.randn(48, generator=g).to(dtype)
+    ours.weight.data, theirs.weight.data = weight.clone(), weight.clone()
+    x = (3 * torch.randn(2, 5, 48, generator=g)).to(dtype)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+    q, k = (torch.randn(2, 3, 5, 16, generator=g).to(dtype) for _ in range(2))
+    positions = torch.arange(7, 12).expand(2, 5)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16)
+    cos, sin = rotary_cos_sin(positions, inv_freq, 1.0, dtype)
+    angles = positions[:, :, None].float() * inv_freq
+    full = torch.cat([angles, angles], dim=-1)
+    expected_q, expected_k = apply_rotary_pos_emb(q, k, full.cos().to(dtype), full.sin().to(dtype))
+    assert torch.equal(apply_rotary(q, cos, sin), expected_q) and torch.equal(apply_rotary(k, cos, sin), expected_k)

@@ -124,3 +124,24 @@ def test_generate_with_a_compiled_decoding_step_gives_the_eager_tokens(options):
                               compile_config=compile_config)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the step really was compiled
     assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("options", [{"feature_map": "hedgehog", "local_window": 3, "num_key_value_heads": 1},
+                                     {"num_key_value_heads": 1}], ids=["hedgehog-window-grouped", "favor-grouped"])
+def test_compiled_decoding_step_compiles_once_for_every_later_step_and_equals_eager(options):
+    """The decoding state keeps one layout from the prefill on (no strided views of the prefill's
+    tensors), so a step compiled with symbolic shapes serves every later position without recompiling."""
+    model = PerformerForCausalLM(tiny_config(**options)).eval()
+    ids = torch.randint(3, 99, (2, 11))
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    with torch.inference_mode():
+        eager_cache = model(input_ids=ids, use_cache=True).cache
+        compiled_cache = model(input_ids=ids, use_cache=True).cache
+        token = torch.randint(3, 99, (2, 1))
+        torch._dynamo.utils.counters.clear()
+        for _ in range(5):
+            expected = model(input_ids=token, cache=eager_cache, use_cache=True).logits
+            got = compiled(input_ids=token, cache=compiled_cache, use_cache=True).logits
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            token = expected[:, -1:].argmax(-1)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
