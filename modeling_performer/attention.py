@@ -129,6 +129,22 @@ def _query_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return x.reshape(x.shape[0], kv_heads, -1, x.shape[-1])
 
 
+def _stack_groups(x: torch.Tensor, kv_heads: int, num_blocks: int, block: int) -> torch.Tensor:
+    """Query-side [B, H, NB * C, X] -> [B, H_kv, NB, G * C, X]: in each block of C positions, the G
+    query heads of a key/value head stacked as G * C rows, so that a product with that key/value
+    head's block reads it as it is (nothing key-side copied per query head)."""
+    batch, heads, _, width = x.shape
+    x = x.reshape(batch, kv_heads, heads // kv_heads, num_blocks, block, width).transpose(2, 3)
+    return x.reshape(batch, kv_heads, num_blocks, heads // kv_heads * block, width)
+
+
+def _unstack_groups(x: torch.Tensor, heads: int, num_blocks: int, block: int) -> torch.Tensor:
+    """Inverse of `_stack_groups`: [B, H_kv, NB, G * C, ...] -> [B, H, NB * C, ...]."""
+    batch, kv_heads = x.shape[:2]
+    x = x.reshape(batch, kv_heads, num_blocks, heads // kv_heads, block, *x.shape[4:]).transpose(2, 3)
+    return x.reshape(batch, heads, num_blocks * block, *x.shape[5:])
+
+
 def _query_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """Inverse of `_query_groups`: [B, H_kv, G * T, X] -> [B, H, T, X]."""
     return x.reshape(x.shape[0], heads, -1, x.shape[-1])
@@ -264,7 +280,6 @@ def _causal_terms(fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, 
     heads = logits.shape[1]
     groups = query_heads // heads
     value_dim = v1.shape[-1] - 1
-    num_features = phi_q.shape[-1]
     mask = _head_mask(key_padding_mask) if key_padding_mask is not None else None
 
     # Compiled and exported graphs keep the length symbolic: there the tail is always padded up to
@@ -294,10 +309,7 @@ def _causal_terms(fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, 
     keep = None if mask is None else mask.view(batch, mask.shape[1], num_chunks, chunk, 1)
     shift = (offset.view(batch, heads, num_chunks, chunk) + stabiliser[..., None]).unsqueeze(-1)
     phi_k = _masked_keys(fmap, logits.view(batch, heads, num_chunks, chunk, logits.shape[-1]), shift, keep)
-    # The G query heads of a key/value head as one block of G * C rows per chunk: [B, H_kv, NC, G * C, M],
-    # so that every product reads the key-side chunk as it is (no copy per query head).
-    phi_q = phi_q.reshape(batch, heads, groups, num_chunks, chunk, num_features).transpose(2, 3)
-    phi_q = phi_q.reshape(batch, heads, num_chunks, groups * chunk, num_features)
+    phi_q = _stack_groups(phi_q, heads, num_chunks, chunk)  # [B, H_kv, NC, G * C, M]
     v1 = v1.view(batch, heads, num_chunks, chunk, value_dim + 1)
 
     # Inside each chunk: an explicit lower-triangular product (in place: the product is needed by nothing else).
@@ -322,8 +334,7 @@ def _causal_terms(fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, 
         before = torch.stack(before, dim=2)
     out = out + phi_q @ before
 
-    out = out.view(batch, heads, num_chunks, groups, chunk, value_dim + 1).transpose(2, 3)
-    out = out.reshape(batch, query_heads, num_chunks * chunk, value_dim + 1)[:, :, :length]
+    out = _unstack_groups(out, query_heads, num_chunks, chunk)[:, :, :length]
     per_token = stabiliser[:, :, None, :, None].expand(batch, heads, groups, num_chunks, chunk)
     per_token = per_token.reshape(batch, query_heads, -1)[..., :length]
     # The running maximum as a tensor of its own (not a strided view of the chunks' maxima): a state
@@ -521,22 +532,24 @@ def _combine(window_num, window_den, window_max, linear, linear_stabiliser, quer
         log_weight = log_weight + query_log_scale
     if calibrated:
         log_weight = log_weight + linear_stabiliser - _finite(window_max)
-    # Scale both parts by exp(-max(a, 0)): neither factor can overflow, the ratio is unchanged.
+    return _mix(torch.cat([window_num, window_den[..., None]], dim=-1), linear, log_weight[..., None])
+
+
+def _mix(window_part, linear, log_weight):
+    """window_part (numerator and denominator) + exp(log_weight) * linear, normalised. window_part,
+    linear: [..., D + 1]; log_weight broadcastable to [..., 1]. Both parts are scaled by
+    exp(-max(a, 0)): neither factor can overflow, the ratio is unchanged. -> [..., D]."""
     top = log_weight.clamp_min(0.0)
-    window_factor, linear_factor = torch.exp(-top)[..., None], torch.exp(log_weight - top)[..., None]
-    combined = torch.cat([window_num, window_den[..., None]], dim=-1) * window_factor + linear * linear_factor
-    return _divide(combined)
+    return _divide(window_part * torch.exp(-top) + linear * torch.exp(log_weight - top))
 
 
 def _mix_uncalibrated(window_part, linear, linear_log_weight):
     """`_combine` for an uncalibrated map, in the grouped layout of a decoding step: window_part
     (numerator and denominator) and linear: [B, H_kv, G, D + 1]; linear_log_weight: [H] or None.
-    The same products as `_combine`, with nothing to add for the queries' scale. -> [B, H_kv, G, D]."""
+    Nothing to add for the queries' scale. -> [B, H_kv, G, D]."""
     if linear_log_weight is None:  # both factors are exactly 1
         return _divide(window_part + linear)
-    log_weight = linear_log_weight.float().view(1, *window_part.shape[1:3], 1)
-    top = log_weight.clamp_min(0.0)
-    return _divide(window_part * torch.exp(-top) + linear * torch.exp(log_weight - top))
+    return _mix(window_part, linear, linear_log_weight.float().view(1, *window_part.shape[1:3], 1))
 
 
 def _exact_attention(q, k, v, key_padding_mask):
@@ -686,15 +699,11 @@ def _causal_window_terms(q, keys, values, key_mask, window):
     Blocks of C = W queries read a band of the next 2C keys. The G = H / H_kv query heads of a
     key/value head are stacked as one block of G * C rows, so every product reads the key/value head's
     band as it is: nothing key-side is copied per query head."""
-    batch, heads, length, head_dim = q.shape
+    heads, length = q.shape[1:3]
     kv_heads = keys.shape[1]
-    groups = heads // kv_heads
     block = window
     num_blocks = (length + block - 1) // block  # not -(-T // C): exported integer division truncates
-    q = F.pad(q.float(), (0, 0, 0, num_blocks * block - length))
-    # [B, H_kv, G, NB, C, D] -> [B, H_kv, NB, G * C, D]
-    q = q.view(batch, kv_heads, groups, num_blocks, block, head_dim).transpose(2, 3)
-    q = q.reshape(batch, kv_heads, num_blocks, groups * block, head_dim)
+    q = _stack_groups(F.pad(q.float(), (0, 0, 0, num_blocks * block - length)), kv_heads, num_blocks, block)
     total = (num_blocks + 1) * block
     extra = total - keys.shape[2]
     keys, values = F.pad(keys.float(), (0, 0, 0, extra)), F.pad(values.float(), (0, 0, 0, extra))
@@ -705,16 +714,11 @@ def _causal_window_terms(q, keys, values, key_mask, window):
 
     local = torch.arange(block, device=q.device)
     ahead = torch.arange(2 * block, device=q.device)[None, :] - local[:, None]  # key slot a' - query slot a
-    near = ((ahead >= 1) & (ahead <= window)).repeat(groups, 1)  # [G * C, 2C]
+    near = ((ahead >= 1) & (ahead <= window)).repeat(heads // kv_heads, 1)  # [G * C, 2C]
     allowed = near & band(key_mask[:, None, :, None])[..., 0, :].bool()[:, :, :, None, :]
     weights, top = _window_scores(q, band(keys).transpose(-1, -2), allowed)  # [B, H_kv, NB, G * C, 2C]
     numerator = weights @ band(values).transpose(-1, -2)
-
-    def flat(x):  # [B, H_kv, NB, G * C, ...] -> [B, H, T, ...]
-        x = x.view(batch, kv_heads, num_blocks, groups, block, *x.shape[4:]).transpose(2, 3)
-        return x.reshape(batch, heads, num_blocks * block, *x.shape[5:])[:, :, :length]
-
-    return flat(numerator), flat(weights.sum(-1)), flat(top)
+    return tuple(_unstack_groups(x, heads, num_blocks, block)[:, :, :length] for x in (numerator, weights.sum(-1), top))
 
 
 def causal_windowed_attention(
@@ -811,10 +815,10 @@ def recurrent_windowed_attention(
         weights, top = _window_scores(_query_groups(q, kv_heads), keys, key_mask[:, None, None, :])
         window_part = torch.cat([weights @ values.float(), weights.sum(-1, keepdim=True)], dim=-1)  # [B, H_kv, G, D + 1]
         if fmap.calibrated:
-            stabiliser = _query_heads(stabiliser[..., None, None].expand(-1, -1, heads // kv_heads, 1), heads)[..., 0]
             window_part = _query_heads(window_part, heads)
             out = _combine(window_part[..., :-1], window_part[..., -1], top.view(batch, heads, 1),
-                           _query_heads(linear, heads), stabiliser, log_scale, linear_log_weight, True)
+                           _query_heads(linear, heads), repeat_key_heads(stabiliser, heads)[..., None], log_scale,
+                           linear_log_weight, True)
         else:
             out = _query_heads(_mix_uncalibrated(window_part, linear, linear_log_weight), heads)
     new_state = WindowedAttentionState(kvz, running, keys, values, key_mask)

@@ -20,19 +20,11 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_common import MALLOC_ENV, add_output_arguments, save_and_draw  # noqa: E402
+from bench_common import MALLOC_ENV, add_output_arguments, save_and_draw, status_kib  # noqa: E402
 
 METHODS = ["favor", "favor-causal", "sdpa", "sdpa-causal", "performer-pytorch", "performer-pytorch-causal"]
 # Learned maps and the exact local window (not in the default sweep; scripts/bench_approximation.py runs them).
 LINEAR_METHODS = [f"{m}{w}{c}" for m in ("favor", "hedgehog") for w in ("", "-window") for c in ("", "-causal")]
-
-
-def _rss_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
 
 
 def measure(method, length, repeats, heads=8, head_dim=64, num_features=256, chunk_size=128, window=64):
@@ -68,7 +60,7 @@ def measure(method, length, repeats, heads=8, head_dim=64, num_features=256, chu
         attention = FastAttention(dim_heads=head_dim, nb_features=num_features, causal=method.endswith("causal"))
         fn = lambda: attention(q, k, v)  # noqa: E731
 
-    baseline = _rss_kib("VmRSS:")
+    baseline = status_kib("VmRSS:")
     times = []
     for _ in range(repeats + 1):  # the first run is a warm-up
         for t in (q, k, v):
@@ -76,7 +68,7 @@ def measure(method, length, repeats, heads=8, head_dim=64, num_features=256, chu
         start = time.perf_counter()
         fn().sum().backward()
         times.append(time.perf_counter() - start)
-    peak = (_rss_kib("VmHWM:") - baseline) * 1024
+    peak = (status_kib("VmHWM:") - baseline) * 1024
     return {"seconds": statistics.median(times[1:]), "peak_bytes": peak}
 
 

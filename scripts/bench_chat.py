@@ -37,11 +37,13 @@ import pathlib
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
-    ROOT, add_output_arguments, cache_bytes, handled_without_measuring, measure_in_process, save_and_draw,
+    ROOT, add_output_arguments, cache_bytes, handled_without_measuring, measure_in_process, save_and_draw, status_kib,
+    synchronize,
 )
 
 GGUF = ROOT / "data_cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,6 +57,11 @@ TINY_SHAPE = {**SMOLLM2_SHAPE, "vocab_size": 256, "hidden_size": 96, "num_hidden
               "num_attention_heads": 3, "num_key_value_heads": 1, "intermediate_size": 128}
 
 
+def uses_gguf(args) -> bool:
+    """Whether the teacher's weights come from SmolLM2's GGUF file."""
+    return args.shape != "tiny" and (args.weights == "gguf" or (args.weights == "auto" and GGUF.exists()))
+
+
 def teacher_weights(args):
     """(LlamaForCausalLM of the chat model's shape, where its weights came from)."""
     import torch
@@ -64,7 +71,9 @@ def teacher_weights(args):
     if args.shape == "tiny":
         torch.manual_seed(0)
         return LlamaForCausalLM(LlamaConfig(**TINY_SHAPE, max_position_embeddings=longest)), "random (seed 0), tiny"
-    if args.weights == "gguf" or (args.weights == "auto" and GGUF.exists()):
+    if args.weights == "gguf" and not GGUF.exists():
+        raise SystemExit(f"{GGUF} is missing: run python scripts/prepare_data.py --datasets smollm2")
+    if uses_gguf(args):
         loaded = LlamaForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32)
         config = loaded.config
         config.max_position_embeddings = max(config.max_position_embeddings, longest)
@@ -72,30 +81,31 @@ def teacher_weights(args):
         model = LlamaForCausalLM(config)
         model.load_state_dict(loaded.state_dict())
         return model, f"{GGUF.name} (dequantized)"
-    if args.weights == "gguf":
-        raise SystemExit(f"{GGUF} is missing: run python scripts/prepare_data.py --datasets smollm2")
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE, max_position_embeddings=longest)), "random (seed 0)"
 
 
 def build(kind, args):
+    """(the model, where the teacher's weights came from). The student is what the package's converter
+    makes of the teacher's folder (saved aside with a tokenizer, as the converter takes it)."""
     import torch
+    from transformers import AutoTokenizer
 
-    from modeling_performer import PerformerForCausalLM
-    from modeling_performer.conversion import WEIGHT_MAPS, performer_config
+    from modeling_performer.bundled import tokenizer_path
+    from modeling_performer.conversion import convert_to_performer
 
     teacher, source = teacher_weights(args)
     teacher.config._attn_implementation = "sdpa"
     if kind == "teacher":
         model = teacher
     else:
-        config = performer_config(teacher.config, "favor", feature_map="hedgehog", local_window=args.window)
-        model = PerformerForCausalLM(config)
-        weights = WEIGHT_MAPS["llama"](dict(teacher.model.state_dict()), teacher.config)
-        missing = model.load_state_dict({"model." + k: v for k, v in weights.items()}, strict=False).missing_keys
-        assert all(".feature_map." in k or "linear_log_weight" in k or "redraw_state" in k or k == "lm_head.weight"
-                   for k in missing), missing
-        model.tie_weights()
+        with tempfile.TemporaryDirectory() as folder:
+            teacher.save_pretrained(folder)
+            del teacher
+            tokenizer = (AutoTokenizer.from_pretrained(GGUF.parent, gguf_file=GGUF.name) if uses_gguf(args)
+                         else AutoTokenizer.from_pretrained(tokenizer_path()))
+            tokenizer.save_pretrained(folder)
+            model, _ = convert_to_performer(folder, "favor", feature_map="hedgehog", local_window=args.window)
     dtype = getattr(torch, args.dtype)
     return model.to(device=args.device, dtype=dtype).eval(), source
 
@@ -120,20 +130,8 @@ def reset_peak_rss():
 
 
 def peak_rss_mib() -> float:
-    try:
-        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def synchronize(device):
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    peak = status_kib("VmHWM:")  # 0 where /proc is missing: the process's peak instead
+    return peak / 1024 if peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def decoding_cache(kind, mode, model, cache, batch, total):

@@ -66,6 +66,27 @@ def measure_in_process(script: str, worker_args, abort_on_error: bool = False) -
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def status_kib(field: str) -> int:
+    """A memory field of /proc/self/status in KiB ("VmRSS:", "VmHWM:"); 0 where there is none (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def synchronize(device):
+    """Waits for a CUDA device's queued work (timings on an accelerator); nothing elsewhere.
+    device: a torch.device or its name."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def handled_without_measuring(name: str, args, worker) -> bool:
     """The two runs of a benchmark script that measure nothing here: a --worker process measures
     one point; --replot redraws the figure from the results file. Returns True when one of them ran."""

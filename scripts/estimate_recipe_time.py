@@ -39,7 +39,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 import devices  # noqa: E402
-from bench_common import provenance  # noqa: E402
+from bench_common import provenance, synchronize  # noqa: E402
 
 from modeling_performer.transfer import RECIPE_SETTINGS  # noqa: E402
 
@@ -67,11 +67,6 @@ def llama_folder(folder: pathlib.Path, shape: dict, layers: int, seq_len: int) -
     transformers.AutoTokenizer.from_pretrained(ROOT / "configuration" / "tokenizer").save_pretrained(folder)
     del model
     return folder
-
-
-def _synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _step_seconds(stamps: list) -> float:
@@ -106,7 +101,7 @@ def measure(layers: int, shape: dict, args, device, precision) -> dict:
         stamps, batch_size = [], RECIPE_STEPS[kind]["batch_size"]
 
         def get_batch(step, stamps=stamps, batch_size=batch_size):
-            _synchronize(device)
+            synchronize(device)
             stamps.append(time.perf_counter())
             return tokens(batch_size)
 
@@ -127,7 +122,7 @@ def measure(layers: int, shape: dict, args, device, precision) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     stamps = []
     for _ in range(runs):
-        _synchronize(device)
+        synchronize(device)
         stamps.append(time.perf_counter())
         batch = tokens(RECIPE_STEPS["lora"]["batch_size"])
         with autocast():
