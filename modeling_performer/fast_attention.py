@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .attention import (
+from .attention_common import (
     LinearAttentionState,
     _finite,
     _head_mask,
@@ -73,7 +73,7 @@ def kernel_for(device: torch.device) -> Optional[Callable]:
 
 
 def gla_causal_terms(kernel, fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, state, dtype=None):
-    """`attention._causal_terms` on a simple-GLA kernel (fla's signature: q, k, v [B, T, H, X],
+    """`attention_linear._causal_terms` on a simple-GLA kernel (fla's signature: q, k, v [B, T, H, X],
     g [B, T, H] or None, scale, initial_state [B, H, K, V], output_final_state). Same arguments and
     results: (sum_{j <= t} phi(q_t) phi(k_j) [v_j, 1] [B, H, T, D + 1] at scale exp(-stabiliser_t),
     stabiliser_t [B, H, T] (finite), the state after the last token). dtype: what the kernel

@@ -5,7 +5,8 @@ nothing in the models uses them.
 
 import torch
 
-from .attention import _resolve, build_attention_mask, repeat_key_heads
+from .attention_common import _resolve, repeat_key_heads
+from .attention_softmax import build_attention_mask
 from .feature_maps import KEY_SCALE_BOUND
 
 
