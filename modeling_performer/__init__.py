@@ -3,14 +3,8 @@
 Importing this package registers every Performer class with the transformers Auto classes.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-)
+import transformers
+from transformers import AutoConfig
 
 from .attention import (
     LinearAttentionState,
@@ -38,20 +32,21 @@ from .modeling_performer import (
     PerformerForSequenceClassification,
     PerformerModel,
     PerformerPreTrainedModel,
+    TASK_HEADS,
     shift_tokens_right,
 )
+from . import modeling_performer as _modeling
+from .storage_performer import AUTO_MAP
 
 from .training_performer import PerformerRedrawCallback
 from .pipeline_performer import TASK as TEXT2TEXT_TASK, PerformerText2TextPipeline, register as _register_pipeline
 
 __version__ = "0.1.0"
 
+# Auto class -> (the transformers Auto class, the head registered with it), from the saved auto_map.
 AUTO_CLASSES = {
-    "AutoModel": (AutoModel, PerformerModel),
-    "AutoModelForMaskedLM": (AutoModelForMaskedLM, PerformerForMaskedLM),
-    "AutoModelForSequenceClassification": (AutoModelForSequenceClassification, PerformerForSequenceClassification),
-    "AutoModelForCausalLM": (AutoModelForCausalLM, PerformerForCausalLM),
-    "AutoModelForSeq2SeqLM": (AutoModelForSeq2SeqLM, PerformerForConditionalGeneration),
+    name: (getattr(transformers, name), getattr(_modeling, target.split(".")[-1]))
+    for name, target in AUTO_MAP.items() if name != "AutoConfig"
 }
 
 AutoConfig.register(PerformerConfig.model_type, PerformerConfig, exist_ok=True)
@@ -72,6 +67,7 @@ __all__ = [
     "PerformerForConditionalGeneration",
     "PerformerPreTrainedModel",
     "shift_tokens_right",
+    "TASK_HEADS",
     "LinearAttentionState",
     "WindowedAttentionState",
     "SparseWindowState",

@@ -22,13 +22,7 @@ from transformers.utils import logging
 
 from .checkpoint_performer import fresh_stage, publish_folder
 from .configuration_performer import PerformerConfig
-from .modeling_performer import (
-    PerformerForCausalLM,
-    PerformerForConditionalGeneration,
-    PerformerForMaskedLM,
-    PerformerForSequenceClassification,
-    PerformerModel,
-)
+from .modeling_performer import TASK_HEADS, PerformerForConditionalGeneration
 
 logger = logging.get_logger(__name__)
 
@@ -37,20 +31,18 @@ ENCODER_TYPES = ("bert", "roberta")
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DECODER_TYPES = ("gpt2", *LLAMA_TYPES)
 SUPPORTED_TYPES = ENCODER_TYPES + DECODER_TYPES
-HEADS = {
-    "base": PerformerModel,
-    "masked-lm": PerformerForMaskedLM,
-    "classification": PerformerForSequenceClassification,
-    "causal-lm": PerformerForCausalLM,
-}
+# The heads a conversion makes: every task of TASK_HEADS but seq2seq. The longer names that
+# `head=` also takes are aliases of two of them.
+HEADS = {task: cls for task, cls in TASK_HEADS.items() if task != "seq2seq"}
+HEAD_ALIASES = {"masked-lm": "mlm", "causal-lm": "clm"}
 # Source architecture (config.architectures[0]) -> the Performer head it becomes by default.
 DEFAULT_HEADS = {
-    "BertModel": "base", "BertForMaskedLM": "masked-lm", "BertForPreTraining": "masked-lm",
+    "BertModel": "base", "BertForMaskedLM": "mlm", "BertForPreTraining": "mlm",
     "BertForSequenceClassification": "classification",
-    "RobertaModel": "base", "RobertaForMaskedLM": "masked-lm", "RobertaForSequenceClassification": "classification",
-    "GPT2Model": "base", "GPT2LMHeadModel": "causal-lm",
-    "LlamaModel": "base", "LlamaForCausalLM": "causal-lm", "MistralModel": "base", "MistralForCausalLM": "causal-lm",
-    "Qwen2Model": "base", "Qwen2ForCausalLM": "causal-lm", "Qwen3Model": "base", "Qwen3ForCausalLM": "causal-lm",
+    "RobertaModel": "base", "RobertaForMaskedLM": "mlm", "RobertaForSequenceClassification": "classification",
+    "GPT2Model": "base", "GPT2LMHeadModel": "clm",
+    "LlamaModel": "base", "LlamaForCausalLM": "clm", "MistralModel": "base", "MistralForCausalLM": "clm",
+    "Qwen2Model": "base", "Qwen2ForCausalLM": "clm", "Qwen3Model": "base", "Qwen3ForCausalLM": "clm",
 }
 # GGUF `general.architecture` values whose transformers model type converts (llama.cpp stores
 # Mistral checkpoints as "llama").
@@ -355,7 +347,7 @@ def _head_weights(head: str, model_type: str, state: dict, tied: bool = True) ->
     """Head weights of the source (base model stripped off) -> Performer head names. What the source
     lacks stays freshly initialised (and is reported by convert_to_performer)."""
     out = {}
-    if head == "masked-lm":
+    if head == "mlm":
         prefix, norm = ("cls.predictions.", "transform.LayerNorm") if model_type == "bert" else ("lm_head.", "layer_norm")
         _take(state, out, prefix + ("transform.dense" if model_type == "bert" else "dense"), "lm_head.dense")
         _take(state, out, prefix + norm, "lm_head.LayerNorm")
@@ -370,7 +362,7 @@ def _head_weights(head: str, model_type: str, state: dict, tied: bool = True) ->
         else:
             _take(state, out, "classifier.dense", "dense")
             _take(state, out, "classifier.out_proj", "classifier")
-    elif head == "causal-lm":
+    elif head == "clm":
         if model_type in LLAMA_TYPES and not tied:
             _take(state, out, "lm_head", "lm_head")
         state.pop("lm_head.weight", None)  # tied to the word embeddings
@@ -399,8 +391,8 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
     id) and `gguf_file` its name. Its weights are dequantized to float32 and its tokenizer (chat
     template included) comes from the file.
 
-    head: "auto" (from the source's architecture), "base", "masked-lm", "classification" or
-    "causal-lm". config_overrides go to PerformerConfig (e.g. num_labels=2, classifier_pooling="mean").
+    head: "auto" (from the source's architecture), "base", "mlm" (or "masked-lm"), "classification" or
+    "clm" (or "causal-lm"). config_overrides go to PerformerConfig (e.g. num_labels=2, classifier_pooling="mean").
     Every source weight is mapped or the conversion fails (a "base" conversion drops the source's
     head on purpose); head weights the source does not have are initialised as in a fresh model and
     logged.
@@ -411,8 +403,9 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
     source, gguf_file = resolve_source(os.fspath(source), gguf_file)
     source_config = _source_config(source, gguf_file)
     from_file = {"gguf_file": gguf_file} if gguf_file is not None else {}
+    head = HEAD_ALIASES.get(head, head)
     if head != "auto" and head not in HEADS:
-        raise ConversionError(f"Unknown head {head!r}; valid: {list(HEADS)} or 'auto'")
+        raise ConversionError(f"Unknown head {head!r}; valid: {list(HEADS)}, {list(HEAD_ALIASES)} or 'auto'")
     model_type = source_config.model_type
     if model_type == PerformerConfig.model_type:
         return _convert_performer(source, source_config, attention_type, num_random_features, head, config_overrides)
@@ -423,9 +416,9 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
         if architecture not in DEFAULT_HEADS:
             raise ConversionError(f"Cannot infer the head for architecture {architecture!r}; pass head= one of {list(HEADS)}")
         head = DEFAULT_HEADS[architecture]
-    if (head == "causal-lm" and model_type not in DECODER_TYPES) or (
-            head in ("masked-lm", "classification") and model_type not in ENCODER_TYPES):
-        raise ConversionError(f"A {model_type} checkpoint cannot become a {head} Performer")
+    if (head == "clm" and model_type not in DECODER_TYPES) or (
+            head in ("mlm", "classification") and model_type not in ENCODER_TYPES):
+        raise ConversionError(f"A {model_type} checkpoint cannot become a Performer {head!r} head ({HEADS[head].__name__})")
 
     class_name = architecture if architecture in DEFAULT_HEADS else BASE_CLASSES[model_type]
     source_model = getattr(transformers, class_name).from_pretrained(source, dtype=torch.float32, **from_file)

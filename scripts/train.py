@@ -358,7 +358,7 @@ def build_model(args, task_data, checkpoints):
     import modeling_performer
 
     set_seed(args.seed)
-    head = getattr(modeling_performer, HEADS[args.task])
+    head = modeling_performer.TASK_HEADS[args.task]
     labels = {}
     if args.task == "classification":
         count, id2label, _, problem = task_data.labels
@@ -522,10 +522,6 @@ def publish(args, trainer, model, tokenizer, metrics, task_data):
         if args.push_to_hub:
             print(f"uploaded to {push_folder(args.output, args.hub_model_id)}")
         print(json.dumps(metrics, indent=2))
-
-
-HEADS = {"clm": "PerformerForCausalLM", "mlm": "PerformerForMaskedLM",
-         "classification": "PerformerForSequenceClassification", "seq2seq": "PerformerForConditionalGeneration"}
 
 
 def tokenizer_folder(args):

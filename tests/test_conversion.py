@@ -167,7 +167,7 @@ def test_unsupported_sources_are_refused(tmp_path, bert_tokenizer):
     with pytest.raises(ConversionError, match="not a folder"):
         convert_to_performer(tmp_path / "missing")
     _, bert = _tiny_bert("BertModel", tmp_path / "b", bert_tokenizer)
-    with pytest.raises(ConversionError, match="cannot become a causal-lm"):
+    with pytest.raises(ConversionError, match="cannot become a Performer 'clm' head \\(PerformerForCausalLM\\)"):
         convert_to_performer(bert, head="causal-lm")
     with pytest.raises(ConversionError, match="Unknown head"):
         convert_to_performer(bert, head="seq2seq")

@@ -6,19 +6,17 @@ import pytest
 import torch
 
 from modeling_performer import (
+    TASK_HEADS,
     PerformerForCausalLM,
     PerformerForConditionalGeneration,
-    PerformerForMaskedLM,
     PerformerForSequenceClassification,
-    PerformerModel,
 )
 from modeling_performer.attention import causal_linear_attention
 from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix
 
 from .conftest import tiny_config
 
-HEADS = [PerformerModel, PerformerForMaskedLM, PerformerForSequenceClassification, PerformerForCausalLM,
-         PerformerForConditionalGeneration]
+HEADS = list(TASK_HEADS.values())
 
 
 @pytest.fixture(autouse=True)

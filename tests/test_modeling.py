@@ -24,23 +24,18 @@ from modeling_performer import (
     PerformerForMaskedLM,
     PerformerForSequenceClassification,
     PerformerModel,
+    TASK_HEADS,
     shift_tokens_right,
 )
 from modeling_performer.reference_attention import naive_softmax_attention
 
 from .conftest import numerics_env, tiny_config
 
-HEADS = {
-    "model": PerformerModel,
-    "mlm": PerformerForMaskedLM,
-    "cls": PerformerForSequenceClassification,
-    "clm": PerformerForCausalLM,
-    "seq2seq": PerformerForConditionalGeneration,
-}
+HEADS = TASK_HEADS
 AUTO = {
-    "model": AutoModel,
+    "base": AutoModel,
     "mlm": AutoModelForMaskedLM,
-    "cls": AutoModelForSequenceClassification,
+    "classification": AutoModelForSequenceClassification,
     "clm": AutoModelForCausalLM,
     "seq2seq": AutoModelForSeq2SeqLM,
 }
@@ -54,13 +49,13 @@ def inputs_for(head, batch=2, length=7, seed=0):
     kwargs = {"input_ids": ids, "attention_mask": mask}
     if head in ("mlm", "clm", "seq2seq"):
         kwargs["labels"] = ids.masked_fill(mask == 0, -100)
-    if head == "cls":
+    if head == "classification":
         kwargs["labels"] = torch.tensor([0, 1])
     return kwargs
 
 
 def _main_output(out, head):
-    return out.last_hidden_state if head == "model" else out.logits
+    return out.last_hidden_state if head == "base" else out.logits
 
 
 def run_and_check(model, head, **kwargs):
@@ -77,13 +72,13 @@ def run_and_check(model, head, **kwargs):
         alone["labels"] = inputs["labels"][1:]
     alone.pop("attention_mask")
     trimmed = _main_output(model(**{k: v for k, v in alone.items() if k != "labels" or head == "seq2seq"}), head)
-    reference = tensor[1:] if head in ("cls", "seq2seq") else tensor[1:, :-2]
+    reference = tensor[1:] if head in ("classification", "seq2seq") else tensor[1:, :-2]
     torch.testing.assert_close(trimmed, reference, rtol=1e-4, atol=1e-4)
     if head == "clm":  # changing the last token leaves every earlier position as it was
         changed = dict(inputs, input_ids=inputs["input_ids"].clone())
         changed["input_ids"][:, -1] = 3 + (changed["input_ids"][:, -1] - 2) % 96
         torch.testing.assert_close(_main_output(model(**changed), head)[:, :-1], tensor[:, :-1], rtol=1e-5, atol=1e-5)
-    if head != "model":
+    if head != "base":
         model.train()
         loss = model(**inputs).loss
         assert torch.isfinite(loss)
@@ -151,7 +146,7 @@ def test_tuple_outputs_and_hidden_states(head):
     kwargs = inputs_for(head)
     out = model(**kwargs, output_hidden_states=True)
     hidden = out.hidden_states if head not in ("seq2seq",) else out.decoder_hidden_states
-    if head == "model":
+    if head == "base":
         hidden = out.hidden_states
     assert hidden is not None and len(hidden) == 3
     as_tuple = model(**kwargs, return_dict=False)
@@ -176,20 +171,20 @@ def test_save_load_through_auto_classes(head, tmp_path):
     if head == "seq2seq":
         kwargs["decoder_input_ids"] = kwargs["input_ids"]
     a, b = model(**kwargs), loaded(**kwargs)
-    key = "last_hidden_state" if head == "model" else "logits"
+    key = "last_hidden_state" if head == "base" else "logits"
     assert torch.equal(a[key], b[key])
     for name, buffer in model.named_buffers():
         assert torch.equal(buffer, dict(loaded.named_buffers())[name]), name
     assert isinstance(AutoConfig.from_pretrained(tmp_path), PerformerConfig)
 
 
-@pytest.mark.parametrize("head", ["mlm", "cls", "clm"])
+@pytest.mark.parametrize("head", ["mlm", "classification", "clm"])
 def test_base_checkpoint_loads_into_heads(head, tmp_path):
     base = PerformerModel(tiny_config())
     base.save_pretrained(tmp_path)
     model, info = HEADS[head].from_pretrained(tmp_path, output_loading_info=True)
     missing = set(info["missing_keys"])
-    expected_prefix = {"mlm": "lm_head.", "cls": ("dense.", "classifier."), "clm": "lm_head."}[head]
+    expected_prefix = {"mlm": "lm_head.", "classification": ("dense.", "classifier."), "clm": "lm_head."}[head]
     assert all(k.startswith(expected_prefix) for k in missing), missing
     assert not info["unexpected_keys"]
     loaded = model.model.state_dict()

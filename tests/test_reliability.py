@@ -76,6 +76,27 @@ def test_bad_inputs_of_the_other_heads():
         seq2seq(IDS, attention_mask=torch.ones(1, 4), decoder_input_ids=IDS)
 
 
+def test_value_checks_run_where_they_cost_no_device_sync_unless_asked(monkeypatch):
+    """Checks that read values run on CPU tensors by default, on accelerators only under the debug
+    setting, and nowhere when it is switched off (shape checks always run)."""
+    from modeling_performer.inputs_performer import VALUE_CHECKS_ENV, checking_values
+
+    monkeypatch.delenv(VALUE_CHECKS_ENV, raising=False)
+    assert checking_values(torch.device("cpu")) and not checking_values(torch.device("cuda"))
+    monkeypatch.setenv(VALUE_CHECKS_ENV, "1")
+    assert checking_values(torch.device("cuda")) and checking_values(torch.device("cpu"))
+    monkeypatch.setenv(VALUE_CHECKS_ENV, "0")
+    assert not checking_values(torch.device("cpu"))
+    model = PerformerForCausalLM(tiny_config()).eval()
+    half_mask = torch.tensor([[1, 0.5, 1]])
+    model(IDS, attention_mask=half_mask)  # not read: treated as a boolean mask
+    with pytest.raises(ValueError, match="not understood"):
+        model(IDS, attention_mask=torch.ones(3))
+    monkeypatch.setenv(VALUE_CHECKS_ENV, "1")
+    with pytest.raises(ValueError, match="1 \\(attend\\) and 0"):
+        model(IDS, attention_mask=half_mask)
+
+
 @pytest.mark.parametrize("head", [PerformerModel, PerformerForMaskedLM, PerformerForSequenceClassification])
 def test_generate_on_a_head_that_cannot_generate(head):
     model = head(tiny_config())

@@ -6,17 +6,15 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from modeling_performer import (
+    TASK_HEADS,
     PerformerForCausalLM,
-    PerformerForConditionalGeneration,
-    PerformerForMaskedLM,
     PerformerForSequenceClassification,
     PerformerRedrawCallback,
 )
 
 from .conftest import tiny_config
 
-HEADS = [PerformerForCausalLM, PerformerForMaskedLM, PerformerForSequenceClassification,
-         PerformerForConditionalGeneration]
+HEADS = [head for task, head in TASK_HEADS.items() if task != "base"]
 
 
 class Rows(torch.utils.data.Dataset):
