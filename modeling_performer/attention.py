@@ -11,6 +11,8 @@ single-dot imports only):
 - `attention_softmax`: exact softmax attention (SDPA);
 - `fast_attention`: the CUDA fast path of the chunked causal sums (fla's Triton kernels);
 - `reference_attention`: quadratic-time references the tests hold every variant to.
+
+`causal_linear_variant` picks among the causal ones by a layer's options.
 """
 
 from .attention_common import LinearAttentionState, empty_state, may_update_in_place, repeat_key_heads
@@ -36,12 +38,41 @@ from .attention_window import (
     windowed_linear_attention,
 )
 
+
+
+def causal_linear_variant(q, k, v, features, feature_map, window, cache_size, linear_log_weight, key_padding_mask,
+                          state, chunk_size, kernel=None):
+    """Causal linear attention of the variant a layer's options name: plain (window 0), with an
+    exact window, or with a window and a sparse cache (cache_size > 0). One token onto a state is a
+    decoding step (the recurrent kernel, updating the state in place where that is safe, see
+    `may_update_in_place`); anything else is chunked (on `kernel` where one is given).
+    -> (out [B, H, T, D], the new state)."""
+    decoding = q.shape[2] == 1 and state is not None
+    in_place = decoding and may_update_in_place(state)
+    if cache_size:
+        if decoding:
+            return recurrent_sparse_windowed_attention(q, k, v, features, feature_map, window, cache_size,
+                                                       linear_log_weight, key_padding_mask, state, in_place)
+        return causal_sparse_windowed_attention(q, k, v, features, feature_map, window, cache_size, linear_log_weight,
+                                                key_padding_mask, state)
+    if window:
+        if decoding:
+            return recurrent_windowed_attention(q, k, v, features, feature_map, window, linear_log_weight,
+                                                key_padding_mask, state, in_place)
+        return causal_windowed_attention(q, k, v, features, feature_map, window, linear_log_weight, key_padding_mask,
+                                         state, chunk_size, kernel)
+    if decoding:
+        return recurrent_linear_attention(q, k, v, features, feature_map, key_padding_mask, state, in_place)
+    return causal_linear_attention(q, k, v, features, feature_map, key_padding_mask, state, chunk_size, kernel)
+
+
 __all__ = [
     "LinearAttentionState",
     "SparseWindowState",
     "WindowedAttentionState",
     "build_attention_mask",
     "causal_linear_attention",
+    "causal_linear_variant",
     "causal_sparse_windowed_attention",
     "causal_windowed_attention",
     "empty_sparse_window_state",

@@ -1,0 +1,159 @@
+"""The building blocks of a Performer layer besides attention: norms and the residual connection,
+rotary positions, the feed-forward block and the learned Hedgehog feature maps. Each is a superset
+of what BERT, GPT-2 and the Llama family use, so their weights convert exactly."""
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from .configuration_performer import PerformerConfig
+from .feature_maps import hedgehog_init, hedgehog_key_init
+
+
+# --------------------------------------------------------------------------------------------
+# Norms and residual connections
+
+
+class PerformerLayerNorm(nn.LayerNorm):
+    pass
+
+
+class PerformerScaleNorm(nn.Module):
+    """g * x / |x| with a single learned scale (Nguyen & Salazar, 2019)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(hidden_size**0.5))
+        self.eps = eps
+
+    def forward(self, x):
+        return x * (self.scale / x.norm(dim=-1, keepdim=True).clamp_min(self.eps))
+
+
+class PerformerRMSNorm(LlamaRMSNorm):
+    """transformers' RMSNorm (Llama, Mistral, Qwen): x / rms(x) * weight, normalised in fp32 and
+    cast back before the weight, as Llama does; torch's fused rms_norm gives the same values in two
+    ops instead of eight."""
+
+    def forward(self, hidden_states):
+        dtype = hidden_states.dtype
+        normalised = F.rms_norm(hidden_states.float(), hidden_states.shape[-1:], eps=self.variance_epsilon)
+        return self.weight * normalised.to(dtype)
+
+
+def make_norm(config: PerformerConfig) -> nn.Module:
+    if config.norm_type == "pre_scalenorm":
+        return PerformerScaleNorm(config.hidden_size, config.layer_norm_eps)
+    if config.norm_type == "pre_rmsnorm":
+        return PerformerRMSNorm(config.hidden_size, eps=config.layer_norm_eps)
+    return PerformerLayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class PerformerResidual(nn.Module):
+    """x -> x + sublayer(x) with the configured norm: before (pre_*), after (post_layernorm), or a
+    learned scalar gate initialised at 0 (rezero)."""
+
+    def __init__(self, config: PerformerConfig):
+        super().__init__()
+        self.norm_type = config.norm_type
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        if self.norm_type == "rezero":
+            self.alpha = nn.Parameter(torch.zeros(1))
+        else:
+            self.norm = make_norm(config)
+
+    def forward(self, hidden_states, sublayer):
+        # `sublayer` is a closure, never an nn.Module: device-map hooks move every module argument to
+        # the execution device, which fails for offloaded (meta) weights.
+        if self.norm_type == "rezero":
+            return hidden_states + self.alpha * self._dropout(sublayer(hidden_states))
+        if self.norm_type == "post_layernorm":
+            return self.norm(hidden_states + self._dropout(sublayer(hidden_states)))
+        return hidden_states + self._dropout(sublayer(self.norm(hidden_states)))
+
+    def _dropout(self, x):
+        return self.dropout(x) if self.training and self.dropout.p > 0 else x
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary positions
+
+
+def rotary_frequencies(config: PerformerConfig, device=None, seq_len: Optional[int] = None) -> tuple[torch.Tensor, float]:
+    """([D/2] inverse frequencies of the rotary pairs, the factor on cos and sin) for
+    `config.rope_parameters`: transformers' own functions for the scaled types (linear, dynamic,
+    yarn, llama3), so converted Llama-family checkpoints rotate exactly as they did."""
+    rope = config.rope_parameters
+    if rope["rope_type"] == "default":
+        dim = config.head_dim
+        return 1.0 / rope["rope_theta"] ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim), 1.0
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, device, seq_len=seq_len)
+    return inv_freq.float(), float(scaling)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
+                   dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids: [B, T] -> cos, sin: [B, 1, T, D] (times `scaling`), computed once per forward for
+    every layer: cos repeated over both halves, sin with the first half negated (what `apply_rotary` takes)."""
+    angles = position_ids.float()[:, None, :, None] * inv_freq
+    cos, sin = angles.cos() * scaling, angles.sin() * scaling
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates pairs (first half, second half) of x: [B, H, T, D] -> [first cos - second sin,
+    second cos + first sin], the halves swapped by one roll (four ops per tensor; the same
+    products and sums, rounded as often, as transformers' rotate_half, so converted models rotate
+    exactly as their source in every dtype)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+# --------------------------------------------------------------------------------------------
+# Feed-forward
+
+
+class PerformerMLP(nn.Module):
+    """Two-layer MLP, or a gated linear unit (SwiGLU, GeGLU, ReGLU) with gate_proj."""
+
+    GATED = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
+
+    def __init__(self, config: PerformerConfig):
+        super().__init__()
+        gated = config.hidden_act in self.GATED
+        hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.act = ACT2FN[self.GATED.get(config.hidden_act, config.hidden_act)]
+        self.gate_proj = nn.Linear(hidden, inner, bias=bias) if gated else None
+        self.up_proj = nn.Linear(hidden, inner, bias=bias)
+        self.down_proj = nn.Linear(inner, hidden, bias=bias)
+
+    def forward(self, x):
+        if self.gate_proj is None:
+            return self.down_proj(self.act(self.up_proj(x)))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Learned feature maps
+
+
+class PerformerHedgehogMap(nn.Module):
+    """The learned feature maps of one attention layer: query_weight [H, D, F], one map per query
+    head, and key_weight [H_kv, D, F], one per key/value head (whose keys feed one shared state).
+    A module of its own so that tools can name it (peft's `modules_to_save=["feature_map"]`)."""
+
+    def __init__(self, config: PerformerConfig):
+        super().__init__()
+        width = config.hedgehog_dim or config.head_dim
+        self.query_weight = nn.Parameter(hedgehog_init(config.num_attention_heads, config.head_dim, width)[0])
+        # with hedgehog_key_scale, one more column: each key's learned scale (HedgehogFeatureMap)
+        self.key_weight = nn.Parameter(hedgehog_key_init(config.num_key_value_heads, config.head_dim, width,
+                                                         config.hedgehog_key_scale))
+
+    @property
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.query_weight, self.key_weight
