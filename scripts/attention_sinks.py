@@ -14,7 +14,6 @@ MODEL: a transformers encoder folder that returns attention weights (BERT, RoBER
 import argparse
 import json
 import pathlib
-import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -54,8 +53,7 @@ def main(argv=None):
     parser.add_argument("--passages", type=int, default=16, help="at most this many passages (0: all)")
     parser.add_argument("--output", help="JSON file for the shares")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from transfer_attention import read_texts, token_windows
+    from modeling_performer.recipes.texts import read_texts, token_windows
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)

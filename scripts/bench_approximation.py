@@ -24,7 +24,6 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 
 WINDOWS = (32, 64)
 FAVOR_FEATURES = (64, 256, 1024)
@@ -122,7 +121,7 @@ def synthetic(args):
 
 def passages(tokenizer, split, seq_len, count=None):
     import torch
-    from transfer_attention import read_texts, token_windows
+    from modeling_performer.recipes.texts import read_texts, token_windows
 
     path = ROOT / "data_cache" / "text" / f"{split}.jsonl"
     if not path.exists():
@@ -223,7 +222,7 @@ def minilm(args):
 
 
 def timing(args):
-    from bench_attention import run_worker
+    from modeling_performer.recipes.attention_timing import run_worker
 
     methods = ["favor", "favor-window", "favor-causal", "favor-window-causal", "hedgehog", "hedgehog-window",
                "hedgehog-causal", "hedgehog-window-causal", "sdpa", "sdpa-causal"]

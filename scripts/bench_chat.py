@@ -36,13 +36,12 @@ import json
 import pathlib
 import resource
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_common import (  # noqa: E402
-    ROOT, add_output_arguments, cache_bytes, handled_without_measuring, measure_in_process, save_and_draw, status_kib,
+from modeling_performer.cache_performer import cache_bytes
+from modeling_performer.recipes.bench_common import (
+    ROOT, add_output_arguments, handled_without_measuring, measure_in_process, save_and_draw, status_kib,
     synchronize,
 )
 

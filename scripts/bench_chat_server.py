@@ -28,7 +28,7 @@ import platform
 import statistics
 import time
 
-from bench_common import ROOT, add_output_arguments, provenance, results_path
+from modeling_performer.recipes.bench_common import ROOT, add_output_arguments, provenance, results_path
 
 NAME = "serving_chat"
 QUESTION = "\n\nIn one sentence: who speaks first in this scene?"

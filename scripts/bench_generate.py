@@ -10,13 +10,11 @@ that one point's large allocations do not slow the next.
 
 import argparse
 import json
-import pathlib
 import statistics
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_common import add_output_arguments, cache_bytes, measure_in_process, save_and_draw  # noqa: E402
+from modeling_performer.cache_performer import cache_bytes
+from modeling_performer.recipes.bench_common import add_output_arguments, measure_in_process, save_and_draw
 
 
 def decode_latency(model, context, steps, vocab):

@@ -23,26 +23,22 @@ On a machine whose image has an older transformers, install the wheels first (on
 
 import argparse
 import json
-import pathlib
 import platform
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from bench_common import add_output_arguments, provenance, results_path  # noqa: E402
+from modeling_performer.recipes.bench_common import add_output_arguments, provenance, results_path
 
-from modeling_performer import PerformerConfig, PerformerForCausalLM, fast_attention  # noqa: E402
-from modeling_performer.attention import (  # noqa: E402
+from modeling_performer import PerformerConfig, PerformerForCausalLM, fast_attention
+from modeling_performer.attention import (
     causal_linear_attention,
     causal_windowed_attention,
     linear_attention,
     windowed_linear_attention,
 )
-from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init  # noqa: E402
+from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init
 
 # relative to the output's largest entry (fp32: Triton's dots may round through tf32)
 TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 3e-2}

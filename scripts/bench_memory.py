@@ -13,14 +13,11 @@ import argparse
 import gc
 import json
 import os
-import pathlib
-import sys
 import tracemalloc
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_common import add_output_arguments, provenance, results_path  # noqa: E402
+from modeling_performer.recipes.bench_common import add_output_arguments, provenance, results_path
 
 
 def rss_mib() -> float:

@@ -19,14 +19,12 @@ Writes outputs/bench/serving.json and .png; --update-figures writes the committe
 
 import argparse
 import json
-import pathlib
 import resource
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_common import (  # noqa: E402
-    add_model_arguments, cache_bytes, handled_without_measuring, measure_in_process, save_and_draw,
+from modeling_performer.cache_performer import cache_bytes
+from modeling_performer.recipes.bench_common import (
+    add_model_arguments, handled_without_measuring, measure_in_process, save_and_draw,
 )
 
 KINDS = ("performer", "performer-window", "gpt2")

@@ -14,14 +14,11 @@ Writes outputs/bench/training.json and .png; --update-figures writes the committ
 
 import argparse
 import json
-import pathlib
 import resource
 import statistics
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_common import (  # noqa: E402
+from modeling_performer.recipes.bench_common import (
     add_model_arguments, handled_without_measuring, measure_in_process, save_and_draw,
 )
 

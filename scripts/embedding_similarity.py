@@ -46,7 +46,7 @@ def snippet_batches(tokenizer, texts, batch_size=64, max_length=128):
 def passage_batches(tokenizer, texts, tokens, rows, batch_size=8):
     import torch
 
-    from transfer_attention import token_windows
+    from modeling_performer.recipes.texts import token_windows
 
     windows = token_windows(tokenizer, texts, tokens)
     if rows:
@@ -70,10 +70,7 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=0, help="use the first ROWS texts or passages (0 = all)")
     parser.add_argument("--passage-tokens", type=int, default=0, help="cut the texts into passages of this many tokens")
     parser.add_argument("--output", help="also write the results here (JSON)")
-    import sys
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import devices
+    from modeling_performer.recipes import devices
 
     devices.add_device_arguments(parser)
     args = parser.parse_args(argv)

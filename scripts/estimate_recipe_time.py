@@ -29,19 +29,16 @@ import argparse
 import json
 import pathlib
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT))
-import devices  # noqa: E402
-from bench_common import provenance, synchronize  # noqa: E402
+from modeling_performer.recipes import devices
+from modeling_performer.recipes.bench_common import provenance, synchronize
+from modeling_performer.transfer import RECIPE_SETTINGS
 
-from modeling_performer.transfer import RECIPE_SETTINGS  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # Llama 3.2 1B's shape (its config.json); only the depth changes between the measured models.
 TARGET_SHAPE = {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32,

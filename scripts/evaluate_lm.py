@@ -20,13 +20,11 @@ import contextlib
 import json
 import math
 import pathlib
-import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import devices  # noqa: E402
-from devices import add_device_arguments  # noqa: E402
-from train import joined_ids  # noqa: E402
+from modeling_performer.recipes import devices
+from modeling_performer.recipes.devices import add_device_arguments
+from modeling_performer.recipes.training import joined_ids
 
 
 def validation_ids(tokenizer, path):

@@ -9,7 +9,7 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-import devices
+from modeling_performer.recipes import devices
 
 
 def main(argv=None):

@@ -26,40 +26,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 EPOCH_SEEDS = 100_003  # the window order of epoch e under --seed s comes from seed s * EPOCH_SEEDS + e
 
 
-def read_texts(path: pathlib.Path) -> list[str]:
-    if path.suffix == ".jsonl":
-        texts = []
-        with open(path) as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    row = json.loads(line)
-                    if "text" not in row:
-                        raise SystemExit(f"{path}:{number}: a .jsonl row needs a 'text' field")
-                    texts.append(row["text"])
-        return texts
-    return [path.read_text()]
-
-
-def token_windows(tokenizer, texts, seq_len: int):
-    """Cuts the tokenised corpus into windows of seq_len tokens (special tokens included)."""
-    import torch
-
-    # The special tokens the tokenizer puts around one text ([CLS] ... [SEP] for BERT, none for GPT-2).
-    full, inner = tokenizer("x")["input_ids"], tokenizer("x", add_special_tokens=False)["input_ids"]
-    start = next(i for i in range(len(full)) if full[i:i + len(inner)] == inner)
-    prefix, suffix = full[:start], full[start + len(inner):]
-    body = seq_len - len(prefix) - len(suffix)
-    if body < 1:
-        raise SystemExit(f"--seq-len {seq_len} leaves no room next to the tokenizer's special tokens")
-    ids = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-    windows = [prefix + ids[i:i + body] + suffix for i in range(0, len(ids) - body + 1, body)]
-    if not windows:
-        raise SystemExit(f"the data holds {len(ids)} tokens: not enough for one window of {seq_len}")
-    return torch.tensor(windows)
-
-
 def load_teacher(path: str, student):
     from modeling_performer import PerformerPreTrainedModel
     from modeling_performer.conversion import ConversionError, convert_to_performer
@@ -100,8 +66,7 @@ def main(argv=None):
                         help="learning rate of the second stage (%(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import devices
+    from modeling_performer.recipes import devices
 
     devices.add_device_arguments(parser, training=True, checkpointing=False)
     args = parser.parse_args(argv)
@@ -134,6 +99,8 @@ def main(argv=None):
         import subprocess
 
         subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_data.py"), "--datasets", "text"], check=True)
+    from modeling_performer.recipes.texts import read_texts, token_windows
+
     windows = token_windows(tokenizer, read_texts(data), args.seq_len)
     if windows.max() >= student.config.vocab_size:
         raise SystemExit("the tokenizer produces ids beyond the student's vocabulary: use the student's own tokenizer")

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from .conftest import load_script
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ["--layers", "1", "--hidden", "32", "--heads", "2", "--features", "8", "--vocab", "64"]
 
@@ -67,8 +69,7 @@ def test_bench_training_measures_and_skips_quadratic_models_beyond_their_limit(t
 
 
 def test_every_figure_redraws_from_its_saved_results(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import plot_benchmarks
+    from modeling_performer.recipes import plots as plot_benchmarks
 
     samples = {
         "attention": {"1024": {"favor": {"seconds": 0.1, "peak_bytes": 1e8}, "sdpa": {"error": "skipped"}},
@@ -88,10 +89,9 @@ def test_every_figure_redraws_from_its_saved_results(tmp_path):
 
 
 def test_benchmarks_leave_the_committed_figures_alone_unless_asked():
-    sys.path.insert(0, str(ROOT / "scripts"))
     import argparse
 
-    import bench_common
+    from modeling_performer.recipes import bench_common
 
     parser = argparse.ArgumentParser()
     bench_common.add_output_arguments(parser, "serving")
@@ -102,11 +102,7 @@ def test_benchmarks_leave_the_committed_figures_alone_unless_asked():
 
 
 def test_recipe_time_estimate_fits_fixed_and_per_layer_seconds():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import estimate_recipe_time as estimate
-    finally:
-        sys.path.pop(0)
+    estimate = load_script("estimate_recipe_time")
     costs = {"layer_by_layer": (3.0, 0.5), "end_to_end": (1.0, 2.0), "lora": (4.0, 0.25)}
     points = [{"layers": n, **{kind: {"seconds_per_step": a + b * n} for kind, (a, b) in costs.items()}}
               for n in (1, 2, 4)]

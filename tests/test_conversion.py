@@ -14,6 +14,8 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, 
 import modeling_performer  # noqa: F401
 from modeling_performer.conversion import ConversionError, convert_to_performer, save_converted
 
+from .conftest import load_script
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "convert_to_performer.py"
 TEXTS = ["A gorgeous, witty, seductive movie.", "The plot is paper thin and the jokes fall flat, sadly.", "dull"]
@@ -189,11 +191,7 @@ def test_similarity_script(tmp_path, bert_tokenizer):
         save_converted(model, tokenizer, tmp_path / attention)
     data = tmp_path / "texts.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 4))
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import embedding_similarity
-    finally:
-        sys.path.pop(0)
+    embedding_similarity = load_script("embedding_similarity")
     results = embedding_similarity.main([str(folder), str(tmp_path / "softmax"), str(tmp_path / "favor"),
                                          "--data", str(data)])
     assert results[str(tmp_path / "softmax")]["min_cosine"] > 0.99999  # exact conversion

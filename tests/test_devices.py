@@ -2,15 +2,14 @@
 by default, clear errors for devices this machine lacks."""
 
 import pathlib
-import sys
 
 import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+from modeling_performer.recipes import devices
 
-import devices  # noqa: E402
+from .conftest import load_script
 
 
 def test_auto_is_the_cpu_here_and_fp32_on_it():
@@ -52,7 +51,7 @@ def test_autocast_contexts():
 def test_generate_script_on_a_chosen_device(tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    import generate
+    generate = load_script("generate")
     from modeling_performer import PerformerConfig, PerformerForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "configuration" / "tokenizer")

@@ -4,13 +4,14 @@ size) and recipe_report.py (the tables from every stage's results)."""
 import json
 import math
 import pathlib
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from modeling_performer import PerformerConfig, PerformerForCausalLM
+
+from .conftest import load_script
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -20,11 +21,7 @@ LINEAR = dict(attention_type="favor", feature_map="hedgehog", local_window=4)
 
 
 def test_evaluate_lm_perplexity_and_cache(tmp_path):
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import evaluate_lm
-    finally:
-        sys.path.pop(0)
+    evaluate_lm = load_script("evaluate_lm")
     torch.manual_seed(0)
     from transformers import AutoTokenizer
 
@@ -74,11 +71,7 @@ def test_evaluate_lm_perplexity_and_cache(tmp_path):
 
 
 def test_recipe_report_reads_every_stage(tmp_path):
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import recipe_report
-    finally:
-        sys.path.pop(0)
+    recipe_report = load_script("recipe_report")
     folder = tmp_path / "recipe"
     folder.mkdir()
     for tokens, value in ((256, 0.9612), (512, 0.9873)):

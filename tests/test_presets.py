@@ -8,6 +8,8 @@ import pytest
 
 from modeling_performer import PerformerConfig
 
+from .conftest import load_script
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXPECTED_MILLIONS = {
     "performer-small-encoder": 1.6,
@@ -19,11 +21,7 @@ EXPECTED_MILLIONS = {
 
 @pytest.mark.parametrize("name", EXPECTED_MILLIONS)
 def test_preset_parameter_counts(name):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from count_parameters import count
-    finally:
-        sys.path.pop(0)
+    count = load_script("count_parameters").count
     millions = count(ROOT / "configuration" / "presets" / f"{name}.json") / 1e6
     assert abs(millions - EXPECTED_MILLIONS[name]) <= 0.1 * EXPECTED_MILLIONS[name], millions
     assert isinstance(PerformerConfig.from_json_file(str(ROOT / "configuration" / "presets" / f"{name}.json")),
@@ -38,11 +36,7 @@ def test_count_script_prints_every_preset():
 
 
 def test_llama_teacher_preset_counts_as_a_transformers_llama():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from count_parameters import count
-    finally:
-        sys.path.pop(0)
+    count = load_script("count_parameters").count
     from transformers import AutoConfig, LlamaModel
 
     path = ROOT / "configuration" / "presets" / "llama-small-decoder.json"

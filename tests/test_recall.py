@@ -1,9 +1,9 @@
-"""The recall benchmark (scripts/bench_recall.py): the MQAR sequences it generates, its curriculum,
-and smoke runs of each mode on the CPU (a few steps: the numbers are the benchmark's, not the test's)."""
+"""The recall benchmark (scripts/bench_recall.py) and experiments (scripts/recall_experiments.py) on
+the tasks of modeling_performer.recipes.recall: the MQAR sequences, the curriculum, and smoke runs
+of each mode on the CPU (a few steps: the numbers are the benchmark's, not the test's)."""
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -11,12 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+from modeling_performer.recipes import recall
+from modeling_performer.recipes.recall import ANSWERS, DIGITS, Curriculum, PasskeySteps, mqar_batch, passkey_batch
 
-import bench_recall  # noqa: E402
-from bench_recall import ANSWERS, DIGITS, Curriculum, PasskeySteps, mqar_batch, passkey_batch  # noqa: E402
-from tests.conftest import prepare_data  # noqa: E402
+from .conftest import ROOT, prepare_data
 
 
 def test_mqar_sequences_pose_each_key_once_after_the_pairs():
@@ -33,7 +31,7 @@ def test_mqar_sequences_pose_each_key_once_after_the_pairs():
             assert row_targets[position] == pairing[row_ids[position].item()]
         others = torch.ones(64, dtype=torch.bool)
         others[:8], others[asked] = False, False
-        assert (row_ids[others] == bench_recall.FILLER).all()
+        assert (row_ids[others] == recall.FILLER).all()
     again, _ = mqar_batch(torch.Generator().manual_seed(0), 16, 64, 4, 64, 8)
     assert torch.equal(ids, again)
 
@@ -70,7 +68,7 @@ def test_passkey_sequences_plant_the_key_in_running_text_and_ask_for_it_at_the_e
 
 @pytest.mark.parametrize("kind,key_marks,ask_marks", [("text", 0, 0), ("planted", 1, 0), ("sequences", 1, 1)])
 def test_passkey_students_are_fitted_on_text_with_or_without_the_key_and_question(kind, key_marks, ask_marks):
-    task = bench_recall.PasskeyTask.__new__(bench_recall.PasskeyTask)
+    task = recall.PasskeyTask.__new__(recall.PasskeyTask)
     task.args = SimpleNamespace(passkey_length=40, batch_size=16, passkey_transfer=kind)
     task.train_stream, task.text_vocab = torch.arange(1000) % 50, 50
     ids = task.transfer_inputs(torch.Generator().manual_seed(0))
@@ -108,14 +106,15 @@ def test_curriculum_advances_on_mastery_and_never_falls_behind_its_ramp():
     assert not any(finished[:-1]) and finished[-1]
 
 
-def run_script(*args, tmp_path):
+def run_script(*args, tmp_path, script="bench_recall.py"):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_recall.py"), *args], capture_output=True,
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
 
+EXPERIMENTS = "recall_experiments.py"
 SMALL = ["--seq-len", "32", "--pairs", "2", "--gap", "4", "--vocab", "32", "--hidden", "32", "--heads", "2",
          "--batch-size", "8", "--eval-batches", "1", "--threads", "1"]
 
@@ -133,8 +132,9 @@ def test_one_model_writes_accuracy_at_the_top_level(tmp_path):
 
 def test_linearize_and_decoding_modes_write_their_results(tmp_path):
     out = tmp_path / "linearized.json"
-    run_script("--linearize", "--linearize-window", "2", "--linearize-cache", "2", "--steps", "4",
-               "--transfer-steps", "3", "--swap-features", "16", "--output", str(out), *SMALL, tmp_path=tmp_path)
+    run_script("linearize", "--linearize-window", "2", "--linearize-cache", "2", "--steps", "4",
+               "--transfer-steps", "3", "--swap-features", "16", "--output", str(out), *SMALL, tmp_path=tmp_path,
+               script=EXPERIMENTS)
     record = json.loads(out.read_text())
     assert set(record["accuracy"]) == {"softmax teacher", "FAVOR+ M=16 swap (no fitting)", "Hedgehog + W2",
                                        "Hedgehog + W2 + sparse 2", "Hedgehog + W2 + sparse 32 (every key exact: control)"}
@@ -142,8 +142,8 @@ def test_linearize_and_decoding_modes_write_their_results(tmp_path):
     control = record["accuracy"]["Hedgehog + W2 + sparse 32 (every key exact: control)"]
     assert control == pytest.approx(record["accuracy"]["softmax teacher"], abs=1 / 16)
     decoding = tmp_path / "sparse.json"
-    run_script("--decoding", "--decode-tokens", "600", "--decode-window", "4", "--decode-cache", "4", "--threads", "1",
-               "--output", str(decoding), tmp_path=tmp_path)
+    run_script("decoding", "--decode-tokens", "600", "--decode-window", "4", "--decode-cache", "4", "--threads", "1",
+               "--output", str(decoding), tmp_path=tmp_path, script=EXPERIMENTS)
     record = json.loads(decoding.read_text())
     sparse = record["decoding"]["hedgehog + W4 + sparse 4"]
     assert [p["tokens"] for p in sparse] == [300, 600] and record["ratios"]["sparse_cache_bytes_constant"]
@@ -155,10 +155,10 @@ def test_linearize_and_decoding_modes_write_their_results(tmp_path):
 def test_passkey_mode_linearizes_a_teacher_of_the_planted_key(tmp_path):
     prepare_data(tmp_path / "data", "text", max_rows=20)
     out = tmp_path / "passkey.json"
-    run_script("--passkey", "--passkey-data", str(tmp_path / "data" / "text"), "--passkey-length", "32",
+    run_script("passkey", "--passkey-data", str(tmp_path / "data" / "text"), "--passkey-length", "32",
                "--passkey-start-length", "16", "--linearize-window", "4", "--linearize-cache", "8", "--steps", "4",
                "--transfer-steps", "3", "--swap-features", "16", "--hidden", "32", "--heads", "2", "--batch-size", "8",
-               "--eval-batches", "1", "--threads", "1", "--output", str(out), tmp_path=tmp_path)
+               "--eval-batches", "1", "--threads", "1", "--output", str(out), tmp_path=tmp_path, script=EXPERIMENTS)
     record = json.loads(out.read_text())
     assert record["task"] == "pass-key" and set(record["by_transfer"]) == {"text", "planted", "sequences"}
     teachers = [student.pop("teacher") for student in record["by_transfer"].values()]
@@ -171,7 +171,7 @@ def test_passkey_mode_linearizes_a_teacher_of_the_planted_key(tmp_path):
                                             "Hedgehog + W4 + sparse 8", "Hedgehog + W4 + sparse 32 (every key exact: control)"}
         assert all(0.0 <= value <= 1.0 for value in student["accuracy"].values())
     with pytest.raises(AssertionError, match="does not exist"):
-        run_script("--passkey", "--passkey-data", str(tmp_path / "nowhere"), tmp_path=tmp_path)
+        run_script("passkey", "--passkey-data", str(tmp_path / "nowhere"), tmp_path=tmp_path, script=EXPERIMENTS)
 
 
 def test_table_gives_every_model_the_steps_softmax_took_and_resumes(tmp_path):

@@ -12,10 +12,8 @@ from .conftest import prepare_data
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-
-import train  # noqa: E402
-import train_tokenizer  # noqa: E402
+from modeling_performer.recipes import tokenizer_training as train_tokenizer
+from modeling_performer.recipes import train_command as train
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from modeling_performer import PerformerConfig, PerformerForCausalLM, PerformerF
 from modeling_performer.attention import windowed_linear_attention
 from modeling_performer.reference_attention import naive_softmax_attention, naive_windowed_attention
 
-from .conftest import ROOT, max_error, perturbed
+from .conftest import ROOT, load_script, max_error, perturbed
 from .test_conversion_llama import tiny_source
 from .test_window import MAPS, features, log_weight, padding, qkv
 
@@ -160,11 +160,7 @@ def test_attention_shares_of_uniform_attention():
     keys 1/T, so the share outside the window is the fraction of keys at distance >= W."""
     import transformers
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from attention_sinks import attention_shares
-    finally:
-        sys.path.pop(0)
+    attention_shares = load_script("attention_sinks").attention_shares
     config = transformers.BertConfig(vocab_size=2000, hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=4, intermediate_size=48, attn_implementation="eager")
     model = transformers.BertModel(config).eval()

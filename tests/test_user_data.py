@@ -6,7 +6,6 @@ import csv
 import json
 import pathlib
 import random
-import sys
 
 import pytest
 import torch
@@ -15,10 +14,10 @@ from .conftest import prepare_data
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
-sys.path.insert(0, str(SCRIPTS))
+from modeling_performer.recipes import data_sources
+from modeling_performer.recipes import train_command as train
 
-import data_sources  # noqa: E402
-import train  # noqa: E402
+from .conftest import load_script
 
 TINY = {"model_type": "performer", "vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2,
         "num_attention_heads": 4, "intermediate_size": 64, "num_random_features": 16, "chunk_size": 16,
@@ -174,7 +173,7 @@ def test_bad_input_is_refused_before_anything_is_written(corpora, tmp_path):
 def test_train_tokenizer_never_replaces_the_bundled_one_unless_named(corpora, tmp_path, monkeypatch):
     import hashlib
 
-    import train_tokenizer
+    from modeling_performer.recipes import tokenizer_training as train_tokenizer
 
     bundled = ROOT / "configuration" / "tokenizer" / "tokenizer.json"
     before = hashlib.sha256(bundled.read_bytes()).hexdigest()
@@ -238,7 +237,7 @@ def test_push_to_hub_needs_a_repository_and_fp16_needs_a_gpu(corpora, tmp_path):
 
 @pytest.mark.slow
 def test_a_model_trained_from_a_converted_one_names_its_base_model(corpora, tmp_path):
-    import convert_to_performer
+    convert_to_performer = load_script("convert_to_performer")
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "configuration" / "tokenizer")

@@ -14,9 +14,9 @@ import pathlib
 import subprocess
 import sys
 
-from modeling_performer.cache_performer import cache_bytes  # noqa: F401  (the benchmarks import it from here)
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from . import ROOT
+
 FIGURES = ROOT / "docs" / "figures"
 RESULTS = ROOT / "outputs" / "bench"
 # Measuring processes keep freed memory (glibc would otherwise return and re-fault it every step).
@@ -94,7 +94,7 @@ def handled_without_measuring(name: str, args, worker) -> bool:
         worker(args)
         return True
     if args.replot:
-        from plot_benchmarks import redraw
+        from .plots import redraw
 
         print(f"wrote {redraw(name, results_path(args, name))}")
         return True
@@ -120,7 +120,7 @@ def save_and_draw(name: str, args, payload: dict) -> pathlib.Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("output", "replot", "worker", "update_figures")}
     path.write_text(json.dumps({"settings": settings, **provenance(), **payload}, indent=1, default=str))
-    from plot_benchmarks import redraw
+    from .plots import redraw
 
     print(f"wrote {path} and {redraw(name, path)}")
     return path

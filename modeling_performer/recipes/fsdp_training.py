@@ -70,8 +70,7 @@ def main(args):
     import torch
     import torch.distributed as dist
 
-    import devices
-    import train
+    from . import devices, training as train
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise SystemExit("--fsdp runs one process per device under torchrun: "
@@ -117,12 +116,12 @@ def _train(args, world, rank, device, precision, micro, global_batch, task_data)
     from torch.distributed.fsdp import fully_shard
     from transformers import DataCollatorForLanguageModeling, get_cosine_schedule_with_warmup
 
-    import devices
+    from . import devices
     import modeling_performer
     from modeling_performer.checkpoint_performer import fresh_stage, publish_folder
     from modeling_performer.modeling_performer import PerformerLayer
 
-    import train
+    from . import training as train
 
     output = pathlib.Path(args.output)
     checkpoints = pathlib.Path(args.checkpoint_dir or f"{output}.checkpoints")
@@ -256,7 +255,7 @@ def evaluate(model, dataset, collator, batch_size, device, precision, shift):
     labels are the next tokens). Masked-LM masks are seeded, the same in every run."""
     import torch
 
-    import devices
+    from . import devices
 
     total, count = 0.0, 0
     with torch.no_grad():
