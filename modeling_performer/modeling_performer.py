@@ -411,6 +411,12 @@ def _positions(padding_mask, batch, length, past_length, device):
 
 
 class PerformerPreTrainedModel(PerformerStorageMixin, PerformerRedrawMixin, PreTrainedModel):
+    """The base of every Performer head: transformers' `PreTrainedModel` with the package's saving
+    and loading (`save_pretrained` writes the modeling files and checksums; `from_pretrained`
+    verifies them, renames one-stack checkpoints and rebuilds missing projections: see
+    `storage_performer`) and its projection redraws (`redraw_projections`, `redraw_for_step`,
+    `redraw_on_steps`: see `redraw_performer`)."""
+
     config_class = PerformerConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -618,6 +624,10 @@ class PerformerLMHead(nn.Module):
 
 
 class PerformerForMaskedLM(NotGenerative, PerformerPreTrainedModel):
+    """A bidirectional stack and BERT's LM head (dense, activation, LayerNorm, the vocabulary
+    projection tied to the input embeddings). `labels`: the token to predict at each masked
+    position, -100 elsewhere. Loads a base checkpoint of either stack."""
+
     _single_stack = "encoder"
     _tied_weights_keys = {"lm_head.decoder.weight": "model.embeddings.word_embeddings.weight"}
 
@@ -721,6 +731,11 @@ class _PerformerGenerativeModel(PerformerPreTrainedModel, GenerationMixin):
 
 
 class PerformerForCausalLM(_PerformerGenerativeModel):
+    """A causal stack and a vocabulary projection tied to the input embeddings: `generate()` with a
+    constant-size `PerformerCache` (greedy, sampling, beam search), `labels` as in transformers'
+    causal LMs (position t predicts token t+1). Loads a base checkpoint of either stack, and
+    converted Llama-family, GPT-2 and GGUF models (`conversion.convert_to_performer`)."""
+
     _stack_flags = {"is_decoder": True, "is_encoder_decoder": False}
     _single_stack = "decoder"
 

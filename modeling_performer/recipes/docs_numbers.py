@@ -1,0 +1,244 @@
+"""The numbers of the README and the documentation come from the committed results files in
+docs/figures, never from hand-typed copies:
+
+- tables are rendered from those files (`TABLES`) into docs/snippets/<name>.md, which pages
+  include (`--8<-- "snippets/<name>.md"`), and into the README between
+  `<!-- results:<name> -->` and `<!-- /results -->`: `python scripts/render_docs.py` writes them,
+  `--check` fails where a committed copy differs from what the files give now;
+- `check_page` fails where a page names a results file that does not exist, or quotes a measured
+  number (a number with a unit: 0.86x, 46.0 ms, 99.7%, 5.7 MiB, 2.8 GB, 63 s ...) that no results
+  file holds. A number is held when a value of some results file, or a unit conversion of one
+  (fraction -> %, s -> ms, bytes -> MiB/GiB/GB, s -> min), or for a ratio the quotient of two
+  values of one file, rounds to it at the precision the page shows. mkdocs runs the check on every
+  page (mkdocs_hooks.py), so `mkdocs build --strict` fails on a stale number.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import pathlib
+import re
+
+from . import ROOT
+
+FIGURES = ROOT / "docs" / "figures"
+SNIPPETS = ROOT / "docs" / "snippets"
+README = ROOT / "README.md"
+
+# A measured number: digits (thousands separated by commas), then a unit.
+MEASURED = re.compile(r"(?<![\w.\-/])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?\s?"
+                      r"(x|%|ms|s|MiB|GiB|GB|MB|KiB|min|minutes|seconds|tokens/s)(?![\w/])")
+# A results file named on a page: docs/figures/... or figures/... (.json, .png, .md).
+NAMED_FILE = re.compile(r"(?:docs/)?figures/([\w./\-]+\.(?:json|png|md))")
+SCALES = (1.0, 100.0, 1000.0, 1 / 2**20, 1 / 2**30, 1 / 1e9, 1 / 1e6, 1 / 1024, 1 / 60, 1 / 1e3)
+
+
+def _numbers(value, found: list):
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        if math.isfinite(value):
+            found.append(float(value))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _numbers(key, found)
+            _numbers(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            _numbers(item, found)
+    elif isinstance(value, str):
+        try:
+            found.append(float(value))
+        except ValueError:
+            pass
+
+
+@functools.cache
+def results_values(folder: pathlib.Path = FIGURES) -> dict:
+    """{results file: the sorted numbers it holds (values, numeric keys and strings)}."""
+    held = {}
+    for path in sorted(folder.rglob("*.json")):
+        found = []
+        _numbers(json.loads(path.read_text()), found)
+        held[path] = sorted(set(found))
+    return held
+
+
+def _rounds_to(value: float, shown: float, decimals: int) -> bool:
+    return any(round(value * scale, decimals) == shown for scale in SCALES)
+
+
+def is_held(shown_text: str, unit: str, held: dict) -> bool:
+    shown = float(shown_text.replace(",", ""))
+    decimals = len(shown_text.split(".")[1]) if "." in shown_text else 0
+    for values in held.values():
+        if any(_rounds_to(v, shown, decimals) for v in values):
+            return True
+    if unit == "x":  # a ratio of two values of one file
+        for values in held.values():
+            nonzero = [v for v in values if v]
+            if len(nonzero) > 600:
+                nonzero = nonzero[:600]
+            for a in nonzero:
+                for b in nonzero:
+                    if round(a / b, decimals) == shown:
+                        return True
+    return False
+
+
+def check_page(text: str, name: str, folder: pathlib.Path = FIGURES) -> list[str]:
+    """The problems of one page's markdown: results files it names that do not exist, and measured
+    numbers no results file holds (code blocks are commands and outputs, not quotes)."""
+    problems = []
+    prose = re.sub(r"```.*?```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S)
+    for line_number, line in enumerate(prose.splitlines(), 1):
+        for match in NAMED_FILE.finditer(line):
+            if not (folder / match.group(1)).exists():
+                problems.append(f"{name}:{line_number}: names figures/{match.group(1)}, which does not exist")
+        for match in MEASURED.finditer(line):
+            shown = match.group(1) + (match.group(2) or "")
+            if not is_held(shown, match.group(3), results_values(folder)):
+                problems.append(f"{name}:{line_number}: {match.group(0)!r} is held by no results file in docs/figures")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Tables rendered from the results files
+
+
+def _load(name: str) -> dict:
+    return json.loads((FIGURES / name).read_text())
+
+
+def chat_table() -> str:
+    """SmolLM2-135M-Instruct against its linearized student: decoding per token, eager and compiled."""
+    data = _load("chat_decode.json")
+    rows = {(r["kind"], r["mode"], r["batch"], r["context"]): r for r in data["rows"]}
+    lines = ["| batch | context | teacher ms/token | student ms/token (eager / compiled) | teacher / student (eager / compiled) "
+             "| cache MiB: teacher / student |",
+             "|---|---|---|---|---|---|"]
+    for batch in sorted({key[2] for key in rows}):
+        for context in sorted({key[3] for key in rows if key[2] == batch}):
+            teacher = rows.get(("teacher", "eager", batch, context))
+            eager = rows.get(("student", "eager", batch, context))
+            compiled = rows.get(("student", "compiled", batch, context))
+            if not (teacher and eager and compiled):
+                continue
+            t, e, c = teacher["ms_per_token"], eager["ms_per_token"], compiled["ms_per_token"]
+            lines.append(f"| {batch} | {context:,} | {t:.1f} | {e:.1f} / {c:.1f} | {t / e:.2f}x / {t / c:.2f}x "
+                         f"| {teacher['cache_mib']:.1f} / {eager['cache_mib']:.1f} |")
+    source = f"`docs/figures/chat_decode.json` ({data['weights']}, {data['device_name']}, {data['threads']} threads, " \
+             f"{data['date'][:10]})"
+    return "\n".join(lines) + f"\n\nFrom {source}; teacher: eager, transformers' dynamic cache.\n"
+
+
+def _chat_rows() -> dict:
+    return {(r["kind"], r["mode"], r["batch"], r["context"]): r for r in _load("chat_decode.json")["rows"]}
+
+
+def chat_decode_table() -> str:
+    """Every decoding column of chat_decode.json: eager and compiled, student and teacher."""
+    rows = _chat_rows()
+    lines = ["| batch | context | student ms/token | teacher ms/token | teacher / student | student compiled "
+             "| teacher compiled (static cache) | compiled teacher / compiled student | compiled teacher / eager student "
+             "| student cache | teacher cache |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for batch, context in sorted({(key[2], key[3]) for key in rows}):
+        cells = [rows.get((kind, mode, batch, context)) for kind, mode in
+                 (("student", "eager"), ("teacher", "eager"), ("student", "compiled"), ("teacher", "compiled"))]
+        if not all(cells):
+            continue
+        student, teacher, student_c, teacher_c = (c["ms_per_token"] for c in cells)
+        lines.append(f"| {batch} | {context:,} | {student:.1f} | {teacher:.1f} | **{teacher / student:.2f}** "
+                     f"| {student_c:.1f} | {teacher_c:.1f} | {teacher_c / student_c:.2f} | {teacher_c / student:.2f} "
+                     f"| {cells[0]['cache_mib']:.1f} MiB | {cells[1]['cache_mib']:.1f} MiB |")
+    return "\n".join(lines) + "\n"
+
+
+def chat_prefill_table() -> str:
+    """Prefill, time to the first token and peak RSS of chat_decode.json (batch 1, eager)."""
+    rows = _chat_rows()
+    lines = ["| prompt | student prefill | teacher prefill | student / teacher | student TTFT | teacher TTFT "
+             "| student peak RSS | teacher peak RSS |",
+             "|---|---|---|---|---|---|---|---|"]
+    for context in sorted({key[3] for key in rows if key[2] == 1}):
+        student, teacher = rows.get(("student", "eager", 1, context)), rows.get(("teacher", "eager", 1, context))
+        if not (student and teacher):
+            continue
+        lines.append(f"| {context:,} | {student['prefill_s']:.2f} s | {teacher['prefill_s']:.2f} s "
+                     f"| **{student['prefill_s'] / teacher['prefill_s']:.2f}** | {student['ttft_s']:.2f} s "
+                     f"| {teacher['ttft_s']:.2f} s | {student['peak_rss_mib']:.0f} MiB | {teacher['peak_rss_mib']:.0f} MiB |")
+    return "\n".join(lines) + "\n"
+
+
+def serving_table() -> str:
+    """Many sequences decoded at once: tokens/s, cache and peak memory against GPT-2."""
+    data = _load("serving.json")
+    rows = {(r["kind"], r["context"], r["batch"]): r for r in data["results"]}
+    lines = ["| context | batch | FAVOR+ tokens/s | Hedgehog + window 64 | GPT-2 (SDPA, KV cache) | FAVOR+ / GPT-2 "
+             "| cache: ours / GPT-2 | peak RSS: ours / GPT-2 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for context in data["settings"]["contexts"]:
+        for batch in data["settings"]["batches"]:
+            ours, window, gpt2 = (rows.get((kind, context, batch)) for kind in ("performer", "performer-window", "gpt2"))
+            if not (ours and window and gpt2):
+                continue
+            lines.append(
+                f"| {context} | {batch} | {ours['decode_tokens_per_s']:.0f} | {window['decode_tokens_per_s']:.0f} "
+                f"| {gpt2['decode_tokens_per_s']:.0f} | {ours['decode_tokens_per_s'] / gpt2['decode_tokens_per_s']:.2f}x "
+                f"| {ours['cache_mib']:.1f} / {gpt2['cache_mib']:.0f} MiB "
+                f"| {ours['peak_rss_mib'] / 1024:.1f} / {gpt2['peak_rss_mib'] / 1024:.1f} GiB |")
+    return "\n".join(lines) + "\n"
+
+
+TABLES = {"chat": chat_table, "chat_decode": chat_decode_table, "chat_prefill": chat_prefill_table,
+          "serving": serving_table}
+README_TABLES = ("chat",)
+MARKER = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
+
+
+def render_readme(text: str) -> str:
+    """The README with every marked table rendered anew."""
+    return MARKER.sub(lambda m: m.group(1) + TABLES[m.group(2)]() + m.group(4), text)
+
+
+def render(write: bool) -> list[str]:
+    """Renders every table; writes what changed (write) or lists what differs (check)."""
+    stale = []
+    SNIPPETS.mkdir(parents=True, exist_ok=True) if write else None
+    for name, table in TABLES.items():
+        path = SNIPPETS / f"{name}.md"
+        text = table()
+        if not path.exists() or path.read_text() != text:
+            stale.append(str(path.relative_to(ROOT)))
+            if write:
+                path.write_text(text)
+    readme = README.read_text()
+    fresh = render_readme(readme)
+    if fresh != readme:
+        stale.append("README.md")
+        if write:
+            README.write_text(fresh)
+    return stale
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; fail when a rendered table or a page's number is stale")
+    args = parser.parse_args(argv)
+    stale = render(write=not args.check)
+    problems = []
+    for page in sorted((ROOT / "docs").glob("*.md")) + [README]:
+        problems += check_page(page.read_text(), str(page.relative_to(ROOT)))
+    if args.check and stale:
+        problems += [f"{path}: differs from what the results files give (python scripts/render_docs.py)" for path in stale]
+    elif stale:
+        print("rendered: " + ", ".join(stale))
+    if problems:
+        raise SystemExit("\n".join(problems))
+    print("every table and quoted number is drawn from docs/figures")
