@@ -29,7 +29,7 @@ README = ROOT / "README.md"
 
 # A measured number: digits (thousands separated by commas), then a unit.
 MEASURED = re.compile(r"(?<![\w.\-/])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?\s?"
-                      r"(x|%|ms|s|MiB|GiB|GB|MB|KiB|min|minutes|seconds|tokens/s)(?![\w/])")
+                      r"(x|%|ms|s|MiB|GiB|GB|MB|KiB|min|minutes|seconds|tokens/s|GFLOP/s)(?![\w/])")
 # A results file named on a page: docs/figures/... or figures/... (.json, .png, .md).
 NAMED_FILE = re.compile(r"(?:docs/)?figures/([\w./\-]+\.(?:json|png|md))")
 SCALES = (1.0, 100.0, 1000.0, 1 / 2**20, 1 / 2**30, 1 / 1e9, 1 / 1e6, 1 / 1024, 1 / 60, 1 / 1e3)
@@ -193,8 +193,79 @@ def serving_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _attention_table(name: str, methods: dict) -> str:
+    results = _load(name)["results"]
+    lines = ["| T | " + " | ".join(methods.values()) + " |", "|---" * (len(methods) + 1) + "|"]
+    for length in sorted(results, key=int):
+        cells = []
+        for method in methods:
+            point = results[length].get(method, {"error": "not run"})
+            cells.append(point["error"] if "error" in point else
+                         f"{point['seconds']:.3g} s / {point['peak_bytes'] / 2**20:.0f} MiB")
+        if any("error" not in results[length].get(m, {"error": 1}) for m in methods):
+            lines.append(f"| {length} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def attention_table() -> str:
+    """Forward + backward of one attention layer (attention.json): seconds / peak extra memory."""
+    return _attention_table("attention.json", {"favor": "FAVOR+", "favor-causal": "FAVOR+ causal",
+                                               "hedgehog-window-causal": "Hedgehog + window 64 causal",
+                                               "sdpa": "SDPA", "sdpa-causal": "SDPA causal"})
+
+
+def performer_pytorch_table() -> str:
+    """The same against performer-pytorch (attention_performer_pytorch.json)."""
+    return _attention_table("attention_performer_pytorch.json",
+                            {"favor": "FAVOR+", "performer-pytorch": "performer-pytorch", "favor-causal": "FAVOR+ causal",
+                             "performer-pytorch-causal": "performer-pytorch causal"})
+
+
+def decoding_table() -> str:
+    """Decoding one sequence against GPT-2 (decoding.json)."""
+    lines = ["| context | Performer ms/token | GPT-2 ms/token | GPT-2 / Performer | Performer cache | GPT-2 cache |",
+             "|---|---|---|---|---|---|"]
+    for row in _load("decoding.json")["rows"]:
+        lines.append(f"| {row['context']} | {row['performer_ms']:.1f} | {row['gpt2_ms']:.1f} "
+                     f"| {row['gpt2_ms'] / row['performer_ms']:.2f} | {row['performer_cache_mib']:.2f} MiB "
+                     f"| {row['gpt2_cache_mib']:.1f} MiB |")
+    return "\n".join(lines) + "\n"
+
+
+def training_table() -> str:
+    """Training tokens/s and peak RSS per sequence length (training.json)."""
+    data = _load("training.json")
+    rows = {(r["kind"], r["length"]): r for r in data["results"]}
+    kinds = {"performer": "FAVOR+", "performer-window": "Hedgehog + window 64", "softmax": "same stack, softmax (SDPA)",
+             "gpt2": "GPT-2 (SDPA)"}
+    lines = ["| T | " + " | ".join(kinds.values()) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for length in sorted({key[1] for key in rows}):
+        cells = []
+        for kind in kinds:
+            row = rows.get((kind, length))
+            cells.append("not run" if row is None or "tokens_per_s" not in row else
+                         f"{row['tokens_per_s']:.0f} tokens/s, {row['peak_rss_mib'] / 1024:.1f} GiB")
+        lines.append(f"| {length} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def memory_table() -> str:
+    """Resident memory across repeated generate() calls (memory.json)."""
+    data = _load("memory.json")
+    names = {"greedy": "greedy", "sampling": "sampling", "beam-3": "beam search, 3 beams"}
+    lines = ["| mode | RSS after warm-up | after %d calls | growth per call | Python heap growth per call |" % data["calls"],
+             "|---|---|---|---|---|"]
+    for key, label in names.items():
+        r = data["results"][key]
+        growth = f"{r['rss_growth_per_call_kib']:.0f} KiB" if r["rss_growth_per_call_kib"] else "0"
+        lines.append(f"| {label} | {r['rss_after_warmup_mib']:.1f} MiB | {r['rss_after_calls_mib']:.1f} MiB "
+                     f"| {growth} (ratio {r['rss_ratio']:.3f}) | {r['python_heap_growth_per_call_kib']:.2f} KiB |")
+    return "\n".join(lines) + "\n"
+
+
 TABLES = {"chat": chat_table, "chat_decode": chat_decode_table, "chat_prefill": chat_prefill_table,
-          "serving": serving_table}
+          "serving": serving_table, "attention": attention_table, "attention_performer_pytorch": performer_pytorch_table,
+          "decoding": decoding_table, "training": training_table, "memory": memory_table}
 README_TABLES = ("chat",)
 MARKER = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
 
