@@ -263,9 +263,29 @@ def memory_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def recall_table() -> str:
+    """MQAR accuracy on held-out sequences per model and shape (recall.json); softmax with the steps it took."""
+    results = _load("recall.json")["results"]
+    shapes = sorted({(r["seq_len"], r["pairs"]) for r in results})
+    labels = {"Hedgehog + W8 + sparse 2P (same weights)": "Hedgehog + W8, + sparse cache 2 x pairs (same weights)"}
+    lines = ["| model (trained from scratch) | " + " | ".join(f"{t} tokens, {p} pairs" for t, p in shapes) + " |",
+             "|---" * (len(shapes) + 1) + "|"]
+    for model in dict.fromkeys(r["model"] for r in results):
+        cells = []
+        for shape in shapes:
+            row = next((r for r in results if r["model"] == model and (r["seq_len"], r["pairs"]) == shape), None)
+            cell = "not run" if row is None else f"{100 * row['accuracy']:.1f}%"
+            if row is not None and model == "softmax":
+                cell += f" ({row['steps_run']:,} steps)"
+            cells.append(cell)
+        lines.append(f"| {labels.get(model, model)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 TABLES = {"chat": chat_table, "chat_decode": chat_decode_table, "chat_prefill": chat_prefill_table,
           "serving": serving_table, "attention": attention_table, "attention_performer_pytorch": performer_pytorch_table,
-          "decoding": decoding_table, "training": training_table, "memory": memory_table}
+          "decoding": decoding_table, "training": training_table, "memory": memory_table,
+          "recall": recall_table}
 README_TABLES = ("chat",)
 MARKER = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
 
