@@ -282,10 +282,25 @@ def recall_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def recall_linearized_table() -> str:
+    """Recall beyond the window of a linearized MQAR teacher (recall_linearized.json); the best share
+    of the teacher's accuracy in bold."""
+    data = _load("recall_linearized.json")
+    labels = {"FAVOR+ M=256 swap (no fitting)": "FAVOR+ M=256 swap, no fitting", "Hedgehog + W8": "Hedgehog + W8 (transfer)"}
+    best = max(v for k, v in data["of_teacher"].items() if k != "softmax teacher")
+    lines = ["| model (same teacher weights) | answer accuracy | of the teacher's |", "|---|---|---|"]
+    for model, accuracy in data["accuracy"].items():
+        share = f"{100 * data['of_teacher'][model]:.0f}%"
+        share = f"**{share}**" if model != "softmax teacher" and data["of_teacher"][model] == best else share
+        label = labels.get(model, model.replace("Hedgehog + W8 + sparse", "+ sparse cache"))
+        lines.append(f"| {label} | {100 * accuracy:.1f}% | {share} |")
+    return "\n".join(lines) + "\n"
+
+
 TABLES = {"chat": chat_table, "chat_decode": chat_decode_table, "chat_prefill": chat_prefill_table,
           "serving": serving_table, "attention": attention_table, "attention_performer_pytorch": performer_pytorch_table,
           "decoding": decoding_table, "training": training_table, "memory": memory_table,
-          "recall": recall_table}
+          "recall": recall_table, "recall_linearized": recall_linearized_table}
 README_TABLES = ("chat",)
 MARKER = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
 
