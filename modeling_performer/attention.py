@@ -41,11 +41,12 @@ from .attention_window import (
 
 
 def causal_linear_variant(q, k, v, features, feature_map, window, cache_size, linear_log_weight, key_padding_mask,
-                          state, chunk_size, kernel=None):
+                          state, chunk_size, kernel_for=None):
     """Causal linear attention of the variant a layer's options name: plain (window 0), with an
     exact window, or with a window and a sparse cache (cache_size > 0). One token onto a state is a
     decoding step (the recurrent kernel, updating the state in place where that is safe, see
-    `may_update_in_place`); anything else is chunked (on `kernel` where one is given).
+    `may_update_in_place`); anything else is chunked, on the kernel `kernel_for(q)` returns (None:
+    the PyTorch one; asked only when chunking, never in a decoding step).
     -> (out [B, H, T, D], the new state)."""
     decoding = q.shape[2] == 1 and state is not None
     in_place = decoding and may_update_in_place(state)
@@ -60,10 +61,11 @@ def causal_linear_variant(q, k, v, features, feature_map, window, cache_size, li
             return recurrent_windowed_attention(q, k, v, features, feature_map, window, linear_log_weight,
                                                 key_padding_mask, state, in_place)
         return causal_windowed_attention(q, k, v, features, feature_map, window, linear_log_weight, key_padding_mask,
-                                         state, chunk_size, kernel)
+                                         state, chunk_size, kernel_for(q) if kernel_for else None)
     if decoding:
         return recurrent_linear_attention(q, k, v, features, feature_map, key_padding_mask, state, in_place)
-    return causal_linear_attention(q, k, v, features, feature_map, key_padding_mask, state, chunk_size, kernel)
+    return causal_linear_attention(q, k, v, features, feature_map, key_padding_mask, state, chunk_size,
+                                   kernel_for(q) if kernel_for else None)
 
 
 __all__ = [

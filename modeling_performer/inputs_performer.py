@@ -55,9 +55,11 @@ def check_token_inputs(config, input_ids, inputs_embeds) -> tuple[int, int, torc
     return batch, length, device
 
 
-def check_embedding_inputs(config, input_ids, position_ids, token_type_ids, batch, length, check_values):
-    """Token ids within the vocabulary, positions within learned position embeddings, token types
-    within type_vocab_size (the values only with check_values)."""
+def check_embedding_inputs(config, input_ids, position_ids, token_type_ids, batch, length, check_values,
+                           given_positions=True):
+    """Token ids within the vocabulary, positions within learned position embeddings (and not
+    negative, where the caller gave them), token types within type_vocab_size (the values only with
+    check_values)."""
     if token_type_ids is not None and config.type_vocab_size > 0 and tuple(token_type_ids.shape) != (batch, length):
         raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}; expected {(batch, length)}")
     if not check_values:
@@ -69,7 +71,7 @@ def check_embedding_inputs(config, input_ids, position_ids, token_type_ids, batc
             f"input_ids contains {bad}, outside the vocabulary [0, {vocab}); check the tokenizer matches "
             "the model (resize_token_embeddings after adding tokens)"
         )
-    if int(position_ids.min()) < 0:
+    if given_positions and int(position_ids.min()) < 0:
         raise ValueError(f"position_ids must be >= 0, got {int(position_ids.min())}")
     limit = config.max_position_embeddings
     if config.position_embedding_type == "learned" and int(position_ids.max()) >= limit:

@@ -230,7 +230,7 @@ class PerformerAttention(nn.Module):
         state = layer_cache.self_attention if layer_cache is not None else None
         out, state = causal_linear_variant(query, key, value, features, feature_map, window,
                                            self.config.sparse_cache_size if window else 0, self.linear_log_weight,
-                                           current_mask, state, self.config.chunk_size, self._fast_kernel(query))
+                                           current_mask, state, self.config.chunk_size, self._fast_kernel)
         if layer_cache is not None:
             layer_cache.self_attention = state
         return out
@@ -500,13 +500,15 @@ class PerformerModel(NotGenerative, PerformerPreTrainedModel):
         check_values = checking_values(device) and past_length == 0
         padding_mask, general_mask = split_masks(attention_mask, batch, length, past_length + length, device,
                                                  check_values)
+        given_positions = position_ids is not None
         if position_ids is None:
             position_ids = _positions(padding_mask, batch, length, past_length, device)
         elif tuple(position_ids.shape) not in ((batch, length), (1, length)):
             raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected {(batch, length)} or (1, {length})")
         else:
             position_ids = position_ids.expand(batch, length)
-        check_embedding_inputs(self.config, input_ids, position_ids, token_type_ids, batch, length, check_values)
+        check_embedding_inputs(self.config, input_ids, position_ids, token_type_ids, batch, length, check_values,
+                               given_positions=given_positions)
         hidden = self.embeddings(input_ids, inputs_embeds, position_ids, token_type_ids)
         return hidden, padding_mask, general_mask, position_ids
 

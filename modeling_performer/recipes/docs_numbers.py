@@ -79,8 +79,6 @@ def is_held(shown_text: str, unit: str, held: dict) -> bool:
     if unit == "x":  # a ratio of two values of one file
         for values in held.values():
             nonzero = [v for v in values if v]
-            if len(nonzero) > 600:
-                nonzero = nonzero[:600]
             for a in nonzero:
                 for b in nonzero:
                     if round(a / b, decimals) == shown:
@@ -313,7 +311,8 @@ def render_readme(text: str) -> str:
 def render(write: bool) -> list[str]:
     """Renders every table; writes what changed (write) or lists what differs (check)."""
     stale = []
-    SNIPPETS.mkdir(parents=True, exist_ok=True) if write else None
+    if write:
+        SNIPPETS.mkdir(parents=True, exist_ok=True)
     for name, table in TABLES.items():
         path = SNIPPETS / f"{name}.md"
         text = table()
