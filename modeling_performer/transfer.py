@@ -204,10 +204,42 @@ def attention_errors(teacher, student, batch) -> dict:
     return errors
 
 
-def _step_loss(teacher, student, pairs, batch, layer_by_layer):
+END_TO_END_LOSSES = ("hidden_states", "next_token_kl")
+
+
+def next_token_kl(teacher, student, batch, positions: Optional[torch.Tensor] = None):
+    """Mean over real tokens of KL(teacher || student) between the two models' next-token
+    distributions (causal-LM heads), at every position or at the sequence positions given (a 1-d
+    tensor of indices: the LM head then runs on those only, which is most of the cost at a large
+    vocabulary)."""
+    keep = 0 if positions is None else positions
+    with torch.no_grad():
+        expected = teacher(**batch, use_cache=False, logits_to_keep=keep).logits.float().log_softmax(-1)
+    actual = student(**batch, use_cache=False, logits_to_keep=keep).logits.float().log_softmax(-1)
+    per_token = (expected.exp() * (expected - actual)).sum(-1)
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return per_token.mean()
+    weights = (mask if positions is None else mask[:, positions]).to(per_token.dtype)
+    return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def _kl_positions(batch, count: int, step: int):
+    """`count` sequence positions drawn without replacement, seeded by the step (so a resumed run
+    draws the same), sorted; None (every position) when the sequences are no longer than count."""
+    length = batch["input_ids"].shape[1]
+    if not count or count >= length:
+        return None
+    drawn = torch.randperm(length, generator=torch.Generator().manual_seed(step))[:count]
+    return drawn.sort().values.to(batch["input_ids"].device)
+
+
+def _step_loss(teacher, student, pairs, batch, layer_by_layer, end_to_end_loss="hidden_states", positions=None):
     """The transfer objective on one batch: the mean over layers of the attention outputs' relative
-    error (layer by layer), or the hidden states' (end to end)."""
+    error (layer by layer); end to end, the hidden states' or the next-token KL to the teacher."""
     if not layer_by_layer:
+        if end_to_end_loss == "next_token_kl":
+            return next_token_kl(teacher, student, batch, positions)
         return _hidden_state_error(teacher, student, batch)
     loss = 0.0
     for (_, _, module), (args, kwargs, expected) in zip(pairs, _teacher_pass(teacher, pairs, batch)):
@@ -243,6 +275,9 @@ def transfer_attention(
     end_to_end_learning_rate: Optional[float] = None,
     accumulation_steps: int = 1,
     autocast: Optional[Callable] = None,
+    end_to_end_loss: str = "hidden_states",
+    kl_positions: int = 0,
+    snapshot_steps: tuple = (),
 ) -> dict:
     """Fits the student's linear attention to the teacher's softmax attention (see the module
     docstring): `steps` steps layer by layer, then `end_to_end_steps` steps on the whole stack's
@@ -255,7 +290,15 @@ def transfer_attention(
     "end_to_end_steps": end_to_end_steps, "end_to_end_learning_rate": the rate used}.
     accumulation_steps splits each batch into that many micro-batches whose gradients add up (the
     loss is their mean); autocast, a context factory (e.g. bf16 autocast on a GPU), wraps the
-    forward passes."""
+    forward passes.
+
+    end_to_end_loss "next_token_kl" makes the second stage distil the teacher's next-token
+    distribution (causal LMs; `kl_positions` > 0 scores that many positions per sequence, drawn
+    afresh each step) instead of matching hidden states. With checkpoint_dir, the fitted tensors
+    after each step in `snapshot_steps` are also kept, as snapshot-STEP.pt (`load_snapshot`), so the
+    quality of the fit can be read against the steps it took."""
+    if end_to_end_loss not in END_TO_END_LOSSES:
+        raise TransferError(f"end_to_end_loss must be one of {END_TO_END_LOSSES}, not {end_to_end_loss!r}")
     if steps < 0 or end_to_end_steps < 0:
         raise TransferError(f"steps ({steps}) and end_to_end_steps ({end_to_end_steps}) cannot be negative")
     if end_to_end_learning_rate is None:
@@ -299,9 +342,11 @@ def transfer_attention(
                 bar.set_description("attention transfer, end to end")
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
+            positions = _kl_positions(batch, kl_positions, step) if step >= steps else None
             for part in _micro_batches(batch, accumulation_steps):
                 with autocast():
-                    loss = _step_loss(teacher, student, pairs, part, layer_by_layer=step < steps)
+                    loss = _step_loss(teacher, student, pairs, part, layer_by_layer=step < steps,
+                                      end_to_end_loss=end_to_end_loss, positions=positions)
                 (loss / accumulation_steps).backward()
                 step_loss += loss.item() / accumulation_steps
             optimizer.step()
@@ -310,6 +355,9 @@ def transfer_attention(
             if path and ((step + 1) % checkpoint_every == 0 or step + 1 == total):
                 os.makedirs(checkpoint_dir, exist_ok=True)
                 _save_checkpoint(path, step + 1, named, optimizer, history)
+            if checkpoint_dir and step + 1 in snapshot_steps:
+                save_atomically({k: t.detach().clone() for k, t in named.items()},
+                                os.path.join(checkpoint_dir, f"snapshot-{step + 1}.pt"))
     finally:
         for tensor in named.values():
             tensor.requires_grad_(False)
@@ -322,3 +370,16 @@ def transfer_attention(
     return {"loss": history[:steps], "end_to_end_loss": history[steps:], "steps": steps,
             "end_to_end_steps": end_to_end_steps, "end_to_end_learning_rate": end_to_end_learning_rate}
 
+
+
+def load_snapshot(student: PerformerPreTrainedModel, path: str) -> None:
+    """Puts the tensors of a `transfer_attention` snapshot (snapshot-STEP.pt) into the student (a
+    model of the fitted one's layout, e.g. the finished folder), in place."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    modules = dict(student.base_model.named_modules())
+    with torch.no_grad():
+        for key, value in saved.items():
+            name, tensor_name = key.rsplit(".", 1)
+            if name not in modules:
+                raise TransferError(f"{path} holds {key}, which the student does not have")
+            trainable_tensors(modules[name])[tensor_name].copy_(value)

@@ -4,7 +4,7 @@
 # run picks up where it stopped with the same command) and each runnable alone:
 #
 #   bash scripts/convert_recipe.sh                      # all three, then the table
-#   bash scripts/convert_recipe.sh embeddings           # or: classification, causal-lm, report
+#   bash scripts/convert_recipe.sh embeddings           # or: classification, causal-lm, chat-lm, report
 #
 #   embeddings      all-MiniLM-L6-v2 -> Hedgehog maps + exact window of $WINDOW, [CLS] exact for every
 #                   query and learned key scales (and Hedgehog without any of them, and plain FAVOR+);
@@ -18,6 +18,15 @@
 #                   converted, linearized, transferred on 2,048-token windows, LoRA-tuned;
 #                   validation perplexity at 512, 2,048 and 8,192 tokens (and by position), decoding
 #                   cache after 2,048 and 8,192 tokens against the teacher's KV cache
+#   chat-lm         SmolLM2-135M-Instruct (its Q4_1 GGUF from PyPI, dequantized; CHAT_SOURCE another
+#                   Llama-family folder or .gguf) -> the exact softmax teacher and a Hedgehog + window
+#                   copy; the teacher's own chat transcripts (short prompts, facts and pass keys in
+#                   documents of the training texts) beside plain training text, in rows of 2,048 tokens;
+#                   attention transfer layer by layer on them, then distillation of the teacher's
+#                   next-token distribution end to end (maps and window weights only: every weight of the
+#                   teacher is kept); the fitted copy with its sparse cache on (the recommended folder);
+#                   teacher against student on held-out text and questions -> $OUT/chat/results.json
+#                   (not part of the default run: about 75 minutes on 2 CPU cores)
 #
 # Outputs: $OUT (default outputs/recipe); minutes per step in $OUT/minutes.tsv. STEPS_SCALE=2 doubles
 # every budget (STEPS_SCALE=0.02 makes a smoke run of the whole pipeline).
@@ -127,6 +136,38 @@ if [[ " $stages " == *" causal-lm "* ]]; then
         $out/clm-hedgehog-transferred $out/clm-hedgehog-lora $out/clm-hedgehog-w$WINDOW-transferred \
         $out/clm-hedgehog-w$WINDOW-lora --seq-len 512 2048 8192 --cache-tokens 2048 8192 --output $out/clm-eval.json
     touch $out/clm-eval.done
+fi
+
+if [[ " $stages " == *" chat-lm "* ]]; then
+    chat=$out/chat
+    mkdir -p $chat
+    source_model=${CHAT_SOURCE:-data_cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
+    if [ -z "${CHAT_SOURCE:-}" ]; then
+        python scripts/prepare_data.py --datasets smollm2 > /dev/null
+    fi
+    python scripts/prepare_data.py --datasets text bible speeches > /dev/null
+    chat_window=${CHAT_WINDOW:-$WINDOW}
+    layer_steps=$(steps ${CHAT_LAYER_STEPS:-120}) kl_steps=$(steps ${CHAT_KL_STEPS:-100})
+    total=$((layer_steps + kl_steps))
+    snapshots=$(python -c "print(*sorted({max($total // 4, 1), max($total // 2, 1)} - {$total}))")
+    convert "$source_model" $chat/teacher --attention-type softmax
+    convert "$source_model" $chat/converted --feature-map hedgehog --local-window $chat_window
+    timed chat-data $chat/rows.jsonl python scripts/chat_lm.py data $chat/teacher $chat/rows.jsonl \
+        --plain-rows $(steps 120) --documents $(steps 100) --passkeys $(steps 24) --prompts $(steps 64) \
+        --seq-len ${CHAT_SEQ_LEN:-2048} ${CHAT_DEVICE_OPTIONS:-}
+    timed chat-transfer $chat/fitted/transfer_metrics.json python scripts/transfer_attention.py $chat/teacher \
+        $chat/converted $chat/fitted --data $chat/rows.jsonl --whole-rows --seq-len ${CHAT_SEQ_LEN:-2048} \
+        --batch-size 1 --steps $layer_steps --end-to-end-steps $kl_steps --end-to-end-loss next-token-kl \
+        --kl-positions 512 --end-to-end-learning-rate 3e-3 --snapshots $snapshots ${CHAT_DEVICE_OPTIONS:-}
+    timed chat-finish $chat/student/config.json python scripts/chat_lm.py finish $chat/fitted $chat/student \
+        --sparse-cache-size ${CHAT_SPARSE_CACHE:-64}
+    snapshot_files=()
+    for step in $snapshots; do snapshot_files+=($chat/fitted/snapshot-$step.pt); done
+    timed chat-evaluate $chat/results.json.partial.done python scripts/chat_lm.py evaluate $chat/teacher \
+        $chat/student --output $chat/results.json --unfitted $chat/converted --snapshots "${snapshot_files[@]}" \
+        ${CHAT_EVALUATE_OPTIONS:-} ${CHAT_DEVICE_OPTIONS:-}
+    touch $chat/results.json.partial.done
+    python scripts/chat_lm.py report $chat --output ${CHAT_RESULTS:-$chat/results.json}
 fi
 
 if [[ " $stages " == *" report "* ]]; then

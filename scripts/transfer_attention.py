@@ -64,6 +64,16 @@ def main(argv=None):
                         help="steps of the second stage, on the whole stack's hidden states (%(default)s; 0: none)")
     parser.add_argument("--end-to-end-learning-rate", type=float, default=default["end_to_end_learning_rate"],
                         help="learning rate of the second stage (%(default)s)")
+    parser.add_argument("--end-to-end-loss", choices=["hidden-states", "next-token-kl"], default="hidden-states",
+                        help="second stage: match every layer's hidden states, or distil the teacher's next-token "
+                             "distribution (causal LMs) (%(default)s)")
+    parser.add_argument("--kl-positions", type=int, default=512,
+                        help="next-token-kl: positions scored per sequence, drawn each step (0: all; %(default)s)")
+    parser.add_argument("--whole-rows", action="store_true",
+                        help="each --data row is one sequence (cut at --seq-len, padded on the right in a batch) "
+                             "instead of the rows' tokens cut into --seq-len windows")
+    parser.add_argument("--snapshots", type=int, nargs="*", default=[],
+                        help="steps after which the fitted tensors are also kept (OUTPUT/snapshot-STEP.pt)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     from modeling_performer.recipes import devices
@@ -101,18 +111,40 @@ def main(argv=None):
         subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_data.py"), "--datasets", "text"], check=True)
     from modeling_performer.recipes.texts import read_texts, token_windows
 
-    windows = token_windows(tokenizer, read_texts(data), args.seq_len)
-    if windows.max() >= student.config.vocab_size:
+    if args.whole_rows:
+        windows = [torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:args.seq_len])
+                   for text in read_texts(data)]
+        windows = [row for row in windows if len(row)]
+        if not windows:
+            raise SystemExit(f"{data} holds no text")
+        top = max(int(row.max()) for row in windows)
+    else:
+        windows = token_windows(tokenizer, read_texts(data), args.seq_len)
+        top = int(windows.max())
+    if top >= student.config.vocab_size:
         raise SystemExit("the tokenizer produces ids beyond the student's vocabulary: use the student's own tokenizer")
     per_epoch = max(len(windows) // args.batch_size, 1)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def assemble(rows):
+        if not args.whole_rows:
+            ids = windows[rows]
+            return ids, torch.ones_like(ids)
+        chosen = [windows[int(r)] for r in rows]
+        width = max(len(row) for row in chosen)
+        ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(chosen):
+            ids[i, :len(row)], mask[i, :len(row)] = row, 1
+        return ids, mask
 
     def get_batch(step):
         epoch, index = divmod(step, per_epoch)
         # one seeded order per (seed, epoch): seeds apart by more than any run's epoch count (a prime)
         order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed * EPOCH_SEEDS + epoch))
         rows = order[index * args.batch_size: (index + 1) * args.batch_size]
-        ids = windows[rows].to(device)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        ids, mask = assemble(rows)
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
     # A fixed probe batch from the end of the order of epoch 0 (reported, not a held-out score).
     probe = get_batch(per_epoch - 1)
@@ -126,7 +158,9 @@ def main(argv=None):
                                      end_to_end_steps=args.end_to_end_steps,
                                      end_to_end_learning_rate=args.end_to_end_learning_rate,
                                      accumulation_steps=args.gradient_accumulation_steps,
-                                     autocast=lambda: devices.autocast(device, precision))
+                                     autocast=lambda: devices.autocast(device, precision),
+                                     end_to_end_loss=args.end_to_end_loss.replace("-", "_"),
+                                     kl_positions=args.kl_positions, snapshot_steps=tuple(args.snapshots))
     except TransferError as error:
         raise SystemExit(f"transfer_attention: {error}")
     after = attention_errors(teacher, student, probe)
@@ -140,7 +174,9 @@ def main(argv=None):
         "teacher": args.teacher, "student": args.student, "data": str(data), "steps": args.steps,
         "batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "device": device.type, "precision": precision, "seq_len": args.seq_len, "learning_rate": args.learning_rate,
-        "end_to_end_steps": args.end_to_end_steps, "end_to_end_learning_rate": history["end_to_end_learning_rate"],
+        "end_to_end_steps": args.end_to_end_steps, "end_to_end_loss": args.end_to_end_loss,
+        "kl_positions": args.kl_positions, "whole_rows": args.whole_rows, "snapshots": args.snapshots,
+        "end_to_end_learning_rate": history["end_to_end_learning_rate"],
         "seconds_this_run": round(time.time() - start, 1), "loss_first": history["loss"][:1],
         "loss_last": history["loss"][-1:], "end_to_end_loss_first": history["end_to_end_loss"][:1],
         "end_to_end_loss_last": history["end_to_end_loss"][-1:],

@@ -151,6 +151,41 @@ def plot_sparse_cache(results: dict, path: pathlib.Path):
     fig.savefig(path, dpi=110)
 
 
+def plot_chat_lm(results: dict, path: pathlib.Path):
+    """The chat-lm recipe (chat_lm.py report): quality against transfer tokens, and document questions
+    by length for the teacher and the student with and without its sparse cache."""
+    fig, (ppl, curve, docs) = plt.subplots(1, 3, figsize=(15, 4))
+    points = [p for p in results["curve"] if p.get("ppl_2048") is not None]
+    tokens = [p["tokens"] / 1e3 for p in points]
+    ppl.plot(tokens, [p["ppl_2048"] for p in points], marker="o", label="student")
+    teacher = results["perplexity"].get("2048", {}).get("teacher")
+    if teacher:
+        ppl.axhline(teacher, color="k", linestyle="--", label="teacher")
+        ppl.axhline(teacher * 1.05, color="grey", linestyle=":", label="target (teacher + 5%)")
+    ppl.set_yscale("log")
+    ppl.set(xlabel="transfer tokens (thousands)", ylabel="perplexity at 2,048 tokens")
+    for length in sorted({n for p in points for n in p["documents"]}, key=int):
+        curve.plot(tokens, [p["documents"].get(length) for p in points], marker="o", label=f"{length} tokens")
+        row = results["documents"].get(length, {})
+        if row.get("teacher") is not None:
+            curve.axhline(row["teacher"] * 0.9, linestyle=":", alpha=0.5)
+    curve.set(xlabel="transfer tokens (thousands)", ylabel="document questions right (student)", ylim=(-0.05, 1.05))
+    lengths = list(results["documents"])
+    for offset, run in enumerate(("teacher", "student", "student_without_sparse_cache")):
+        values = [results["documents"][n].get(run) for n in lengths]
+        if any(v is not None for v in values):
+            docs.bar([i + (offset - 1) * 0.27 for i in range(len(lengths))], [v or 0 for v in values], width=0.27,
+                     label=run.replace("_", " "))
+    docs.set_xticks(range(len(lengths)), lengths)
+    docs.set(xlabel="document tokens", ylabel="questions right", ylim=(0, 1.05))
+    for ax in (ppl, curve, docs):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{results['teacher']} linearized: {results['student_dir']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 PLOTS = {
     "attention": (plot_attention, lambda data: data.get("results", data)),
     "decoding": (plot_decoding, lambda data: data["rows"]),
@@ -160,6 +195,7 @@ PLOTS = {
     "training": (plot_training, lambda data: data["results"]),
     "recall": (plot_recall, lambda data: data["results"]),
     "sparse_cache": (plot_sparse_cache, lambda data: data["decoding"]),
+    "smollm2/results": (plot_chat_lm, lambda data: data),
 }
 
 

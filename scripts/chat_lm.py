@@ -1,0 +1,350 @@
+#!/usr/bin/env python
+"""The chat-lm recipe's own steps (scripts/convert_recipe.sh chat-lm runs them in order):
+
+    python scripts/chat_lm.py data TEACHER ROWS.jsonl        # the teacher's transcripts + plain text, to fit on
+    python scripts/chat_lm.py finish FITTED OUT --sparse-cache-size 64   # the recommended folder
+    python scripts/chat_lm.py evaluate TEACHER STUDENT --output results.json --snapshots DIR/snapshot-*.pt
+
+data: the teacher (a softmax Performer folder of the chat model) answers, greedily through its chat
+template, the short prompts of configuration/chat/prompts.jsonl, and questions about a fact or a
+pass key hidden in documents of 300-2,000 tokens cut from the bundled corpora's training split;
+the transcripts are packed into rows of at most --seq-len tokens (none cut), followed by as many
+windows of plain training text. Rows for `transfer_attention.py --whole-rows`.
+
+evaluate: teacher against student on the corpora's test split and facts, names and questions no
+step fitted: perplexity at 512 / 2,048 / 8,192 / 16,384 tokens (top-1 agreement and KL to the
+teacher at 512 and 2,048), the cache's bytes, a fact in a 300 / 1,000 / 2,000 / 4,000-token
+document asked through the chat template (the student with and without its sparse cache), pass
+keys, short chat questions, and the quality after each transfer snapshot. Each part is kept as it
+finishes (OUTPUT.partial.json), so a killed run resumes where it stopped with the same command.
+"""
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import time
+
+DOCUMENT_LENGTHS = (300, 1000, 2000, 4000)
+PASSKEY_LENGTHS = (1000, 4000)
+PPL_LENGTHS = (512, 2048, 8192, 16384)
+
+
+def load(folder, device, precision="fp32", **overrides):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import modeling_performer  # noqa: F401 (registers the Performer with the Auto classes)
+
+    model = AutoModelForCausalLM.from_pretrained(folder, **overrides).to(device).eval()
+    if precision != "fp32":  # bf16 / fp16 weights on an accelerator: generation and scoring in that precision
+        model.to(torch.bfloat16 if precision == "bf16" else torch.float16)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    torch.set_grad_enabled(False)
+    return model, tokenizer
+
+
+def write_json(path: pathlib.Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(record, indent=1))
+    os.replace(partial, path)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def data(args):
+    from modeling_performer.recipes import chat_lm, devices
+
+    device, precision = devices.setup(args)
+    output = pathlib.Path(args.output)
+    if output.exists():
+        print(f"{output} exists; nothing to do")
+        return
+    teacher, tokenizer = load(args.teacher, device, precision)
+    ids = chat_lm.corpus_ids(tokenizer, "train")
+    lengths = [300, 600, 1000, 1500, 2000]
+    per = max(args.documents // len(lengths), 1)
+    items = (chat_lm.chat_prompts()[:args.prompts]
+             + chat_lm.fact_items(tokenizer, ids, "train", lengths, per)
+             + chat_lm.passkey_items(tokenizer, ids, "train", [600, 1500], max(args.passkeys // 2, 1)))
+    # Replies are kept as they come (OUTPUT.replies.jsonl), so a killed run asks only what is left.
+    kept_path = output.with_name(output.name + ".replies.jsonl")
+    kept = [json.loads(line) for line in kept_path.read_text().splitlines()] if kept_path.exists() else []
+    with open(kept_path, "a") as handle:
+        for start in range(len(kept), len(items), args.batch_size * 4):
+            part = items[start:start + args.batch_size * 4]
+            tokens = [args.prompt_tokens if item["task"] == "prompt" else args.answer_tokens for item in part]
+            replies = chat_lm.generate_answers(teacher, tokenizer, part, max(tokens), args.batch_size,
+                                               desc=f"teacher transcripts {start + len(part)}/{len(items)}")
+            for reply in replies:
+                handle.write(json.dumps(reply) + "\n")
+                kept.append(reply)
+            handle.flush()
+    transcripts = [chat_lm.transcript(tokenizer, item, reply) for item, reply in zip(items, kept)]
+    import random
+
+    random.Random(0).shuffle(transcripts)
+    rows = chat_lm.pack_rows(tokenizer, transcripts, args.seq_len)
+    rows += chat_lm.plain_rows(tokenizer, ids, args.seq_len, args.plain_rows, seed=3)
+    staged = output.with_name(output.name + ".tmp")
+    staged.write_text("".join(json.dumps({"text": row}) + "\n" for row in rows))
+    os.replace(staged, output)
+    right = sum(chat_lm.is_correct(reply, item["answers"]) for item, reply in zip(items, kept) if item["answers"])
+    asked = sum(1 for item in items if item["answers"])
+    print(json.dumps({"rows": len(rows), "transcript_rows": len(rows) - args.plain_rows, "transcripts": len(items),
+                      "teacher_right_on_training_documents": f"{right}/{asked}"}))
+
+
+# -------------------------------------------------------------------------------------------- finish
+def finish(args):
+    from modeling_performer.checkpoint_performer import fresh_stage, publish_folder
+
+    output = pathlib.Path(args.output)
+    if (output / "config.json").exists():
+        print(f"{output} is complete; nothing to do")
+        return
+    model, tokenizer = load(args.fitted, "cpu", sparse_cache_size=args.sparse_cache_size)
+    stage = pathlib.Path(fresh_stage(str(output)))
+    model.save_pretrained(stage)
+    tokenizer.save_pretrained(stage)
+    metrics = pathlib.Path(args.fitted) / "transfer_metrics.json"
+    if metrics.exists():
+        (stage / "transfer_metrics.json").write_text(metrics.read_text())
+    publish_folder(str(stage), str(output))
+    print(f"{output}: {args.fitted} with a sparse cache of {args.sparse_cache_size}")
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+def windows(ids: dict, length: int, tokens: int) -> list:
+    """Non-overlapping windows of `length` tokens, about `tokens` in all (at least one), taken from
+    the corpora in turn."""
+    from modeling_performer.recipes.chat_lm import CORPORA
+
+    count = max(tokens // length, 1)
+    found, offsets = [], {c: 0 for c in CORPORA}
+    while len(found) < count:
+        added = False
+        for corpus in CORPORA:
+            if len(found) < count and offsets[corpus] + length <= len(ids[corpus]):
+                found.append(ids[corpus][offsets[corpus]:offsets[corpus] + length])
+                offsets[corpus] += length
+                added = True
+        if not added:
+            joined = [t for c in CORPORA for t in ids[c]]
+            if len(joined) < length:
+                raise SystemExit(f"the test texts hold {len(joined)} tokens: too few for a window of {length}")
+            found.append(joined[:length])
+    return found
+
+
+def _forward(model, ids):
+    out = model.base_model(input_ids=ids, use_cache=True)
+    return out.last_hidden_state, out.cache
+
+
+def language_scores(teacher, student, windows_, chunk: int = 1024) -> dict:
+    """Perplexities, top-1 agreement and mean KL(teacher || student) over the windows' next tokens."""
+    import torch
+
+    from modeling_performer.cache_performer import cache_bytes
+
+    sums = {"teacher": 0.0, "student": 0.0, "agree": 0, "kl": 0.0, "n": 0}
+    caches = {}
+    device = next(student.parameters()).device
+    for window in windows_:
+        ids = torch.tensor([window], device=device)
+        hidden = {}
+        for name, model in (("teacher", teacher), ("student", student)):
+            hidden[name], cache = _forward(model, ids)
+            caches[name] = cache_bytes(cache)
+            del cache
+        for a in range(0, ids.shape[1] - 1, chunk):
+            b = min(a + chunk, ids.shape[1] - 1)
+            target = ids[0, a + 1:b + 1]
+            logp = {name: model.get_output_embeddings()(hidden[name][0, a:b]).float().log_softmax(-1)
+                    for name, model in (("teacher", teacher), ("student", student))}
+            for name in ("teacher", "student"):
+                sums[name] += -logp[name].gather(-1, target[:, None]).sum().item()
+            sums["agree"] += (logp["teacher"].argmax(-1) == logp["student"].argmax(-1)).sum().item()
+            sums["kl"] += (logp["teacher"].exp() * (logp["teacher"] - logp["student"])).sum().item()
+            sums["n"] += b - a
+    n = sums["n"]
+    return {"teacher": round(math.exp(sums["teacher"] / n), 3), "student": round(math.exp(sums["student"] / n), 3),
+            "ratio": round(math.exp((sums["student"] - sums["teacher"]) / n), 4),
+            "top1_agreement": round(sums["agree"] / n, 4), "kl": round(sums["kl"] / n, 4), "tokens": n,
+            "windows": len(windows_), "cache_bytes": caches}
+
+
+def answer_part(model, tokenizer, items, max_new_tokens, batch_size, desc):
+    from modeling_performer.recipes import chat_lm
+
+    replies = chat_lm.generate_answers(model, tokenizer, items, max_new_tokens, batch_size, desc=desc)
+    by_length = {}
+    for item, reply in zip(items, replies):
+        by_length.setdefault(str(item["length"]), []).append(chat_lm.is_correct(reply, item["answers"]))
+    return {"accuracy": {k: round(sum(v) / len(v), 4) for k, v in by_length.items()},
+            "right": {k: sum(v) for k, v in by_length.items()}, "asked": {k: len(v) for k, v in by_length.items()},
+            "replies": replies}
+
+
+def evaluate(args):
+    from modeling_performer.recipes import chat_lm, devices
+
+    device, precision = devices.setup(args)
+    output = pathlib.Path(args.output)
+    partial_path = output.with_name(output.name + ".partial.json")
+    record = json.loads(partial_path.read_text()) if partial_path.exists() else {}
+    record.setdefault("minutes", {})
+
+    def part(name, compute):
+        if name in record:
+            print(f"== {name}: kept from {partial_path}")
+            return record[name]
+        print(f"== {name}", flush=True)
+        start = time.time()
+        record[name] = compute()
+        record["minutes"][f"evaluate-{name}"] = round((time.time() - start) / 60, 2)
+        write_json(partial_path, record)
+        return record[name]
+
+    teacher, tokenizer = load(args.teacher, device, precision)
+    student, _ = load(args.student, device, precision)
+    bare, _ = load(args.student, device, precision, sparse_cache_size=0)
+    cache_size = student.config.sparse_cache_size
+    ids = chat_lm.corpus_ids(tokenizer, "test")
+    tokens = args.ppl_tokens
+    for length in args.ppl_lengths:
+        part(f"language-{length}", lambda: language_scores(teacher, student, windows(ids, length, max(tokens, length))))
+    documents = chat_lm.fact_items(tokenizer, ids, "test", args.document_lengths, args.per_length)
+    passkeys = chat_lm.passkey_items(tokenizer, ids, "test", args.passkey_lengths, args.per_length)
+    questions = chat_lm.chat_questions()
+    runs = {"teacher": teacher, "student": student}
+    if cache_size:
+        runs["student_without_sparse_cache"] = bare
+    for name, model in runs.items():
+        part(f"documents-{name}", lambda: answer_part(model, tokenizer, documents, args.answer_tokens,
+                                                      args.batch_size, f"documents, {name}"))
+        part(f"passkey-{name}", lambda: answer_part(model, tokenizer, passkeys, args.answer_tokens,
+                                                    args.batch_size, f"pass keys, {name}"))
+    for name in ("teacher", "student"):
+        part(f"chat-{name}", lambda: answer_part(runs[name], tokenizer, questions, args.chat_tokens, 8,
+                                                 f"chat, {name}"))
+    # Quality against transfer steps: the snapshots, and the converted student before any fitting.
+    curve_items = [item for item in documents if item["length"] in args.curve_lengths]
+    curve_windows = windows(ids, 2048, tokens)
+    from modeling_performer.transfer import load_snapshot
+
+    for snapshot in [None, *args.snapshots]:
+        key = "curve-" + ("0" if snapshot is None else pathlib.Path(snapshot).stem.split("-")[-1])
+
+        def compute(snapshot=snapshot):
+            model, _ = load(args.unfitted if snapshot is None else args.student, device, precision)
+            if snapshot is not None:
+                load_snapshot(model, snapshot)
+            return {"ppl_2048": language_scores(teacher, model, curve_windows)["student"],
+                    "documents": answer_part(model, tokenizer, curve_items, args.answer_tokens, args.batch_size,
+                                             f"curve {key}")["accuracy"]}
+
+        if snapshot is None and not args.unfitted:
+            continue
+        part(key, compute)
+    record["settings"] = {k: v for k, v in vars(args).items() if k != "func"}
+    record["sparse_cache_size"] = cache_size
+    write_json(partial_path, record)
+    print(f"evaluation kept in {partial_path}; python scripts/chat_lm.py report assembles the results file")
+
+
+# -------------------------------------------------------------------------------------------- report
+FITTING_STEPS = ("convert-teacher", "convert-converted", "chat-data", "chat-transfer", "chat-finish")
+
+
+def report(args):
+    from transformers import AutoTokenizer
+
+    from modeling_performer.recipes import chat_lm, plots
+    from modeling_performer.recipes.bench_common import provenance
+
+    folder = pathlib.Path(args.folder)
+    partial_path = folder / "results.json.partial.json"
+    if not partial_path.exists():
+        raise SystemExit(f"{partial_path} is missing: run python scripts/chat_lm.py evaluate first")
+    minutes = {}
+    tsv = pathlib.Path(args.minutes or folder.parent / "minutes.tsv")
+    for line in (tsv.read_text().splitlines() if tsv.exists() else []):
+        name, value = line.split("\t")[:2]
+        if name in FITTING_STEPS:
+            minutes[name] = float(value.split()[0])  # the last record of a step; "(resumed)" marks a part
+    tokenizer = AutoTokenizer.from_pretrained(folder / "teacher")
+    transfer = json.loads((folder / "fitted" / "transfer_metrics.json").read_text())
+    rows = [json.loads(line)["text"] for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
+    rows_tokens = [min(len(tokenizer(r, add_special_tokens=False)["input_ids"]), transfer["seq_len"]) for r in rows]
+    student_config = json.loads((folder / "student" / "config.json").read_text())
+
+    def shown(path):
+        path = path.resolve()
+        return str(path.relative_to(chat_lm.ROOT)) if path.is_relative_to(chat_lm.ROOT) else str(path)
+
+    results = chat_lm.assemble_results(json.loads(partial_path.read_text()), minutes, transfer, rows_tokens,
+                                       shown(folder / "student"), shown(folder / "teacher"), student_config)
+    import torch
+
+    results.update(provenance(), threads=torch.get_num_threads())
+    output = pathlib.Path(args.output)
+    write_json(output, results)
+    plots.plot_chat_lm(results, output.with_suffix(".png"))
+    print(json.dumps(results["targets"], indent=1))
+    print(f"wrote {output} and {output.with_suffix('.png')}")
+
+
+def main(argv=None):
+    from modeling_performer.recipes import devices
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("data", help="the teacher's transcripts and plain text, as rows to fit on")
+    p.add_argument("teacher")
+    p.add_argument("output", help=".jsonl of rows (a 'text' field each)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--documents", type=int, default=100, help="document questions (%(default)s)")
+    p.add_argument("--passkeys", type=int, default=24, help="pass-key questions (%(default)s)")
+    p.add_argument("--prompts", type=int, default=64, help="short prompts answered (%(default)s)")
+    p.add_argument("--plain-rows", type=int, default=120, help="rows of plain text (%(default)s)")
+    p.add_argument("--answer-tokens", type=int, default=40)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    devices.add_device_arguments(p)
+    p.set_defaults(func=data)
+    p = commands.add_parser("finish", help="the fitted student with its sparse cache on: the recommended folder")
+    p.add_argument("fitted")
+    p.add_argument("output")
+    p.add_argument("--sparse-cache-size", type=int, default=64)
+    p.set_defaults(func=finish)
+    p = commands.add_parser("evaluate", help="teacher against student on held-out text and questions")
+    p.add_argument("teacher")
+    p.add_argument("student")
+    p.add_argument("--output", required=True)
+    p.add_argument("--unfitted", help="the converted student before transfer (the curve's first point)")
+    p.add_argument("--snapshots", nargs="*", default=[], help="transfer snapshots (snapshot-STEP.pt), in order")
+    p.add_argument("--ppl-lengths", type=int, nargs="+", default=list(PPL_LENGTHS))
+    p.add_argument("--ppl-tokens", type=int, default=16384, help="tokens scored per length (%(default)s)")
+    p.add_argument("--document-lengths", type=int, nargs="+", default=list(DOCUMENT_LENGTHS))
+    p.add_argument("--passkey-lengths", type=int, nargs="+", default=list(PASSKEY_LENGTHS))
+    p.add_argument("--curve-lengths", type=int, nargs="+", default=[300, 1000])
+    p.add_argument("--per-length", type=int, default=12)
+    p.add_argument("--answer-tokens", type=int, default=40)
+    p.add_argument("--chat-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=4)
+    devices.add_device_arguments(p)
+    p.set_defaults(func=evaluate)
+    p = commands.add_parser("report", help="the results file and its figure, from an evaluated recipe folder")
+    p.add_argument("folder", help="the recipe's chat folder (teacher/, fitted/, student/, rows.jsonl, ...)")
+    p.add_argument("--output", required=True, help="results .json (the figure goes beside it as .png)")
+    p.add_argument("--minutes", help="minutes.tsv of the recipe (default: beside FOLDER)")
+    p.set_defaults(func=report)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
