@@ -27,7 +27,7 @@ import pathlib
 import time
 
 DOCUMENT_LENGTHS = (300, 1000, 2000, 4000)
-PASSKEY_LENGTHS = (1000, 4000)
+PASSKEY_LENGTHS = (1000, 2000)
 PPL_LENGTHS = (512, 2048, 8192, 16384)
 
 
@@ -143,19 +143,23 @@ def _forward(model, ids):
     return out.last_hidden_state, out.cache
 
 
-def language_scores(teacher, student, windows_, chunk: int = 1024) -> dict:
-    """Perplexities, top-1 agreement and mean KL(teacher || student) over the windows' next tokens."""
+def language_scores(teacher, students: dict, windows_, chunk: int = 1024) -> dict:
+    """For the teacher and each student ({name: model}): perplexity over the windows' next tokens,
+    and the cache's bytes after the last window; for each student also the perplexity ratio to the
+    teacher, top-1 agreement and mean KL(teacher || student)."""
     import torch
 
     from modeling_performer.cache_performer import cache_bytes
 
-    sums = {"teacher": 0.0, "student": 0.0, "agree": 0, "kl": 0.0, "n": 0}
-    caches = {}
-    device = next(student.parameters()).device
+    models = {"teacher": teacher, **students}
+    nll = dict.fromkeys(models, 0.0)
+    agree, kl = dict.fromkeys(students, 0), dict.fromkeys(students, 0.0)
+    caches, n = {}, 0
+    device = next(teacher.parameters()).device
     for window in windows_:
         ids = torch.tensor([window], device=device)
         hidden = {}
-        for name, model in (("teacher", teacher), ("student", student)):
+        for name, model in models.items():
             hidden[name], cache = _forward(model, ids)
             caches[name] = cache_bytes(cache)
             del cache
@@ -163,17 +167,21 @@ def language_scores(teacher, student, windows_, chunk: int = 1024) -> dict:
             b = min(a + chunk, ids.shape[1] - 1)
             target = ids[0, a + 1:b + 1]
             logp = {name: model.get_output_embeddings()(hidden[name][0, a:b]).float().log_softmax(-1)
-                    for name, model in (("teacher", teacher), ("student", student))}
-            for name in ("teacher", "student"):
-                sums[name] += -logp[name].gather(-1, target[:, None]).sum().item()
-            sums["agree"] += (logp["teacher"].argmax(-1) == logp["student"].argmax(-1)).sum().item()
-            sums["kl"] += (logp["teacher"].exp() * (logp["teacher"] - logp["student"])).sum().item()
-            sums["n"] += b - a
-    n = sums["n"]
-    return {"teacher": round(math.exp(sums["teacher"] / n), 3), "student": round(math.exp(sums["student"] / n), 3),
-            "ratio": round(math.exp((sums["student"] - sums["teacher"]) / n), 4),
-            "top1_agreement": round(sums["agree"] / n, 4), "kl": round(sums["kl"] / n, 4), "tokens": n,
-            "windows": len(windows_), "cache_bytes": caches}
+                    for name, model in models.items()}
+            for name in models:
+                nll[name] += -logp[name].gather(-1, target[:, None]).sum().item()
+            for name in students:
+                agree[name] += (logp["teacher"].argmax(-1) == logp[name].argmax(-1)).sum().item()
+                kl[name] += (logp["teacher"].exp() * (logp["teacher"] - logp[name])).sum().item()
+            n += b - a
+    out = {"teacher": {"perplexity": round(math.exp(nll["teacher"] / n), 3), "cache_bytes": caches["teacher"]},
+           "tokens": n, "windows": len(windows_)}
+    for name in students:
+        out[name] = {"perplexity": round(math.exp(nll[name] / n), 3),
+                     "ratio": round(math.exp((nll[name] - nll["teacher"]) / n), 4),
+                     "top1_agreement": round(agree[name] / n, 4), "kl": round(kl[name] / n, 4),
+                     "cache_bytes": caches[name]}
+    return out
 
 
 def answer_part(model, tokenizer, items, max_new_tokens, batch_size, desc):
@@ -213,11 +221,12 @@ def evaluate(args):
     bare, _ = load(args.student, device, precision, sparse_cache_size=0)
     cache_size = student.config.sparse_cache_size
     ids = chat_lm.corpus_ids(tokenizer, "test")
-    tokens = args.ppl_tokens
+    students = {"student": student, **({"student_without_sparse_cache": bare} if cache_size else {})}
     for length in args.ppl_lengths:
-        part(f"language-{length}", lambda: language_scores(teacher, student, windows(ids, length, max(tokens, length))))
+        part(f"language-{length}", lambda: language_scores(teacher, students,
+                                                           windows(ids, length, max(args.ppl_tokens, length))))
     documents = chat_lm.fact_items(tokenizer, ids, "test", args.document_lengths, args.per_length)
-    passkeys = chat_lm.passkey_items(tokenizer, ids, "test", args.passkey_lengths, args.per_length)
+    passkeys = chat_lm.passkey_items(tokenizer, ids, "test", args.passkey_lengths, args.passkey_per_length)
     questions = chat_lm.chat_questions()
     runs = {"teacher": teacher, "student": student}
     if cache_size:
@@ -232,17 +241,19 @@ def evaluate(args):
                                                  f"chat, {name}"))
     # Quality against transfer steps: the snapshots, and the converted student before any fitting.
     curve_items = [item for item in documents if item["length"] in args.curve_lengths]
-    curve_windows = windows(ids, 2048, tokens)
+    curve_windows = windows(ids, 2048, args.curve_tokens)
     from modeling_performer.transfer import load_snapshot
 
     for snapshot in [None, *args.snapshots]:
         key = "curve-" + ("0" if snapshot is None else pathlib.Path(snapshot).stem.split("-")[-1])
 
         def compute(snapshot=snapshot):
-            model, _ = load(args.unfitted if snapshot is None else args.student, device, precision)
+            # the student's configuration (its sparse cache too) at every point of the curve
+            model, _ = load(args.unfitted if snapshot is None else args.student, device, precision,
+                            sparse_cache_size=cache_size)
             if snapshot is not None:
                 load_snapshot(model, snapshot)
-            return {"ppl_2048": language_scores(teacher, model, curve_windows)["student"],
+            return {"ppl_2048": language_scores(teacher, {"student": model}, curve_windows)["student"]["perplexity"],
                     "documents": answer_part(model, tokenizer, curve_items, args.answer_tokens, args.batch_size,
                                              f"curve {key}")["accuracy"]}
 
@@ -286,7 +297,8 @@ def report(args):
         return str(path.relative_to(chat_lm.ROOT)) if path.is_relative_to(chat_lm.ROOT) else str(path)
 
     results = chat_lm.assemble_results(json.loads(partial_path.read_text()), minutes, transfer, rows_tokens,
-                                       shown(folder / "student"), shown(folder / "teacher"), student_config)
+                                       shown(folder / "student"), shown(folder / "teacher"), student_config,
+                                       json.loads((folder / "teacher" / "provenance.json").read_text())["source"])
     import torch
 
     results.update(provenance(), threads=torch.get_num_threads())
@@ -327,11 +339,14 @@ def main(argv=None):
     p.add_argument("--unfitted", help="the converted student before transfer (the curve's first point)")
     p.add_argument("--snapshots", nargs="*", default=[], help="transfer snapshots (snapshot-STEP.pt), in order")
     p.add_argument("--ppl-lengths", type=int, nargs="+", default=list(PPL_LENGTHS))
-    p.add_argument("--ppl-tokens", type=int, default=16384, help="tokens scored per length (%(default)s)")
+    p.add_argument("--ppl-tokens", type=int, default=8192,
+                   help="tokens scored per length (at least one window; %(default)s)")
+    p.add_argument("--curve-tokens", type=int, default=4096, help="tokens scored at 2,048 per curve point")
     p.add_argument("--document-lengths", type=int, nargs="+", default=list(DOCUMENT_LENGTHS))
     p.add_argument("--passkey-lengths", type=int, nargs="+", default=list(PASSKEY_LENGTHS))
     p.add_argument("--curve-lengths", type=int, nargs="+", default=[300, 1000])
-    p.add_argument("--per-length", type=int, default=12)
+    p.add_argument("--per-length", type=int, default=12, help="document questions per length (%(default)s)")
+    p.add_argument("--passkey-per-length", type=int, default=8, help="(%(default)s)")
     p.add_argument("--answer-tokens", type=int, default=40)
     p.add_argument("--chat-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=4)

@@ -152,8 +152,8 @@ def run_stage(tiny_llama, out):
     env = {**os.environ, "CHAT_SOURCE": str(tiny_llama), "OUT": str(out), "STEPS_SCALE": "0.03",
            "CHAT_SEQ_LEN": "512", "CHAT_WINDOW": "8", "CHAT_SPARSE_CACHE": "8",
            "CHAT_EVALUATE_OPTIONS": "--ppl-lengths 64 256 --ppl-tokens 256 --document-lengths 100 300 "
-                                    "--passkey-lengths 200 --curve-lengths 100 --per-length 2 --answer-tokens 3 "
-                                    "--chat-tokens 3",
+                                    "--passkey-lengths 200 --passkey-per-length 2 --curve-lengths 100 "
+                                    "--curve-tokens 256 --per-length 2 --answer-tokens 3 --chat-tokens 3",
            "CHAT_RESULTS": str(out / "results.json")}
     return subprocess.run(["bash", "scripts/convert_recipe.sh", "chat-lm"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=1200)
@@ -190,3 +190,17 @@ def test_the_chat_lm_stage_runs_end_to_end_resumes_and_names_a_folder_that_loads
     rebuilt = json.loads((tmp_path / "results.json").read_text())
     for key in ("perplexity", "agreement", "documents", "passkey", "chat", "curve", "cache_bytes"):
         assert rebuilt[key] == results[key], key
+    # Killed in the middle: the rows rebuilt from the teacher's kept replies are the same rows, and an
+    # evaluation that lost a part computes that part alone and gets the same numbers.
+    chat = tmp_path / "chat"
+    rows = (chat / "rows.jsonl").read_text()
+    (chat / "rows.jsonl").unlink()
+    partial = json.loads((chat / "results.json.partial.json").read_text())
+    del partial["chat-student"]
+    (chat / "results.json.partial.json").write_text(json.dumps(partial))
+    (chat / "results.json.partial.done").unlink()
+    resumed = run_stage(tiny_llama, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (chat / "rows.jsonl").read_text() == rows
+    assert "== chat-student\n" in resumed.stdout and "== chat-teacher: kept from" in resumed.stdout
+    assert json.loads((tmp_path / "results.json").read_text())["chat"] == results["chat"]

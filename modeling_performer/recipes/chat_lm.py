@@ -201,16 +201,24 @@ def _fraction(student, teacher):
     return round(student / teacher, 4) if teacher else None
 
 
+def teacher_name(source: str) -> str:
+    """How results name the teacher: TEACHER_NAME for SmolLM2's GGUF file, the source itself otherwise."""
+    return TEACHER_NAME if source.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") else source
+
+
 def assemble_results(partial: dict, minutes: dict, transfer: dict, rows_tokens: list, student_dir: str,
-                     teacher_dir: str, student_config: dict) -> dict:
+                     teacher_dir: str, student_config: dict, source: str) -> dict:
     """The results file of the chat-lm recipe from the evaluation's parts (`chat_lm.py evaluate`),
     the minutes of each step, the transfer's metrics and the token count of every fitted row."""
     language = {k.split("-", 1)[1]: v for k, v in partial.items() if k.startswith("language-")}
-    perplexity = {n: {"teacher": v["teacher"], "student": v["student"], "ratio": v["ratio"], "tokens": v["tokens"]}
+    runs = [r for r in ("student", "student_without_sparse_cache") if any(r in v for v in language.values())]
+    perplexity = {n: {"teacher": v["teacher"]["perplexity"], **{r: v[r]["perplexity"] for r in runs},
+                      **{f"{r}_ratio": v[r]["ratio"] for r in runs}, "tokens": v["tokens"]}
                   for n, v in language.items()}
-    agreement = {n: {"top1": v["top1_agreement"], "kl": v["kl"]} for n, v in language.items() if int(n) <= 2048}
-    cache = {n: {"teacher": v["cache_bytes"]["teacher"], "student": v["cache_bytes"]["student"],
-                 "fraction": round(v["cache_bytes"]["student"] / v["cache_bytes"]["teacher"], 5)}
+    agreement = {n: {r: {"top1": v[r]["top1_agreement"], "kl": v[r]["kl"]} for r in runs}
+                 for n, v in language.items() if int(n) <= 2048}
+    cache = {n: {"teacher": v["teacher"]["cache_bytes"], **{r: v[r]["cache_bytes"] for r in runs},
+                 "fraction": round(v["student"]["cache_bytes"] / v["teacher"]["cache_bytes"], 5)}
              for n, v in language.items() if int(n) >= 2048}
 
     def by_length(task):
@@ -236,13 +244,15 @@ def assemble_results(partial: dict, minutes: dict, transfer: dict, rows_tokens: 
         step = int(key.split("-")[1])
         curve.append({"step": step, "fraction": round(step / steps, 3), "tokens": round(step * mean_tokens),
                       "ppl_2048": partial[key]["ppl_2048"], "documents": partial[key]["documents"]})
+    curve_lengths = {str(n) for n in partial["settings"]["curve_lengths"]}
     curve.append({"step": steps, "fraction": 1.0, "tokens": round(steps * mean_tokens),
                   "ppl_2048": perplexity.get("2048", {}).get("student"),
-                  "documents": {n: row.get("student") for n, row in by_length("documents").items()}})
+                  "documents": {n: row.get("student") for n, row in by_length("documents").items()
+                                if n in curve_lengths}})
     fitting = {k: v for k, v in minutes.items() if not k.startswith("evaluate") and k != "chat-evaluate"}
     evaluation = {k: v for k, v in partial.get("minutes", {}).items()}
     results = {
-        "teacher": TEACHER_NAME, "teacher_dir": teacher_dir, "student_dir": student_dir,
+        "teacher": teacher_name(source), "teacher_dir": teacher_dir, "student_dir": student_dir,
         "student": {k: student_config.get(k) for k in ("attention_type", "feature_map", "local_window",
                                                         "sparse_cache_size", "num_hidden_layers")},
         "transfer": {k: transfer.get(k) for k in ("steps", "end_to_end_steps", "end_to_end_loss", "kl_positions",
@@ -262,7 +272,7 @@ def targets(results: dict) -> dict:
     """Each target of TARGETS: its value and whether it is met (None where it was not measured)."""
     def ratio(n):
         row = results["perplexity"].get(n)
-        return None if row is None else row["ratio"]
+        return None if row is None else row["student_ratio"]
 
     def documents(n):
         row = results["documents"].get(n)

@@ -295,10 +295,69 @@ def recall_linearized_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def chat_lm_table(name: str = "smollm2/results.json") -> str:
+    """The chat-lm recipe: a linearized chat model against its teacher on held-out text and questions."""
+    data = _load(name)
+    targets = data["targets"]
+
+    def verdict(key):
+        target = targets.get(key)
+        if target is None or target["met"] is None:
+            return ""
+        return "met" if target["met"] else "**missed**"
+
+    def pct(value):
+        return "" if value is None else f"{100 * value:.0f}%"
+
+    lines = ["| measure | teacher | student | student, no sparse cache | target |", "|---|---|---|---|---|"]
+    bounds = {"512": "perplexity_512", "2048": "perplexity_2048"}
+    def ppl(row, run):
+        return f"{row[run]:.2f} ({row[run + '_ratio']:.3f}x)" if run in row else ""
+
+    for length, row in data["perplexity"].items():
+        lines.append(f"| perplexity, {int(length):,} tokens | {row['teacher']:.2f} | {ppl(row, 'student')} "
+                     f"| {ppl(row, 'student_without_sparse_cache')} "
+                     f"| {'<= 1.05x: ' + verdict(bounds[length]) if length in bounds else ''} |")
+
+    def agree(row, run):
+        return f"{pct(row[run]['top1'])} / {row[run]['kl']:.3f}" if run in row else ""
+
+    for length, row in data["agreement"].items():
+        lines.append(f"| next token: top-1 agreement / KL to the teacher, {int(length):,} tokens | "
+                     f"| {agree(row, 'student')} | {agree(row, 'student_without_sparse_cache')} | |")
+    for task, label in (("documents", "fact in a document"), ("passkey", "pass key")):
+        for length, row in data[task].items():
+            key = f"documents_{length}"
+            target = f">= 90% of teacher: {verdict(key)}" if task == "documents" and key in targets else ""
+            lines.append(f"| {label}, {int(length):,} tokens ({row['asked']} asked) | {pct(row.get('teacher'))} "
+                         f"| {pct(row.get('student'))} | {pct(row.get('student_without_sparse_cache'))} | {target} |")
+    chat = data["chat"]
+    lines.append(f"| short chat questions right ({chat['questions']}) | {pct(chat['teacher'])} | {pct(chat['student'])} "
+                 f"| | >= 95% of teacher: {verdict('chat')} |")
+    lines.append(f"| greedy chat answers identical to the teacher's | | {pct(chat['identical_answers'])} | | |")
+    for length, row in data["cache_bytes"].items():
+        target = f"<= 1/20: {verdict('cache_8192')}" if length == "8192" else ""
+        bare = row.get("student_without_sparse_cache")
+        lines.append(f"| cache MiB after {int(length):,} tokens | {row['teacher'] / 2**20:.1f} | "
+                     f"{row['student'] / 2**20:.2f} (1/{1 / row['fraction']:.0f}) "
+                     f"| {'' if bare is None else f'{bare / 2**20:.2f}'} | {target} |")
+    minutes = data["minutes"]
+    lines.append(f"| minutes: fitting (convert, transcripts, transfer) / evaluation | | "
+                 f"{minutes['fitting_total']:.1f} / {minutes['evaluation_total']:.1f} | | <= 45: "
+                 f"{verdict('fitting_minutes')} |")
+    student = data["student"]
+    source = (f"`docs/figures/{name}` ({data['teacher']}; student: {student['feature_map']} maps, window "
+              f"{student['local_window']}, sparse cache {student['sparse_cache_size']}; {data['transfer']['device']}, "
+              f"{data['threads']} threads, {data['date'][:10]})")
+    return "\n".join(lines) + f"\n\nFrom {source}.\n"
+
+
 TABLES = {"chat": chat_table, "chat_decode": chat_decode_table, "chat_prefill": chat_prefill_table,
           "serving": serving_table, "attention": attention_table, "attention_performer_pytorch": performer_pytorch_table,
           "decoding": decoding_table, "training": training_table, "memory": memory_table,
           "recall": recall_table, "recall_linearized": recall_linearized_table}
+if (FIGURES / "smollm2" / "results.json").exists():
+    TABLES["chat_lm"] = chat_lm_table
 README_TABLES = ("chat",)
 MARKER = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
 
