@@ -260,6 +260,12 @@ def evaluate(args):
         if snapshot is None and not args.unfitted:
             continue
         part(key, compute)
+
+    def final_point():  # the finished student on the curve's windows, beside the teacher there
+        scores = language_scores(teacher, {"student": student}, curve_windows)
+        return {"teacher": scores["teacher"]["perplexity"], "student": scores["student"]["perplexity"]}
+
+    part("curve-final", final_point)
     record["settings"] = {k: v for k, v in vars(args).items() if k != "func"}
     record["sparse_cache_size"] = cache_size
     write_json(partial_path, record)

@@ -204,3 +204,13 @@ def test_the_chat_lm_stage_runs_end_to_end_resumes_and_names_a_folder_that_loads
     assert (chat / "rows.jsonl").read_text() == rows
     assert "== chat-student\n" in resumed.stdout and "== chat-teacher: kept from" in resumed.stdout
     assert json.loads((tmp_path / "results.json").read_text())["chat"] == results["chat"]
+
+
+def test_the_token_budget_extends_the_curves_last_fall_as_a_power_law():
+    teacher = {"ppl_2048": 10.0}
+    # excess 0.4 at 1,000 tokens and 0.2 at 4,000: halving per x4, so 0.05 needs 4,000 x 4 x 4 tokens
+    curve = [{"tokens": 0, "ppl_2048": 30.0}, {"tokens": 1000, "ppl_2048": 14.0}, {"tokens": 4000, "ppl_2048": 12.0}]
+    assert chat_lm.tokens_needed(curve, teacher)["perplexity_2048"] == 64000
+    assert chat_lm.tokens_needed(curve[:2] + [{"tokens": 4000, "ppl_2048": 10.4}], teacher)["perplexity_2048"] is None
+    rising = curve[:2] + [{"tokens": 4000, "ppl_2048": 15.0}]
+    assert chat_lm.tokens_needed(rising, teacher)["perplexity_2048"] is None

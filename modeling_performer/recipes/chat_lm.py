@@ -240,15 +240,22 @@ def assemble_results(partial: dict, minutes: dict, transfer: dict, rows_tokens: 
     steps = transfer["steps"] + transfer["end_to_end_steps"]
     mean_tokens = sum(rows_tokens) / max(len(rows_tokens), 1)
     curve = []
-    for key in sorted((k for k in partial if k.startswith("curve-")), key=lambda k: int(k.split("-")[1])):
+    points = [k for k in partial if re.fullmatch(r"curve-\d+", k)]
+    for key in sorted(points, key=lambda k: int(k.split("-")[1])):
         step = int(key.split("-")[1])
         curve.append({"step": step, "fraction": round(step / steps, 3), "tokens": round(step * mean_tokens),
                       "ppl_2048": partial[key]["ppl_2048"], "documents": partial[key]["documents"]})
+    # The finished student: its perplexity on the curve's own windows, its answers to the same questions.
     curve_lengths = {str(n) for n in partial["settings"]["curve_lengths"]}
+    final = partial.get("curve-final", {})
     curve.append({"step": steps, "fraction": 1.0, "tokens": round(steps * mean_tokens),
-                  "ppl_2048": perplexity.get("2048", {}).get("student"),
+                  "ppl_2048": final.get("student"),
                   "documents": {n: row.get("student") for n, row in by_length("documents").items()
                                 if n in curve_lengths}})
+    curve_teacher = {"ppl_2048": final.get("teacher"),
+                     "documents": {n: row.get("teacher") for n, row in by_length("documents").items()
+                                   if n in curve_lengths}}
+
     fitting = {k: v for k, v in minutes.items() if not k.startswith("evaluate") and k != "chat-evaluate"}
     evaluation = {k: v for k, v in partial.get("minutes", {}).items()}
     results = {
@@ -261,11 +268,30 @@ def assemble_results(partial: dict, minutes: dict, transfer: dict, rows_tokens: 
         "fitted_rows": len(rows_tokens), "fitted_tokens_per_step": round(mean_tokens),
         "perplexity": perplexity, "agreement": agreement, "documents": by_length("documents"),
         "passkey": by_length("passkey"), "chat": chat, "cache_bytes": cache, "curve": curve,
+        "curve_teacher": curve_teacher, "curve_tokens_needed": tokens_needed(curve, curve_teacher),
         "minutes": {"fitting": fitting, "fitting_total": round(sum(fitting.values()), 1),
                     "evaluation": evaluation, "evaluation_total": round(sum(evaluation.values()), 1)},
     }
     results["targets"] = targets(results)
     return results
+
+
+def tokens_needed(curve: list, teacher: dict) -> dict:
+    """A rough transfer-token budget for the perplexity target (student within 5% of the teacher at
+    2,048 tokens): the excess ratio - 1 of the last two fitted points of the curve extended as a power
+    law of the tokens. None where the target is met, or where the excess did not fall between them."""
+    t = teacher.get("ppl_2048")
+    fitted = [p for p in curve if p["tokens"] > 0 and p.get("ppl_2048")]
+    if not t or len(fitted) < 2:
+        return {"perplexity_2048": None}
+    (x0, y0), (x1, y1) = [(p["tokens"], p["ppl_2048"] / t - 1) for p in fitted[-2:]]
+    if y1 <= 0.05:
+        return {"perplexity_2048": None, "note": "met"}
+    if y0 <= 0 or y1 >= y0:
+        return {"perplexity_2048": None, "note": "the excess did not fall over the last two points"}
+    slope = math.log(y1 / y0) / math.log(x1 / x0)
+    return {"perplexity_2048": round(x1 * (0.05 / y1) ** (1 / slope)), "power": round(slope, 3),
+            "note": "power law through the last two points of the curve; a rough extrapolation"}
 
 
 def targets(results: dict) -> dict:

@@ -158,7 +158,7 @@ def plot_chat_lm(results: dict, path: pathlib.Path):
     points = [p for p in results["curve"] if p.get("ppl_2048") is not None]
     tokens = [p["tokens"] / 1e3 for p in points]
     ppl.plot(tokens, [p["ppl_2048"] for p in points], marker="o", label="student")
-    teacher = results["perplexity"].get("2048", {}).get("teacher")
+    teacher = results.get("curve_teacher", {}).get("ppl_2048")
     if teacher:
         ppl.axhline(teacher, color="k", linestyle="--", label="teacher")
         ppl.axhline(teacher * 1.05, color="grey", linestyle=":", label="target (teacher + 5%)")
@@ -168,7 +168,8 @@ def plot_chat_lm(results: dict, path: pathlib.Path):
         curve.plot(tokens, [p["documents"].get(length) for p in points], marker="o", label=f"{length} tokens")
         row = results["documents"].get(length, {})
         if row.get("teacher") is not None:
-            curve.axhline(row["teacher"] * 0.9, linestyle=":", alpha=0.5)
+            curve.axhline(row["teacher"] * 0.9, linestyle=":", alpha=0.5, color=curve.lines[-1].get_color(),
+                          label=f"target at {length} (90% of the teacher)")
     curve.set(xlabel="transfer tokens (thousands)", ylabel="document questions right (student)", ylim=(-0.05, 1.05))
     lengths = list(results["documents"])
     for offset, run in enumerate(("teacher", "student", "student_without_sparse_cache")):
