@@ -29,6 +29,7 @@ import time
 DOCUMENT_LENGTHS = (300, 1000, 2000, 4000)
 PASSKEY_LENGTHS = (1000, 2000)
 PPL_LENGTHS = (512, 2048, 8192, 16384)
+PARTS = ("language", "documents", "passkey", "chat", "curve")
 
 
 def load(folder, device, precision="fp32", **overrides):
@@ -217,12 +218,15 @@ def evaluate(args):
         return record[name]
 
     teacher, tokenizer = load(args.teacher, device, precision)
-    student, _ = load(args.student, device, precision)
-    bare, _ = load(args.student, device, precision, sparse_cache_size=0)
+    # --local-window: the same fitted maps under another exact window (a switch, no fitting)
+    window = {} if args.local_window is None else {"local_window": args.local_window}
+    student, _ = load(args.student, device, precision, **window)
+    bare, _ = load(args.student, device, precision, sparse_cache_size=0, **window)
     cache_size = student.config.sparse_cache_size
+    wanted = set(args.parts)
     ids = chat_lm.corpus_ids(tokenizer, "test")
     students = {"student": student, **({"student_without_sparse_cache": bare} if cache_size else {})}
-    for length in args.ppl_lengths:
+    for length in args.ppl_lengths if "language" in wanted else ():
         part(f"language-{length}", lambda: language_scores(teacher, students,
                                                            windows(ids, length, max(args.ppl_tokens, length))))
     documents = chat_lm.fact_items(tokenizer, ids, "test", args.document_lengths, args.per_length)
@@ -232,11 +236,13 @@ def evaluate(args):
     if cache_size:
         runs["student_without_sparse_cache"] = bare
     for name, model in runs.items():
-        part(f"documents-{name}", lambda: answer_part(model, tokenizer, documents, args.answer_tokens,
-                                                      args.batch_size, f"documents, {name}"))
-        part(f"passkey-{name}", lambda: answer_part(model, tokenizer, passkeys, args.answer_tokens,
-                                                    args.batch_size, f"pass keys, {name}"))
-    for name in ("teacher", "student"):
+        if "documents" in wanted:
+            part(f"documents-{name}", lambda: answer_part(model, tokenizer, documents, args.answer_tokens,
+                                                          args.batch_size, f"documents, {name}"))
+        if "passkey" in wanted:
+            part(f"passkey-{name}", lambda: answer_part(model, tokenizer, passkeys, args.answer_tokens,
+                                                        args.batch_size, f"pass keys, {name}"))
+    for name in ("teacher", "student") if "chat" in wanted else ():
         part(f"chat-{name}", lambda: answer_part(runs[name], tokenizer, questions, args.chat_tokens, 8,
                                                  f"chat, {name}"))
     # Quality against transfer steps: the snapshots, and the converted student before any fitting.
@@ -244,7 +250,7 @@ def evaluate(args):
     curve_windows = windows(ids, 2048, args.curve_tokens)
     from modeling_performer.transfer import load_snapshot
 
-    for snapshot in [None, *args.snapshots]:
+    for snapshot in [None, *args.snapshots] if "curve" in wanted else ():
         key = "curve-" + ("0" if snapshot is None else pathlib.Path(snapshot).stem.split("-")[-1])
 
         def compute(snapshot=snapshot):
@@ -265,7 +271,8 @@ def evaluate(args):
         scores = language_scores(teacher, {"student": student}, curve_windows)
         return {"teacher": scores["teacher"]["perplexity"], "student": scores["student"]["perplexity"]}
 
-    part("curve-final", final_point)
+    if "curve" in wanted:
+        part("curve-final", final_point)
     record["settings"] = {k: v for k, v in vars(args).items() if k != "func"}
     record["sparse_cache_size"] = cache_size
     write_json(partial_path, record)
@@ -342,6 +349,8 @@ def main(argv=None):
     p.add_argument("teacher")
     p.add_argument("student")
     p.add_argument("--output", required=True)
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to measure (all)")
+    p.add_argument("--local-window", type=int, help="score the student under this exact window instead of its own")
     p.add_argument("--unfitted", help="the converted student before transfer (the curve's first point)")
     p.add_argument("--snapshots", nargs="*", default=[], help="transfer snapshots (snapshot-STEP.pt), in order")
     p.add_argument("--ppl-lengths", type=int, nargs="+", default=list(PPL_LENGTHS))
