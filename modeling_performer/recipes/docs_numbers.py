@@ -355,10 +355,8 @@ def chat_lm_table(name: str = "smollm2/results.json") -> str:
 TABLES = {"chat": chat_table, "chat_decode": chat_decode_table, "chat_prefill": chat_prefill_table,
           "serving": serving_table, "attention": attention_table, "attention_performer_pytorch": performer_pytorch_table,
           "decoding": decoding_table, "training": training_table, "memory": memory_table,
-          "recall": recall_table, "recall_linearized": recall_linearized_table}
-if (FIGURES / "smollm2" / "results.json").exists():
-    TABLES["chat_lm"] = chat_lm_table
-README_TABLES = ("chat",)
+          "recall": recall_table, "recall_linearized": recall_linearized_table, "chat_lm": chat_lm_table}
+README_TABLES = ("chat", "chat_lm")
 MARKER = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
 
 
