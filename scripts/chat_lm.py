@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pathlib
+import random
 import time
 
 DOCUMENT_LENGTHS = (300, 1000, 2000, 4000)
@@ -46,11 +47,16 @@ def load(folder, device, precision="fp32", **overrides):
     return model, tokenizer
 
 
-def write_json(path: pathlib.Path, record: dict) -> None:
+def write_atomically(path: pathlib.Path, text: str) -> None:
+    """Writes beside the path, then moves into place: a kill leaves the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".tmp")
-    partial.write_text(json.dumps(record, indent=1))
+    partial.write_text(text)
     os.replace(partial, path)
+
+
+def write_json(path: pathlib.Path, record: dict) -> None:
+    write_atomically(path, json.dumps(record, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -83,14 +89,10 @@ def data(args):
                 kept.append(reply)
             handle.flush()
     transcripts = [chat_lm.transcript(tokenizer, item, reply) for item, reply in zip(items, kept)]
-    import random
-
     random.Random(0).shuffle(transcripts)
     rows = chat_lm.pack_rows(tokenizer, transcripts, args.seq_len)
     rows += chat_lm.plain_rows(tokenizer, ids, args.seq_len, args.plain_rows, seed=3)
-    staged = output.with_name(output.name + ".tmp")
-    staged.write_text("".join(json.dumps({"text": row}) + "\n" for row in rows))
-    os.replace(staged, output)
+    write_atomically(output, "".join(json.dumps({"text": row}) + "\n" for row in rows))
     right = sum(chat_lm.is_correct(reply, item["answers"]) for item, reply in zip(items, kept) if item["answers"])
     asked = sum(1 for item in items if item["answers"])
     print(json.dumps({"rows": len(rows), "transcript_rows": len(rows) - args.plain_rows, "transcripts": len(items),

@@ -45,7 +45,7 @@ def corpus_ids(tokenizer, split: str) -> dict:
     return out
 
 
-def _filler(tokenizer, ids: dict, length: int, rng: random.Random) -> list:
+def _filler(ids: dict, length: int, rng: random.Random) -> list:
     corpus = rng.choice([c for c in sorted(ids) if len(ids[c]) > length] or [max(ids, key=lambda c: len(ids[c]))])
     source = ids[corpus]
     if len(source) <= length:
@@ -82,7 +82,7 @@ def fact_items(tokenizer, ids: dict, split: str, lengths, per_length: int) -> li
             else:
                 value = rng.choice(CITIES[split])
                 sentence, question = f"{name}'s favourite city is {value}.", f"What is {name}'s favourite city?"
-            filler = _filler(tokenizer, ids, max(length - len(tokenizer(sentence)["input_ids"]) - 2, 8), rng)
+            filler = _filler(ids, max(length - len(tokenizer(sentence)["input_ids"]) - 2, 8), rng)
             document = _plant(tokenizer, filler, sentence, depth)
             items.append({"task": "document", "length": length, "depth": round(depth, 3), "answers": [value],
                           "content": f"{document}\n\nAnswer from the text above. {question}"})
@@ -97,7 +97,7 @@ def passkey_items(tokenizer, ids: dict, split: str, lengths, per_length: int) ->
         for depth in depths(per_length):
             key = str(rng.randrange(10000, 100000))
             sentence = f"The pass key is {key}. Remember it. {key} is the pass key."
-            filler = _filler(tokenizer, ids, max(length - len(tokenizer(sentence)["input_ids"]) - 2, 8), rng)
+            filler = _filler(ids, max(length - len(tokenizer(sentence)["input_ids"]) - 2, 8), rng)
             items.append({"task": "passkey", "length": length, "depth": round(depth, 3), "answers": [key],
                           "content": f"{_plant(tokenizer, filler, sentence, depth)}\n\nWhat is the pass key?"})
     return items
@@ -176,16 +176,12 @@ def pack_rows(tokenizer, texts, seq_len: int) -> list:
 def plain_rows(tokenizer, ids: dict, seq_len: int, count: int, seed: int) -> list:
     """`count` windows of seq_len tokens of plain text, drawn from the corpora in turn, as text."""
     rng = random.Random(seed)
-    return [tokenizer.decode(_filler(tokenizer, {c: ids[c]}, seq_len - 8, rng))
+    return [tokenizer.decode(_filler({c: ids[c]}, seq_len - 8, rng))
             for c in (CORPORA * math.ceil(count / len(CORPORA)))[:count]]
 
 
-def accuracy(items, replies) -> float:
-    return sum(is_correct(reply, item["answers"]) for item, reply in zip(items, replies)) / max(len(items), 1)
-
-
 TEACHER_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"
-# The issue's targets, as (results key, the comparison, the bound); read by `targets`.
+# The recipe's targets, described; `targets` holds each one's bound.
 TARGETS = {
     "perplexity_512": "student perplexity at 512 tokens within 5% of the teacher's",
     "perplexity_2048": "student perplexity at 2,048 tokens within 5% of the teacher's",
@@ -209,7 +205,7 @@ def teacher_name(source: str) -> str:
 def assemble_results(partial: dict, minutes: dict, transfer: dict, rows_tokens: list, student_dir: str,
                      teacher_dir: str, student_config: dict, source: str) -> dict:
     """The results file of the chat-lm recipe from the evaluation's parts (`chat_lm.py evaluate`),
-    the minutes of each step, the transfer's metrics and the token count of every fitted row."""
+    the minutes of each fitting step, the transfer's metrics and the token count of every fitted row."""
     language = {k.split("-", 1)[1]: v for k, v in partial.items() if k.startswith("language-")}
     runs = [r for r in ("student", "student_without_sparse_cache") if any(r in v for v in language.values())]
     perplexity = {n: {"teacher": v["teacher"]["perplexity"], **{r: v[r]["perplexity"] for r in runs},
@@ -256,8 +252,7 @@ def assemble_results(partial: dict, minutes: dict, transfer: dict, rows_tokens: 
                      "documents": {n: row.get("teacher") for n, row in by_length("documents").items()
                                    if n in curve_lengths}}
 
-    fitting = {k: v for k, v in minutes.items() if not k.startswith("evaluate") and k != "chat-evaluate"}
-    evaluation = {k: v for k, v in partial.get("minutes", {}).items()}
+    fitting, evaluation = dict(minutes), dict(partial.get("minutes", {}))
     results = {
         "teacher": teacher_name(source), "teacher_dir": teacher_dir, "student_dir": student_dir,
         "student": {k: student_config.get(k) for k in ("attention_type", "feature_map", "local_window",
