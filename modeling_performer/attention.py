@@ -41,16 +41,19 @@ from .attention_window import (
 
 
 def causal_linear_variant(q, k, v, features, feature_map, window, cache_size, linear_log_weight, key_padding_mask,
-                          state, chunk_size, kernel_for=None):
+                          state, chunk_size, kernel_for=None, log_decay=None):
     """Causal linear attention of the variant a layer's options name: plain (window 0), with an
     exact window, or with a window and a sparse cache (cache_size > 0). One token onto a state is a
     decoding step (the recurrent kernel, updating the state in place where that is safe, see
     `may_update_in_place`); anything else is chunked, on the kernel `kernel_for(q)` returns (None:
-    the PyTorch one; asked only when chunking, never in a decoding step).
+    the PyTorch one; asked only when chunking, never in a decoding step). log_decay: [B, H_kv, T], the
+    log gates of a decaying state (None: additive; the sparse cache has none).
     -> (out [B, H, T, D], the new state)."""
     decoding = q.shape[2] == 1 and state is not None
     in_place = decoding and may_update_in_place(state)
     if cache_size:
+        if log_decay is not None:
+            raise ValueError("the sparse cache is defined for an additive state: it takes no log_decay")
         if decoding:
             return recurrent_sparse_windowed_attention(q, k, v, features, feature_map, window, cache_size,
                                                        linear_log_weight, key_padding_mask, state, in_place)
@@ -59,13 +62,14 @@ def causal_linear_variant(q, k, v, features, feature_map, window, cache_size, li
     if window:
         if decoding:
             return recurrent_windowed_attention(q, k, v, features, feature_map, window, linear_log_weight,
-                                                key_padding_mask, state, in_place)
+                                                key_padding_mask, state, in_place, log_decay=log_decay)
         return causal_windowed_attention(q, k, v, features, feature_map, window, linear_log_weight, key_padding_mask,
-                                         state, chunk_size, kernel_for(q) if kernel_for else None)
+                                         state, chunk_size, kernel_for(q) if kernel_for else None, log_decay=log_decay)
     if decoding:
-        return recurrent_linear_attention(q, k, v, features, feature_map, key_padding_mask, state, in_place)
+        return recurrent_linear_attention(q, k, v, features, feature_map, key_padding_mask, state, in_place,
+                                          log_decay=log_decay)
     return causal_linear_attention(q, k, v, features, feature_map, key_padding_mask, state, chunk_size,
-                                   kernel_for(q) if kernel_for else None)
+                                   kernel_for(q) if kernel_for else None, log_decay=log_decay)
 
 
 __all__ = [

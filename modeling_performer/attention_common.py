@@ -117,6 +117,18 @@ def _masked_keys(fmap, logits, shift, keep):
     return phi_k * keep.to(phi_k.dtype)
 
 
+def _gates(log_decay, key_padding_mask):
+    """The per-step log decays [B, H, T] in fp32 with padded steps set to 0: a padding token is not
+    a step, so it decays nothing (a left-padded row then equals the same row alone). None stays None.
+    key_padding_mask: [B, T] (the current tokens), or None."""
+    if log_decay is None:
+        return None
+    log_decay = log_decay.float()
+    if key_padding_mask is not None:
+        log_decay = log_decay.masked_fill(~key_padding_mask.to(torch.bool)[:, None, :], 0.0)
+    return log_decay
+
+
 def _with_ones(v: torch.Tensor) -> torch.Tensor:
     """v: [..., S, D] -> [..., S, D + 1] fp32. The extra column of ones makes one matrix product
     give both phi(k)^T v and the normaliser sum of phi(k)."""
@@ -182,34 +194,47 @@ def _running_max(x: torch.Tensor) -> torch.Tensor:
     return x[..., None, :].masked_fill(~upto, float("-inf")).amax(-1)
 
 
-def _states_before_chunks(kvz, chunk_kvz, running, stabiliser):
+def _states_before_chunks(kvz, chunk_kvz, running, stabiliser, chunk_log_decay=None):
     """Loop-free carry of the chunked kernel. kvz: incoming joined state [B, H, M, D + 1] at scale
-    running[..., 0]; chunk_kvz: [B, H, NC, M, D + 1], chunk j at scale stabiliser[..., j].
+    running[..., 0]; chunk_kvz: [B, H, NC, M, D + 1], chunk j at scale stabiliser[..., j];
+    chunk_log_decay: [B, H, NC] the log decay of the whole of chunk j (None: no decay).
     -> (states before each chunk at that chunk's scale [B, H, NC, M, D + 1], state after the last)."""
     num_chunks = chunk_kvz.shape[2]
     earlier = torch.ones(num_chunks, num_chunks, dtype=torch.bool, device=kvz.device).tril(-1)
-    gap = (stabiliser[..., None, :] - stabiliser[..., :, None]).masked_fill(~earlier, float("-inf"))
-    weights = torch.exp(gap)  # [B, H, c, j]: exp(s_j - s_c) for j < c, else 0
-    incoming = torch.exp(running[..., :1] - stabiliser)  # [B, H, NC]
+    gap = stabiliser[..., None, :] - stabiliser[..., :, None]  # [B, H, c, j]: s_j - s_c
+    incoming = running[..., :1] - stabiliser  # [B, H, NC]
+    if chunk_log_decay is not None:
+        # chunk j's sums decay through chunks j+1 .. c-1; the incoming state through chunks 0 .. c-1
+        through = chunk_log_decay.cumsum(-1)
+        before_c = through - chunk_log_decay
+        gap = gap + before_c[..., :, None] - through[..., None, :]
+        incoming = incoming + before_c
+    weights = torch.exp(gap.masked_fill(~earlier, float("-inf")))  # 0 unless j < c
     carried = (weights @ chunk_kvz.flatten(-2)).view(chunk_kvz.shape)
-    before = carried + incoming[..., None, None] * kvz[:, :, None]
-    after = before[:, :, -1] + chunk_kvz[:, :, -1]
-    return before, after
+    before = carried + torch.exp(incoming)[..., None, None] * kvz[:, :, None]
+    last = before[:, :, -1]
+    if chunk_log_decay is not None:
+        last = last * torch.exp(chunk_log_decay[..., -1])[..., None, None]
+    return before, last + chunk_kvz[:, :, -1]
 
 
-def _absorb_key(state, k, v, projection, fmap, key_padding_mask, in_place=False):
+def _absorb_key(state, k, v, projection, fmap, key_padding_mask, in_place=False, log_decay=None):
     """Adds one key/value (k, v: [B, H, 1, D]; key_padding_mask: [B, 1], [B, H, 1] or None) to a linear state.
     -> (joined state [B, H, M, D + 1] at the new scale, new running maximum [B, H] (-inf while
     empty), its finite version). in_place: state.kvz itself is rescaled and added to (two passes
     over it instead of five, no new tensor) and returned. The rescaling pass always runs (its
     factor is exactly 1 where no head's maximum grew): asking whether it may be skipped would
-    synchronise with the host at every layer of every step."""
+    synchronise with the host at every layer of every step. log_decay: [B, H] (<= 0) the step's
+    log gate: the old sums are multiplied by exp(log_decay) before the key is added (None: no decay)."""
     if not fmap.calibrated:
-        return _absorb_bounded_key(state, k, v, projection, fmap, key_padding_mask, in_place)
+        return _absorb_bounded_key(state, k, v, projection, fmap, key_padding_mask, in_place, log_decay)
     logits, offset, token_max = _key_terms(k, projection, fmap, key_padding_mask)
     running = torch.maximum(state.stabiliser, token_max[..., 0])
     stabiliser = _finite(running)
-    decay = torch.exp(state.stabiliser - stabiliser)[..., None, None]
+    rescale = state.stabiliser - stabiliser
+    if log_decay is not None:
+        rescale = rescale + log_decay
+    decay = torch.exp(rescale)[..., None, None]
     keep = None if key_padding_mask is None else _head_mask(key_padding_mask)[..., None]
     shift = (offset + stabiliser[..., None]).unsqueeze(-1)
     phi_k = _masked_keys(fmap, logits, shift, keep)[:, :, 0]  # [B, H, M]
@@ -221,11 +246,12 @@ def _absorb_key(state, k, v, projection, fmap, key_padding_mask, in_place=False)
     return kvz, running, stabiliser
 
 
-def _absorb_bounded_key(state, k, v, projection, fmap, key_padding_mask, in_place):
+def _absorb_bounded_key(state, k, v, projection, fmap, key_padding_mask, in_place, log_decay=None):
     """`_absorb_key` for a map without a stabiliser (ReLU, Hedgehog): token maxima are 0, so the
     running maximum is -inf until the first real key and 0 from then on, and the state is all
     zeros while it is -inf. The rescaling factor is therefore 1, or multiplies zeros: the key's
-    features are simply added (a padded key's are zeroed), with the same result in fewer passes."""
+    features are simply added (a padded key's are zeroed), with the same result in fewer passes.
+    A decay (log_decay [B, H]) multiplies the old sums first."""
     phi_k = fmap.key_features(k, projection)[:, :, 0]  # [B, H, M]
     if key_padding_mask is None:
         running = state.stabiliser.clamp_min(0.0)
@@ -234,7 +260,11 @@ def _absorb_bounded_key(state, k, v, projection, fmap, key_padding_mask, in_plac
         phi_k = torch.where(real[..., None], phi_k, 0.0)
         running = state.stabiliser.masked_fill(real, 0.0)
     outer = (phi_k.unsqueeze(-1), _with_ones(v)[:, :, 0].unsqueeze(-2))
-    kvz = state.kvz.addcmul_(*outer) if in_place else state.kvz + outer[0] * outer[1]
+    kvz = state.kvz
+    if log_decay is not None:
+        gate = torch.exp(log_decay)[..., None, None]
+        kvz = kvz.mul_(gate) if in_place else kvz * gate
+    kvz = kvz.addcmul_(*outer) if in_place else kvz + outer[0] * outer[1]
     return kvz, running, running.clamp_min(0.0)  # the finite stabiliser: -inf and 0 both give 0
 
 

@@ -11,6 +11,7 @@ from .attention_common import (
     _absorb_key,
     _check_qkv,
     _divide,
+    _gates,
     _finite,
     _key_terms,
     _masked_keys,
@@ -311,13 +312,17 @@ def causal_windowed_attention(
     state: Optional[WindowedAttentionState] = None,
     chunk_size: int = 128,
     kernel=None,
+    log_decay: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, WindowedAttentionState]:
     """Causal linear attention plus an exact window of the last W keys (query t sees t-W+1..t
     exactly and every earlier key through the linear part). q, k, v: [B, H, T, D] ->
     ([B, H, T, D], state). The linear part is causal linear attention over the keys delayed by W
     positions (the state's buffer first), so it costs what `causal_linear_attention` costs; the
     window adds a [W, 2W] score block per W queries. kernel: as in `causal_linear_attention` (the
-    linear part; the window's band stays here)."""
+    linear part; the window's band stays here). log_decay: [B, H_kv, T], the linear state's log gate
+    at each step (as in `causal_linear_attention`): the window stays exact, and a key enters the
+    state when it leaves the window, at weight 1, decaying from then on (key j reaches query t >= j + W
+    at exp(sum_{j + W < s <= t} log_decay_s)): no step in any key's weight at the window's edge."""
     _check_qkv(q, k, v, key_padding_mask)
     _check_window(window, q, k)
     if chunk_size < 1:
@@ -339,7 +344,7 @@ def causal_windowed_attention(
         linear_state = LinearAttentionState(state.kvz, state.stabiliser)
         linear, linear_stabiliser, linear_state = _causal_terms(
             fmap, phi_q, logits, offset, token_max, _with_ones(values[:, :, :length]), delayed_mask, linear_state,
-            chunk_size, kernel, q.dtype,
+            chunk_size, kernel, q.dtype, log_decay=_gates(log_decay, mask),
         )
         window_num, window_den, window_max = _causal_window_terms(q, keys, values, key_mask, window)
         out = _combine(window_num, window_den, window_max, linear, linear_stabiliser, log_scale, linear_log_weight,
@@ -363,10 +368,12 @@ def recurrent_windowed_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     state: Optional[WindowedAttentionState] = None,
     in_place: bool = False,
+    log_decay: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, WindowedAttentionState]:
     """One decoding step of causal windowed attention. q, k, v: [B, H, 1, D] -> ([B, H, 1, D], state).
     The oldest buffered key leaves the window into the linear state; the new key joins the buffer.
-    in_place: as in `recurrent_linear_attention` (the linear part of the state)."""
+    in_place: as in `recurrent_linear_attention` (the linear part of the state). log_decay:
+    [B, H_kv, 1], the step's log gate, as in `causal_windowed_attention`."""
     _check_qkv(q, k, v, key_padding_mask)
     if q.shape[2] != 1 or k.shape[2] != 1:
         raise ValueError(f"recurrent_windowed_attention takes one token at a time, got T={q.shape[2]}")
@@ -378,8 +385,10 @@ def recurrent_windowed_attention(
             else torch.ones(batch, 1, dtype=torch.bool, device=q.device))
     heads, kv_heads = q.shape[1], k.shape[1]
     with torch.autocast(device_type=q.device.type, enabled=False):
+        gate = _gates(log_decay, mask)
         kvz, running, stabiliser = _absorb_key(state, state.keys[:, :, :1], state.values[:, :, :1], projection, fmap,
-                                               state.key_mask[:, :1], in_place)
+                                               state.key_mask[:, :1], in_place,
+                                               log_decay=None if gate is None else gate[..., 0])
         if fmap.calibrated:
             phi_q, log_scale = fmap.queries_with_log_scale(q, projection)
         else:  # nothing removed from the queries: no log scale to add

@@ -18,6 +18,7 @@ NORM_TYPES = ("pre_layernorm", "post_layernorm", "rezero", "pre_scalenorm", "pre
 POSITION_TYPES = ("rotary", "learned")
 POOLING_TYPES = ("cls", "mean")
 PROJECTION_TYPES = ("orthogonal", "iid")
+LINEAR_DECAYS = (None, "head", "data")
 
 # Keys that transformers itself writes into or passes through a config; anything else that is not
 # a field or an alias is a typo and is rejected rather than silently stored.
@@ -104,6 +105,12 @@ class PerformerConfig(PreTrainedConfig):
     # BERT-like models give [CLS] a tenth or more of their weight from everywhere). 0 = off. Encoders
     # only: a model without a non-causal stack refuses it.
     sink_tokens: int = 0
+    # Decay-gated linear attention (the causal linear layers of a decoder): at every step the state is
+    # multiplied by a learned gate a in (0, 1] before the new key is added, so that old keys fade instead
+    # of crowding a state that only adds. None = the additive state; "head": one learned rate per
+    # key/value head (RetNet, simple GLA); "data": a rate per token and key/value head computed from
+    # its key (GLA, Mamba2). log a = -softplus(x) (`layers_performer.PerformerDecayGate`).
+    linear_decay: str | None = None
     num_random_features: int = 256
     projection_type: str = "orthogonal"
     # Redraw the random projection every this many training steps (0 = never). Eval never redraws.
@@ -257,6 +264,18 @@ class PerformerConfig(PreTrainedConfig):
             raise ValueError(
                 f"local_window={self.local_window} combines an exact window with linear attention, but every layer "
                 "uses attention_type='softmax' (already exact): set local_window=0, or make some layers 'favor'"
+            )
+        choose("linear_decay", self.linear_decay, LINEAR_DECAYS)
+        if self.linear_decay and "favor" not in types:
+            raise ValueError(
+                f"linear_decay={self.linear_decay!r} gates the state of linear attention, but every layer uses "
+                "attention_type='softmax': set linear_decay=None, or make some layers 'favor'"
+            )
+        if self.linear_decay and self.sparse_cache_size:
+            raise ValueError(
+                f"linear_decay={self.linear_decay!r} with sparse_cache_size={self.sparse_cache_size}: the sparse "
+                "cache scores pairs against an additive state and is not defined for a decaying one; set "
+                "sparse_cache_size=0 (a decaying state keeps recent keys by itself) or linear_decay=None"
             )
         if not isinstance(self.use_fast_kernels, bool):
             raise ValueError(f"use_fast_kernels must be True or False, got {self.use_fast_kernels!r}")

@@ -9,7 +9,8 @@ head and step. With r_t a key's logits and m_t the running maximum that stabilis
 which is fla's simple GLA with q = phi(q), k = exp(r - m), v = [v, 1], g_t = m_{t-1} - m_t <= 0
 and scale 1: the normaliser comes back as the last output column, and the state is ours
 (kvz [B, H, M, D + 1] at the scale exp(-m)), so a prefill on one path continues on the other.
-Bounded maps (ReLU, Hedgehog) have no stabiliser and run without a decay. With a local window the
+Bounded maps (ReLU, Hedgehog) have no stabiliser and run without a decay, unless the layer learns
+one (`linear_decay`): then g_t is that log gate, plus the stabiliser's change for FAVOR+. With a local window the
 same kernel runs over the keys delayed by the window (`causal_windowed_attention`); the window's
 exact part stays the PyTorch band. Decoding keeps the recurrent step.
 
@@ -72,12 +73,15 @@ def kernel_for(device: torch.device) -> Optional[Callable]:
     return kernel
 
 
-def gla_causal_terms(kernel, fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, state, dtype=None):
+def gla_causal_terms(kernel, fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, state, dtype=None,
+                     log_decay=None):
     """`attention_linear._causal_terms` on a simple-GLA kernel (fla's signature: q, k, v [B, T, H, X],
     g [B, T, H] or None, scale, initial_state [B, H, K, V], output_final_state). Same arguments and
     results: (sum_{j <= t} phi(q_t) phi(k_j) [v_j, 1] [B, H, T, D + 1] at scale exp(-stabiliser_t),
     stabiliser_t [B, H, T] (finite), the state after the last token). dtype: what the kernel
-    computes in (the attention input's: bf16 under bf16 training); states stay fp32."""
+    computes in (the attention input's: bf16 under bf16 training); states stay fp32. log_decay:
+    [B, H_kv, T] the learned log gates of decay-gated attention (padded steps 0), added to the
+    stabiliser's decay: the kernel's g is their sum."""
     batch, heads, length, _ = phi_q.shape
     kv_heads = logits.shape[1]
     groups = heads // kv_heads
@@ -90,7 +94,11 @@ def gla_causal_terms(kernel, fmap, phi_q, logits, offset, token_max, v1, key_pad
     phi_k = _masked_keys(fmap, logits, (offset + level[..., 1:]).unsqueeze(-1), keep)
     decay = None
     if fmap.calibrated:
-        decay = repeat_key_heads(level[..., :-1] - level[..., 1:], heads).transpose(1, 2).float()  # [B, T, H]
+        decay = level[..., :-1] - level[..., 1:]
+    if log_decay is not None:
+        decay = log_decay if decay is None else decay + log_decay
+    if decay is not None:
+        decay = repeat_key_heads(decay, heads).transpose(1, 2).float()  # [B, T, H]
     dtype = dtype or torch.float32
 
     def laid_out(x):  # [B, H, T, X] -> [B, T, H, X] in the kernel's dtype

@@ -1,5 +1,6 @@
 """The building blocks of a Performer layer besides attention: norms and the residual connection,
-rotary positions, the feed-forward block and the learned Hedgehog feature maps. Each is a superset
+rotary positions, the feed-forward block, the learned Hedgehog feature maps and the decay gate of
+decay-gated linear attention. Each is a superset
 of what BERT, GPT-2 and the Llama family use, so their weights convert exactly."""
 
 from typing import Optional
@@ -157,3 +158,45 @@ class PerformerHedgehogMap(nn.Module):
     @property
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.query_weight, self.key_weight
+
+
+# --------------------------------------------------------------------------------------------
+# Decay gate
+
+
+def decay_bias(rates: torch.Tensor) -> torch.Tensor:
+    """The gate bias x with softplus(x) = rate: log a = -rate per step (rate > 0)."""
+    rates = rates.double()
+    return (rates + torch.log(-torch.expm1(-rates))).float()  # log(expm1(rate)), exact for tiny rates too
+
+
+def decay_rates(heads: int) -> torch.Tensor:
+    """Starting rates of a model trained from scratch: log-spaced from 1/16 to 1/1024 per step over the
+    key/value heads (half-lives of about 11 to 710 tokens), a spread of memories as in RetNet."""
+    if heads == 1:
+        return torch.tensor([2.0**-7])
+    return torch.logspace(-4, -10, heads, base=2.0)
+
+
+class PerformerDecayGate(nn.Module):
+    """The learned forgetting of a decay-gated linear layer (`linear_decay`): at each step t and
+    key/value head h the state is multiplied by a_{t,h} = exp(-softplus(x_{t,h})) in (0, 1), with
+    x = bias_h ("head") or x = k_t . weight_h + bias_h ("data", from the head's key before the rotary;
+    weight starts at 0, so every gate starts as its head's). softplus keeps a < 1 with a gradient at
+    every rate, and for tiny rates (x << 0) it is exp(x): an optimiser's step in x changes the rate by
+    a factor, so a gate started almost open can still learn a short memory."""
+
+    def __init__(self, config: PerformerConfig):
+        super().__init__()
+        self.bias = nn.Parameter(decay_bias(decay_rates(config.num_key_value_heads)))
+        self.weight = (nn.Parameter(torch.zeros(config.num_key_value_heads, config.head_dim))
+                       if config.linear_decay == "data" else None)
+
+    def forward(self, key: torch.Tensor) -> torch.Tensor:
+        """key: [B, H_kv, T, D] -> log gates [B, H_kv, T] fp32 (<= 0)."""
+        batch, _, length, _ = key.shape
+        if self.weight is None:
+            x = self.bias.float()[None, :, None].expand(batch, -1, length)
+        else:
+            x = torch.einsum("bhtd,hd->bht", key.float(), self.weight.float()) + self.bias.float()[:, None]
+        return -F.softplus(x)

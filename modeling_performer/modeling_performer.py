@@ -52,6 +52,7 @@ from .cache_performer import PerformerCache, PerformerLayerCache
 from .configuration_performer import PerformerConfig
 from .feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init, hedgehog_key_init
 from .layers_performer import (
+    PerformerDecayGate,
     PerformerHedgehogMap,
     PerformerLayerNorm,
     PerformerMLP,
@@ -59,6 +60,8 @@ from .layers_performer import (
     PerformerRMSNorm,
     PerformerScaleNorm,
     apply_rotary,
+    decay_bias,
+    decay_rates,
     make_norm,
     rotary_cos_sin,
     rotary_frequencies,
@@ -161,6 +164,9 @@ class PerformerAttention(nn.Module):
         if self.local_window:
             # log g_h: the per-head weight of the linear part against the window (g = 1 at start).
             self.linear_log_weight = nn.Parameter(torch.zeros(config.num_attention_heads))
+        # Decay-gated linear attention: the causal linear state forgets at a learned rate.
+        self.decay = (PerformerDecayGate(config) if config.linear_decay and attention_type == "favor"
+                      and self.is_causal else None)
 
     @property
     def feature_parameters(self) -> Optional[Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
@@ -200,12 +206,13 @@ class PerformerAttention(nn.Module):
         else:
             key = self._heads(self.k_proj(hidden_states), self.k_norm)
             value = self._heads(self.v_proj(hidden_states))
+            log_decay = self.decay(key) if self.decay is not None else None  # from the key before the rotary
             if rotary is not None:
                 query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
-            out = self._self_attention(query, key, value, attention_mask, general_mask, layer_cache)
+            out = self._self_attention(query, key, value, attention_mask, general_mask, layer_cache, log_decay)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
-    def _self_attention(self, query, key, value, attention_mask, general_mask, layer_cache):
+    def _self_attention(self, query, key, value, attention_mask, general_mask, layer_cache, log_decay=None):
         length = query.shape[2]
         if self.attention_type == "softmax":
             if layer_cache is not None:
@@ -230,7 +237,8 @@ class PerformerAttention(nn.Module):
         state = layer_cache.self_attention if layer_cache is not None else None
         out, state = causal_linear_variant(query, key, value, features, feature_map, window,
                                            self.config.sparse_cache_size if window else 0, self.linear_log_weight,
-                                           current_mask, state, self.config.chunk_size, self._fast_kernel)
+                                           current_mask, state, self.config.chunk_size, self._fast_kernel,
+                                           log_decay=log_decay)
         if layer_cache is not None:
             layer_cache.self_attention = state
         return out
@@ -437,6 +445,10 @@ class PerformerPreTrainedModel(PerformerStorageMixin, PerformerRedrawMixin, PreT
                 init.copy_(module.projection, module.draw_projection(0))
             if module.linear_log_weight is not None:
                 init.zeros_(module.linear_log_weight)
+        elif isinstance(module, PerformerDecayGate):
+            init.copy_(module.bias, decay_bias(decay_rates(module.bias.shape[0])))
+            if module.weight is not None:
+                init.zeros_(module.weight)
         elif isinstance(module, PerformerHedgehogMap):
             init.copy_(module.query_weight, hedgehog_init(*module.query_weight.shape)[0])
             _, head_dim, width = module.query_weight.shape
@@ -473,6 +485,12 @@ class PerformerModel(NotGenerative, PerformerPreTrainedModel):
         else:
             self.encoder = PerformerStack(config, config.num_hidden_layers, is_causal=False, has_cross_attention=False,
                                           projection_offset=0)
+        if config.linear_decay and self.encoder is not None:
+            raise ValueError(
+                f"linear_decay={config.linear_decay!r} gates a causal state, and this model has a bidirectional "
+                "(encoder) stack, whose linear attention sums every key at once: use linear_decay=None, or a "
+                "decoder-only model (PerformerForCausalLM, or is_decoder=True)"
+            )
         if config.sink_tokens and self.encoder is None:
             raise ValueError(f"sink_tokens={config.sink_tokens} applies to non-causal (encoder) attention, and this "
                              "model has a causal stack only: set sink_tokens=0")

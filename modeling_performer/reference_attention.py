@@ -10,8 +10,26 @@ from .attention_softmax import build_attention_mask
 from .feature_maps import KEY_SCALE_BOUND
 
 
-def naive_linear_attention(q, k, v, projection, feature_map="softmax", key_padding_mask=None, causal=False):
-    """The T x S matrix phi(q) phi(k)^T written out, in float64, with one global key constant."""
+def _decay_weights(log_decay, key_padding_mask, delay=0):
+    """float64 [B, H_kv, T, T]: how much of key j's contribution is left at query t, exp(sum of the
+    log gates of the steps j + delay < s <= t) (delay: the steps a key spends in an exact window
+    before it enters the state), padded steps counted as 0. One loop over the pairs, no cumulative
+    sums: every weight a product of its own gates."""
+    gates = log_decay.double()
+    if key_padding_mask is not None:
+        gates = gates.masked_fill(~key_padding_mask.bool()[:, None, :], 0.0)
+    length = gates.shape[-1]
+    weights = torch.zeros(*gates.shape[:2], length, length, dtype=torch.float64)
+    for t in range(length):
+        for j in range(t + 1):
+            weights[..., t, j] = torch.exp(gates[..., j + delay + 1:t + 1].sum(-1))
+    return weights
+
+
+def naive_linear_attention(q, k, v, projection, feature_map="softmax", key_padding_mask=None, causal=False,
+                           log_decay=None):
+    """The T x S matrix phi(q) phi(k)^T written out, in float64, with one global key constant.
+    log_decay (causal only): [B, H_kv, T] log gates, each score weighed by `_decay_weights`."""
     fmap = _resolve(feature_map)
     q, k, v, projection = q.double(), k.double(), v.double(), _double(projection)
     head_dim = q.shape[-1]
@@ -28,6 +46,10 @@ def naive_linear_attention(q, k, v, projection, feature_map="softmax", key_paddi
     mask = build_attention_mask(q.shape[2], k.shape[2], key_padding_mask, causal, device=q.device)
     if mask is not None:
         scores = scores * mask
+    if log_decay is not None:
+        if not causal:
+            raise ValueError("a decay is defined for causal attention only")
+        scores = scores * repeat_key_heads(_decay_weights(log_decay, key_padding_mask), q.shape[1])
     return scores @ repeat_key_heads(v, q.shape[1]) / scores.sum(-1, keepdim=True).clamp_min(1e-300)
 
 
@@ -56,11 +78,12 @@ def _naive_features(fmap, q, k, projection):
 
 
 def naive_windowed_attention(q, k, v, projection, feature_map="softmax", window=64, linear_log_weight=None,
-                             key_padding_mask=None, causal=False, sink_tokens=0):
+                             key_padding_mask=None, causal=False, sink_tokens=0, log_decay=None):
     """The combined window + linear formula (above `windowed_linear_attention`) with T x S matrices, in float64. FAVOR+
     features carry their exact constants, exp(W x' - |x'|^2 / 2) / sqrt(M). sink_tokens (non-causal): the first
     real keys of each row are exact for every query too, weighed like the window's (an uncalibrated map's linear
-    part stays at the scale of the window's maximum score)."""
+    part stays at the scale of the window's maximum score). log_decay (causal only): [B, H_kv, T] log gates of the
+    linear part, which a key enters when it leaves the window (`_decay_weights` with a delay of the window)."""
     fmap = _resolve(feature_map)
     q, k, v, projection = q.double(), k.double(), v.double(), _double(projection)
     head_dim = q.shape[-1]
@@ -92,6 +115,11 @@ def naive_windowed_attention(q, k, v, projection, feature_map="softmax", window=
         linear = phi_q @ repeat_key_heads(phi_k, heads).transpose(-1, -2)
     if linear_log_weight is not None:
         linear = linear * torch.exp(linear_log_weight.double()).view(1, -1, 1, 1)
+    if log_decay is not None:
+        if not causal:
+            raise ValueError("a decay is defined for causal attention only")
+        # key j enters the state at step j + W: only the gates of the steps after that weigh on it
+        linear = linear * repeat_key_heads(_decay_weights(log_decay, key_padding_mask, delay=window), heads)
     weights = exact + linear * outside
     return weights @ repeat_key_heads(v, heads) / weights.sum(-1, keepdim=True).clamp_min(1e-300)
 

@@ -78,6 +78,18 @@ def tiny_config(**overrides) -> PerformerConfig:
     return PerformerConfig(**values)
 
 
+def kernel_features(feature_map, heads=4, kv_heads=2, head_dim=8, num_features=16, width=6, seed=0):
+    """What the kernels take as `projection`: a FAVOR+/ReLU matrix [M, D], or Hedgehog (query, key)
+    maps [H, D, F], [H_kv, D, F] moved off their starting values."""
+    from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init
+
+    g = torch.Generator().manual_seed(seed)
+    if feature_map == "hedgehog":
+        weights = hedgehog_init(heads, head_dim, width) + 0.3 * torch.randn(2, heads, head_dim, width, generator=g)
+        return weights[0], weights[1, :kv_heads]
+    return gaussian_orthogonal_random_matrix(num_features, head_dim, g)
+
+
 def max_error(actual, expected, mask=None):
     """Largest absolute difference relative to the largest expected entry; mask [B, T] (or None):
     compare real query positions of [B, H, T, D] tensors only."""

@@ -12,21 +12,17 @@ from modeling_performer.attention import (
     causal_windowed_attention,
     recurrent_sparse_windowed_attention,
 )
-from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init
+from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix
 from modeling_performer.reference_attention import naive_softmax_attention, naive_sparse_windowed_attention
 
-from .conftest import max_error, perturbed
+from .conftest import kernel_features, max_error, perturbed
 
 B, H, H_KV, D, M, F = 2, 4, 2, 8, 16, 6
 MAPS = ["softmax", "relu", "hedgehog"]
 
 
 def features(feature_map, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    if feature_map == "hedgehog":
-        weights = hedgehog_init(H, D, F) + 0.3 * torch.randn(2, H, D, F, generator=g)
-        return weights[0], weights[1, :H_KV]
-    return gaussian_orthogonal_random_matrix(M, D, g)
+    return kernel_features(feature_map, H, H_KV, D, M, F, seed)
 
 
 def qkv(length, seed=0, kv_heads=H_KV):
