@@ -22,6 +22,7 @@ from transformers.utils import logging
 
 from .checkpoint_performer import fresh_stage, publish_folder
 from .configuration_performer import PerformerConfig
+from .layers_performer import PerformerDecayGate, decay_bias
 from .modeling_performer import TASK_HEADS, PerformerForConditionalGeneration
 
 logger = logging.get_logger(__name__)
@@ -56,7 +57,29 @@ class ConversionError(ValueError):
 # Weights that a softmax source lacks (or a linear source has and a softmax target drops): drawn from
 # the seed or set to their starting values, to be fitted by attention transfer.
 LINEAR_ONLY_WEIGHTS = ("projection", "draws", "training_forwards", "feature_map.query_weight", "feature_map.key_weight",
-                       "linear_log_weight")
+                       "linear_log_weight", "decay.bias", "decay.weight")
+# The rate a converted model's decay gates start at: log a = -2^-20 per step, so that the oldest key of
+# an 8,192-token context keeps exp(-2^-7) = 99.2% of its weight (the converted model is the ungated
+# one to that). Fitting moves it: softplus(x) ~ exp(x) there, so every step of the optimiser in x
+# changes the rate by a factor.
+CONVERSION_DECAY_RATE = 2.0**-20
+
+
+def start_gates_open(model, fresh_keys):
+    """Sets the decay gates a conversion did not load (`fresh_keys`: the missing state-dict keys) to
+    the almost open gate of CONVERSION_DECAY_RATE, the same for every token (data gates' key weights
+    0), so that the converted model starts at the ungated conversion instead of a model trained from
+    scratch's spread of memories. Returns the number of gates set."""
+    fresh = set(fresh_keys)
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, PerformerDecayGate) and f"{name}.bias" in fresh:
+            with torch.no_grad():
+                module.bias.copy_(decay_bias(torch.full_like(module.bias, CONVERSION_DECAY_RATE)))
+                if module.weight is not None:
+                    module.weight.zero_()
+            count += 1
+    return count
 
 
 def _convert_performer(source, config, attention_type, num_random_features, head, overrides):
@@ -89,6 +112,7 @@ def _convert_performer(source, config, attention_type, num_random_features, head
     lost = [k for k in [*result.missing_keys, *result.unexpected_keys] if not k.endswith(LINEAR_ONLY_WEIGHTS)]
     if lost:
         raise ConversionError(f"{source}: weights that do not carry over to the new attention: {lost[:8]}")
+    start_gates_open(model, result.missing_keys)
     model.tie_weights()
     return model.eval(), AutoTokenizer.from_pretrained(source)
 
@@ -456,6 +480,7 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
         if target[key].shape != value.shape:
             raise ConversionError(f"{key}: source shape {tuple(value.shape)} != Performer shape {tuple(target[key].shape)}")
     missing = model.load_state_dict(weights, strict=False).missing_keys
+    start_gates_open(model, missing)
     # Not in any softmax source: drawn from the seed (projections) or set to their documented
     # starting values (Hedgehog maps, window weights), to be fitted by attention transfer.
     fresh = [k for k in missing if not k.endswith(LINEAR_ONLY_WEIGHTS)

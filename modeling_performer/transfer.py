@@ -4,7 +4,7 @@ Every attention layer of the student is run on its teacher's own layer input (ca
 forward hooks), and its output before `o_proj` (the heads' attention outputs, side by side) is
 pulled towards the teacher's by a mean squared error relative to the teacher output's energy.
 All layers train in one pass; only the feature maps (Hedgehog weights, or the random projection
-of FAVOR+/ReLU layers, which then becomes a learned matrix) and the per-head window weights
+of FAVOR+/ReLU layers, which then becomes a learned matrix), the per-head window weights and the decay gates
 move; everything else stays frozen. With the same q/k/v/o weights in both models (a softmax
 conversion and its linear copy) this is the attention-transfer step of LoLCATs (Zhang et al.,
 2024) and Hedgehog (Zhang et al., 2024).
@@ -73,7 +73,7 @@ def attention_pairs(teacher: PerformerPreTrainedModel, student: PerformerPreTrai
 
 
 def trainable_tensors(student_module: PerformerAttention) -> dict:
-    """The tensors transfer fits in one attention layer: feature map and window weights."""
+    """The tensors transfer fits in one attention layer: feature map, window weights and decay gate."""
     if student_module.feature_map is not None:
         tensors = {"query_features": student_module.feature_map.query_weight,
                    "key_features": student_module.feature_map.key_weight}
@@ -81,6 +81,10 @@ def trainable_tensors(student_module: PerformerAttention) -> dict:
         tensors = {"features": student_module.projection}
     if student_module.linear_log_weight is not None:
         tensors["linear_log_weight"] = student_module.linear_log_weight
+    if student_module.decay is not None:
+        tensors["decay_bias"] = student_module.decay.bias
+        if student_module.decay.weight is not None:
+            tensors["decay_weight"] = student_module.decay.weight
     return tensors
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """One GPU run, about 5 minutes: the fast path checked against the PyTorch path, then timed.
 
-1. correctness: causal linear attention (FAVOR+, ReLU, Hedgehog, Hedgehog + window) on the Triton
-   fast path against the PyTorch kernels, forward and backward, fp32 and bf16, left padding;
+1. correctness: causal linear attention (FAVOR+, ReLU, Hedgehog, Hedgehog + window, and FAVOR+,
+   Hedgehog and Hedgehog + window with a decay gate) on the Triton fast path against the PyTorch
+   kernels, forward and backward (the gates' gradient too), fp32 and bf16, left padding;
 2. kernels: one attention layer forward + backward in bf16, B=1, H=8, D=64 (FAVOR+ M=256,
    Hedgehog F=64), causal at 4k, 16k, 64k and non-causal at 16k, against SDPA's flash kernel;
 3. training: a 6-layer, hidden-1024, 32k-vocabulary causal LM, bf16 autocast, AdamW, tokens/s and
@@ -102,10 +103,16 @@ class Bench:
         window = 4 if self.smoke else 64
         rows, failed = [], []
         for dtype in (torch.float32, torch.bfloat16):
-            for feature_map, win in (("softmax", 0), ("relu", 0), ("hedgehog", 0), ("hedgehog", window)):
+            for feature_map, win, decayed in (("softmax", 0, False), ("relu", 0, False), ("hedgehog", 0, False),
+                                              ("hedgehog", window, False), ("softmax", 0, True),
+                                              ("hedgehog", 0, True), ("hedgehog", window, True)):
                 g = torch.Generator().manual_seed(0)
                 q, k, v = (torch.randn(2, heads, length, dim, generator=g).to(self.device, dtype).requires_grad_()
                            for _ in range(3))
+                # decay-gated linear attention: log gates of rates up to 0.1 per step
+                log_decay = ((-0.1 * torch.rand(2, heads, length, generator=g)).to(self.device).requires_grad_()
+                             if decayed else None)
+                inputs = (q, k, v) if log_decay is None else (q, k, v, log_decay)
                 mask = torch.ones(2, length, dtype=torch.bool, device=self.device)
                 mask[1, :length // 8] = False
                 features = feature_parameters(feature_map, heads, dim, self.device)
@@ -113,13 +120,18 @@ class Bench:
                 results = {}
                 for name, kernel in (("pytorch", None), ("fast", self.kernel)):
                     if win:
-                        out, _ = causal_windowed_attention(q, k, v, features, feature_map, win, None, mask, kernel=kernel)
+                        out, _ = causal_windowed_attention(q, k, v, features, feature_map, win, None, mask, kernel=kernel,
+                                                           log_decay=log_decay)
                     else:
-                        out, _ = causal_linear_attention(q, k, v, features, feature_map, mask, kernel=kernel)
-                    grads = torch.autograd.grad((out.float() * probe).sum(), (q, k, v))
+                        out, _ = causal_linear_attention(q, k, v, features, feature_map, mask, kernel=kernel,
+                                                         log_decay=log_decay)
+                    grads = torch.autograd.grad((out.float() * probe).sum(), inputs)
                     results[name] = (out, *grads)
-                errors = [relative(a, b, mask) for a, b in zip(results["fast"], results["pytorch"])]
+                errors = [relative(a, b, mask) for a, b in zip(results["fast"][:4], results["pytorch"][:4])]
+                if log_decay is not None:  # the gates' gradient [B, H, T]
+                    errors.append(relative(results["fast"][4][..., None], results["pytorch"][4][..., None], mask))
                 row = {"dtype": str(dtype).replace("torch.", ""), "feature_map": feature_map, "window": win,
+                       "linear_decay": decayed,
                        "output_error": errors[0], "grad_error": max(errors[1:]), "ok": max(errors) < TOLERANCE[dtype]}
                 rows.append(row)
                 if not row["ok"]:
@@ -144,12 +156,15 @@ class Bench:
             q, k, v = (torch.randn(1, heads, length, dim, generator=g).to(self.device, dtype).requires_grad_()
                        for _ in range(3))
             grad = torch.randn(1, heads, length, dim, generator=g).to(self.device, dtype)
+            gates = (-0.01 * torch.rand(1, heads, length, generator=g)).to(self.device)
             methods = {
                 "sdpa causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                 "favor causal": lambda: causal_linear_attention(q, k, v, projection, "softmax", kernel=self.kernel)[0],
                 "hedgehog causal": lambda: causal_linear_attention(q, k, v, hedgehog, "hedgehog", kernel=self.kernel)[0],
                 f"hedgehog + W{window} causal": lambda: causal_windowed_attention(
                     q, k, v, hedgehog, "hedgehog", window, kernel=self.kernel)[0],
+                "hedgehog + decay causal": lambda: causal_linear_attention(
+                    q, k, v, hedgehog, "hedgehog", kernel=self.kernel, log_decay=gates)[0],
             }
             if length == lengths[1]:
                 methods.update({
@@ -175,7 +190,8 @@ class Bench:
         for index, length in enumerate(lengths):
             times = {r["method"]: r.get("seconds") for r in rows if r["length"] == length}
             for ours, suffix in (("favor causal", ""), ("hedgehog causal", "_hedgehog"),
-                                 (f"hedgehog + W{window} causal", f"_hedgehog_w{window}")):
+                                 (f"hedgehog + W{window} causal", f"_hedgehog_w{window}"),
+                                 ("hedgehog + decay causal", "_hedgehog_decay")):
                 ratios[f"causal_fwd_bwd_vs_sdpa_{names[index]}{suffix}"] = ratio(times.get("sdpa causal"), times.get(ours))
             if index == 1:
                 for ours, suffix in (("favor", ""), ("hedgehog", "_hedgehog"), (f"hedgehog + W{window}",

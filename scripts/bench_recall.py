@@ -37,16 +37,19 @@ from modeling_performer.recipes.recall import (
 SHAPES = [(64, 4), (128, 8)]
 FULL_SHAPES = SHAPES + [(256, 16)]
 FULL_WIDTHS = [64, 128, 256, 512]
-# The table's models: name -> (attention, feature map, window, features); the window is shorter
-# than every key-to-query distance (the queries start --gap tokens after the last pair).
+# The table's models: name -> (attention, feature map, window, features, linear decay); the window
+# is shorter than every key-to-query distance (the queries start --gap tokens after the last pair).
 TABLE_WINDOW = 8
 MODELS = {
-    "softmax": ("softmax", "softmax", 0, 64),
-    "FAVOR+ M=64": ("favor", "softmax", 0, 64),
-    "FAVOR+ M=256": ("favor", "softmax", 0, 256),
-    "ReLU M=64": ("favor", "relu", 0, 64),
-    "Hedgehog": ("favor", "hedgehog", 0, 64),
-    f"Hedgehog + W{TABLE_WINDOW}": ("favor", "hedgehog", TABLE_WINDOW, 64),
+    "softmax": ("softmax", "softmax", 0, 64, "none"),
+    "FAVOR+ M=64": ("favor", "softmax", 0, 64, "none"),
+    "FAVOR+ M=256": ("favor", "softmax", 0, 256, "none"),
+    "ReLU M=64": ("favor", "relu", 0, 64, "none"),
+    "Hedgehog": ("favor", "hedgehog", 0, 64, "none"),
+    f"Hedgehog + W{TABLE_WINDOW}": ("favor", "hedgehog", TABLE_WINDOW, 64, "none"),
+    "Hedgehog + decay (head)": ("favor", "hedgehog", 0, 64, "head"),
+    "Hedgehog + decay (data)": ("favor", "hedgehog", 0, 64, "data"),
+    f"Hedgehog + W{TABLE_WINDOW} + decay (data)": ("favor", "hedgehog", TABLE_WINDOW, 64, "data"),
 }
 
 
@@ -55,9 +58,10 @@ MODELS = {
 FULL_ONLY = ("FAVOR+ M=256",)
 
 
-def run_one(args, device, attention, feature_map, window, features, sparse) -> dict:
+def run_one(args, device, attention, feature_map, window, features, sparse, decay=None) -> dict:
     torch.manual_seed(args.seed)
-    model = PerformerForCausalLM(model_config(args, attention, feature_map, window, features, sparse)).to(device)
+    config = model_config(args, attention, feature_map, window, features, sparse, decay=decay)
+    model = PerformerForCausalLM(config).to(device)
     record = train(model, args, device)
     record["accuracy"] = accuracy(model, args, device, args.pairs, args.seq_len)
     for size in args.score_sparse_cache:
@@ -83,7 +87,7 @@ def table(args) -> list:
     folder.mkdir(parents=True, exist_ok=True)
 
     def job(name, width, seq_len, pairs, steps):
-        attention, feature_map, window, features = MODELS[name]
+        attention, feature_map, window, features, decay = MODELS[name]
         out = folder / f"{name.replace(' ', '').replace('+', 'p').replace('=', '')}-d{width}-T{seq_len}-P{pairs}.json"
         cmd = [sys.executable, __file__, "--attention", attention, "--feature-map", feature_map,
                "--local-window", str(window), "--features", str(features), "--seq-len", str(seq_len),
@@ -92,8 +96,9 @@ def table(args) -> list:
                "--heads", str(args.heads), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
                "--vocab", str(args.vocab), "--gap", str(args.gap), "--device", args.device,
                "--curriculum", str(args.curriculum), "--curriculum-length", str(args.curriculum_length),
-               "--weight-decay", str(args.weight_decay), "--eval-batches", str(args.eval_batches)]
-        if window:
+               "--weight-decay", str(args.weight_decay), "--eval-batches", str(args.eval_batches),
+               "--linear-decay", decay]
+        if window and decay == "none":  # (the sparse cache is defined for an additive state only)
             cmd += ["--score-sparse-cache", str(2 * pairs)]
         return name, (width, seq_len, pairs), out, cmd
 
@@ -147,7 +152,7 @@ def main():
     device = resolve_device(args.device)
     if args.attention:
         record = run_one(args, device, args.attention, args.feature_map, args.local_window, args.features,
-                         args.sparse_cache_size)
+                         args.sparse_cache_size, None if args.linear_decay == "none" else args.linear_decay)
         print(f"accuracy {record['accuracy']:.4f}; wrote {write_record(args, 'recall_one', record)}")
         return
     if args.models and "softmax" not in args.models:

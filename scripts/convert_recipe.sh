@@ -26,7 +26,9 @@
 #                   next-token distribution end to end (maps and window weights only: every weight of the
 #                   teacher is kept); the fitted copy with its sparse cache on (the recommended folder);
 #                   teacher against student on held-out text and questions -> $OUT/chat/results.json
-#                   (not part of the default run: about 75 minutes on 2 CPU cores)
+#                   (not part of the default run: about 75 minutes on 2 CPU cores). CHAT_LINEAR_DECAY=head|data
+#                   converts with decay-gated linear attention (fitted beside the maps; no sparse cache,
+#                   which a decaying state does not take)
 #
 # Outputs: $OUT (default outputs/recipe); minutes per step in $OUT/minutes.tsv. STEPS_SCALE=2 doubles
 # every budget (STEPS_SCALE=0.02 makes a smoke run of the whole pipeline).
@@ -151,7 +153,11 @@ if [[ " $stages " == *" chat-lm "* ]]; then
     total=$((layer_steps + kl_steps))
     snapshots=$(python -c "print(*sorted({max($total // 4, 1), max($total // 2, 1)} - {$total}))")
     convert "$source_model" $chat/teacher --attention-type softmax
-    convert "$source_model" $chat/converted --feature-map hedgehog --local-window $chat_window
+    decay_options=() chat_sparse_cache=${CHAT_SPARSE_CACHE:-64}
+    if [ -n "${CHAT_LINEAR_DECAY:-}" ]; then
+        decay_options=(--linear-decay "$CHAT_LINEAR_DECAY") chat_sparse_cache=0
+    fi
+    convert "$source_model" $chat/converted --feature-map hedgehog --local-window $chat_window "${decay_options[@]}"
     timed chat-data $chat/rows.jsonl python scripts/chat_lm.py data $chat/teacher $chat/rows.jsonl \
         --plain-rows $(steps 120) --documents $(steps 100) --passkeys $(steps 24) --prompts $(steps 64) \
         --seq-len ${CHAT_SEQ_LEN:-2048} ${CHAT_DEVICE_OPTIONS:-}
@@ -160,7 +166,7 @@ if [[ " $stages " == *" chat-lm "* ]]; then
         --batch-size 1 --steps $layer_steps --end-to-end-steps $kl_steps --end-to-end-loss next-token-kl \
         --kl-positions 512 --end-to-end-learning-rate 3e-3 --snapshots $snapshots ${CHAT_DEVICE_OPTIONS:-}
     timed chat-finish $chat/student/config.json python scripts/chat_lm.py finish $chat/fitted $chat/student \
-        --sparse-cache-size ${CHAT_SPARSE_CACHE:-64}
+        --sparse-cache-size $chat_sparse_cache
     snapshot_files=()
     for step in $snapshots; do snapshot_files+=($chat/fitted/snapshot-$step.pt); done
     timed chat-evaluate $chat/results.json.partial.done python scripts/chat_lm.py evaluate $chat/teacher \

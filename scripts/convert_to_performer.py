@@ -69,6 +69,9 @@ def main(argv=None):
                         help="Hedgehog key maps also learn each key's scale (one more column per map)")
     parser.add_argument("--local-window", type=int, default=None,
                         help="exact softmax over the keys within this distance, linear attention beyond (0 = off)")
+    parser.add_argument("--linear-decay", choices=["head", "data"], default=None,
+                        help="decay-gated linear attention (decoders): a learned gate per key/value head, or per token "
+                             "from its key; it starts almost open (the ungated conversion), transfer fits it")
     parser.add_argument("--sink-tokens", type=int, default=None,
                         help="encoders with a window: the first N tokens of every text ([CLS] for N = 1) stay exact for "
                              "every query (0 = off)")
@@ -83,7 +86,8 @@ def main(argv=None):
     overrides = {k: v for k, v in (("num_labels", args.num_labels), ("classifier_pooling", args.classifier_pooling),
                                     ("feature_map", args.feature_map), ("hedgehog_dim", args.hedgehog_dim),
                                     ("hedgehog_key_scale", args.hedgehog_key_scale),
-                                    ("local_window", args.local_window), ("sink_tokens", args.sink_tokens))
+                                    ("local_window", args.local_window), ("sink_tokens", args.sink_tokens),
+                                    ("linear_decay", args.linear_decay))
                  if v is not None}
     try:
         model, tokenizer = convert_to_performer(args.source, args.attention_type, args.num_random_features,

@@ -4,6 +4,8 @@ gradients; the fast path's mapping onto fla's simple GLA; the model's cache, gen
 search, saving and remote code; the config's refusals; conversion starting at the teacher and
 attention transfer fitting the gate."""
 
+import pathlib
+
 import pytest
 import torch
 
@@ -317,3 +319,73 @@ def test_an_encoder_refuses_a_decay():
     with pytest.raises(ValueError, match="bidirectional"):
         PerformerModel(tiny_config(linear_decay="data", is_encoder_decoder=True))
     PerformerModel(tiny_config(linear_decay="data", is_decoder=True))  # a decoder takes it
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion and attention transfer
+
+
+TOKENIZER = pathlib.Path(__file__).resolve().parent.parent / "configuration" / "tokenizer"
+
+
+def tiny_llama(folder):
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    source = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in source.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    source.save_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TOKENIZER)
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.mark.parametrize("decay", ["head", "data"])
+def test_conversion_starts_at_the_ungated_model(decay, tmp_path):
+    from modeling_performer.conversion import CONVERSION_DECAY_RATE, convert_to_performer
+
+    tiny_llama(tmp_path / "source")
+    ungated, _ = convert_to_performer(tmp_path / "source", feature_map="hedgehog", local_window=4)
+    gated, _ = convert_to_performer(tmp_path / "source", feature_map="hedgehog", local_window=4, linear_decay=decay)
+    gates = [m for m in gated.modules() if isinstance(m, PerformerDecayGate)]
+    assert len(gates) == 2
+    for gate in gates:
+        assert torch.allclose(torch.nn.functional.softplus(gate.bias.double()),
+                              torch.full((2,), CONVERSION_DECAY_RATE, dtype=torch.float64), rtol=1e-4)
+        assert gate.weight is None or not gate.weight.any()
+    ids = torch.randint(3, 99, (2, 120), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, actual = ungated(ids).logits, gated(ids).logits
+    # over 120 steps the oldest key keeps exp(-120 * 2^-20) of its weight: the same model to ~1e-4
+    assert max_error(actual, expected) < 1e-4
+    # what was loaded is kept: every other weight equals the ungated conversion's
+    reference = ungated.state_dict()
+    for key, value in gated.state_dict().items():
+        if ".decay." not in key:
+            assert torch.equal(value, reference[key]), key
+
+
+def test_attention_transfer_fits_the_gate_beside_the_maps():
+    from modeling_performer.transfer import transfer_attention
+
+    base = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                hidden_dropout_prob=0.0, is_decoder=True)
+    teacher = PerformerForCausalLM(PerformerConfig(attention_type="softmax", **base)).eval()
+    student = PerformerForCausalLM(PerformerConfig(feature_map="hedgehog", local_window=4, linear_decay="data",
+                                                   **base))
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+
+    def get_batch(step):
+        ids = torch.randint(3, 99, (4, 24), generator=torch.Generator().manual_seed(step))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    transfer_attention(teacher, student, get_batch, steps=8, progress=False)
+    moved = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert {k for k in moved if ".decay." in k} == {f"model.decoder.layers.{i}.self_attn.decay.{p}"
+                                                    for i in range(2) for p in ("bias", "weight")}
+    assert all(".decay." in k or "feature_map" in k or "linear_log_weight" in k for k in moved), moved

@@ -170,8 +170,10 @@ def test_gpu_benchmark_script_runs_end_to_end_in_its_cpu_smoke_mode(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(out.read_text())
     assert record["device"] == "cpu (smoke run)" and record["versions"]["fla"]
-    assert all(row["ok"] for row in record["correctness"]) and len(record["correctness"]) == 8
+    assert all(row["ok"] for row in record["correctness"]) and len(record["correctness"]) == 14
+    assert sum(row["linear_decay"] for row in record["correctness"]) == 6  # the decay gate, 3 variants x 2 dtypes
     for key in ("causal_fwd_bwd_vs_sdpa_4k", "causal_fwd_bwd_vs_sdpa_16k", "noncausal_fwd_bwd_vs_sdpa_16k",
+                "causal_fwd_bwd_vs_sdpa_4k_hedgehog_decay",
                 "train_step_vs_softmax_4k", "train_step_vs_softmax_16k"):
         assert record["ratios"][key] > 0, key
     assert {(r["kind"], r["batch"]) for r in record["decoding"]} == {(k, b) for k in ("performer", "gpt2 static")

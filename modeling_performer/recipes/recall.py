@@ -68,13 +68,15 @@ def mqar_batch(generator: torch.Generator, batch: int, seq_len: int, pairs: int,
 
 
 def model_config(args, attention: str, feature_map: str, window: int, features: int, sparse: int,
-                 vocab: int = 0) -> PerformerConfig:
+                 vocab: int = 0, decay=None) -> PerformerConfig:
+    """decay: the linear layers' `linear_decay` (None: additive)."""
     return PerformerConfig(
         vocab_size=vocab or args.vocab, hidden_size=args.hidden, num_hidden_layers=2, num_attention_heads=args.heads,
         intermediate_size=2 * args.hidden, hidden_act="gelu", norm_type="pre_layernorm", position_embedding_type="rotary",
         max_position_embeddings=max(args.seq_len, 4096), attention_type=attention, feature_map=feature_map,
         local_window=window, sparse_cache_size=sparse, num_random_features=features, chunk_size=64,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, tie_word_embeddings=True,
+        linear_decay=decay if attention == "favor" else None,
     )
 
 
@@ -392,6 +394,8 @@ def add_task_arguments(parser):
     parser.add_argument("--feature-map", default="softmax", choices=["softmax", "relu", "hedgehog"])
     parser.add_argument("--local-window", type=int, default=0)
     parser.add_argument("--sparse-cache-size", type=int, default=0)
+    parser.add_argument("--linear-decay", choices=["none", "head", "data"], default="none",
+                        help="decay-gated linear attention: a learned gate per key/value head, or per token from its key")
     parser.add_argument("--features", type=int, default=64, help="random features M of FAVOR+ and ReLU")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--pairs", type=int, default=4)
