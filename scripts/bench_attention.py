@@ -74,6 +74,12 @@ def main():
                 parts.append(f"{other}/{ours}: time x{b['seconds'] / a['seconds']:.2f}, "
                              f"memory x{b['peak_bytes'] / max(a['peak_bytes'], 1):.2f}")
         print(f"  T={length}: " + "; ".join(parts))
+    for length, row in results.items():  # what the decay gate costs its kernel
+        for gated in [m for m in row if "-decay" in m and "seconds" in row[m]]:
+            plain = row.get(gated.replace("-decay", ""), {})
+            if "seconds" in plain:
+                print(f"  T={length}: {gated} / {gated.replace('-decay', '')}: time x"
+                      f"{row[gated]['seconds'] / plain['seconds']:.2f}")
     for ours, other in [("favor-causal", "sdpa-causal"), ("favor", "sdpa")]:
         faster = [t for t, row in results.items() if "seconds" in row.get(ours, {}) and "seconds" in row.get(other, {})
                   and row[ours]["seconds"] < row[other]["seconds"]]

@@ -46,7 +46,8 @@ from modeling_performer.recipes.bench_common import (
 )
 
 GGUF = ROOT / "data_cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-KINDS = ("student", "teacher")
+# student_decay: the student with decay-gated linear attention (--linear-decay), beside the ungated one
+KINDS = ("student", "teacher", "student_decay")
 MODES = ("eager", "compiled")
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
                      num_key_value_heads=3, head_dim=64, intermediate_size=1536, rope_theta=100000.0,
@@ -104,7 +105,9 @@ def build(kind, args):
             tokenizer = (AutoTokenizer.from_pretrained(GGUF.parent, gguf_file=GGUF.name) if uses_gguf(args)
                          else AutoTokenizer.from_pretrained(tokenizer_path()))
             tokenizer.save_pretrained(folder)
-            model, _ = convert_to_performer(folder, "favor", feature_map="hedgehog", local_window=args.window)
+            decay = {"linear_decay": args.linear_decay} if kind == "student_decay" else {}
+            model, _ = convert_to_performer(folder, "favor", feature_map="hedgehog", local_window=args.window,
+                                            **decay)
     dtype = getattr(torch, args.dtype)
     return model.to(device=args.device, dtype=dtype).eval(), source
 
@@ -140,7 +143,7 @@ def decoding_cache(kind, mode, model, cache, batch, total):
 
     if batch > 1:
         cache.batch_repeat_interleave(batch)
-    if kind == "student" or mode == "eager":
+    if kind.startswith("student") or mode == "eager":
         return cache
     static = StaticCache(config=model.config, max_cache_len=total)
     for index, layer in enumerate(cache.layers):
@@ -235,12 +238,31 @@ def ratios(rows):
     return out
 
 
+def decay_ratios(rows):
+    """The decay gate's cost: student_decay / student for every measure, same mode, batch and context."""
+    index = {(r["kind"], r["mode"], r["batch"], r["context"]): r for r in rows}
+    out = []
+    for (kind, mode, batch, context), gated in sorted(index.items()):
+        plain = index.get(("student", mode, batch, context))
+        if kind != "student_decay" or plain is None:
+            continue
+        entry = {"mode": mode, "batch": batch, "context": context}
+        for key in ("ms_per_token", "prefill_s", "ttft_s", "cache_mib"):
+            if key in gated and key in plain:
+                entry[f"{key}_decay_over_student"] = gated[key] / plain[key]
+        out.append(entry)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 16384])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS[:2]),
+                        help="student_decay: the student with --linear-decay, to price the decay gate")
+    parser.add_argument("--linear-decay", choices=["head", "data"], default="data",
+                        help="the gate of the student_decay kind")
     parser.add_argument("--steps", type=int, default=16, help="timed decoding steps per point (median)")
     parser.add_argument("--warmup", type=int, default=3,
                         help="decoding steps before the timed ones (they compile in compiled mode)")
@@ -269,7 +291,7 @@ def main():
                 for r in result["rows"]:
                     rows.append(r)
                     extras = " ".join(f"{k} {r[k]:.3f}" for k in ("prefill_s", "ttft_s") if k in r)
-                    print(f"{kind:>7} {mode:>8} batch {batch} context {r['context']:>6}: {r['ms_per_token']:8.2f} "
+                    print(f"{kind:>13} {mode:>8} batch {batch} context {r['context']:>6}: {r['ms_per_token']:8.2f} "
                           f"ms/token, cache {r['cache_mib']:8.1f} MiB, peak RSS {r['peak_rss_mib']:7.0f} MiB {extras}",
                           flush=True)
     table = ratios(rows)
@@ -277,7 +299,13 @@ def main():
         parts = " ".join(f"{k.split('_teacher')[0]} x{v:.2f}" for k, v in entry.items() if k.endswith("student"))
         print(f"teacher {entry['teacher_mode']} / student {entry['student_mode']}, batch {entry['batch']}, "
               f"context {entry['context']}: {parts}")
-    save_and_draw(name, args, {**meta, "rows": rows, "ratios": table})
+    record = {**meta, "rows": rows, "ratios": table}
+    if "student_decay" in args.kinds:
+        record["decay_ratios"] = decay_ratios(rows)
+        for entry in record["decay_ratios"]:
+            parts = " ".join(f"{k.split('_decay_over')[0]} x{v:.3f}" for k, v in entry.items() if k.endswith("student"))
+            print(f"decay / ungated student, {entry['mode']}, batch {entry['batch']}, context {entry['context']}: {parts}")
+    save_and_draw(name, args, record)
 
 
 if __name__ == "__main__":

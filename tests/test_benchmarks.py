@@ -163,3 +163,30 @@ def test_bench_chat_times_student_and_teacher_in_both_modes_and_pairs_them(tmp_p
         rows["teacher", "eager", 1, 24]["ms_per_token"] / rows["student", "eager", 1, 24]["ms_per_token"])
     assert "teacher compiled / student compiled" in stdout
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_bench_chat_prices_the_decay_gate_against_the_ungated_student(tmp_path):
+    out = tmp_path / "decay.json"
+    stdout = run("bench_chat.py", "--shape", "tiny", "--window", "4", "--contexts", "8", "24", "--batches", "1",
+                 "--modes", "eager", "--kinds", "student", "student_decay", "--steps", "2", "--warmup", "1",
+                 "--output", str(out))
+    saved = json.loads(out.read_text())
+    rows = {(r["kind"], r["context"]): r for r in saved["rows"]}
+    assert set(rows) == {(k, c) for k in ("student", "student_decay") for c in (8, 24)}
+    # the gate adds no state: the same cache, whatever the context
+    assert {r["cache_mib"] for r in rows.values()} == {rows["student", 8]["cache_mib"]}
+    entry = next(e for e in saved["decay_ratios"] if e["context"] == 24)
+    assert entry["ms_per_token_decay_over_student"] == pytest.approx(
+        rows["student_decay", 24]["ms_per_token"] / rows["student", 24]["ms_per_token"])
+    assert "decay / ungated student, eager, batch 1, context 24" in stdout
+
+
+def test_attention_timing_runs_the_decay_gated_kernels():
+    from modeling_performer.recipes.attention_timing import LINEAR_METHODS, measure
+
+    gated = [m for m in LINEAR_METHODS if "-decay" in m]
+    assert gated == ["favor-decay-causal", "favor-window-decay-causal", "hedgehog-decay-causal",
+                     "hedgehog-window-decay-causal"]
+    for method in gated:
+        timing = measure(method, 96, repeats=1, heads=2, head_dim=8, num_features=16, chunk_size=16, window=8)
+        assert timing["seconds"] > 0

@@ -15,6 +15,8 @@ from .bench_common import MALLOC_ENV, status_kib
 METHODS = ["favor", "favor-causal", "sdpa", "sdpa-causal", "performer-pytorch", "performer-pytorch-causal"]
 # Learned maps and the exact local window (not in the default sweep; scripts/bench_approximation.py runs them).
 LINEAR_METHODS = [f"{m}{w}{c}" for m in ("favor", "hedgehog") for w in ("", "-window") for c in ("", "-causal")]
+# Decay-gated linear attention (causal only): the same kernels with a learned log gate per step and head.
+LINEAR_METHODS += [f"{m}{w}-decay-causal" for m in ("favor", "hedgehog") for w in ("", "-window")]
 
 
 def measure(method, length, repeats, heads=8, head_dim=64, num_features=256, chunk_size=128, window=64):
@@ -33,12 +35,16 @@ def measure(method, length, repeats, heads=8, head_dim=64, num_features=256, chu
             fmap, w = "hedgehog", hedgehog_init(heads, head_dim, head_dim).requires_grad_()
         else:
             fmap, w = "softmax", gaussian_orthogonal_random_matrix(num_features, head_dim, torch.Generator().manual_seed(0))
+        # a gate that trains (its gradient is part of the cost), rates up to 1/100 per step
+        gates = (-0.01 * torch.rand(1, heads, length)).requires_grad_() if "-decay" in method else None
         if "-window" in method and causal:
-            fn = lambda: kernels.causal_windowed_attention(q, k, v, w, fmap, window, chunk_size=chunk_size)[0]  # noqa: E731
+            fn = lambda: kernels.causal_windowed_attention(q, k, v, w, fmap, window, chunk_size=chunk_size,  # noqa: E731
+                                                           log_decay=gates)[0]
         elif "-window" in method:
             fn = lambda: kernels.windowed_linear_attention(q, k, v, w, fmap, window)  # noqa: E731
         elif causal:
-            fn = lambda: kernels.causal_linear_attention(q, k, v, w, fmap, chunk_size=chunk_size)[0]  # noqa: E731
+            fn = lambda: kernels.causal_linear_attention(q, k, v, w, fmap, chunk_size=chunk_size,  # noqa: E731
+                                                         log_decay=gates)[0]
         else:
             fn = lambda: kernels.linear_attention(q, k, v, w, fmap)  # noqa: E731
     elif method.startswith("sdpa"):

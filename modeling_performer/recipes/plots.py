@@ -62,9 +62,11 @@ def plot_chat_decode(data: dict, path: pathlib.Path):
     rows = data["rows"]
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5.5 * (len(batches) + 1), 4))
-    labels = {"student": "linearized (Hedgehog + window)", "teacher": "teacher (Llama, KV cache)"}
+    labels = {"student": "linearized (Hedgehog + window)", "teacher": "teacher (Llama, KV cache)",
+              "student_decay": "linearized + decay gate"}
+    kinds = [kind for kind in labels if any(r["kind"] == kind for r in rows)]
     for ax, batch in zip(axes, batches):
-        for kind in ("student", "teacher"):
+        for kind in kinds:
             for mode, style in (("eager", "-"), ("compiled", "--")):
                 points = sorted((r["context"], r["ms_per_token"]) for r in rows
                                 if r["kind"] == kind and r["mode"] == mode and r["batch"] == batch)
@@ -73,7 +75,7 @@ def plot_chat_decode(data: dict, path: pathlib.Path):
         ax.set_title(f"decoding, batch {batch}")
         _log_axes(ax, "context (tokens)", "ms per decoding step")
     prefill = axes[-1]
-    for kind in ("student", "teacher"):
+    for kind in kinds:
         points = sorted((r["context"], r["prefill_s"]) for r in rows
                         if r["kind"] == kind and r["mode"] == "eager" and "prefill_s" in r)
         if points:
