@@ -196,3 +196,22 @@ def test_killed_lora_fine_tuning_resumes_to_the_uninterrupted_result(setup, tmp_
     moved = [k for k, v in merged.state_dict().items() if not torch.equal(v, start[k])]
     assert any(k.endswith("q_proj.weight") for k in moved) and any(k.endswith("feature_map.key_weight") for k in moved)
     assert not any(k.endswith(("norm.weight", "word_embeddings.weight", "q_proj.bias")) for k in moved), moved
+
+
+@pytest.mark.slow
+def test_killed_training_of_a_decay_gated_model_resumes_to_the_uninterrupted_result(setup, tmp_path):
+    """The gate is an ordinary weight: checkpoints carry it, a killed run resumes to the same model."""
+    (tmp_path / "decay.json").write_text(json.dumps({**TINY, "feature_map": "hedgehog", "local_window": 4,
+                                                     "linear_decay": "data"}))
+
+    def script_args(output):
+        return [str(part) for part in command(setup, output)]
+
+    def with_decay(output):
+        args = script_args(output)
+        args[args.index("--config") + 1] = str(tmp_path / "decay.json")
+        return args
+
+    survives_kills(setup, tmp_path, with_decay, "metrics.json", [("torch.save", 2), ("os.replace", 3)])
+    weights = load_file(tmp_path / "reference" / "model.safetensors")
+    assert any(".decay.weight" in name and weights[name].any() for name in weights)  # the gate trained
