@@ -53,6 +53,7 @@ from .configuration_performer import PerformerConfig
 from .feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init, hedgehog_key_init
 from .layers_performer import (
     PerformerDecayGate,
+    PerformerEmbeddings,
     PerformerHedgehogMap,
     PerformerLayerNorm,
     PerformerMLP,
@@ -81,44 +82,6 @@ from .redraw_performer import PerformerRedrawMixin, PerformerRedrawState
 from .storage_performer import PerformerStorageMixin
 
 logger = logging.get_logger(__name__)
-
-
-# --------------------------------------------------------------------------------------------
-# Embeddings
-
-
-class PerformerEmbeddings(nn.Module):
-    """Token (+ learned position) (+ token type) embeddings; LayerNorm after them for post-LN
-    stacks (as BERT), whose layers never normalise their input."""
-
-    def __init__(self, config: PerformerConfig):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position_embeddings = (
-            nn.Embedding(config.max_position_embeddings, config.hidden_size)
-            if config.position_embedding_type == "learned" else None
-        )
-        self.token_type_embeddings = (
-            nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size > 0 else None
-        )
-        self.LayerNorm = (
-            PerformerLayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm_type == "post_layernorm" else None
-        )
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.config = config
-
-    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, token_type_ids=None):
-        """Inputs as `PerformerModel._embed` checked them (`inputs_performer.check_embedding_inputs`)."""
-        embeddings = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        if self.position_embeddings is not None:
-            embeddings = embeddings + self.position_embeddings(position_ids)
-        if self.token_type_embeddings is not None:
-            if token_type_ids is None:
-                token_type_ids = torch.zeros(embeddings.shape[:2], dtype=torch.long, device=embeddings.device)
-            embeddings = embeddings + self.token_type_embeddings(token_type_ids)
-        if self.LayerNorm is not None:
-            embeddings = self.LayerNorm(embeddings)
-        return self.dropout(embeddings)
 
 
 # --------------------------------------------------------------------------------------------
