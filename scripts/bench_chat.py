@@ -25,6 +25,10 @@ after --warmup steps (which compile in compiled mode), median.
     python scripts/bench_chat.py --device cuda --dtype bfloat16   # the same file from a GPU, in one run
     python scripts/bench_chat.py --replot
 
+With both student kinds (--kinds student student_decay), a further process per batch alternates
+their eager decoding steps over the same contexts (`paired_decode`): the gate's step cost with the
+machine's drift shared (decay_ratios' ms_per_token_paired_decay_over_student).
+
 Writes outputs/bench/chat_decode.json and .png (chat_decode_gpu.* with --device cuda);
 --update-figures writes the committed docs/figures/chat_decode.* (chat_decode_gpu.*).
 """
@@ -198,10 +202,47 @@ def measure_context(kind, mode, model, batch, context, args, step_fn):
     return row
 
 
+def paired_decode(args, batch):
+    """The gated and the ungated student in one process, their decoding steps alternating over the
+    same contexts: each step's time against the other's, with the machine's drift the same for both
+    (the separate runs above are minutes apart). -> rows of both kinds' median ms per token."""
+    import torch
+
+    models = {kind: build(kind, args)[0] for kind in ("student", "student_decay")}
+    rows = []
+    for context in sorted(args.contexts):
+        g = torch.Generator().manual_seed(context)
+        ids = torch.randint(3, models["student"].config.vocab_size, (1, context), generator=g).to(args.device)
+        state, times = {}, {kind: [] for kind in models}
+        with torch.inference_mode():
+            for kind, model in models.items():
+                out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                if batch > 1:
+                    out.cache.batch_repeat_interleave(batch)
+                state[kind] = [out.cache, out.logits[:, -1:].argmax(-1).repeat(batch, 1)]
+            for step in range(args.warmup + args.steps):
+                position = torch.full((batch, 1), context + step, dtype=torch.long, device=args.device)
+                for kind, model in models.items():
+                    cache, token = state[kind]
+                    synchronize(args.device)
+                    start = time.perf_counter()
+                    out = model(input_ids=token, position_ids=position, cache=cache, use_cache=True)
+                    synchronize(args.device)
+                    times[kind].append(time.perf_counter() - start)
+                    state[kind][1] = out.logits[:, -1:].argmax(-1)
+        rows += [{"kind": kind, "mode": "eager", "batch": batch, "context": context, "paired": True,
+                  "ms_per_token": 1e3 * statistics.median(times[kind][args.warmup:])} for kind in models]
+        del state
+    return rows
+
+
 def worker(args):
     import torch
 
     kind, mode, batch = args.worker[0], args.worker[1], int(args.worker[2])
+    if kind == "paired":
+        print(json.dumps({"rows": paired_decode(args, batch)}))
+        return
     model, source = build(kind, args)
     release_freed_memory()  # the student's source model is gone: its memory is not the student's
     step_fn = model
@@ -238,9 +279,12 @@ def ratios(rows):
     return out
 
 
-def decay_ratios(rows):
-    """The decay gate's cost: student_decay / student for every measure, same mode, batch and context."""
+def decay_ratios(rows, paired=()):
+    """The decay gate's cost: student_decay / student for every measure, same mode, batch and context;
+    with `paired` rows (see `paired_decode`), the decoding step's ratio from them as well
+    (ms_per_token_paired_decay_over_student)."""
     index = {(r["kind"], r["mode"], r["batch"], r["context"]): r for r in rows}
+    pairs = {(r["kind"], r["batch"], r["context"]): r["ms_per_token"] for r in paired}
     out = []
     for (kind, mode, batch, context), gated in sorted(index.items()):
         plain = index.get(("student", mode, batch, context))
@@ -250,6 +294,9 @@ def decay_ratios(rows):
         for key in ("ms_per_token", "prefill_s", "ttft_s", "cache_mib"):
             if key in gated and key in plain:
                 entry[f"{key}_decay_over_student"] = gated[key] / plain[key]
+        if mode == "eager" and ("student_decay", batch, context) in pairs and ("student", batch, context) in pairs:
+            entry["ms_per_token_paired_decay_over_student"] = (pairs[("student_decay", batch, context)]
+                                                               / pairs[("student", batch, context)])
         out.append(entry)
     return out
 
@@ -301,7 +348,12 @@ def main():
               f"context {entry['context']}: {parts}")
     record = {**meta, "rows": rows, "ratios": table}
     if "student_decay" in args.kinds:
-        record["decay_ratios"] = decay_ratios(rows)
+        paired = []
+        if "student" in args.kinds and "eager" in args.modes:
+            for batch in sorted(args.batches):
+                paired += measure_in_process(__file__, ("paired", "eager", batch), abort_on_error=True)["rows"]
+        record["paired_decode"] = paired
+        record["decay_ratios"] = decay_ratios(rows, paired)
         for entry in record["decay_ratios"]:
             parts = " ".join(f"{k.split('_decay_over')[0]} x{v:.3f}" for k, v in entry.items() if k.endswith("student"))
             print(f"decay / ungated student, {entry['mode']}, batch {entry['batch']}, context {entry['context']}: {parts}")

@@ -179,6 +179,10 @@ def test_bench_chat_prices_the_decay_gate_against_the_ungated_student(tmp_path):
     assert entry["ms_per_token_decay_over_student"] == pytest.approx(
         rows["student_decay", 24]["ms_per_token"] / rows["student", 24]["ms_per_token"])
     assert "decay / ungated student, eager, batch 1, context 24" in stdout
+    paired = {(r["kind"], r["context"]): r["ms_per_token"] for r in saved["paired_decode"]}
+    assert set(paired) == set(rows)
+    assert entry["ms_per_token_paired_decay_over_student"] == pytest.approx(
+        paired["student_decay", 24] / paired["student", 24])
 
 
 def test_attention_timing_runs_the_decay_gated_kernels():

@@ -48,8 +48,9 @@ def test_compiled_forward_has_no_graph_break_and_matches_eager(head):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_causal_hedgehog_with_window_matches_eager():
-    model = PerformerForCausalLM(tiny_config(feature_map="hedgehog", local_window=3)).eval()
+@pytest.mark.parametrize("decay", [None, "data"], ids=["additive", "decay"])
+def test_compiled_causal_hedgehog_with_window_matches_eager(decay):
+    model = PerformerForCausalLM(tiny_config(feature_map="hedgehog", local_window=3, linear_decay=decay)).eval()
     kwargs = inputs(PerformerForCausalLM, length=11)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, fullgraph=True)(**kwargs).logits, model(**kwargs).logits,
@@ -106,7 +107,9 @@ def test_onnx_export_with_dynamic_batch_and_length_runs_in_onnxruntime(tmp_path,
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("options", [{}, {"feature_map": "hedgehog", "local_window": 3}], ids=["favor", "hedgehog-window"])
+@pytest.mark.parametrize("options", [{}, {"feature_map": "hedgehog", "local_window": 3},
+                                     {"feature_map": "hedgehog", "local_window": 3, "linear_decay": "data"}],
+                         ids=["favor", "hedgehog-window", "hedgehog-window-decay"])
 def test_generate_with_a_compiled_decoding_step_gives_the_eager_tokens(options):
     from transformers import CompileConfig
 

@@ -295,6 +295,61 @@ def recall_linearized_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def decay_recall_table() -> str:
+    """MQAR with and without the decay gate, one run (recall_decay.json): accuracy per shape and the
+    change against additive Hedgehog in points."""
+    data = _load("recall_decay.json")
+    results = data["results"]
+    shapes = sorted({(r["seq_len"], r["pairs"]) for r in results})
+    accuracy = {(r["model"], r["seq_len"], r["pairs"]): r["accuracy"] for r in results}
+    lines = ["| model (trained from scratch, one run) | " + " | ".join(f"{t} tokens, {p} pairs" for t, p in shapes)
+             + " |", "|---" * (len(shapes) + 1) + "|"]
+    for model in dict.fromkeys(r["model"] for r in results):
+        cells = []
+        for shape in shapes:
+            value = accuracy.get((model, *shape))
+            cell = "not run" if value is None else f"{100 * value:.1f}%"
+            base = accuracy.get(("Hedgehog", *shape))
+            if value is not None and "decay" in model and base is not None:
+                cell += f" ({100 * (value - base):+.1f} points)"
+            cells.append(cell)
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    steps = ", ".join(f"{r['steps_run']:,}" for r in results if r["model"] == "softmax")
+    return "\n".join(lines) + (f"\n\nEvery model trained for the steps softmax took to solve each shape ({steps}), "
+                               f"same seed and curriculum; {data['date'][:10]}.\n")
+
+
+def decay_cost_table() -> str:
+    """What the gate costs (decay_attention.json, decay_decode.json): gated over ungated time, same run."""
+    kernels = _load("decay_attention.json")["results"]
+    lines = ["| measure (CPU, fp32) | " + " | ".join(f"{int(t):,} tokens" for t in kernels) + " |",
+             "|---" * (len(kernels) + 1) + "|"]
+    names = {"favor-decay-causal": "FAVOR+ causal layer, forward + backward",
+             "hedgehog-decay-causal": "Hedgehog causal layer, forward + backward",
+             "hedgehog-window-decay-causal": "Hedgehog + window 64 causal layer, forward + backward",
+             "favor-window-decay-causal": "FAVOR+ + window 64 causal layer, forward + backward"}
+    for method, label in names.items():
+        cells = []
+        for row in kernels.values():
+            gated, plain = row.get(method, {}), row.get(method.replace("-decay", ""), {})
+            cells.append(f"{gated['seconds'] / plain['seconds']:.2f}x" if "seconds" in gated and "seconds" in plain
+                         else "not run")
+        if any(c != "not run" for c in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    decode = _load("decay_decode.json")
+    lines += ["", "| SmolLM2-135M shape, Hedgehog + window 64, eager | context | gated / ungated, steps alternating "
+              "in one process | gated / ungated, separate processes |", "|---|---|---|---|"]
+    for entry in decode["decay_ratios"]:
+        paired = entry.get("ms_per_token_paired_decay_over_student")
+        lines.append(f"| decoding step, batch {entry['batch']} | {entry['context']:,} | "
+                     + ("not run" if paired is None else f"{paired:.3f}x")
+                     + f" | {entry['ms_per_token_decay_over_student']:.3f}x |")
+        if "prefill_s_decay_over_student" in entry:
+            lines.append(f"| prefill, batch 1 | {entry['context']:,} | not run | "
+                         f"{entry['prefill_s_decay_over_student']:.3f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def chat_lm_table(name: str = "smollm2/results.json") -> str:
     """The chat-lm recipe: a linearized chat model against its teacher on held-out text and questions."""
     data = _load(name)
@@ -355,7 +410,8 @@ def chat_lm_table(name: str = "smollm2/results.json") -> str:
 TABLES = {"chat": chat_table, "chat_decode": chat_decode_table, "chat_prefill": chat_prefill_table,
           "serving": serving_table, "attention": attention_table, "attention_performer_pytorch": performer_pytorch_table,
           "decoding": decoding_table, "training": training_table, "memory": memory_table,
-          "recall": recall_table, "recall_linearized": recall_linearized_table, "chat_lm": chat_lm_table}
+          "recall": recall_table, "recall_linearized": recall_linearized_table, "chat_lm": chat_lm_table,
+          "decay_recall": decay_recall_table, "decay_cost": decay_cost_table}
 README_TABLES = ("chat", "chat_lm")
 MARKER = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
 
