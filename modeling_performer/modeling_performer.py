@@ -722,6 +722,18 @@ class PerformerForCausalLM(_PerformerGenerativeModel):
     _stack_flags = {"is_decoder": True, "is_encoder_decoder": False}
     _single_stack = "decoder"
 
+    def init_continuous_batching(self, generation_config=None, continuous_batching_config=None, workload_hints=None):
+        """Continuous batching with one constant-size state per request (`batching.PerformerBatchManager`,
+        the interface of transformers' manager): what `generate_batch` and `transformers serve
+        --continuous-batching` run. The config's max_requests_per_batch / max_batch_tokens set the
+        batch size and the prompt chunk absorbed between two decoding steps."""
+        from .batching import PerformerBatchManager
+
+        settings = continuous_batching_config
+        return PerformerBatchManager(self, generation_config,
+                                     max_batch_size=getattr(settings, "max_requests_per_batch", None) or 32,
+                                     prefill_chunk=getattr(settings, "max_batch_tokens", None))
+
     @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, encoder_hidden_states=None, encoder_attention_mask=None,

@@ -14,12 +14,19 @@ defines) and then runs the `serve` command. The model runs in a process that the
 that process imports this module again (multiprocessing re-imports the main module), so the names
 are there too. No behaviour of transformers is changed.
 
-Checked before the server starts, when the model is named on the command line:
-- the folder holds a causal LM (`PerformerForCausalLM`); an encoder, a classifier or a seq2seq
-  model is refused with the reason;
-- `--continuous-batching` is refused for a Performer: transformers' continuous batching keeps a
-  paged key/value cache for full and sliding-window attention layers only, and has no place for a
-  recurrent state. Requests are then served one `generate()` at a time, as without the flag.
+Checked before the server starts, when the model is named on the command line: the folder holds a
+causal LM (`PerformerForCausalLM`); an encoder, a classifier or a seq2seq model is refused with the
+reason.
+
+`--continuous-batching` batches concurrent requests. transformers' own continuous batching keeps a
+paged key/value cache for full and sliding-window attention only, with no place for a recurrent
+state, so a Performer model brings its own manager (`PerformerForCausalLM.init_continuous_batching`,
+see `batching`): the server's continuous-batching path calls it as it calls transformers' manager,
+and every request keeps its own constant-size state in the running batch. One addition to the
+server, for a Performer's manager only: transformers' batching path drops a request's `stop`
+strings, and here they reach the manager (as a stopping criterion on the request's tokens), so
+`stop` works as it does without the flag. Without the flag, requests are served one `generate()`
+at a time.
 
 A folder of any other model (the softmax teacher, a GGUF as `<folder>:<file>.gguf`) is served
 exactly as `transformers serve` serves it, so both can be measured the same way.
@@ -62,6 +69,29 @@ def expose_classes() -> None:
             raise RuntimeError(f"transformers already defines {name}; refusing to shadow it")
 
 
+def pass_stop_strings() -> None:
+    """Lets a request's `stop` strings reach a manager that takes a stopping criterion (a Performer's,
+    `accepts_stop_criteria`): transformers' continuous-batching runner passes max_new_tokens, the
+    end tokens and the sampling settings only. Other managers get exactly what they got before."""
+    from transformers.cli.serving.utils import CBGenerateRunner
+
+    build = CBGenerateRunner._build_continuous_batching_kwargs
+    if getattr(build, "passes_stop_strings", False):
+        return
+
+    def build_with_stop_strings(self, generation_kwargs: dict) -> dict:
+        kwargs = build(self, generation_kwargs)
+        stop = generation_kwargs.get("stop_strings")
+        if stop and getattr(self.manager, "accepts_stop_criteria", False):
+            from transformers.generation.stopping_criteria import StopStringCriteria
+
+            kwargs["stop_criteria"] = StopStringCriteria(self.processor, [stop] if isinstance(stop, str) else stop)
+        return kwargs
+
+    build_with_stop_strings.passes_stop_strings = True
+    CBGenerateRunner._build_continuous_batching_kwargs = build_with_stop_strings
+
+
 def split_gguf(model: str) -> tuple[str, Optional[str]]:
     """The server's model argument as (folder or Hub id, GGUF file name or None): `folder:file.gguf`
     names a GGUF file in a folder, as transformers serve reads it; an existing path is a folder."""
@@ -84,15 +114,11 @@ def _performer_config(model: str) -> Optional[dict]:
     return values if values.get("model_type") == "performer" else None
 
 
-def check_serving(model: Optional[str], continuous_batching: bool = False) -> None:
+def check_serving(model: Optional[str]) -> None:
     """Refuses, with the reason, what the server would fail at later: a Performer folder that is not
-    a causal LM, and continuous batching of a Performer. `model` is the server's model argument."""
+    a causal LM. `model` is the server's model argument. (Continuous batching is served for
+    Performer causal LMs by their own manager: nothing to refuse.)"""
     if model is None:
-        if continuous_batching:
-            raise ServeArgumentError(
-                "--continuous-batching needs the model on the command line here, so that it can be checked: "
-                "Performer models keep a recurrent state that continuous batching's paged key/value cache has no "
-                "place for (it holds full and sliding-window attention layers only)")
         return
     if split_gguf(model)[1] is not None:
         return
@@ -109,11 +135,6 @@ def check_serving(model: Optional[str], continuous_batching: bool = False) -> No
             f"{model} holds {kind}; the server answers chat and completion requests with a causal LM "
             f"({PerformerForCausalLM.__name__}): convert or train one (scripts/convert_to_performer.py, "
             "scripts/train.py --task causal-lm)")
-    if continuous_batching:
-        raise ServeArgumentError(
-            "--continuous-batching cannot serve a Performer: its paged key/value cache holds full and sliding-window "
-            "attention layers only, and Performer layers keep a recurrent state (constant in the context length). "
-            "Leave the flag out: requests are then served one generate() at a time")
 
 
 def _serve_command():
@@ -129,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not {"--help", "-h"} & set(argv):
         params = command.make_context("serve", list(argv), resilient_parsing=True).params
         try:
-            check_serving(params.get("force_model"), bool(params.get("continuous_batching")))
+            check_serving(params.get("force_model"))
         except ServeArgumentError as error:
             print(f"{PROG}: error: {error}", file=sys.stderr)
             return 2
@@ -177,6 +198,8 @@ def stop(process: subprocess.Popen, timeout: float = 60) -> None:
 
 
 expose_classes()
+with contextlib.suppress(ImportError):  # the serve extra (fastapi, ...) is not installed: nothing to serve
+    pass_stop_strings()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,16 +26,18 @@ QUESTIONS = ["Who is the king of France?", "Sing me a song.", "What is love?", "
 NEW_TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def server(tiny_chat_folder, tmp_path_factory):
-    """-> (base url, folder, model, tokenizer); at the end the server and the model process it spawned
-    are stopped, and checked to be gone. The server's output goes to a file (a pipe nobody reads
-    would fill and stall it)."""
+@pytest.fixture(scope="module", params=["one-at-a-time", "continuous-batching"])
+def server(request, tiny_chat_folder, tmp_path_factory):
+    """-> (base url, folder, model, tokenizer), served one generate() at a time or with continuous
+    batching (every test runs against both); at the end the server and the model process it spawned
+    are stopped (SIGTERM), and checked to be gone. The server's output goes to a file (a pipe nobody
+    reads would fill and stall it)."""
     folder, model, tokenizer = tiny_chat_folder
+    flags = ["--continuous-batching"] if request.param == "continuous-batching" else []
     log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "w") as output:
         try:
-            process, url = serve.start(str(folder), "--device", "cpu", timeout=180, cwd=ROOT, stdout=output,
+            process, url = serve.start(str(folder), "--device", "cpu", *flags, timeout=180, cwd=ROOT, stdout=output,
                                        stderr=subprocess.STDOUT)
         except RuntimeError as error:
             pytest.fail(f"{error}:\n{log.read_text()[-4000:]}")
@@ -112,6 +114,59 @@ def test_eight_concurrent_requests_are_all_answered_unchanged(server):
     assert answers == expected
 
 
+def stream_answer(url, folder, question, max_tokens, delay=0.0):
+    time.sleep(delay)
+    stream = client(url).chat.completions.create(
+        model=str(folder), messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0,
+        stream=True)
+    return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+
+def test_sixteen_streaming_clients_arriving_apart_each_get_what_generate_gives_them_alone(server):
+    url, folder, model, tokenizer = server
+    # prompts of different lengths, answers of different lengths, arrivals spread over a second
+    jobs = [(QUESTIONS[i % 8] + " Answer me." * (i // 8), 4 + i, 0.07 * i) for i in range(16)]
+    expected = [greedy(model, tokenizer, q, new_tokens=n) for q, n, _ in jobs]
+    assert len(set(expected)) >= 8
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda job: stream_answer(url, folder, *job), jobs))
+    assert answers == expected
+
+
+def leave_mid_stream(url, folder):
+    """A streaming request read for two events, then the connection closed: -> the events read."""
+    import http.client
+
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = json.dumps({"model": str(folder), "messages": [{"role": "user", "content": QUESTIONS[2]}],
+                       "max_tokens": 200, "temperature": 0, "stream": True})
+    connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    events = 0
+    while events < 2:
+        line = response.readline()
+        assert line, "the stream ended before two events"
+        events += line.startswith(b"data:")
+    connection.close()
+    return events
+
+
+def test_a_client_leaving_mid_stream_and_bad_requests_inside_a_running_batch_leave_the_others_unchanged(server):
+    url, folder, model, tokenizer = server
+    expected = [greedy(model, tokenizer, q) for q in QUESTIONS[3:7]]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        leaving = pool.submit(leave_mid_stream, url, folder)
+        answers = [pool.submit(stream_answer, url, folder, q, NEW_TOKENS, 0.05 * i) for i, q in enumerate(QUESTIONS[3:7])]
+        too_long = pool.submit(post, url, json.dumps({"model": str(folder), "max_tokens": 4,
+                                                      "messages": [{"role": "user", "content": "word " * 400}]}))
+        not_json = pool.submit(post, url, "{not json")
+        assert leaving.result() == 2
+        assert [a.result() for a in answers] == expected
+        assert too_long.result()[0] == 400 and not_json.result()[0] == 422
+    assert ask(url, folder, QUESTIONS[7])[0] == greedy(model, tokenizer, QUESTIONS[7])  # and the next is served
+
+
 def test_max_tokens_stop_strings_and_seeded_sampling_behave_as_generate(server):
     url, folder, model, tokenizer = server
     expected = greedy(model, tokenizer, QUESTIONS[1])
@@ -177,16 +232,10 @@ def test_a_folder_that_is_not_a_causal_lm_is_refused_with_the_reason(tmp_path, h
     assert done.returncode == 2 and reason in done.stderr and "causal LM" in done.stderr
 
 
-def test_continuous_batching_is_refused_for_a_performer(tmp_path):
+def test_a_causal_lm_is_accepted_with_or_without_continuous_batching(tmp_path):
     folder = save(tmp_path, "causal", is_decoder=True)
-    check_serving(folder)  # a causal LM is served
-    with pytest.raises(ServeArgumentError, match="recurrent state"):
-        check_serving(folder, continuous_batching=True)
-    with pytest.raises(ServeArgumentError, match="on the command line"):
-        check_serving(None, continuous_batching=True)
-    done = subprocess.run([sys.executable, "-m", "modeling_performer.serve", folder, "--continuous-batching"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--continuous-batching" in done.stderr
+    check_serving(folder)
+    check_serving(None)  # no model named: nothing to check before the server starts
 
 
 def test_other_models_pass_through_and_no_transformers_name_is_replaced(tmp_path):
@@ -198,7 +247,7 @@ def test_other_models_pass_through_and_no_transformers_name_is_replaced(tmp_path
     folder = tmp_path / "llama"
     LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                  intermediate_size=37)).save_pretrained(folder)
-    check_serving(str(folder), continuous_batching=True)  # transformers' own model: its own rules
+    check_serving(str(folder))  # transformers' own model: its own rules
     check_serving(str(folder) + ":model.gguf")
     expose_classes()
     assert transformers.PerformerForCausalLM is PerformerForCausalLM
