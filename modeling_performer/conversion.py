@@ -405,8 +405,29 @@ def _ignored(key: str) -> bool:
     return any(part in key for part in IGNORED_SOURCE_WEIGHTS)
 
 
+def hybrid_attention(attention_type, softmax_layers, num_layers: int):
+    """The attention types of a hybrid conversion: the layers `softmax_layers` names (0-based) keep
+    exact softmax attention (with a key/value cache of their own), every other layer gets
+    `attention_type`. No layers named: `attention_type` unchanged."""
+    if softmax_layers is None or len(softmax_layers) == 0:
+        return attention_type
+    layers = [int(i) for i in softmax_layers]
+    if len(set(layers)) != len(layers):
+        raise ConversionError(f"softmax_layers names a layer twice: {layers}")
+    outside = [i for i in layers if not 0 <= i < num_layers]
+    if outside:
+        raise ConversionError(f"softmax_layers {outside} are outside the model's {num_layers} layers (0 to {num_layers - 1})")
+    if not isinstance(attention_type, str) or attention_type != "favor":
+        raise ConversionError(f"softmax_layers chooses the layers that stay exact in a linear conversion, so "
+                              f"attention_type must be 'favor' (got {attention_type!r})")
+    if len(layers) == num_layers:
+        raise ConversionError(f"softmax_layers names all {num_layers} layers: that is attention_type='softmax'")
+    return ["softmax" if i in layers else attention_type for i in range(num_layers)]
+
+
 def convert_to_performer(source: str, attention_type: str = "favor", num_random_features: Optional[int] = None,
-                         head: str = "auto", gguf_file: Optional[str] = None, **config_overrides):
+                         head: str = "auto", gguf_file: Optional[str] = None, softmax_layers=None,
+                         **config_overrides):
     """Loads a BERT / RoBERTa / MiniLM / GPT-2 / Llama / Mistral / Qwen2 / Qwen3 checkpoint (a local
     folder, or a Hub model id where the Hub is reachable), or a saved Performer (typically one trained
     with softmax attention, to be made linear), and returns (performer_model, tokenizer).
@@ -416,7 +437,9 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
     template included) comes from the file.
 
     head: "auto" (from the source's architecture), "base", "mlm" (or "masked-lm"), "classification" or
-    "clm" (or "causal-lm"). config_overrides go to PerformerConfig (e.g. num_labels=2, classifier_pooling="mean").
+    "clm" (or "causal-lm"). softmax_layers: layer indices that keep exact softmax attention in a
+    linear conversion (a hybrid stack; see `hybrid_attention`). config_overrides go to
+    PerformerConfig (e.g. num_labels=2, classifier_pooling="mean").
     Every source weight is mapped or the conversion fails (a "base" conversion drops the source's
     head on purpose); head weights the source does not have are initialised as in a fresh model and
     logged.
@@ -431,6 +454,8 @@ def convert_to_performer(source: str, attention_type: str = "favor", num_random_
     if head != "auto" and head not in HEADS:
         raise ConversionError(f"Unknown head {head!r}; valid: {list(HEADS)}, {list(HEAD_ALIASES)} or 'auto'")
     model_type = source_config.model_type
+    num_layers = getattr(source_config, "num_hidden_layers", None) or getattr(source_config, "n_layer", None)
+    attention_type = hybrid_attention(attention_type, softmax_layers, num_layers)
     if model_type == PerformerConfig.model_type:
         return _convert_performer(source, source_config, attention_type, num_random_features, head, config_overrides)
     # A GGUF file names no architecture: a decoder stored with its LM head is a causal LM.

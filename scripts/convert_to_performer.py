@@ -16,12 +16,22 @@ AutoModelForCausalLM), tokenizer included.
 --attention-type softmax reproduces the source model exactly (to float rounding); favor swaps in
 linear attention: FAVOR+ (the default features), or `--feature-map hedgehog --local-window 32`,
 learned maps plus an exact window, which scripts/transfer_attention.py then fits to the source
-(encoders: `--sink-tokens 1` keeps [CLS] exact for every query too).
+(encoders: `--sink-tokens 1` keeps [CLS] exact for every query too). `--softmax-layers 4,12,19`
+keeps those layers exact softmax attention and makes the others linear (a hybrid stack, whose
+cache holds keys and values for the kept layers only).
 """
 
 import argparse
 import json
 import sys
+
+
+def layer_list(text: str) -> list[int]:
+    """--softmax-layers "4,12,19" -> [4, 12, 19]."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 4,12,19, got {text!r}") from None
 
 
 def write_provenance(source, output, base_model=None, gguf_file=None):
@@ -61,6 +71,9 @@ def main(argv=None):
     parser.add_argument("output", help="folder to write the Performer to")
     parser.add_argument("--gguf-file", default=None, help="SOURCE is a folder (or Hub id) holding this GGUF file")
     parser.add_argument("--attention-type", choices=["favor", "softmax"], default="favor")
+    parser.add_argument("--softmax-layers", type=layer_list, default=None, metavar="I,J,...",
+                        help="0-based layers that keep exact softmax attention (with a key/value cache of their "
+                             "own) while every other layer becomes linear: a hybrid stack, e.g. 4,12,19")
     parser.add_argument("--num-random-features", type=int, default=None, help="FAVOR+ features M (default: config's)")
     parser.add_argument("--feature-map", choices=["softmax", "relu", "hedgehog"], default=None,
                         help="linear-attention features (hedgehog: learned maps, fit them with transfer_attention.py)")
@@ -91,12 +104,13 @@ def main(argv=None):
                  if v is not None}
     try:
         model, tokenizer = convert_to_performer(args.source, args.attention_type, args.num_random_features,
-                                                head=args.head, gguf_file=args.gguf_file, **overrides)
+                                                head=args.head, gguf_file=args.gguf_file,
+                                                softmax_layers=args.softmax_layers, **overrides)
     except ConversionError as error:
         sys.exit(f"convert_to_performer: {error}")
     save_converted(model, tokenizer, args.output)
     write_provenance(args.source, args.output, args.base_model, args.gguf_file)
-    print(json.dumps({"output": args.output, "class": type(model).__name__, "attention_type": args.attention_type,
+    print(json.dumps({"output": args.output, "class": type(model).__name__, "attention_type": model.config.attention_type,
                       "parameters": sum(p.numel() for p in model.parameters())}, indent=2))
 
 

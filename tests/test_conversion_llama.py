@@ -170,3 +170,46 @@ def test_norm_and_rotary_compute_what_llama_computes(dtype):
     full = torch.cat([angles, angles], dim=-1)
     expected_q, expected_k = apply_rotary_pos_emb(q, k, full.cos().to(dtype), full.sin().to(dtype))
     assert torch.equal(apply_rotary(q, cos, sin), expected_q) and torch.equal(apply_rotary(k, cos, sin), expected_k)
+
+
+def test_a_hybrid_conversion_keeps_the_chosen_layers_exact_and_caches_keys_for_them_only(tokenizer, tmp_path):
+    family = "llama-gqa-llama3-untied"
+    source = tiny_source(family, tmp_path / "source", tokenizer, num_hidden_layers=3)
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "source"), str(tmp_path / "hybrid"),
+                           "--feature-map", "hedgehog", "--local-window", "4", "--softmax-layers", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hybrid").eval()
+    assert model.config.attention_type == ["favor", "softmax", "favor"]
+    layers = model.model.decoder.layers
+    assert layers[1].self_attn.feature_map is None and layers[0].self_attn.feature_map is not None
+    # the kept layer is the softmax conversion's layer, weight for weight (that conversion is the teacher's logits)
+    exact, _ = convert_to_performer(tmp_path / "source", attention_type="softmax")
+    for ours, kept in zip(model.model.decoder.layers[1].state_dict().items(),
+                          exact.model.decoder.layers[1].state_dict().items()):
+        assert ours[0] == kept[0] and torch.equal(ours[1], kept[1])
+    batch = left_padded(tokenizer)
+    greedy = dict(max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(**batch, **greedy), model.generate(**batch, **greedy, use_cache=False))
+    with torch.no_grad():
+        cache = model(**batch, use_cache=True).cache
+    config, (rows, length) = source.config, batch["input_ids"].shape
+    head_dim = config.hidden_size // config.num_attention_heads
+    keys, values = cache.layers[1].self_attention
+    assert keys.shape == values.shape == (rows, config.num_key_value_heads, length, head_dim)
+    linear = sum(t.numel() * t.element_size() for i in (0, 2) for t in cache.layers[i].self_attention)
+    assert cache.num_bytes() == linear + 2 * keys.numel() * keys.element_size()
+    assert type(cache.layers[0].self_attention).__name__ == "WindowedAttentionState"
+
+
+@pytest.mark.parametrize("layers, reason", [([3], "outside"), ([1, 1], "twice"), ([0, 1], "all 2 layers")])
+def test_a_hybrid_conversion_refuses_layers_it_cannot_keep(tokenizer, tmp_path, layers, reason):
+    tiny_source("mistral-gqa", tmp_path / "source", tokenizer)
+    with pytest.raises(ConversionError, match=reason):
+        convert_to_performer(tmp_path / "source", softmax_layers=layers)
+    with pytest.raises(ConversionError, match="attention_type must be 'favor'"):
+        convert_to_performer(tmp_path / "source", attention_type="softmax", softmax_layers=[0])
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "source"), str(tmp_path / "out"),
+                           "--softmax-layers", "one"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "comma-separated layer indices" in done.stderr
+    assert not (tmp_path / "out").exists()
