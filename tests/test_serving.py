@@ -258,16 +258,22 @@ def test_server_benchmark_measures_each_point_once_and_resumes(tiny_chat_folder,
     folder = tiny_chat_folder[0]
     output = tmp_path / "serving_chat.json"
     command = [sys.executable, str(ROOT / "scripts" / "bench_chat_server.py"), str(folder), "--labels", "tiny",
-               "--contexts", "64", "96", "--clients", "2", "--requests", "1", "--new-tokens", "4", "--output",
-               str(output)]
+               "--contexts", "64", "96", "--clients", "1", "2", "--batching", "off", "on", "--requests", "1",
+               "--new-tokens", "4", "--output", str(output)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(output.read_text())["results"]
-    assert [r["context"] for r in rows] == [64, 96]
+    saved = json.loads(output.read_text())
+    rows = saved["results"]
+    assert [(r["batching"], r["context"], r["clients"]) for r in rows] == [
+        (mode, context, clients) for mode in ("off", "on") for context in (64, 96) for clients in (1, 2)]
     for row in rows:
-        assert row["requests"] == 2 and row["generated_per_request"] == 4  # exactly --new-tokens
-        assert 0 < row["ttft_s_min"] <= row["ttft_s_mean"] <= row["latency_s_mean"]
+        assert row["requests"] == row["clients"] and row["generated_per_request"] == 4  # exactly --new-tokens
+        assert 0 < row["ttft_s_min"] <= row["ttft_s_median"] <= row["ttft_s_p95"] <= row["latency_s_mean"] * 2
         assert row["prompt_tokens"] <= row["context"] - 4 + 8  # the prompt is cut to fit the context
+        assert row["peak_rss_mib"] > 100  # the server's processes, model included
+    two = next(r for r in saved["ratios"]["scaling"] if (r["batching"], r["clients"], r["context"]) == ("on", 2, 64))
+    one, both = (next(r for r in rows if (r["batching"], r["clients"], r["context"]) == ("on", n, 64)) for n in (1, 2))
+    assert two["tokens_per_s_over_one_client"] == pytest.approx(both["tokens_per_s"] / one["tokens_per_s"], rel=1e-2)
     assert output.with_suffix(".png").stat().st_size > 0
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and json.loads(output.read_text())["results"] == rows  # nothing measured twice

@@ -191,6 +191,23 @@ def serving_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def serving_batching_table() -> str:
+    """The chat server under concurrent clients, with and without continuous batching
+    (serving_chat.json's points that name a batching mode)."""
+    data = _load("serving_chat.json")
+    rows = [r for r in data["results"] if "batching" in r]
+    alone = {(r["model"], r["batching"], r["context"]): r["tokens_per_s"] for r in rows if r["clients"] == 1}
+    lines = ["| context | clients | model | batching | answer tokens/s, all clients | x one client | decode tokens/s, "
+             "summed | TTFT p50 / p95 (s) | peak RSS (GiB) |", "|---" * 9 + "|"]
+    for r in sorted(rows, key=lambda r: (r["context"], r["clients"], r["label"], r["batching"])):
+        one = alone.get((r["model"], r["batching"], r["context"]))
+        lines.append(f"| {r['context']:,} | {r['clients']} | {r['label']} | {r['batching']} | {r['tokens_per_s']:.2f} | "
+                     + (f"{r['tokens_per_s'] / one:.2f}x" if one and r["clients"] > 1 else "")
+                     + f" | {r['decode_tokens_per_s_sum']:.1f} | {r['ttft_s_median']:.1f} / {r['ttft_s_p95']:.1f} "
+                     f"| {r['peak_rss_mib'] / 1024:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _attention_table(name: str, methods: dict) -> str:
     results = _load(name)["results"]
     lines = ["| T | " + " | ".join(methods.values()) + " |", "|---" * (len(methods) + 1) + "|"]
@@ -411,7 +428,8 @@ TABLES = {"chat": chat_table, "chat_decode": chat_decode_table, "chat_prefill": 
           "serving": serving_table, "attention": attention_table, "attention_performer_pytorch": performer_pytorch_table,
           "decoding": decoding_table, "training": training_table, "memory": memory_table,
           "recall": recall_table, "recall_linearized": recall_linearized_table, "chat_lm": chat_lm_table,
-          "decay_recall": decay_recall_table, "decay_cost": decay_cost_table}
+          "decay_recall": decay_recall_table, "decay_cost": decay_cost_table,
+          "serving_batching": serving_batching_table}
 README_TABLES = ("chat", "chat_lm")
 MARKER = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
 
