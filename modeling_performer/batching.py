@@ -8,6 +8,7 @@ request's length, so the running batch is one `PerformerCache` whose rows are th
 
 - A request is prefilled alone, in chunks of `prefill_chunk` tokens, one chunk between two
   decoding steps of the running batch: a long prompt does not stall the others for its length.
+  With no row decoding, the whole prompt goes in one forward, as generate() does it.
 - Once prefilled, its cache joins the batch as a new row (`join_rows`); each decoding step runs
   the whole batch one token forward, every row at its own position.
 - A finished or cancelled request leaves at once (`keep_rows`): its row is dropped, and nothing
@@ -418,7 +419,9 @@ class PerformerBatchManager:
         try:
             if request.prefilled == 0:
                 self._check_prompt(request)
-            end = min(request.prefilled + self.prefill_chunk, len(request.prompt))
+            # With no row decoding there is nobody to stall: the whole prompt at once, as generate() does.
+            chunk = self.prefill_chunk if self._running else len(request.prompt)
+            end = min(request.prefilled + chunk, len(request.prompt))
             ids = torch.tensor([request.prompt[request.prefilled:end]], device=self.model.device)
             out = self.model(input_ids=ids, cache=request.cache, use_cache=True, logits_to_keep=1)
         except Exception as error:  # the request's fault (or its alone): it fails, the batch goes on

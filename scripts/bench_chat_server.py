@@ -6,10 +6,11 @@ prompts, for a linearized model against its softmax teacher served the same way.
 For each model and batching mode (--batching off on: the server's --continuous-batching) a server
 starts on a free loopback port; for each context length and each number of --clients, that many
 threads each send --requests streaming chat requests at once (a held-out play cut so that prompt
-and answer fill the context, then a question; greedy, exactly --new-tokens answer tokens).
+and answer fill the context, each request its own cut, then a question; greedy, exactly
+--new-tokens answer tokens).
 Reported per point: requests/s and answer tokens/s over the wall time (prefills included), the
-aggregate decode rate (the requests' decode tokens/s summed: what the server emits while they
-all decode), time to first token (TTFT) p50 / p95 / alone, per-request decode tokens/s, and the
+aggregate decode rate (the tokens after the first ones over the time any request was decoding:
+the union of their decoding intervals), time to first token (TTFT) p50 / p95 / alone, per-request decode tokens/s, and the
 peak resident memory of the server's processes.
 
 Without batching the server answers one request at a time (`generate()` per request), so
@@ -42,15 +43,20 @@ NAME = "serving_chat"
 QUESTION = "\n\nIn one sentence: who speaks first in this scene?"
 
 
-def prompt_of(tokenizer, tokens: int) -> str:
-    """A held-out play cut to `tokens` tokens (with the chat template and the question around it)."""
+def prompts_of(tokenizer, tokens: int, count: int, stride: int = 131) -> list[str]:
+    """`count` prompts of the held-out plays cut to `tokens` tokens each (with the chat template and
+    the question around it), prompt i starting `stride` * i tokens in: every request reads its own
+    text, so no server can answer one from another's cached prefix."""
     from modeling_performer.bundled import lm_eval_tasks_path
 
     text = "\n\n".join(json.loads(line)["text"] for line in open(lm_eval_tasks_path() / "plays_test.jsonl"))
     ids = tokenizer(text, add_special_tokens=False).input_ids
     overhead = len(tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
                                                  return_dict=True)["input_ids"])
-    return tokenizer.decode(ids[: max(tokens - overhead, 1)]) + QUESTION
+    length = max(tokens - overhead, 1)
+    if stride * (count - 1) + length > len(ids):
+        raise SystemExit(f"the held-out plays hold {len(ids)} tokens: too few for {count} prompts of {tokens}")
+    return [tokenizer.decode(ids[stride * i: stride * i + length]) + QUESTION for i in range(count)]
 
 
 def one_request(client, model: str, prompt: str, new_tokens: int, batching: str = "off") -> dict:
@@ -75,6 +81,7 @@ def one_request(client, model: str, prompt: str, new_tokens: int, batching: str 
     end = time.perf_counter()
     generated = usage.completion_tokens if usage is not None else pieces
     return {"ttft_s": (first or end) - start, "latency_s": end - start, "generated": generated,
+            "decoding": (first, end) if first and end > first and generated > 1 else None,
             "prompt_tokens": usage.prompt_tokens if usage is not None else None,
             "decode_tokens_per_s": (generated - 1) / (end - first) if first and end > first and generated > 1 else None}
 
@@ -111,26 +118,35 @@ class PeakMemory:
         self.thread.join()
 
 
-def measure(model: str, url: str, prompt: str, clients: int, args, pid: int, batching: str) -> dict:
+def measure(model: str, url: str, prompts: list, clients: int, args, pid: int, batching: str) -> dict:
+    """prompts: one for the warm-up, then one per request."""
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
     try:
-        one_request(client, model, prompt, 2)  # warm-up (the first request pays for lazy set-up), and a check
+        one_request(client, model, prompts[0], 2)  # warm-up (the first request pays for lazy set-up), and a check
     except openai.BadRequestError as error:
         raise SystemExit(f"{model} refused the prompt: {error}") from None
     start = time.perf_counter()
     with PeakMemory(pid) as memory, concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        runs = list(pool.map(lambda _: one_request(client, model, prompt, args.new_tokens, batching),
-                             range(clients * args.requests)))
+        runs = list(pool.map(lambda prompt: one_request(client, model, prompt, args.new_tokens, batching),
+                             prompts[1:]))
     wall = time.perf_counter() - start
     decode = [r["decode_tokens_per_s"] for r in runs if r["decode_tokens_per_s"]]
     ttft = sorted(r["ttft_s"] for r in runs)
+    # The aggregate decode rate: tokens after the first ones over the time any request was decoding
+    # (the union of the requests' decoding intervals), so requests served one after the other add
+    # their intervals and requests decoding together share theirs.
+    spans, covered, reach = sorted(r["decoding"] for r in runs if r["decoding"]), 0.0, float("-inf")
+    for begin, finish in spans:
+        covered += max(0.0, finish - max(begin, reach))
+        reach = max(reach, finish)
+    after_first = sum(r["generated"] - 1 for r in runs if r["decoding"])
     return {
         "requests": len(runs), "wall_s": round(wall, 2), "prompt_tokens": runs[0]["prompt_tokens"],
         "requests_per_s": round(len(runs) / wall, 4),
         "tokens_per_s": round(sum(r["generated"] for r in runs) / wall, 3),
-        "decode_tokens_per_s_sum": round(sum(decode) / args.requests, 3),
+        "decode_tokens_per_s_aggregate": round(after_first / covered, 3) if covered else None,
         "generated_per_request": statistics.mean(r["generated"] for r in runs),
         "ttft_s_mean": round(statistics.mean(ttft), 3),
         "ttft_s_median": round(statistics.median(ttft), 3),
@@ -195,9 +211,10 @@ def ratios(data: dict) -> dict:
         if alone is not None and clients > 1:
             scaling.append({"model": model, "batching": batching, "clients": clients, "context": context,
                             "tokens_per_s_over_one_client": round(row["tokens_per_s"] / alone["tokens_per_s"], 3),
-                            "decode_sum_over_one_client": round(row["decode_tokens_per_s_sum"]
-                                                                / alone["decode_tokens_per_s_sum"], 3)
-                            if row.get("decode_tokens_per_s_sum") and alone.get("decode_tokens_per_s_sum") else None})
+                            "decode_aggregate_over_one_client": round(row["decode_tokens_per_s_aggregate"]
+                                                                      / alone["decode_tokens_per_s_aggregate"], 3)
+                            if row.get("decode_tokens_per_s_aggregate") and alone.get("decode_tokens_per_s_aggregate")
+                            else None})
         if model != models[0]:
             continue
         for other_key, other in sorted(points.items()):
@@ -255,7 +272,10 @@ def main(argv=None):
         try:
             for context, clients in todo:
                 row = {"model": model, "label": label, "batching": batching, "clients": clients, "context": context,
-                       **measure(model, url, prompt_of(tokenizer, context - args.new_tokens), clients, args,
+                       "new_tokens": args.new_tokens,
+                       "distinct_prompts": True,
+                       **measure(model, url, prompts_of(tokenizer, context - args.new_tokens, 1 + clients * args.requests),
+                                 clients, args,
                                  process.pid, batching)}
                 print(json.dumps(row), flush=True)
                 data["results"].append(row)
@@ -269,7 +289,8 @@ def main(argv=None):
     data["ratios"] = ratios(data)
     for entry in data["ratios"]["scaling"]:
         print(f"{entry['model']} batching {entry['batching']}, {entry['clients']} clients, {entry['context']} tokens: "
-              f"answer tokens/s x{entry['tokens_per_s_over_one_client']} one client's")
+              f"answer tokens/s x{entry['tokens_per_s_over_one_client']}, aggregate decode "
+              f"x{entry['decode_aggregate_over_one_client']} one client's")
     for entry in data["ratios"]["against"]:
         print(f"{entry['model']} ({entry['batching']}) / {entry['other']} ({entry['other_batching']}), "
               f"{entry['clients']} clients, {entry['context']} tokens: answer tokens/s x{entry['tokens_per_s_over_other']}")

@@ -267,10 +267,12 @@ def test_server_benchmark_measures_each_point_once_and_resumes(tiny_chat_folder,
     assert [(r["batching"], r["context"], r["clients"]) for r in rows] == [
         (mode, context, clients) for mode in ("off", "on") for context in (64, 96) for clients in (1, 2)]
     for row in rows:
-        assert row["requests"] == row["clients"] and row["generated_per_request"] == 4  # exactly --new-tokens
+        assert row["requests"] == row["clients"] and row["generated_per_request"] == row["new_tokens"] == 4
         assert 0 < row["ttft_s_min"] <= row["ttft_s_median"] <= row["ttft_s_p95"] <= row["latency_s_mean"] * 2
         assert row["prompt_tokens"] <= row["context"] - 4 + 8  # the prompt is cut to fit the context
         assert row["peak_rss_mib"] > 100  # the server's processes, model included
+        if row["clients"] == 1:  # one request: the union of decoding intervals is its own
+            assert row["decode_tokens_per_s_aggregate"] == pytest.approx(row["decode_tokens_per_s_median"], rel=1e-2)
     two = next(r for r in saved["ratios"]["scaling"] if (r["batching"], r["clients"], r["context"]) == ("on", 2, 64))
     one, both = (next(r for r in rows if (r["batching"], r["clients"], r["context"]) == ("on", n, 64)) for n in (1, 2))
     assert two["tokens_per_s_over_one_client"] == pytest.approx(both["tokens_per_s"] / one["tokens_per_s"], rel=1e-2)

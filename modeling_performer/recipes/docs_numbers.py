@@ -197,14 +197,20 @@ def serving_batching_table() -> str:
     data = _load("serving_chat.json")
     rows = [r for r in data["results"] if "batching" in r]
     alone = {(r["model"], r["batching"], r["context"]): r["tokens_per_s"] for r in rows if r["clients"] == 1}
-    lines = ["| context | clients | model | batching | answer tokens/s, all clients | x one client | decode tokens/s, "
-             "summed | TTFT p50 / p95 (s) | peak RSS (GiB) |", "|---" * 9 + "|"]
+    decode = {(r["model"], r["batching"], r["context"]): r["decode_tokens_per_s_aggregate"]
+              for r in rows if r["clients"] == 1}
+    lines = ["| context (answer) | clients | model | batching | answer tokens/s, all clients | x one client | aggregate "
+             "decode tokens/s | x one client | TTFT p50 / p95 (s) | peak RSS (GiB) |", "|---" * 10 + "|"]
     for r in sorted(rows, key=lambda r: (r["context"], r["clients"], r["label"], r["batching"])):
-        one = alone.get((r["model"], r["batching"], r["context"]))
-        lines.append(f"| {r['context']:,} | {r['clients']} | {r['label']} | {r['batching']} | {r['tokens_per_s']:.2f} | "
+        key = (r["model"], r["batching"], r["context"])
+        one, one_decode = alone.get(key), decode.get(key)
+        rate = r["decode_tokens_per_s_aggregate"]
+        answer = r.get("new_tokens", data["new_tokens"])
+        lines.append(f"| {r['context']:,} ({answer}) | {r['clients']} | {r['label']} | {r['batching']} "
+                     f"| {r['tokens_per_s']:.2f} | "
                      + (f"{r['tokens_per_s'] / one:.2f}x" if one and r["clients"] > 1 else "")
-                     + f" | {r['decode_tokens_per_s_sum']:.1f} | {r['ttft_s_median']:.1f} / {r['ttft_s_p95']:.1f} "
-                     f"| {r['peak_rss_mib'] / 1024:.2f} |")
+                     + f" | {rate:.1f} | " + (f"{rate / one_decode:.2f}x" if one_decode and r["clients"] > 1 else "")
+                     + f" | {r['ttft_s_median']:.1f} / {r['ttft_s_p95']:.1f} | {r['peak_rss_mib'] / 1024:.2f} |")
     return "\n".join(lines) + "\n"
 
 
