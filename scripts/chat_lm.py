@@ -4,6 +4,7 @@
     python scripts/chat_lm.py data TEACHER ROWS.jsonl        # the teacher's transcripts + plain text, to fit on
     python scripts/chat_lm.py finish FITTED OUT --sparse-cache-size 64   # the recommended folder
     python scripts/chat_lm.py evaluate TEACHER STUDENT --output results.json --snapshots DIR/snapshot-*.pt
+    python scripts/chat_lm.py rank-layers TEACHER STUDENT --output layers.json   # which layers keep softmax
 
 data: the teacher (a softmax Performer folder of the chat model) answers, greedily through its chat
 template, the short prompts of configuration/chat/prompts.jsonl, and questions about a fact or a
@@ -17,6 +18,11 @@ teacher at 512 and 2,048), the cache's bytes, a fact in a 300 / 1,000 / 2,000 / 
 document asked through the chat template (the student with and without its sparse cache), pass
 keys, short chat questions, and the quality after each transfer snapshot. Each part is kept as it
 finishes (OUTPUT.partial.json), so a killed run resumes where it stopped with the same command.
+
+rank-layers: every linear layer of STUDENT scored one at a time on the training split (the teacher
+with that layer linear, or the student with that layer exact again: --direction), by the planted
+answers' log-probability and the KL to the teacher; the ranking goes to OUTPUT, and
+`convert_to_performer.py --softmax-layers` takes its first k (modeling_performer.recipes.layer_choice).
 """
 
 import argparse
@@ -324,6 +330,19 @@ def report(args):
     print(f"wrote {output} and {output.with_suffix('.png')}")
 
 
+def rank_layers(args):
+    from modeling_performer.recipes import devices, layer_choice
+
+    device, _ = devices.setup(args)
+    try:
+        result = layer_choice.rank_layers(args.teacher, args.student, args.output, args.direction, args.documents,
+                                          args.document_length, args.kl_tokens, device=device)
+    except layer_choice.LayerChoiceError as error:
+        raise SystemExit(f"rank-layers: {error}") from error
+    print(layer_choice.format_ranking(result))
+    print(f"wrote {args.output}")
+
+
 def main(argv=None):
     from modeling_performer.recipes import devices
 
@@ -374,6 +393,18 @@ def main(argv=None):
     p.add_argument("--output", required=True, help="results .json (the figure goes beside it as .png)")
     p.add_argument("--minutes", help="minutes.tsv of the recipe (default: beside FOLDER)")
     p.set_defaults(func=report)
+    p = commands.add_parser("rank-layers", help="which layers should keep softmax attention, measured")
+    p.add_argument("teacher")
+    p.add_argument("student", help="a linear (or hybrid) conversion of the teacher, fitted or not")
+    p.add_argument("--output", required=True, help="the ranking's .json")
+    p.add_argument("--direction", choices=("ablate", "restore"), default="ablate",
+                   help="ablate: the teacher with one layer linear (default); restore: the student with one "
+                        "layer exact (for fitted students)")
+    p.add_argument("--documents", type=int, default=16, help="training questions asked (%(default)s)")
+    p.add_argument("--document-length", type=int, default=1000, help="their documents' tokens (%(default)s)")
+    p.add_argument("--kl-tokens", type=int, default=3072, help="plain training tokens for the KL (%(default)s)")
+    devices.add_device_arguments(p)
+    p.set_defaults(func=rank_layers)
     args = parser.parse_args(argv)
     args.func(args)
 
