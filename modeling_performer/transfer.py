@@ -14,6 +14,12 @@ An optional second stage (`end_to_end_steps`) runs the whole student on the same
 and pulls every layer's output hidden state towards the teacher's, still moving only the same
 feature-map and window tensors: no labels, no other weight changes.
 
+The end-to-end stage can also give the linear layers capacity beyond their maps: `lora_rank` > 0
+adds a low-rank update to each linear layer's q/k/v/o projections (LoRA, Hu et al., 2021; attention
+transfer followed by LoRA is LoLCATs' recipe), trained jointly with the maps in that stage and
+merged into the weights when the fit ends, so the fitted model is a plain Performer again. The
+layers that keep softmax attention in a hybrid stack stay the teacher's, weight for weight.
+
 `transfer_attention` takes `get_batch(step)` rather than an iterator, so that a run resumed from
 its checkpoint sees exactly the batches an uninterrupted one would.
 """
@@ -86,6 +92,68 @@ def trainable_tensors(student_module: PerformerAttention) -> dict:
         if student_module.decay.weight is not None:
             tensors["decay_weight"] = student_module.decay.weight
     return tensors
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class LowRankUpdate(torch.nn.Module):
+    """A parametrization of a Linear's weight: W + (B @ A) * alpha / rank, B starting at zero so that
+    the model is unchanged until it trains (torch.nn.utils.parametrize; merged by removing it)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, seed: int):
+        super().__init__()
+        out_features, in_features = weight.shape
+        generator = torch.Generator().manual_seed(seed)
+        a = torch.randn(rank, in_features, generator=generator) / in_features ** 0.5
+        self.lora_A = torch.nn.Parameter(a.to(weight.device, weight.dtype))
+        self.lora_B = torch.nn.Parameter(torch.zeros(out_features, rank, device=weight.device, dtype=weight.dtype))
+        self.scale = alpha / rank
+
+    def forward(self, weight):
+        return weight + (self.lora_B @ self.lora_A) * self.scale
+
+
+def add_low_rank_updates(pairs, rank: int, alpha: Optional[float] = None, targets=LORA_TARGETS) -> dict:
+    """Adds a LowRankUpdate to the `targets` projections of every fitted (linear) layer ->
+    {"<layer>.<projection>.lora_A" / ".lora_B": tensor}; the seeds follow the layer order."""
+    from torch.nn.utils import parametrize
+
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise TransferError(f"LoRA targets must be among {LORA_TARGETS}, not {list(targets)}")
+    if rank < 1:
+        raise TransferError(f"lora_rank must be at least 1 to add updates, not {rank}")
+    tensors = {}
+    for index, (name, _, module) in enumerate(pairs):
+        for offset, target in enumerate(targets):
+            linear = getattr(module, target)
+            update = LowRankUpdate(linear.weight, rank, 2.0 * rank if alpha is None else alpha,
+                                   seed=index * len(LORA_TARGETS) + offset)
+            parametrize.register_parametrization(linear, "weight", update)
+            tensors[f"{name}.{target}.lora_A"] = update.lora_A
+            tensors[f"{name}.{target}.lora_B"] = update.lora_B
+    return tensors
+
+
+def merge_low_rank_updates(pairs) -> None:
+    """Folds every LowRankUpdate into its weight and removes it (a plain nn.Linear again)."""
+    from torch.nn.utils import parametrize
+
+    for _, _, module in pairs:
+        for target in LORA_TARGETS:
+            linear = getattr(module, target)
+            if parametrize.is_parametrized(linear, "weight"):
+                parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
+
+
+def _effective_weights(pairs) -> dict:
+    """The updated projections' weights as they stand (for snapshots of a run with LoRA)."""
+    from torch.nn.utils import parametrize
+
+    return {f"{name}.{target}.weight": getattr(module, target).weight.detach().clone()
+            for name, _, module in pairs for target in LORA_TARGETS
+            if parametrize.is_parametrized(getattr(module, target), "weight")}
 
 
 class _Capture:
@@ -282,6 +350,10 @@ def transfer_attention(
     end_to_end_loss: str = "hidden_states",
     kl_positions: int = 0,
     snapshot_steps: tuple = (),
+    lora_rank: int = 0,
+    lora_alpha: Optional[float] = None,
+    lora_learning_rate: Optional[float] = None,
+    lora_targets: tuple = LORA_TARGETS,
 ) -> dict:
     """Fits the student's linear attention to the teacher's softmax attention (see the module
     docstring): `steps` steps layer by layer, then `end_to_end_steps` steps on the whole stack's
@@ -300,7 +372,12 @@ def transfer_attention(
     distribution (causal LMs; `kl_positions` > 0 scores that many positions per sequence, drawn
     afresh each step) instead of matching hidden states. With checkpoint_dir, the fitted tensors
     after each step in `snapshot_steps` are also kept, as snapshot-STEP.pt (`load_snapshot`), so the
-    quality of the fit can be read against the steps it took."""
+    quality of the fit can be read against the steps it took.
+
+    lora_rank > 0 trains low-rank updates of the linear layers' `lora_targets` projections in the
+    end-to-end stage beside the maps (learning rate `lora_learning_rate`, default the end-to-end
+    one; scale lora_alpha / rank, alpha 2 * rank by default) and merges them into the weights at
+    the end; checkpoints hold them, and snapshots hold the updated weights themselves."""
     if end_to_end_loss not in END_TO_END_LOSSES:
         raise TransferError(f"end_to_end_loss must be one of {END_TO_END_LOSSES}, not {end_to_end_loss!r}")
     if steps < 0 or end_to_end_steps < 0:
@@ -320,7 +397,24 @@ def transfer_attention(
     for tensor in named.values():
         tensor.requires_grad_(True)
     tensors = list(named.values())
-    optimizer = torch.optim.Adam(tensors, lr=learning_rate)
+    low_rank = {}
+    if lora_rank:
+        if not end_to_end_steps:
+            raise TransferError("lora_rank trains in the end-to-end stage: give end_to_end_steps too")
+        low_rank = add_low_rank_updates(pairs, lora_rank, lora_alpha, tuple(lora_targets))
+        named.update(low_rank)
+
+    def stage_optimizer(second: bool):
+        """Adam over the maps (and, in the end-to-end stage, the low-rank updates at their own rate)."""
+        if not second:
+            return torch.optim.Adam(tensors, lr=learning_rate)
+        groups = [{"params": tensors, "lr": end_to_end_learning_rate}]
+        if low_rank:
+            groups.append({"params": list(low_rank.values()),
+                           "lr": lora_learning_rate if lora_learning_rate is not None else end_to_end_learning_rate})
+        return torch.optim.Adam(groups)
+
+    optimizer = stage_optimizer(False)
     total = steps + end_to_end_steps
     history, start = [], 0
     path = os.path.join(checkpoint_dir, CHECKPOINT_NAME) if checkpoint_dir else None
@@ -331,18 +425,23 @@ def transfer_attention(
         with torch.no_grad():
             for key, tensor in named.items():
                 tensor.copy_(saved["tensors"][key])
-        optimizer.load_state_dict(saved["optimizer"])  # either stage's: its learning rate comes with it
         start, history = saved["step"], list(saved["history"])
+        optimizer = stage_optimizer(start > steps)
+        optimizer.load_state_dict(saved["optimizer"])  # either stage's: its learning rate comes with it
 
     from tqdm.auto import tqdm
 
     bar = tqdm(range(start, total), initial=start, total=total, disable=not progress,
                desc="attention transfer" + (", end to end" if start > steps else ""))
+    for tensor in low_rank.values():  # the updates train in the end-to-end stage only
+        tensor.requires_grad_(start >= steps)
     try:
         for step in bar:
             batch = get_batch(step)
             if step == steps:  # the second stage starts with a fresh optimizer of its own
-                optimizer = torch.optim.Adam(tensors, lr=end_to_end_learning_rate)
+                optimizer = stage_optimizer(True)
+                for tensor in low_rank.values():
+                    tensor.requires_grad_(True)
                 bar.set_description("attention transfer, end to end")
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
@@ -360,7 +459,9 @@ def transfer_attention(
                 os.makedirs(checkpoint_dir, exist_ok=True)
                 _save_checkpoint(path, step + 1, named, optimizer, history)
             if checkpoint_dir and step + 1 in snapshot_steps:
-                save_atomically({k: t.detach().clone() for k, t in named.items()},
+                os.makedirs(checkpoint_dir, exist_ok=True)
+                kept = {k: t.detach().clone() for k, t in named.items() if k not in low_rank}
+                save_atomically({**kept, **_effective_weights(pairs)},
                                 os.path.join(checkpoint_dir, f"snapshot-{step + 1}.pt"))
     finally:
         for tensor in named.values():
@@ -371,6 +472,7 @@ def transfer_attention(
         for _, _, module in pairs:
             if module.projection is not None:
                 module.projection.requires_grad_(False)
+        merge_low_rank_updates(pairs)  # a plain model again, whether the fit finished or stopped
     return {"loss": history[:steps], "end_to_end_loss": history[steps:], "steps": steps,
             "end_to_end_steps": end_to_end_steps, "end_to_end_learning_rate": end_to_end_learning_rate}
 
@@ -378,7 +480,8 @@ def transfer_attention(
 
 def load_snapshot(student: PerformerPreTrainedModel, path: str) -> None:
     """Puts the tensors of a `transfer_attention` snapshot (snapshot-STEP.pt) into the student (a
-    model of the fitted one's layout, e.g. the finished folder), in place."""
+    model of the fitted one's layout, e.g. the finished folder), in place: the maps, window weights
+    and gates, and the projections' weights where the run trained low-rank updates."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     modules = dict(student.base_model.named_modules())
     with torch.no_grad():
@@ -386,4 +489,7 @@ def load_snapshot(student: PerformerPreTrainedModel, path: str) -> None:
             name, tensor_name = key.rsplit(".", 1)
             if name not in modules:
                 raise TransferError(f"{path} holds {key}, which the student does not have")
-            trainable_tensors(modules[name])[tensor_name].copy_(value)
+            if isinstance(modules[name], torch.nn.Linear) and tensor_name == "weight":
+                modules[name].weight.copy_(value)
+            else:
+                trainable_tensors(modules[name])[tensor_name].copy_(value)

@@ -288,7 +288,8 @@ def evaluate(args):
 
 
 # -------------------------------------------------------------------------------------------- report
-FITTING_STEPS = ("convert-teacher", "convert-converted", "chat-data", "chat-transfer", "chat-finish")
+FITTING_STEPS = ("convert-teacher", "convert-linear", "chat-rank-layers", "convert-converted", "chat-data",
+                 "chat-transfer", "chat-finish")
 
 
 def report(args):

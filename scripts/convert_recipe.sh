@@ -23,12 +23,16 @@
 #                   copy; the teacher's own chat transcripts (short prompts, facts and pass keys in
 #                   documents of the training texts) beside plain training text, in rows of 2,048 tokens;
 #                   attention transfer layer by layer on them, then distillation of the teacher's
-#                   next-token distribution end to end (maps and window weights only: every weight of the
-#                   teacher is kept); the fitted copy with its sparse cache on (the recommended folder);
+#                   next-token distribution end to end (maps and window weights; every other weight of the
+#                   teacher is kept unless CHAT_LORA_RANK is set), with the sparse cache on throughout (the
+#                   recommended folder);
 #                   teacher against student on held-out text and questions -> $OUT/chat/results.json
 #                   (not part of the default run: about 75 minutes on 2 CPU cores). CHAT_LINEAR_DECAY=head|data
 #                   converts with decay-gated linear attention (fitted beside the maps; no sparse cache,
-#                   which a decaying state does not take)
+#                   which a decaying state does not take). CHAT_SOFTMAX_LAYERS=top:K keeps the K layers that
+#                   chat_lm.py rank-layers measures as retrieval's exact softmax (uniform:K evenly spaced
+#                   ones, or a list "4,12"); CHAT_LORA_RANK=8 also fits low-rank updates of the linear
+#                   layers' q/k/v/o in the distillation stage (merged into the weights)
 #
 # Outputs: $OUT (default outputs/recipe); minutes per step in $OUT/minutes.tsv. STEPS_SCALE=2 doubles
 # every budget (STEPS_SCALE=0.02 makes a smoke run of the whole pipeline).
@@ -153,18 +157,37 @@ if [[ " $stages " == *" chat-lm "* ]]; then
     total=$((layer_steps + kl_steps))
     snapshots=$(python -c "print(*sorted({max($total // 4, 1), max($total // 2, 1)} - {$total}))")
     convert "$source_model" $chat/teacher --attention-type softmax
-    decay_options=() chat_sparse_cache=${CHAT_SPARSE_CACHE:-64}
+    student_options=(--feature-map hedgehog --local-window $chat_window) chat_sparse_cache=${CHAT_SPARSE_CACHE:-64}
     if [ -n "${CHAT_LINEAR_DECAY:-}" ]; then
-        decay_options=(--linear-decay "$CHAT_LINEAR_DECAY") chat_sparse_cache=0
+        student_options+=(--linear-decay "$CHAT_LINEAR_DECAY") chat_sparse_cache=0
     fi
-    convert "$source_model" $chat/converted --feature-map hedgehog --local-window $chat_window "${decay_options[@]}"
+    # CHAT_SOFTMAX_LAYERS: layers kept exact (a hybrid): "4,12", "uniform:K" (evenly spaced) or "top:K" (the K
+    # that rank-layers measures on the training split: the teacher with one layer linear at a time)
+    kept=${CHAT_SOFTMAX_LAYERS:-}
+    if [[ "$kept" == top:* || "$kept" == uniform:* ]]; then
+        count=${kept#*:}
+        if [[ "$kept" == top:* ]]; then
+            ranking=${CHAT_LAYER_RANKING:-$chat/layers.json}
+            convert "$source_model" $chat/linear "${student_options[@]}"
+            timed chat-rank-layers $ranking python scripts/chat_lm.py rank-layers $chat/teacher $chat/linear \
+                --output $ranking ${CHAT_DEVICE_OPTIONS:-}
+            kept=$(python -c "from modeling_performer.recipes.layer_choice import top_layers as t; print(*t('$ranking', $count), sep=',')")
+        else
+            kept=$(python -c "import json; from modeling_performer.recipes.layer_choice import uniform_layers as u
+print(*u($count, json.load(open('$chat/teacher/config.json'))['num_hidden_layers']), sep=',')")
+        fi
+    fi
+    [ -n "$kept" ] && student_options+=(--softmax-layers "$kept")
+    # The sparse cache is on while fitting, as the finished folder has it.
+    convert "$source_model" $chat/converted "${student_options[@]}" --sparse-cache-size $chat_sparse_cache
     timed chat-data $chat/rows.jsonl python scripts/chat_lm.py data $chat/teacher $chat/rows.jsonl \
         --plain-rows $(steps 120) --documents $(steps 100) --passkeys $(steps 24) --prompts $(steps 64) \
         --seq-len ${CHAT_SEQ_LEN:-2048} ${CHAT_DEVICE_OPTIONS:-}
     timed chat-transfer $chat/fitted/transfer_metrics.json python scripts/transfer_attention.py $chat/teacher \
         $chat/converted $chat/fitted --data $chat/rows.jsonl --whole-rows --seq-len ${CHAT_SEQ_LEN:-2048} \
         --batch-size 1 --steps $layer_steps --end-to-end-steps $kl_steps --end-to-end-loss next-token-kl \
-        --kl-positions 512 --end-to-end-learning-rate 3e-3 --snapshots $snapshots ${CHAT_DEVICE_OPTIONS:-}
+        --kl-positions 512 --end-to-end-learning-rate 3e-3 --snapshots $snapshots --lora-rank ${CHAT_LORA_RANK:-0} \
+        --lora-learning-rate ${CHAT_LORA_LEARNING_RATE:-1e-3} ${CHAT_DEVICE_OPTIONS:-}
     timed chat-finish $chat/student/config.json python scripts/chat_lm.py finish $chat/fitted $chat/student \
         --sparse-cache-size $chat_sparse_cache
     snapshot_files=()

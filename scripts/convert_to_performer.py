@@ -85,6 +85,9 @@ def main(argv=None):
     parser.add_argument("--linear-decay", choices=["head", "data"], default=None,
                         help="decay-gated linear attention (decoders): a learned gate per key/value head, or per token "
                              "from its key; it starts almost open (the ungated conversion), transfer fits it")
+    parser.add_argument("--sparse-cache-size", type=int, default=None,
+                        help="decoders with a window: also keep exactly this many of the key/value pairs that left "
+                             "the window, by their keys' weight (0 = off)")
     parser.add_argument("--sink-tokens", type=int, default=None,
                         help="encoders with a window: the first N tokens of every text ([CLS] for N = 1) stay exact for "
                              "every query (0 = off)")
@@ -100,7 +103,7 @@ def main(argv=None):
                                     ("feature_map", args.feature_map), ("hedgehog_dim", args.hedgehog_dim),
                                     ("hedgehog_key_scale", args.hedgehog_key_scale),
                                     ("local_window", args.local_window), ("sink_tokens", args.sink_tokens),
-                                    ("linear_decay", args.linear_decay))
+                                    ("linear_decay", args.linear_decay), ("sparse_cache_size", args.sparse_cache_size))
                  if v is not None}
     try:
         model, tokenizer = convert_to_performer(args.source, args.attention_type, args.num_random_features,

@@ -74,6 +74,13 @@ def main(argv=None):
                              "instead of the rows' tokens cut into --seq-len windows")
     parser.add_argument("--snapshots", type=int, nargs="*", default=[],
                         help="steps after which the fitted tensors are also kept (OUTPUT/snapshot-STEP.pt)")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="low-rank updates of the linear layers' projections, trained in the end-to-end stage "
+                             "beside the maps and merged at the end (0: maps only; %(default)s)")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="their scale's numerator (2 * rank)")
+    parser.add_argument("--lora-learning-rate", type=float, default=None, help="(the end-to-end learning rate)")
+    parser.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"],
+                        help="projections that get updates (%(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     from modeling_performer.recipes import devices
@@ -160,7 +167,9 @@ def main(argv=None):
                                      accumulation_steps=args.gradient_accumulation_steps,
                                      autocast=lambda: devices.autocast(device, precision),
                                      end_to_end_loss=args.end_to_end_loss.replace("-", "_"),
-                                     kl_positions=args.kl_positions, snapshot_steps=tuple(args.snapshots))
+                                     kl_positions=args.kl_positions, snapshot_steps=tuple(args.snapshots),
+                                     lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                                     lora_learning_rate=args.lora_learning_rate, lora_targets=tuple(args.lora_targets))
     except TransferError as error:
         raise SystemExit(f"transfer_attention: {error}")
     after = attention_errors(teacher, student, probe)
@@ -177,6 +186,8 @@ def main(argv=None):
         "end_to_end_steps": args.end_to_end_steps, "end_to_end_loss": args.end_to_end_loss,
         "kl_positions": args.kl_positions, "whole_rows": args.whole_rows, "snapshots": args.snapshots,
         "end_to_end_learning_rate": history["end_to_end_learning_rate"],
+        "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_learning_rate": args.lora_learning_rate,
+        "lora_targets": args.lora_targets if args.lora_rank else [],
         "seconds_this_run": round(time.time() - start, 1), "loss_first": history["loss"][:1],
         "loss_last": history["loss"][-1:], "end_to_end_loss_first": history["end_to_end_loss"][:1],
         "end_to_end_loss_last": history["end_to_end_loss"][-1:],

@@ -148,8 +148,8 @@ def tiny_llama(tmp_path_factory, tokenizer):
     return folder
 
 
-def run_stage(tiny_llama, out):
-    env = {**os.environ, "CHAT_SOURCE": str(tiny_llama), "OUT": str(out), "STEPS_SCALE": "0.03",
+def run_stage(tiny_llama, out, **extra):
+    env = {**os.environ, **extra, "CHAT_SOURCE": str(tiny_llama), "OUT": str(out), "STEPS_SCALE": "0.03",
            "CHAT_SEQ_LEN": "512", "CHAT_WINDOW": "8", "CHAT_SPARSE_CACHE": "8",
            "CHAT_EVALUATE_OPTIONS": "--ppl-lengths 64 256 --ppl-tokens 256 --document-lengths 100 300 "
                                     "--passkey-lengths 200 --passkey-per-length 2 --curve-lengths 100 "
@@ -204,6 +204,32 @@ def test_the_chat_lm_stage_runs_end_to_end_resumes_and_names_a_folder_that_loads
     assert (chat / "rows.jsonl").read_text() == rows
     assert "== chat-student\n" in resumed.stdout and "== chat-teacher: kept from" in resumed.stdout
     assert json.loads((tmp_path / "results.json").read_text())["chat"] == results["chat"]
+
+
+def test_a_hybrid_with_measured_layers_and_lora_comes_out_of_the_same_command(tiny_llama, tmp_path):
+    done = run_stage(tiny_llama, tmp_path, CHAT_SOFTMAX_LAYERS="top:1", CHAT_LORA_RANK="2")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranking = json.loads((tmp_path / "chat" / "layers.json").read_text())
+    assert sorted(ranking["ranking"]) == [0, 1]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"convert-linear", "chat-rank-layers"} <= set(results["minutes"]["fitting"])
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "chat" / "student")
+    kept = ranking["ranking"][0]
+    assert student.config.attention_type == ["softmax" if i == kept else "favor" for i in range(2)]
+    assert student.config.sparse_cache_size == 8
+    metrics = json.loads((tmp_path / "chat" / "fitted" / "transfer_metrics.json").read_text())
+    assert metrics["lora_rank"] == 2
+    # The kept layer is the teacher's weight for weight; the linear layer's projections moved (merged updates).
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "chat" / "teacher").state_dict()
+    weights = student.state_dict()
+    for name, value in weights.items():
+        if f"layers.{kept}." in name and name in teacher:
+            assert torch.equal(value, teacher[name]), name
+    linear = 1 - kept
+    assert not torch.equal(weights[f"model.decoder.layers.{linear}.self_attn.q_proj.weight"],
+                           teacher[f"model.decoder.layers.{linear}.self_attn.q_proj.weight"])
 
 
 def test_the_token_budget_extends_the_curves_last_fall_as_a_power_law():

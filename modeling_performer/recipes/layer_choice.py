@@ -139,9 +139,6 @@ def rank_layers(teacher_dir, student_dir, output, direction: str = "ablate", doc
     {"scores": {layer: {...}}, "ranking": [...], "baseline": {...}, "uniform": {k: [...]}, ...} to
     `output`. Resumes from OUTPUT.partial.json."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import chat_lm
 
     if direction not in DIRECTIONS:
         raise LayerChoiceError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
@@ -171,7 +168,17 @@ def rank_layers(teacher_dir, student_dir, output, direction: str = "ablate", doc
         partial_path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
         os.replace(partial_path.with_suffix(".tmp"), partial_path)
 
-    torch.set_grad_enabled(False)
+    with torch.no_grad():
+        return _measure(record, keep, settings, kinds, candidates, num_layers, teacher_dir, student_dir, output,
+                        direction, documents, document_length, kl_tokens, answer_tokens, device, progress)
+
+
+def _measure(record, keep, settings, kinds, candidates, num_layers, teacher_dir, student_dir, output, direction,
+             documents, document_length, kl_tokens, answer_tokens, device, progress):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import chat_lm
+
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).to(device).eval()
     ids = chat_lm.corpus_ids(tokenizer, "train")
@@ -181,8 +188,8 @@ def rank_layers(teacher_dir, student_dir, output, direction: str = "ablate", doc
                                                      desc="teacher replies")
         keep()
     spans = answer_spans(tokenizer, items, record["replies"])
-    if not spans:
-        raise LayerChoiceError(f"the teacher answered none of the {len(items)} training questions: nothing to rank by")
+    if not spans:  # nothing to score the answers by: every layer's answer score is 0 and the KL ranks alone
+        print(f"the teacher answered none of the {len(items)} training questions: the layers are ranked by KL alone")
     teacher_state = teacher.state_dict()
     windows, per = [], max(kl_tokens // (1024 * len(chat_lm.CORPORA)), 1)
     for corpus in chat_lm.CORPORA:  # the start of each corpus's training split, 1,024 tokens at a time
@@ -216,9 +223,9 @@ def rank_layers(teacher_dir, student_dir, output, direction: str = "ablate", doc
         record["scores"][str(layer)] = scores
         keep()
         del model
-    result = {**settings, "measured_on": f"{len(spans)} correctly answered training-split questions in "
-                                         f"{document_length}-token documents; next-token KL on {len(windows)} "
-                                         "training windows of 1,024 tokens",
+    answers = (f"{len(spans)} correctly answered training-split questions in {document_length}-token documents"
+               if spans else "no training question the teacher answered (the KL ranks alone)")
+    result = {**settings, "measured_on": f"{answers}; next-token KL on {len(windows)} training windows of 1,024 tokens",
               "answers_scored": len(spans), "baseline": record["baseline"], "scores": record["scores"],
               "ranking": rank(record["scores"], direction),
               "uniform": {str(k): uniform_layers(k, num_layers) for k in range(1, min(num_layers, 9))},
