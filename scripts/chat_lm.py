@@ -331,6 +331,37 @@ def report(args):
     print(f"wrote {output} and {output.with_suffix('.png')}")
 
 
+def frontier(args):
+    from modeling_performer.recipes import frontier as rows_of, plots
+    from modeling_performer.recipes.bench_common import provenance
+
+    root = pathlib.Path(args.root)
+    shared = rows_of.read_minutes(root / "shared" / "minutes.tsv")
+    ranking = root / "shared" / "layers.json"
+    names = args.rows or sorted(p.parent.name for p in root.glob("*/results.json"))
+    rows = []
+    for name in names:
+        folder = root / name
+        if not (folder / "results.json").exists():
+            raise SystemExit(f"{folder}/results.json is missing: run bash scripts/chat_frontier.sh {name}")
+        steps = dict(shared)
+        if name.startswith("top") and ranking.exists():  # the measured choice's own cost
+            steps.setdefault("chat-rank-layers", json.loads(ranking.read_text())["minutes"])
+        rows.append(rows_of.read_row(folder, name, steps))
+    for item in args.results:  # NAME=FILE: a results file of a whole recipe run (budget 1, full evaluation)
+        name, _, path = item.partition("=")
+        rows.append(rows_of.row_of(name, json.loads(pathlib.Path(path).read_text()), 1.0, "full"))
+    best = rows_of.best_row(rows)
+    record = {"rows": rows, "recommended": best and best["name"],
+              "targets": {k: {"column": c, "bound": round(b, 4), "kind": kind}
+                          for k, (c, b, kind) in rows_of.TARGETS.items()},
+              "ranking": json.loads(ranking.read_text())["ranking"] if ranking.exists() else None, **provenance()}
+    output = pathlib.Path(args.output)
+    write_json(output, record)
+    plots.plot_frontier(record, output.with_suffix(".png"))
+    print(f"wrote {output} and {output.with_suffix('.png')}; recommended: {record['recommended']}")
+
+
 def rank_layers(args):
     from modeling_performer.recipes import devices, layer_choice
 
@@ -394,6 +425,13 @@ def main(argv=None):
     p.add_argument("--output", required=True, help="results .json (the figure goes beside it as .png)")
     p.add_argument("--minutes", help="minutes.tsv of the recipe (default: beside FOLDER)")
     p.set_defaults(func=report)
+    p = commands.add_parser("frontier", help="the quality/cost table of scripts/chat_frontier.sh's rows")
+    p.add_argument("root", help="chat_frontier.sh's output folder (outputs/frontier)")
+    p.add_argument("--output", required=True, help="frontier .json (the figure goes beside it as .png)")
+    p.add_argument("--rows", nargs="*", default=[], help="row folders under ROOT (default: every one with results)")
+    p.add_argument("--results", nargs="*", default=[], metavar="NAME=FILE",
+                   help="rows from results files of whole recipe runs (e.g. the committed maps-only one)")
+    p.set_defaults(func=frontier)
     p = commands.add_parser("rank-layers", help="which layers should keep softmax attention, measured")
     p.add_argument("teacher")
     p.add_argument("student", help="a linear (or hybrid) conversion of the teacher, fitted or not")

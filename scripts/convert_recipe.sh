@@ -168,7 +168,7 @@ if [[ " $stages " == *" chat-lm "* ]]; then
         count=${kept#*:}
         if [[ "$kept" == top:* ]]; then
             ranking=${CHAT_LAYER_RANKING:-$chat/layers.json}
-            convert "$source_model" $chat/linear "${student_options[@]}"
+            [ -e "$ranking" ] || convert "$source_model" $chat/linear "${student_options[@]}"
             timed chat-rank-layers $ranking python scripts/chat_lm.py rank-layers $chat/teacher $chat/linear \
                 --output $ranking ${CHAT_DEVICE_OPTIONS:-}
             kept=$(python -c "from modeling_performer.recipes.layer_choice import top_layers as t; print(*t('$ranking', $count), sep=',')")

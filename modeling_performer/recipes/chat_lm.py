@@ -256,10 +256,11 @@ def assemble_results(partial: dict, minutes: dict, transfer: dict, rows_tokens: 
     results = {
         "teacher": teacher_name(source), "teacher_dir": teacher_dir, "student_dir": student_dir,
         "student": {k: student_config.get(k) for k in ("attention_type", "feature_map", "local_window",
-                                                        "sparse_cache_size", "num_hidden_layers")},
+                                                        "sparse_cache_size", "num_hidden_layers", "linear_decay")},
         "transfer": {k: transfer.get(k) for k in ("steps", "end_to_end_steps", "end_to_end_loss", "kl_positions",
                                                   "seq_len", "batch_size", "learning_rate",
-                                                  "end_to_end_learning_rate", "device", "precision")},
+                                                  "end_to_end_learning_rate", "device", "precision",
+                                                  "lora_rank")},
         "fitted_rows": len(rows_tokens), "fitted_tokens_per_step": round(mean_tokens),
         "perplexity": perplexity, "agreement": agreement, "documents": by_length("documents"),
         "passkey": by_length("passkey"), "chat": chat, "cache_bytes": cache, "curve": curve,

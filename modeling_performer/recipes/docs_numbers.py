@@ -430,6 +430,41 @@ def chat_lm_table(name: str = "smollm2/results.json") -> str:
     return "\n".join(lines) + f"\n\nFrom {source}.\n"
 
 
+def frontier_table(name: str = "smollm2/frontier.json") -> str:
+    """The linearized chat model's frontier: one row per configuration, quality against cost."""
+    data = _load(name)
+
+    def pct(value):
+        return "" if value is None else f"{100 * value:.0f}%"
+
+    def ratio(value):
+        return "" if value is None else f"{value:.2f}x"
+
+    def mark(row, target, text):
+        met = row["targets"].get(target)
+        return text if met is None or not text else (f"**{text}**" if met else text)
+
+    lengths = sorted({n for row in data["rows"] for n in row["documents"]}, key=int)
+    contexts = sorted({n for row in data["rows"] for n in row["perplexity_ratio"]}, key=int)
+    head = (["configuration", "kept softmax layers", "LoRA"] + [f"documents {int(n):,}" for n in lengths]
+            + [f"perplexity {int(n):,}" for n in contexts] + ["short chat", "cache 8,192", "fitting tokens / min",
+                                                               "budget, evaluation"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in data["rows"]:
+        docs = [mark(row, f"documents_{n}", pct((row["documents"].get(n) or {}).get("fraction"))) for n in lengths]
+        ppl = [mark(row, f"perplexity_{n}", ratio(row["perplexity_ratio"].get(n))) for n in contexts]
+        cache = row.get("cache_fraction_8192")
+        cells = ([row["name"], ", ".join(map(str, row["softmax_layers"])) or "none", str(row["lora_rank"] or "")]
+                 + docs + ppl + [mark(row, "chat", pct(row["chat"]["fraction"])),
+                                 mark(row, "cache_8192", "" if cache is None else f"1/{1 / cache:.0f}"),
+                                 f"{row['fitting']['tokens'] / 1e6:.2f}M / {row['fitting']['minutes']:.0f}",
+                                 f"{row['budget']:g}, {row['evaluation']}"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return ("\n".join(lines) + f"\n\nFrom `docs/figures/{name}` ({data['date'][:10]}); documents and short chat as a "
+            "fraction of the teacher's score, perplexity and cache as a ratio to the teacher's; a target met in bold. "
+            f"Recommended: {data['recommended']}.\n")
+
+
 TABLES = {"chat": chat_table, "chat_decode": chat_decode_table, "chat_prefill": chat_prefill_table,
           "serving": serving_table, "attention": attention_table, "attention_performer_pytorch": performer_pytorch_table,
           "decoding": decoding_table, "training": training_table, "memory": memory_table,

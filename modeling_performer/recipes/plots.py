@@ -222,3 +222,32 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def plot_frontier(record: dict, path: pathlib.Path):
+    """The frontier (chat_lm.py frontier): document questions against the cache each row keeps at
+    8,192 tokens, and against the perplexity ratio at 2,048 tokens; one point per row."""
+    fig, (cache, ppl) = plt.subplots(1, 2, figsize=(11, 4))
+    for row in record["rows"]:
+        docs = [v["fraction"] for v in row["documents"].values() if v.get("fraction") is not None]
+        score = sum(docs) / len(docs) if docs else None
+        if score is None:
+            continue
+        label = row["name"] + ("" if row["evaluation"] == "full" else " (screening)")
+        if row.get("cache_fraction_8192") is not None:
+            cache.scatter(row["cache_fraction_8192"], score, label=label)
+        if row["perplexity_ratio"].get("2048") is not None:
+            ppl.scatter(row["perplexity_ratio"]["2048"], score, label=label)
+    cache.axvline(1 / 8, color="grey", linestyle=":", label="cache target (1/8)")
+    cache.set(xlabel="cache at 8,192 tokens / the teacher's", ylabel="document questions, fraction of the teacher's")
+    ppl.axvline(1.05, color="grey", linestyle=":", label="perplexity target (1.05x)")
+    ppl.set(xlabel="perplexity / the teacher's, 2,048 tokens", ylabel="document questions, fraction of the teacher's")
+    for ax in (cache, ppl):
+        ax.axhline(0.9, color="k", linestyle="--", alpha=0.4)
+        ax.set_ylim(-0.05, 1.1)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Linearized SmolLM2-135M-Instruct: what each configuration keeps and costs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

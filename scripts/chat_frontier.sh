@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The SmolLM2 quality/cost frontier: the chat-lm recipe (scripts/convert_recipe.sh chat-lm) once per
+# configuration, every row on the same teacher, the same fitting rows and the same layer ranking, then
+# the table (docs/figures/smollm2/frontier.json, `chat_lm.py frontier`).
+#
+#   bash scripts/chat_frontier.sh top3 uniform3        # rows by name; no names: every row below
+#
+# Rows: maps-w64 (the maps and window weights only, sparse cache 64), lora (the same + LoRA rank 8
+# on q/k/v/o), top1..top4 (the K layers rank-layers measures keep softmax, LoRA 8, no sparse cache),
+# uniform1..uniform4 (K evenly spaced layers, otherwise the same), w256 (maps only, window 256),
+# decay (maps only, the data-dependent decay gate).
+# FRONTIER_SCALE (default 0.5) scales every fitting budget (1 = the recipe's); FRONTIER_EVALUATION=full
+# scores as the recipe does, screening (the default) at 512 / 2,048 tokens, documents of 300 / 1,000 /
+# 2,000 tokens and the short chat. A killed run resumes with the same command. Outputs:
+# outputs/frontier/ROW/ (FRONTIER_OUT), each with its results.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup_env.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+root=${FRONTIER_OUT:-outputs/frontier}
+shared=$root/shared
+scale=${FRONTIER_SCALE:-0.5}
+rows=${*:-maps-w64 lora top1 top2 top3 top4 uniform1 uniform2 uniform3 uniform4 w256 decay}
+source_model=${CHAT_SOURCE:-data_cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
+
+screening=(--parts language documents chat --ppl-lengths 512 2048 8192 --ppl-tokens 4096
+           --document-lengths 300 1000 2000 --per-length 12)
+[ "${FRONTIER_EVALUATION:-screening}" = full ] && screening=()
+
+# What every row shares: the teacher, the teacher's transcripts and plain rows, the layer ranking.
+mkdir -p $shared
+[ -z "${CHAT_SOURCE:-}" ] && python scripts/prepare_data.py --datasets smollm2 > /dev/null
+python scripts/prepare_data.py --datasets text bible speeches > /dev/null
+[ -e $shared/teacher/config.json ] || python scripts/convert_to_performer.py "$source_model" $shared/teacher \
+    --attention-type softmax
+[ -e $shared/rows.jsonl ] || python scripts/chat_lm.py data $shared/teacher $shared/rows.jsonl --plain-rows 120 \
+    --documents 100 --passkeys 24 --prompts 64 --seq-len 2048 ${CHAT_DEVICE_OPTIONS:-}
+
+row_settings() {  # NAME -> the recipe's variables for that row
+    case $1 in
+        maps-w64) echo "CHAT_SPARSE_CACHE=64" ;;
+        lora) echo "CHAT_SPARSE_CACHE=64 CHAT_LORA_RANK=8" ;;
+        top[1-9]) echo "CHAT_SOFTMAX_LAYERS=top:${1#top} CHAT_LORA_RANK=8 CHAT_SPARSE_CACHE=0" ;;
+        uniform[1-9]) echo "CHAT_SOFTMAX_LAYERS=uniform:${1#uniform} CHAT_LORA_RANK=8 CHAT_SPARSE_CACHE=0" ;;
+        w256) echo "CHAT_WINDOW=256 CHAT_SPARSE_CACHE=64" ;;
+        decay) echo "CHAT_LINEAR_DECAY=data" ;;
+        *) echo "unknown frontier row: $1" >&2; return 1 ;;
+    esac
+}
+
+for row in $rows; do
+    settings=$(row_settings $row)
+    out=$root/$row
+    mkdir -p $out/chat
+    ln -sfn "$(realpath $shared/teacher)" $out/chat/teacher
+    ln -sfn "$(realpath $shared/rows.jsonl)" $out/chat/rows.jsonl
+    # The teacher's answers on the test questions are the same for every row: scored once, then seeded.
+    if [ -e $shared/teacher-parts.json ] && [ ! -e $out/chat/results.json.partial.json ]; then
+        cp $shared/teacher-parts.json $out/chat/results.json.partial.json
+    fi
+    echo "{\"budget\": $scale, \"evaluation\": \"${FRONTIER_EVALUATION:-screening}\", \"settings\": \"$settings\"}" \
+        > $out/frontier_row.json
+    echo "== frontier row $row: $settings"
+    env $settings OUT=$out STEPS_SCALE=$scale CHAT_LAYER_RANKING=$shared/layers.json \
+        CHAT_EVALUATE_OPTIONS="${screening[*]} ${CHAT_EVALUATE_OPTIONS:-}" CHAT_RESULTS=$out/results.json \
+        bash scripts/convert_recipe.sh chat-lm
+    [ -e $shared/teacher-parts.json ] || python -c "
+import json, sys
+partial = json.load(open('$out/chat/results.json.partial.json'))
+json.dump({k: v for k, v in partial.items() if k.endswith('-teacher')}, open('$shared/teacher-parts.json', 'w'))"
+done
