@@ -1,5 +1,6 @@
 """The four presets of the original design load and have the documented sizes (+-10%)."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -24,8 +25,15 @@ def test_preset_parameter_counts(name):
     count = load_script("count_parameters").count
     millions = count(ROOT / "configuration" / "presets" / f"{name}.json") / 1e6
     assert abs(millions - EXPECTED_MILLIONS[name]) <= 0.1 * EXPECTED_MILLIONS[name], millions
-    assert isinstance(PerformerConfig.from_json_file(str(ROOT / "configuration" / "presets" / f"{name}.json")),
-                      PerformerConfig)
+    # Every field the preset sets is one the config knows (a misspelled key would be kept as a stray
+    # attribute and change nothing), and loads as written.
+    path = ROOT / "configuration" / "presets" / f"{name}.json"
+    written = json.loads(path.read_text())
+    known = PerformerConfig().to_dict()
+    assert not set(written) - set(known), set(written) - set(known)
+    loaded = PerformerConfig.from_json_file(str(path))
+    assert {k: getattr(loaded, k) for k in written if k != "model_type"} == \
+        {k: v for k, v in written.items() if k != "model_type"}
 
 
 def test_count_script_prints_every_preset():
