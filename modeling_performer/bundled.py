@@ -4,9 +4,15 @@ the accelerate configs and the model-card template. They live in the repository'
 (`modeling_performer/configuration/`, `modeling_performer/model_cards/`), so they load by name
 wherever the package is installed.
 
-    >>> from modeling_performer.bundled import load_preset, tokenizer_path
-    >>> config = load_preset("performer-small-encoder")
-    >>> tokenizer = AutoTokenizer.from_pretrained(tokenizer_path())
+```python
+>>> from transformers import AutoTokenizer
+>>> from modeling_performer.bundled import load_preset, tokenizer_path
+>>> config = load_preset("performer-small-encoder")
+>>> tokenizer = AutoTokenizer.from_pretrained(tokenizer_path())
+>>> config.model_type, len(tokenizer) > 0
+('performer', True)
+
+```
 """
 
 from __future__ import annotations

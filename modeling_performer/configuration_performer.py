@@ -44,9 +44,15 @@ class PerformerConfig(PreTrainedConfig):
     Invalid values and unknown keys raise `ValueError` naming the valid choices.
 
     Example:
-        >>> from modeling_performer import PerformerConfig, PerformerForCausalLM
-        >>> config = PerformerConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4)
-        >>> model = PerformerForCausalLM(config)
+
+    ```python
+    >>> from modeling_performer import PerformerConfig, PerformerForCausalLM
+    >>> config = PerformerConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4)
+    >>> model = PerformerForCausalLM(config)
+    >>> model.config.num_hidden_layers
+    4
+
+    ```
     """
 
     model_type = "performer"

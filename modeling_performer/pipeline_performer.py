@@ -4,10 +4,13 @@ transformers 5 removed the text2text-generation, summarization and translation t
 names cannot be registered again, so this pipeline has a name of its own. Importing
 `modeling_performer` registers it.
 
-    >>> from transformers import pipeline
-    >>> translate = pipeline("performer-text2text", model="path/to/seq2seq-folder")
-    >>> translate("In the beginning God created the heaven and the earth.", max_new_tokens=40)
-    [{'generated_text': '...'}]
+```python
+>>> from transformers import pipeline
+>>> translate = pipeline("performer-text2text", model="path/to/seq2seq-folder")  # doctest: +SKIP
+>>> translate("In the beginning God created the heaven and the earth.", max_new_tokens=40)  # doctest: +SKIP
+[{'generated_text': '...'}]
+
+```
 """
 
 from transformers import AutoModelForSeq2SeqLM, Pipeline

@@ -430,6 +430,20 @@ def chat_lm_table(name: str = "smollm2/results.json") -> str:
     return "\n".join(lines) + f"\n\nFrom {source}.\n"
 
 
+def layer_ranking_table(name: str = "smollm2/layers.json", count: int = 8) -> str:
+    """rank-layers on SmolLM2: the layers whose attention, made linear alone, costs the teacher most."""
+    data = _load(name)
+    lines = ["| rank | layer | answer log-prob change (nats) | KL to the teacher |", "|---|---|---|---|"]
+    for rank, layer in enumerate(data["ranking"][:count], 1):
+        score = data["scores"][str(layer)]
+        lines.append(f"| {rank} | {layer} | {score['answer_delta']:+.2f} | {score['kl']:.3f} |")
+    median = sorted(s["answer_delta"] for s in data["scores"].values())[len(data["scores"]) // 2]
+    return ("\n".join(lines) + f"\n\nFrom `docs/figures/{name}` ({data['direction']}: the teacher with one layer given "
+            f"the unfitted student's attention; {data['measured_on']}; the unchanged teacher's answer log-prob "
+            f"{data['baseline']['answer_logprob']:.2f}; the median layer {median:+.2f}; {data['minutes']:.0f} minutes, "
+            f"{data['date'][:10]}).\n")
+
+
 def frontier_table(name: str = "smollm2/frontier.json") -> str:
     """The linearized chat model's frontier: one row per configuration, quality against cost."""
     data = _load(name)
@@ -470,7 +484,7 @@ TABLES = {"chat": chat_table, "chat_decode": chat_decode_table, "chat_prefill": 
           "decoding": decoding_table, "training": training_table, "memory": memory_table,
           "recall": recall_table, "recall_linearized": recall_linearized_table, "chat_lm": chat_lm_table,
           "decay_recall": decay_recall_table, "decay_cost": decay_cost_table,
-          "serving_batching": serving_batching_table}
+          "serving_batching": serving_batching_table, "layer_ranking": layer_ranking_table}
 README_TABLES = ("chat", "chat_lm")
 MARKER = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
 

@@ -175,6 +175,7 @@ def rank_layers(teacher_dir, student_dir, output, direction: str = "ablate", doc
 
 def _measure(record, keep, settings, kinds, candidates, num_layers, teacher_dir, student_dir, output, direction,
              documents, document_length, kl_tokens, answer_tokens, device, progress):
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import chat_lm
@@ -230,6 +231,9 @@ def _measure(record, keep, settings, kinds, candidates, num_layers, teacher_dir,
               "ranking": rank(record["scores"], direction),
               "uniform": {str(k): uniform_layers(k, num_layers) for k in range(1, min(num_layers, 9))},
               "minutes": round(sum(s["seconds"] for s in record["scores"].values()) / 60, 2)}
+    from .bench_common import provenance
+
+    result.update(provenance(), threads=torch.get_num_threads())
     for score in result["scores"].values():  # each layer's change against the unchanged model
         score["answer_delta"] = round(score["answer_logprob"] - record["baseline"]["answer_logprob"], 4)
         score["kl_delta"] = round(score["kl"] - record["baseline"]["kl"], 5)
