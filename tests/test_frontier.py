@@ -55,6 +55,13 @@ def test_the_recommended_row_meets_the_most_targets_then_reads_best():
     strong = frontier.row_of("strong", strong_record, 1.0, "full")
     assert frontier.best_row([weak, strong])["name"] == "strong"
     assert frontier.best_row([]) is None
+    # A row that reads but fits for longer is closer than one that is quick and reads nothing.
+    reads = frontier.row_of("reads", results(documents={n: {**r, "student": r["teacher"] / 2, "fraction_of_teacher": 0.5}
+                                                        for n, r in record["documents"].items()},
+                                             minutes={**record["minutes"], "fitting": {"chat-transfer": 90.0}}),
+                            1.0, "full")
+    assert reads["targets"]["fitting_minutes"] is False and weak["targets"]["fitting_minutes"] is True
+    assert frontier.best_row([weak, reads])["name"] == "reads"
 
 
 def test_the_command_assembles_rows_from_folders_and_results_files(tmp_path):

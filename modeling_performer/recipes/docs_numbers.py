@@ -471,7 +471,8 @@ def frontier_table(name: str = "smollm2/frontier.json") -> str:
         cells = ([row["name"], ", ".join(map(str, row["softmax_layers"])) or "none", str(row["lora_rank"] or "")]
                  + docs + ppl + [mark(row, "chat", pct(row["chat"]["fraction"])),
                                  mark(row, "cache_8192", "" if cache is None else f"1/{1 / cache:.0f}"),
-                                 f"{row['fitting']['tokens'] / 1e6:.2f}M / {row['fitting']['minutes']:.0f}",
+                                 mark(row, "fitting_minutes",
+                                      f"{row['fitting']['tokens'] / 1e6:.2f}M / {row['fitting']['minutes']:.0f}"),
                                  f"{row['budget']:g}, {row['evaluation']}"])
         lines.append("| " + " | ".join(cells) + " |")
     return ("\n".join(lines) + f"\n\nFrom `docs/figures/{name}` ({data['date'][:10]}); documents and short chat as a "
@@ -484,7 +485,8 @@ TABLES = {"chat": chat_table, "chat_decode": chat_decode_table, "chat_prefill": 
           "decoding": decoding_table, "training": training_table, "memory": memory_table,
           "recall": recall_table, "recall_linearized": recall_linearized_table, "chat_lm": chat_lm_table,
           "decay_recall": decay_recall_table, "decay_cost": decay_cost_table,
-          "serving_batching": serving_batching_table, "layer_ranking": layer_ranking_table}
+          "serving_batching": serving_batching_table, "layer_ranking": layer_ranking_table,
+          "frontier": frontier_table}
 README_TABLES = ("chat", "chat_lm")
 MARKER = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
 

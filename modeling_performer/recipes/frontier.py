@@ -104,13 +104,22 @@ def read_minutes(path: pathlib.Path) -> dict:
     return out
 
 
+QUALITY = ("documents_300", "documents_1000", "documents_2000", "documents_4000", "perplexity_512",
+           "perplexity_2048", "perplexity_8192", "chat")
+
+
 def best_row(rows: list) -> dict | None:
-    """The recommended row: the one meeting the most targets (unmeasured ones count as unmet), then
-    the best document score at 1,000 tokens, then the lowest perplexity ratio at 2,048."""
+    """The recommended row: one meeting every target if any does; otherwise the closest, read
+    quality first (what a linearized model is for): the most quality targets met, then the best
+    mean document score as a fraction of the teacher's, then the most cost targets met (cache,
+    decoding, fitting time), then the lowest perplexity ratio at 2,048 tokens. Unmeasured targets
+    count as unmet."""
     def key(row):
-        met = sum(1 for v in row["targets"].values() if v)
-        docs = _get(row, "documents.1000.fraction") or 0.0
-        ppl = _get(row, "perplexity_ratio.2048") or float("inf")
-        return (met, docs, -ppl)
+        targets = row["targets"]
+        docs = [v["fraction"] for v in row["documents"].values() if v.get("fraction") is not None]
+        return (all(targets.values()), sum(1 for k in QUALITY if targets.get(k)),
+                sum(docs) / len(docs) if docs else 0.0,
+                sum(1 for k, v in targets.items() if v and k not in QUALITY),
+                -(_get(row, "perplexity_ratio.2048") or float("inf")))
 
     return max(rows, key=key) if rows else None
