@@ -28,10 +28,11 @@ answers' log-probability and the KL to the teacher; the ranking goes to OUTPUT, 
 import argparse
 import json
 import math
-import os
 import pathlib
 import random
 import time
+
+from modeling_performer.recipes.chat_lm import write_atomically, write_json
 
 DOCUMENT_LENGTHS = (300, 1000, 2000, 4000)
 PASSKEY_LENGTHS = (1000, 2000)
@@ -51,18 +52,6 @@ def load(folder, device, precision="fp32", **overrides):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     torch.set_grad_enabled(False)
     return model, tokenizer
-
-
-def write_atomically(path: pathlib.Path, text: str) -> None:
-    """Writes beside the path, then moves into place: a kill leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
-def write_json(path: pathlib.Path, record: dict) -> None:
-    write_atomically(path, json.dumps(record, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -302,12 +291,11 @@ def report(args):
     partial_path = folder / "results.json.partial.json"
     if not partial_path.exists():
         raise SystemExit(f"{partial_path} is missing: run python scripts/chat_lm.py evaluate first")
-    minutes = {}
-    tsv = pathlib.Path(args.minutes or folder.parent / "minutes.tsv")
-    for line in (tsv.read_text().splitlines() if tsv.exists() else []):
-        name, value = line.split("\t")[:2]
-        if name in FITTING_STEPS:
-            minutes[name] = float(value.split()[0])  # the last record of a step; "(resumed)" marks a part
+    from modeling_performer.recipes.frontier import read_minutes
+
+    # the last record of each fitting step ("(resumed)" marks a part)
+    recorded = read_minutes(pathlib.Path(args.minutes or folder.parent / "minutes.tsv"))
+    minutes = {name: value for name, value in recorded.items() if name in FITTING_STEPS}
     tokenizer = AutoTokenizer.from_pretrained(folder / "teacher")
     transfer = json.loads((folder / "fitted" / "transfer_metrics.json").read_text())
     rows = [json.loads(line)["text"] for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
@@ -337,7 +325,8 @@ def frontier(args):
 
     root = pathlib.Path(args.root)
     shared = rows_of.read_minutes(root / "shared" / "minutes.tsv")
-    ranking = root / "shared" / "layers.json"
+    ranking_file = root / "shared" / "layers.json"
+    ranking = json.loads(ranking_file.read_text()) if ranking_file.exists() else None
     names = args.rows or sorted(p.parent.name for p in root.glob("*/results.json"))
     rows = []
     for name in names:
@@ -345,8 +334,8 @@ def frontier(args):
         if not (folder / "results.json").exists():
             raise SystemExit(f"{folder}/results.json is missing: run bash scripts/chat_frontier.sh {name}")
         steps = dict(shared)
-        if name.startswith("top") and ranking.exists():  # the measured choice's own cost
-            steps.setdefault("chat-rank-layers", json.loads(ranking.read_text())["minutes"])
+        if name.startswith("top") and ranking:  # the measured choice's own cost
+            steps.setdefault("chat-rank-layers", ranking["minutes"])
         rows.append(rows_of.read_row(folder, name, steps))
     for item in args.results:  # NAME=FILE: a results file of a whole recipe run (budget 1, full evaluation)
         name, _, path = item.partition("=")
@@ -355,7 +344,7 @@ def frontier(args):
     record = {"rows": rows, "recommended": best and best["name"],
               "targets": {k: {"column": c, "bound": round(b, 4), "kind": kind}
                           for k, (c, b, kind) in rows_of.TARGETS.items()},
-              "ranking": json.loads(ranking.read_text())["ranking"] if ranking.exists() else None, **provenance()}
+              "ranking": ranking and ranking["ranking"], **provenance()}
     output = pathlib.Path(args.output)
     write_json(output, record)
     plots.plot_frontier(record, output.with_suffix(".png"))

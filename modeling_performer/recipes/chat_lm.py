@@ -11,6 +11,7 @@ scored (`configuration/chat/questions.jsonl`).
 
 import json
 import math
+import os
 import random
 import re
 
@@ -29,6 +30,21 @@ CITIES = {"train": ["Lisbon", "Oslo", "Nairobi", "Lima", "Seoul", "Toronto", "He
           "test": ["Montevideo", "Reykjavik", "Tbilisi", "Kampala", "Osaka", "Bogota", "Tallinn", "Zagreb",
                    "Auckland", "Marrakesh", "Vilnius", "Havana", "Bergen", "Accra", "Porto", "Lyon"]}
 SEEDS = {"train": 1, "test": 2}
+
+
+def write_atomically(path, text: str) -> None:
+    """Writes beside the path, then moves into place: a kill leaves the old file or the new one."""
+    import pathlib
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def write_json(path, record: dict) -> None:
+    write_atomically(path, json.dumps(record, indent=1))
 
 
 def corpus_ids(tokenizer, split: str) -> dict:

@@ -106,6 +106,10 @@ def check_page(text: str, name: str, folder: pathlib.Path = FIGURES) -> list[str
 # Tables rendered from the results files
 
 
+def _percent(value) -> str:
+    return "" if value is None else f"{100 * value:.0f}%"
+
+
 def _load(name: str) -> dict:
     return json.loads((FIGURES / name).read_text())
 
@@ -384,9 +388,6 @@ def chat_lm_table(name: str = "smollm2/results.json") -> str:
             return ""
         return "met" if target["met"] else "**missed**"
 
-    def pct(value):
-        return "" if value is None else f"{100 * value:.0f}%"
-
     lines = ["| measure | teacher | student | student, no sparse cache | target |", "|---|---|---|---|---|"]
     bounds = {"512": "perplexity_512", "2048": "perplexity_2048"}
     def ppl(row, run):
@@ -398,7 +399,7 @@ def chat_lm_table(name: str = "smollm2/results.json") -> str:
                      f"| {'<= 1.05x: ' + verdict(bounds[length]) if length in bounds else ''} |")
 
     def agree(row, run):
-        return f"{pct(row[run]['top1'])} / {row[run]['kl']:.3f}" if run in row else ""
+        return f"{_percent(row[run]['top1'])} / {row[run]['kl']:.3f}" if run in row else ""
 
     for length, row in data["agreement"].items():
         lines.append(f"| next token: top-1 agreement / KL to the teacher, {int(length):,} tokens | "
@@ -407,12 +408,14 @@ def chat_lm_table(name: str = "smollm2/results.json") -> str:
         for length, row in data[task].items():
             key = f"documents_{length}"
             target = f">= 90% of teacher: {verdict(key)}" if task == "documents" and key in targets else ""
-            lines.append(f"| {label}, {int(length):,} tokens ({row['asked']} asked) | {pct(row.get('teacher'))} "
-                         f"| {pct(row.get('student'))} | {pct(row.get('student_without_sparse_cache'))} | {target} |")
+            lines.append(f"| {label}, {int(length):,} tokens ({row['asked']} asked) | {_percent(row.get('teacher'))} "
+                         f"| {_percent(row.get('student'))} | {_percent(row.get('student_without_sparse_cache'))} "
+                         f"| {target} |")
     chat = data["chat"]
-    lines.append(f"| short chat questions right ({chat['questions']}) | {pct(chat['teacher'])} | {pct(chat['student'])} "
+    lines.append(f"| short chat questions right ({chat['questions']}) | {_percent(chat['teacher'])} "
+                 f"| {_percent(chat['student'])} "
                  f"| | >= 95% of teacher: {verdict('chat')} |")
-    lines.append(f"| greedy chat answers identical to the teacher's | | {pct(chat['identical_answers'])} | | |")
+    lines.append(f"| greedy chat answers identical to the teacher's | | {_percent(chat['identical_answers'])} | | |")
     for length, row in data["cache_bytes"].items():
         target = f"<= 1/20: {verdict('cache_8192')}" if length == "8192" else ""
         bare = row.get("student_without_sparse_cache")
@@ -448,9 +451,6 @@ def frontier_table(name: str = "smollm2/frontier.json") -> str:
     """The linearized chat model's frontier: one row per configuration, quality against cost."""
     data = _load(name)
 
-    def pct(value):
-        return "" if value is None else f"{100 * value:.0f}%"
-
     def ratio(value):
         return "" if value is None else f"{value:.2f}x"
 
@@ -465,11 +465,11 @@ def frontier_table(name: str = "smollm2/frontier.json") -> str:
                                                                "budget, evaluation"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in data["rows"]:
-        docs = [mark(row, f"documents_{n}", pct((row["documents"].get(n) or {}).get("fraction"))) for n in lengths]
+        docs = [mark(row, f"documents_{n}", _percent((row["documents"].get(n) or {}).get("fraction"))) for n in lengths]
         ppl = [mark(row, f"perplexity_{n}", ratio(row["perplexity_ratio"].get(n))) for n in contexts]
         cache = row.get("cache_fraction_8192")
         cells = ([row["name"], ", ".join(map(str, row["softmax_layers"])) or "none", str(row["lora_rank"] or "")]
-                 + docs + ppl + [mark(row, "chat", pct(row["chat"]["fraction"])),
+                 + docs + ppl + [mark(row, "chat", _percent(row["chat"]["fraction"])),
                                  mark(row, "cache_8192", "" if cache is None else f"1/{1 / cache:.0f}"),
                                  mark(row, "fitting_minutes",
                                       f"{row['fitting']['tokens'] / 1e6:.2f}M / {row['fitting']['minutes']:.0f}"),

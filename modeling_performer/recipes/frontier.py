@@ -46,6 +46,13 @@ def verdicts(row: dict) -> dict:
     return out
 
 
+def mean_document_fraction(row: dict):
+    """The row's document score as a fraction of the teacher's, averaged over the lengths asked
+    (None where none was scored)."""
+    docs = [v["fraction"] for v in row["documents"].values() if v.get("fraction") is not None]
+    return sum(docs) / len(docs) if docs else None
+
+
 def kept_layers(student: dict) -> list:
     kinds = student.get("attention_type")
     return [i for i, kind in enumerate(kinds) if kind == "softmax"] if isinstance(kinds, list) else []
@@ -116,9 +123,7 @@ def best_row(rows: list) -> dict | None:
     count as unmet."""
     def key(row):
         targets = row["targets"]
-        docs = [v["fraction"] for v in row["documents"].values() if v.get("fraction") is not None]
-        return (all(targets.values()), sum(1 for k in QUALITY if targets.get(k)),
-                sum(docs) / len(docs) if docs else 0.0,
+        return (all(targets.values()), sum(1 for k in QUALITY if targets.get(k)), mean_document_fraction(row) or 0.0,
                 sum(1 for k, v in targets.items() if v and k not in QUALITY),
                 -(_get(row, "perplexity_ratio.2048") or float("inf")))
 

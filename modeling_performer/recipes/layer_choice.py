@@ -28,7 +28,6 @@ killed run resumes where it stopped with the same command.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import time
 
@@ -139,6 +138,9 @@ def rank_layers(teacher_dir, student_dir, output, direction: str = "ablate", doc
     {"scores": {layer: {...}}, "ranking": [...], "baseline": {...}, "uniform": {k: [...]}, ...} to
     `output`. Resumes from OUTPUT.partial.json."""
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import chat_lm
 
     if direction not in DIRECTIONS:
         raise LayerChoiceError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
@@ -164,22 +166,9 @@ def rank_layers(teacher_dir, student_dir, output, direction: str = "ablate", doc
     record.setdefault("scores", {})
 
     def keep():
-        output.parent.mkdir(parents=True, exist_ok=True)
-        partial_path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
-        os.replace(partial_path.with_suffix(".tmp"), partial_path)
+        chat_lm.write_json(partial_path, record)
 
-    with torch.no_grad():
-        return _measure(record, keep, settings, kinds, candidates, num_layers, teacher_dir, student_dir, output,
-                        direction, documents, document_length, kl_tokens, answer_tokens, device, progress)
-
-
-def _measure(record, keep, settings, kinds, candidates, num_layers, teacher_dir, student_dir, output, direction,
-             documents, document_length, kl_tokens, answer_tokens, device, progress):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import chat_lm
-
+    # Every forward below runs without gradients (answer_logprob, plain_kl, generate_answers).
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).to(device).eval()
     ids = chat_lm.corpus_ids(tokenizer, "train")
@@ -237,7 +226,7 @@ def _measure(record, keep, settings, kinds, candidates, num_layers, teacher_dir,
     for score in result["scores"].values():  # each layer's change against the unchanged model
         score["answer_delta"] = round(score["answer_logprob"] - record["baseline"]["answer_logprob"], 4)
         score["kl_delta"] = round(score["kl"] - record["baseline"]["kl"], 5)
-    output.write_text(json.dumps(result, indent=1))
+    chat_lm.write_json(output, result)
     return result
 
 

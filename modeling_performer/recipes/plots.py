@@ -227,10 +227,11 @@ if __name__ == "__main__":
 def plot_frontier(record: dict, path: pathlib.Path):
     """The frontier (chat_lm.py frontier): document questions against the cache each row keeps at
     8,192 tokens, and against the perplexity ratio at 2,048 tokens; one point per row."""
+    from .frontier import mean_document_fraction
+
     fig, (cache, ppl) = plt.subplots(1, 2, figsize=(11, 4))
     for row in record["rows"]:
-        docs = [v["fraction"] for v in row["documents"].values() if v.get("fraction") is not None]
-        score = sum(docs) / len(docs) if docs else None
+        score = mean_document_fraction(row)
         if score is None:
             continue
         label = row["name"] + ("" if row["evaluation"] == "full" else " (screening)")
