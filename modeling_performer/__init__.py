@@ -7,6 +7,7 @@ import transformers
 from transformers import AutoConfig
 
 from .attention import (
+    CausalLinearKernel,
     LinearAttentionState,
     SparseWindowState,
     WindowedAttentionState,
@@ -68,6 +69,7 @@ __all__ = [
     "PerformerPreTrainedModel",
     "shift_tokens_right",
     "TASK_HEADS",
+    "CausalLinearKernel",
     "LinearAttentionState",
     "WindowedAttentionState",
     "SparseWindowState",

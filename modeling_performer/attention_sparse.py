@@ -8,23 +8,21 @@ import torch.nn.functional as F
 
 from .attention_common import (
     LinearAttentionState,
-    _absorb_key,
-    _check_qkv,
-    _divide,
-    _finite,
-    _key_terms,
-    _query_groups,
-    _query_heads,
-    _resolve,
-    _with_ones,
+    absorb_key,
+    causal_sums,
+    divide_by_normaliser,
+    finite_stabiliser,
+    group_queries,
+    kernel_inputs,
+    key_terms,
     repeat_key_heads,
+    ungroup_queries,
+    with_ones,
 )
-from .attention_linear import _causal_terms
 from .attention_window import (
-    _causal_window_terms,
-    _check_window,
-    _combine,
-    _window_scores,
+    causal_window_terms,
+    combine_window,
+    window_scores,
     empty_window_state,
 )
 
@@ -99,7 +97,7 @@ def _sparse_state_for(state, fmap, projection, k, v, window, cache_size):
     return state
 
 
-def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def _gather_entries(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x: [B, H, N] or [B, H, N, X], index: [B, H, K] -> the K entries of each row."""
     if x.dim() == 3:
         return x.gather(2, index)
@@ -109,13 +107,13 @@ def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def _own_features(k, projection, fmap):
     """phi(k) of each key at its own scale (the key as a query of the state): [B, H, S, M]."""
     logits, offset = fmap.key_logits(k, projection)
-    shift = (offset + _finite(fmap.token_max(logits, offset))).unsqueeze(-1)
+    shift = (offset + finite_stabiliser(fmap.token_max(logits, offset))).unsqueeze(-1)
     return fmap.keys(logits, shift)
 
 
 def _recall_error(v, recalled):
     """Squared distance of each value from what the state returned for its key: [B, H, S]."""
-    return (v.float() - _divide(recalled)).pow(2).sum(-1)
+    return (v.float() - divide_by_normaliser(recalled)).pow(2).sum(-1)
 
 
 def _streaming_cache(scores, valid, cache_size, steps):
@@ -140,31 +138,31 @@ def _streaming_cache(scores, valid, cache_size, steps):
     return member, newly.any(-1), newly.float().argmax(-1)
 
 
-def _kept(member, cache_size, *candidates):
+def _cache_members(member, cache_size, *candidates):
     """The members [B, H, N] of candidate tensors, first in arrival order, in cache_size slots:
     -> (tensors..., mask)."""
     count = member.shape[-1]
     order = ((~member).long() * count + torch.arange(count, device=member.device)).argsort(-1)[..., :cache_size]
-    return (*(_take(x, order) for x in candidates), _take(member, order))
+    return (*(_gather_entries(x, order) for x in candidates), _gather_entries(member, order))
 
 
 def _merge_exact(first, second):
     """Two exact parts (numerator [..., D], denominator [...], max [...]) at their own scales -> one."""
     top = torch.maximum(first[2], second[2])
-    scale = _finite(top)
+    scale = finite_stabiliser(top)
     a, b = torch.exp(first[2] - scale), torch.exp(second[2] - scale)
     return first[0] * a[..., None] + second[0] * b[..., None], first[1] * a + second[1] * b, top
 
 
 def _combine_with_cache(window_part, cache_part, linear, linear_scale, log_scale, linear_log_weight, calibrated):
-    """`_combine` of window, cache and linear part. A calibrated map's linear part has its absolute
+    """`combine_window` of window, cache and linear part. A calibrated map's linear part has its absolute
     scale; an uncalibrated map's (ReLU, Hedgehog) was set against the window alone, through g_h and
     the window's maximum score m_w: its weight stays g_h exp(m_w) phi(q).S, so a cached key enters
     at its softmax weight relative to the window, and without cached keys nothing changes."""
     numerator, denominator, top = _merge_exact(window_part, cache_part)
     if not calibrated:
-        log_scale = log_scale + _finite(window_part[2]) - _finite(top)
-    return _combine(numerator, denominator, top, linear, linear_scale, log_scale, linear_log_weight, calibrated)
+        log_scale = log_scale + finite_stabiliser(window_part[2]) - finite_stabiliser(top)
+    return combine_window(numerator, denominator, top, linear, linear_scale, log_scale, linear_log_weight, calibrated)
 
 
 def _sparse_segment(q, k, v, mask, projection, fmap, window, linear_log_weight, state):
@@ -186,21 +184,21 @@ def _sparse_segment(q, k, v, mask, projection, fmap, window, linear_log_weight, 
         # The new keys read the state beside the queries, as one more member of their head's group.
         both = torch.cat([phi_q.view(batch, kv_heads, groups, steps, -1),
                           _own_features(k, projection, fmap)[:, :, None]], dim=2).flatten(1, 2)
-        logits, offset, token_max = _key_terms(_take(candidate_keys, fold), projection, fmap, folded)
-        terms, term_scale, linear_state = _causal_terms(
-            fmap, both, logits, offset, token_max, _with_ones(_take(candidate_values, fold)), folded,
+        logits, offset, token_max = key_terms(_gather_entries(candidate_keys, fold), projection, fmap, folded)
+        terms, term_scale, linear_state = causal_sums(
+            fmap, both, logits, offset, token_max, with_ones(_gather_entries(candidate_values, fold)), folded,
             LinearAttentionState(state.kvz, state.stabiliser), steps)
         terms = terms.view(batch, kv_heads, groups + 1, steps, -1)
         term_scale = term_scale.view(batch, kv_heads, groups + 1, steps)
         linear = terms[:, :, :groups].reshape(batch, heads, steps, -1)
         linear_scale = term_scale[:, :, :groups].reshape(batch, heads, steps)
         new_scores = _recall_error(v, terms[:, :, groups])
-        window_part = _causal_window_terms(q, keys, values, key_mask, window)
-        weights, top = _window_scores(q, repeat_key_heads(candidate_keys, heads), repeat_key_heads(member, heads))
+        window_part = causal_window_terms(q, keys, values, key_mask, window)
+        weights, top = window_scores(q, repeat_key_heads(candidate_keys, heads), repeat_key_heads(member, heads))
         cache_part = (weights @ repeat_key_heads(candidate_values, heads).float(), weights.sum(-1), top)
         out = _combine_with_cache(window_part, cache_part, linear, linear_scale, log_scale, linear_log_weight,
                                   fmap.calibrated)
-    kept = _kept(member[:, :, -1], cache_size, candidate_keys, candidate_values, scores)
+    kept = _cache_members(member[:, :, -1], cache_size, candidate_keys, candidate_values, scores)
     key_scores = torch.cat([state.key_scores, new_scores], dim=-1)[:, :, steps:]
     new_state = SparseWindowState(*linear_state, keys[:, :, steps:], values[:, :, steps:], key_mask[:, steps:],
                                   key_scores, kept[0], kept[1], kept[3], kept[2])
@@ -223,13 +221,9 @@ def causal_sparse_windowed_attention(
     the `cache_size` pairs that left the window worst reproduced by the linear state (see above).
     q, k, v: [B, H, T, D] -> ([B, H, T, D], state). Blocks of W steps: per block, [W, 2W] window
     scores, [W, L + W] cache scores and a W x W linear block; O(T) time, constant memory carried."""
-    _check_qkv(q, k, v, key_padding_mask)
-    _check_window(window, q, k)
-    fmap = _resolve(feature_map)
+    fmap, mask = kernel_inputs(q, k, v, feature_map, key_padding_mask, window=window, default_mask=True)
     batch, _, length, _ = q.shape
     state = _sparse_state_for(state, fmap, projection, k, v, window, cache_size)
-    mask = (key_padding_mask.to(torch.bool) if key_padding_mask is not None
-            else torch.ones(batch, length, dtype=torch.bool, device=q.device))
     outputs = []
     for start in range(0, length, window):
         end = min(start + window, length)
@@ -257,16 +251,11 @@ def recurrent_sparse_windowed_attention(
     """One decoding step of `causal_sparse_windowed_attention`. q, k, v: [B, H, 1, D]. The oldest
     buffered pair joins the cache; if that makes L + 1, the lowest-scored one (the oldest of equal
     scores) is folded into the linear state (in place where `in_place`)."""
-    _check_qkv(q, k, v, key_padding_mask)
-    if q.shape[2] != 1 or k.shape[2] != 1:
-        raise ValueError(f"recurrent_sparse_windowed_attention takes one token at a time, got T={q.shape[2]}")
-    _check_window(window, q, k)
-    fmap = _resolve(feature_map)
+    fmap, mask = kernel_inputs(q, k, v, feature_map, key_padding_mask, mode="step",
+                               name="recurrent_sparse_windowed_attention", window=window, default_mask=True)
     batch, heads = q.shape[:2]
     kv_heads = k.shape[1]
     state = _sparse_state_for(state, fmap, projection, k, v, window, cache_size)
-    mask = (key_padding_mask.to(torch.bool) if key_padding_mask is not None
-            else torch.ones(batch, 1, dtype=torch.bool, device=q.device))
     candidate_keys = torch.cat([state.cache_keys, state.keys[:, :, :1]], dim=2)
     candidate_values = torch.cat([state.cache_values, state.values[:, :, :1]], dim=2)
     valid = torch.cat([state.cache_mask, state.key_mask[:, None, :1].expand(batch, kv_heads, 1)], dim=-1)
@@ -275,23 +264,23 @@ def recurrent_sparse_windowed_attention(
     folded = valid.sum(-1, keepdim=True) > cache_size  # [B, H_kv, 1]
     member = valid & ~(folded & (torch.arange(cache_size + 1, device=q.device) == lowest))
     with torch.autocast(device_type=q.device.type, enabled=False):
-        kvz, running, stabiliser = _absorb_key(state, _take(candidate_keys, lowest), _take(candidate_values, lowest),
-                                               projection, fmap, folded, in_place)
+        leaving = _gather_entries(candidate_keys, lowest), _gather_entries(candidate_values, lowest)
+        kvz, running, stabiliser = absorb_key(state, *leaving, projection, fmap, folded, in_place)
         phi_q, log_scale = fmap.queries_with_log_scale(q, projection)
-        linear = _query_heads(_query_groups(phi_q, kv_heads) @ kvz, heads)  # [B, H, 1, D + 1]
+        linear = ungroup_queries(group_queries(phi_q, kv_heads) @ kvz, heads)  # [B, H, 1, D + 1]
         new_score = _recall_error(v, _own_features(k, projection, fmap) @ kvz)  # [B, H_kv, 1]
 
         keys = torch.cat([state.keys[:, :, 1:], k.to(state.keys.dtype)], dim=2)
         values = torch.cat([state.values[:, :, 1:], v.to(state.values.dtype)], dim=2)
         key_mask = torch.cat([state.key_mask[:, 1:], mask], dim=1)
-        weights, top = _window_scores(q, repeat_key_heads(keys, heads), key_mask[:, None, None, :])
+        weights, top = window_scores(q, repeat_key_heads(keys, heads), key_mask[:, None, None, :])
         window_part = (weights @ repeat_key_heads(values, heads).float(), weights.sum(-1), top)
-        weights, top = _window_scores(q, repeat_key_heads(candidate_keys, heads),
-                                      repeat_key_heads(member, heads)[:, :, None, :])
+        weights, top = window_scores(q, repeat_key_heads(candidate_keys, heads),
+                                     repeat_key_heads(member, heads)[:, :, None, :])
         cache_part = (weights @ repeat_key_heads(candidate_values, heads).float(), weights.sum(-1), top)
         out = _combine_with_cache(window_part, cache_part, linear, repeat_key_heads(stabiliser, heads)[..., None],
                                   log_scale, linear_log_weight, fmap.calibrated)
-    kept = _kept(member, cache_size, candidate_keys, candidate_values, scores)
+    kept = _cache_members(member, cache_size, candidate_keys, candidate_values, scores)
     key_scores = torch.cat([state.key_scores[:, :, 1:], new_score], dim=-1)
     new_state = SparseWindowState(kvz, running, keys, values, key_mask, key_scores, kept[0], kept[1], kept[3], kept[2])
     return out.to(v.dtype), new_state

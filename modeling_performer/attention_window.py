@@ -6,25 +6,24 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from .fast_attention import causal_sums_on
 from .attention_common import (
     LinearAttentionState,
-    _absorb_key,
-    _check_qkv,
-    _divide,
-    _gates,
-    _finite,
-    _key_terms,
-    _masked_keys,
-    _query_groups,
-    _query_heads,
-    _resolve,
-    _stack_groups,
-    _unstack_groups,
-    _with_ones,
+    absorb_key,
+    decay_gates,
+    divide_by_normaliser,
     empty_state,
+    finite_stabiliser,
+    group_queries,
+    kernel_inputs,
+    key_terms,
+    masked_key_features,
     repeat_key_heads,
+    stack_groups,
+    ungroup_queries,
+    unstack_groups,
+    with_ones,
 )
-from .attention_linear import _causal_terms
 
 # --------------------------------------------------------------------------------------------
 # Linear attention combined with an exact local window
@@ -82,25 +81,18 @@ def _window_state_for(state, fmap, projection, k, v, window):
     return state
 
 
-def _check_window(window, q, k):
-    if not isinstance(window, int) or window < 1:
-        raise ValueError(f"local window must be a positive integer, got {window!r}")
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"local-window attention needs as many queries as keys, got T={q.shape[2]}, S={k.shape[2]}")
-
-
-def _window_scores(q, keys, allowed):
+def window_scores(q, keys, allowed):
     """q: [..., C, D], keys: [..., K, D], allowed: bool broadcastable to [..., C, K].
     -> (sum_j exp(s - m) v-weights [..., C, K] (0 where not allowed), m: [..., C] (-inf if none))."""
     scores = (q.float() @ keys.float().transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
     scores = scores.masked_fill_(~allowed, float("-inf"))
     top = scores.amax(dim=-1)  # (its backward reads the scores: they are not overwritten below)
-    weights = (scores - _finite(top)[..., None]).exp_()  # exp(-inf) = 0 where not allowed
+    weights = (scores - finite_stabiliser(top)[..., None]).exp_()  # exp(-inf) = 0 where not allowed
     return weights, top
 
 
-def _combine(window_num, window_den, window_max, linear, linear_stabiliser, query_log_scale, linear_log_weight,
-             calibrated):
+def combine_window(window_num, window_den, window_max, linear, linear_stabiliser, query_log_scale,
+                   linear_log_weight, calibrated):
     """One normaliser for both parts. window_num: [B, H, T, D], window_den, window_max: [B, H, T];
     linear: [B, H, T, D + 1] (phi(q) sums at the scale exp(-linear_stabiliser)); query_log_scale:
     [B, H, T] or None; linear_log_weight: [H] or None. -> [B, H, T, D] fp32."""
@@ -110,7 +102,7 @@ def _combine(window_num, window_den, window_max, linear, linear_stabiliser, quer
     if query_log_scale is not None:  # None: no factor was removed from the queries (an uncalibrated map)
         log_weight = log_weight + query_log_scale
     if calibrated:
-        log_weight = log_weight + linear_stabiliser - _finite(window_max)
+        log_weight = log_weight + linear_stabiliser - finite_stabiliser(window_max)
     return _mix(torch.cat([window_num, window_den[..., None]], dim=-1), linear, log_weight[..., None])
 
 
@@ -119,15 +111,15 @@ def _mix(window_part, linear, log_weight):
     linear: [..., D + 1]; log_weight broadcastable to [..., 1]. Both parts are scaled by
     exp(-max(a, 0)): neither factor can overflow, the ratio is unchanged. -> [..., D]."""
     top = log_weight.clamp_min(0.0)
-    return _divide(window_part * torch.exp(-top) + linear * torch.exp(log_weight - top))
+    return divide_by_normaliser(window_part * torch.exp(-top) + linear * torch.exp(log_weight - top))
 
 
 def _mix_uncalibrated(window_part, linear, linear_log_weight):
-    """`_combine` for an uncalibrated map, in the grouped layout of a decoding step: window_part
+    """`combine_window` for an uncalibrated map, in the grouped layout of a decoding step: window_part
     (numerator and denominator) and linear: [B, H_kv, G, D + 1]; linear_log_weight: [H] or None.
     Nothing to add for the queries' scale. -> [B, H_kv, G, D]."""
     if linear_log_weight is None:  # both factors are exactly 1
-        return _divide(window_part + linear)
+        return divide_by_normaliser(window_part + linear)
     return _mix(window_part, linear, linear_log_weight.float().view(1, *window_part.shape[1:3], 1))
 
 
@@ -139,8 +131,8 @@ def _exact_attention(q, k, v, key_padding_mask):
         k, v = repeat_key_heads(k, heads), repeat_key_heads(v, heads)
         allowed = (key_padding_mask.to(torch.bool)[:, None, None, :] if key_padding_mask is not None
                    else torch.ones((), dtype=torch.bool, device=q.device))
-        weights, _ = _window_scores(q, k, allowed)
-        out = _divide(weights @ _with_ones(v))
+        weights, _ = window_scores(q, k, allowed)
+        out = divide_by_normaliser(weights @ with_ones(v))
     return out.to(v.dtype)
 
 
@@ -167,11 +159,9 @@ def windowed_linear_attention(
     (`_add_sinks`): O(T S D) more. Inputs of at most W tokens have every key inside every query's
     window: exact softmax attention, computed directly (a short sentence costs what it costs softmax).
     """
-    _check_qkv(q, k, v, key_padding_mask)
-    _check_window(window, q, k)
+    fmap, _ = kernel_inputs(q, k, v, feature_map, key_padding_mask, mode="full", window=window)
     if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or sink_tokens < 0:
         raise ValueError(f"sink_tokens must be an integer >= 0, got {sink_tokens!r}")
-    fmap = _resolve(feature_map)
     batch, heads, length, head_dim = q.shape
     # An exported graph serves every length: it keeps the banded path, right for all of them.
     exporting = torch.compiler.is_exporting()
@@ -186,14 +176,14 @@ def windowed_linear_attention(
                 else torch.ones(batch, length, dtype=torch.bool, device=q.device))
         mask = F.pad(mask, (0, padded), value=False)
         phi_q, log_scale = fmap.queries_with_log_scale(q, projection)
-        logits, offset, token_max = _key_terms(k, projection, fmap, key_padding_mask)
+        logits, offset, token_max = key_terms(k, projection, fmap, key_padding_mask)
         stabiliser = token_max.amax(dim=-1)  # [B, H]: one constant for every key
-        shift = (offset + _finite(stabiliser)[..., None]).unsqueeze(-1)
-        phi_k = _masked_keys(fmap, logits, shift, mask[:, None, :length, None])
+        shift = (offset + finite_stabiliser(stabiliser)[..., None]).unsqueeze(-1)
+        phi_k = masked_key_features(fmap, logits, shift, mask[:, None, :length, None])
         # The window and its band corrections are per query head: each key/value head serves its group.
         k, v, phi_k, stabiliser = (repeat_key_heads(x, heads) for x in (k, v, phi_k, stabiliser))
         pad = (0, 0, 0, padded)
-        phi_q, phi_k, v1 = F.pad(phi_q, pad), F.pad(phi_k, pad), F.pad(_with_ones(v), pad)
+        phi_q, phi_k, v1 = F.pad(phi_q, pad), F.pad(phi_k, pad), F.pad(with_ones(v), pad)
 
         def blocks(x):  # [B, H, NB * C, X] -> [B, H, NB, C, X]
             return x.view(x.shape[0], x.shape[1], num_blocks, block, x.shape[-1])
@@ -209,7 +199,7 @@ def windowed_linear_attention(
         distance = band_keys[None, :] - local[:, None]  # [C, 3C] ([T, T] dense)
         near = distance.abs() < window
         key_ok = band(mask[:, None, :length, None].float())[..., 0, :].bool()[:, :, :, None, :]  # [B, 1, NB, 1, 3C]
-        weights, top = _window_scores(blocks(F.pad(q.float(), pad)), band(k.float()).transpose(-1, -2), key_ok & near)
+        weights, top = window_scores(blocks(F.pad(q.float(), pad)), band(k.float()).transpose(-1, -2), key_ok & near)
         v1_band = band(v1[..., :length, :]).transpose(-1, -2)  # [B, H, NB, 3C, D + 1]
         exact = weights @ v1_band  # [..., D + 1]: numerator and, in the ones column, the denominator
         window_num, window_den = exact[..., :-1], exact[..., -1]
@@ -231,8 +221,8 @@ def windowed_linear_attention(
                 sink_tokens, (window_num, window_den, top, linear, log_scale), fmap.calibrated)
         # The normaliser is a sum of positive terms: rounding must not make it negative.
         linear = torch.cat([linear[..., :-1], linear[..., -1:].clamp_min(0.0)], dim=-1)
-        out = _combine(window_num, window_den, top, linear, _finite(stabiliser)[..., None], log_scale,
-                       linear_log_weight, fmap.calibrated)
+        out = combine_window(window_num, window_den, top, linear, finite_stabiliser(stabiliser)[..., None],
+                             log_scale, linear_log_weight, fmap.calibrated)
     return out.to(v.dtype)
 
 
@@ -242,7 +232,7 @@ def _add_sinks(q, k, v1, phi_q, phi_k, mask, window, sink_tokens, parts, calibra
     many heads of a softmax model attend to from everywhere). q, k: [B, H, T, D] (keys already per
     query head), v1: [B, H, T, D + 1], phi_q, phi_k: [B, H, T, M], mask: [B, T] bool; parts: the
     window's numerator, denominator and maximum, the linear sums and the queries' log scale, as
-    `_combine` takes them. The exact part is rescaled to the new maximum; an uncalibrated map's
+    `combine_window` takes them. The exact part is rescaled to the new maximum; an uncalibrated map's
     linear part stays weighed against the window's own maximum (as with a sparse cache)."""
     window_num, window_den, top, linear, log_scale = parts
     length = q.shape[2]
@@ -260,18 +250,18 @@ def _add_sinks(q, k, v1, phi_q, phi_k, mask, window, sink_tokens, parts, calibra
     scores = (q.float() @ pick(k).float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, T, S]
     scores = scores.masked_fill(~moved, float("-inf"))
     new_top = torch.maximum(top, scores.amax(dim=-1))
-    rescale = torch.exp(_finite(top) - _finite(new_top))  # window weights were taken at exp(-top)
+    rescale = torch.exp(finite_stabiliser(top) - finite_stabiliser(new_top))  # window weights were taken at exp(-top)
     sink_v1 = pick(v1)
-    exact = torch.exp(scores - _finite(new_top)[..., None]) @ sink_v1  # exp(-inf) = 0 where not moved
+    exact = torch.exp(scores - finite_stabiliser(new_top)[..., None]) @ sink_v1  # exp(-inf) = 0 where not moved
     window_num = window_num * rescale[..., None] + exact[..., :-1]
     window_den = window_den * rescale + exact[..., -1]
     linear = linear - ((phi_q @ pick(phi_k).transpose(-1, -2)) * moved) @ sink_v1
     if not calibrated:
-        log_scale = log_scale + _finite(top) - _finite(new_top)
+        log_scale = log_scale + finite_stabiliser(top) - finite_stabiliser(new_top)
     return window_num, window_den, new_top, linear, log_scale
 
 
-def _causal_window_terms(q, keys, values, key_mask, window):
+def causal_window_terms(q, keys, values, key_mask, window):
     """Exact part of causal windowed attention. q: [B, H, T, D]; keys/values: [B, H_kv, W + T, D],
     the W keys before the first query then the T new ones; key_mask: [B, W + T]. Query t sees
     combined positions t+1 .. t+W. -> (numerator [B, H, T, D], denominator [B, H, T], max [B, H, T]).
@@ -282,7 +272,7 @@ def _causal_window_terms(q, keys, values, key_mask, window):
     kv_heads = keys.shape[1]
     block = window
     num_blocks = (length + block - 1) // block  # not -(-T // C): exported integer division truncates
-    q = _stack_groups(F.pad(q.float(), (0, 0, 0, num_blocks * block - length)), kv_heads, num_blocks, block)
+    q = stack_groups(F.pad(q.float(), (0, 0, 0, num_blocks * block - length)), kv_heads, num_blocks, block)
     total = (num_blocks + 1) * block
     extra = total - keys.shape[2]
     keys, values = F.pad(keys.float(), (0, 0, 0, extra)), F.pad(values.float(), (0, 0, 0, extra))
@@ -295,9 +285,9 @@ def _causal_window_terms(q, keys, values, key_mask, window):
     ahead = torch.arange(2 * block, device=q.device)[None, :] - local[:, None]  # key slot a' - query slot a
     near = ((ahead >= 1) & (ahead <= window)).repeat(heads // kv_heads, 1)  # [G * C, 2C]
     allowed = near & band(key_mask[:, None, :, None])[..., 0, :].bool()[:, :, :, None, :]
-    weights, top = _window_scores(q, band(keys).transpose(-1, -2), allowed)  # [B, H_kv, NB, G * C, 2C]
+    weights, top = window_scores(q, band(keys).transpose(-1, -2), allowed)  # [B, H_kv, NB, G * C, 2C]
     numerator = weights @ band(values).transpose(-1, -2)
-    return tuple(_unstack_groups(x, heads, num_blocks, block)[:, :, :length] for x in (numerator, weights.sum(-1), top))
+    return tuple(unstack_groups(x, heads, num_blocks, block)[:, :, :length] for x in (numerator, weights.sum(-1), top))
 
 
 def causal_windowed_attention(
@@ -323,32 +313,27 @@ def causal_windowed_attention(
     at each step (as in `causal_linear_attention`): the window stays exact, and a key enters the
     state when it leaves the window, at weight 1, decaying from then on (key j reaches query t >= j + W
     at exp(sum_{j + W < s <= t} log_decay_s)): no step in any key's weight at the window's edge."""
-    _check_qkv(q, k, v, key_padding_mask)
-    _check_window(window, q, k)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    fmap = _resolve(feature_map)
+    fmap, mask = kernel_inputs(q, k, v, feature_map, key_padding_mask, window=window, chunk_size=chunk_size,
+                               default_mask=True)
     batch, heads, length, head_dim = q.shape
     state = _window_state_for(state, fmap, projection, k, v, window)
     if length == 0:
         return v.new_zeros(batch, heads, 0, v.shape[-1]), state
-    mask = (key_padding_mask.to(torch.bool) if key_padding_mask is not None
-            else torch.ones(batch, length, dtype=torch.bool, device=q.device))
     keys = torch.cat([state.keys.to(k.dtype), k], dim=2)  # [B, H, W + T, D]
     values = torch.cat([state.values.to(v.dtype), v], dim=2)
     key_mask = torch.cat([state.key_mask, mask], dim=1)
     with torch.autocast(device_type=q.device.type, enabled=False):
         phi_q, log_scale = fmap.queries_with_log_scale(q, projection)
         delayed_mask = key_mask[:, :length]
-        logits, offset, token_max = _key_terms(keys[:, :, :length], projection, fmap, delayed_mask)
+        logits, offset, token_max = key_terms(keys[:, :, :length], projection, fmap, delayed_mask)
         linear_state = LinearAttentionState(state.kvz, state.stabiliser)
-        linear, linear_stabiliser, linear_state = _causal_terms(
-            fmap, phi_q, logits, offset, token_max, _with_ones(values[:, :, :length]), delayed_mask, linear_state,
-            chunk_size, kernel, q.dtype, log_decay=_gates(log_decay, mask),
+        linear, linear_stabiliser, linear_state = causal_sums_on(
+            kernel, fmap, phi_q, logits, offset, token_max, with_ones(values[:, :, :length]), delayed_mask,
+            linear_state, chunk_size, q.dtype, log_decay=decay_gates(log_decay, mask),
         )
-        window_num, window_den, window_max = _causal_window_terms(q, keys, values, key_mask, window)
-        out = _combine(window_num, window_den, window_max, linear, linear_stabiliser, log_scale, linear_log_weight,
-                       fmap.calibrated)
+        window_num, window_den, window_max = causal_window_terms(q, keys, values, key_mask, window)
+        out = combine_window(window_num, window_den, window_max, linear, linear_stabiliser, log_scale,
+                             linear_log_weight, fmap.calibrated)
     # Contiguous copies (W tokens each): the state keeps one layout from the prefill on, so a compiled
     # decoding step does not recompile for the buffers' strides.
     new_state = WindowedAttentionState(*linear_state, *(x.clone(memory_format=torch.contiguous_format)
@@ -374,40 +359,35 @@ def recurrent_windowed_attention(
     The oldest buffered key leaves the window into the linear state; the new key joins the buffer.
     in_place: as in `recurrent_linear_attention` (the linear part of the state). log_decay:
     [B, H_kv, 1], the step's log gate, as in `causal_windowed_attention`."""
-    _check_qkv(q, k, v, key_padding_mask)
-    if q.shape[2] != 1 or k.shape[2] != 1:
-        raise ValueError(f"recurrent_windowed_attention takes one token at a time, got T={q.shape[2]}")
-    _check_window(window, q, k)
-    fmap = _resolve(feature_map)
+    fmap, mask = kernel_inputs(q, k, v, feature_map, key_padding_mask, mode="step",
+                               name="recurrent_windowed_attention", window=window, default_mask=True)
     batch = q.shape[0]
     state = _window_state_for(state, fmap, projection, k, v, window)
-    mask = (key_padding_mask.to(torch.bool) if key_padding_mask is not None
-            else torch.ones(batch, 1, dtype=torch.bool, device=q.device))
     heads, kv_heads = q.shape[1], k.shape[1]
     with torch.autocast(device_type=q.device.type, enabled=False):
-        gate = _gates(log_decay, mask)
-        kvz, running, stabiliser = _absorb_key(state, state.keys[:, :, :1], state.values[:, :, :1], projection, fmap,
-                                               state.key_mask[:, :1], in_place,
-                                               log_decay=None if gate is None else gate[..., 0])
+        gate = decay_gates(log_decay, mask)
+        kvz, running, stabiliser = absorb_key(state, state.keys[:, :, :1], state.values[:, :, :1], projection, fmap,
+                                              state.key_mask[:, :1], in_place,
+                                              log_decay=None if gate is None else gate[..., 0])
         if fmap.calibrated:
             phi_q, log_scale = fmap.queries_with_log_scale(q, projection)
         else:  # nothing removed from the queries: no log scale to add
             phi_q, log_scale = fmap.queries(q, projection), None
         # Every product runs per key/value head with its group's queries side by side ([B, H_kv, G, X]):
         # nothing key-side is repeated per query head.
-        linear = _query_groups(phi_q, kv_heads) @ kvz  # [B, H_kv, G, D + 1]
+        linear = group_queries(phi_q, kv_heads) @ kvz  # [B, H_kv, G, D + 1]
         keys = torch.cat([state.keys[:, :, 1:], k.to(state.keys.dtype)], dim=2)
         values = torch.cat([state.values[:, :, 1:], v.to(state.values.dtype)], dim=2)
         key_mask = torch.cat([state.key_mask[:, 1:], mask], dim=1)
-        weights, top = _window_scores(_query_groups(q, kv_heads), keys, key_mask[:, None, None, :])
+        weights, top = window_scores(group_queries(q, kv_heads), keys, key_mask[:, None, None, :])
         window_part = torch.cat([weights @ values.float(), weights.sum(-1, keepdim=True)], dim=-1)  # [B, H_kv, G, D + 1]
         if fmap.calibrated:
-            window_part = _query_heads(window_part, heads)
-            out = _combine(window_part[..., :-1], window_part[..., -1], top.view(batch, heads, 1),
-                           _query_heads(linear, heads), repeat_key_heads(stabiliser, heads)[..., None], log_scale,
-                           linear_log_weight, True)
+            window_part = ungroup_queries(window_part, heads)
+            out = combine_window(window_part[..., :-1], window_part[..., -1], top.view(batch, heads, 1),
+                                 ungroup_queries(linear, heads), repeat_key_heads(stabiliser, heads)[..., None],
+                                 log_scale, linear_log_weight, True)
         else:
-            out = _query_heads(_mix_uncalibrated(window_part, linear, linear_log_weight), heads)
+            out = ungroup_queries(_mix_uncalibrated(window_part, linear, linear_log_weight), heads)
     new_state = WindowedAttentionState(kvz, running, keys, values, key_mask)
     return out.to(v.dtype), new_state
 

@@ -27,11 +27,12 @@ import torch
 
 from .attention_common import (
     LinearAttentionState,
-    _finite,
-    _head_mask,
-    _masked_keys,
-    _running_max,
+    causal_sums,
+    finite_stabiliser,
+    head_mask,
+    masked_key_features,
     repeat_key_heads,
+    running_max,
 )
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,17 @@ def kernel_for(device: torch.device) -> Optional[Callable]:
     return kernel
 
 
+def causal_sums_on(kernel, fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, state, chunk_size,
+                   kernel_dtype=None, log_decay=None):
+    """`attention_common.causal_sums` on `kernel` (a simple-GLA kernel in fla's signature, computing in
+    kernel_dtype: `gla_causal_terms`), or on the PyTorch path where kernel is None. Same results."""
+    if kernel is None:
+        return causal_sums(fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, state, chunk_size,
+                           log_decay=log_decay)
+    return gla_causal_terms(kernel, fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, state,
+                            kernel_dtype, log_decay=log_decay)
+
+
 def gla_causal_terms(kernel, fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, state, dtype=None,
                      log_decay=None):
     """`attention_linear._causal_terms` on a simple-GLA kernel (fla's signature: q, k, v [B, T, H, X],
@@ -87,11 +99,11 @@ def gla_causal_terms(kernel, fmap, phi_q, logits, offset, token_max, v1, key_pad
     groups = heads // kv_heads
     # Running maximum after each token, the incoming state's first. Before the first real key
     # nothing has been summed, so any level serves there: the first finite one keeps every decay <= 0.
-    running = _running_max(torch.cat([state.stabiliser.unsqueeze(-1), token_max], dim=-1))
+    running = running_max(torch.cat([state.stabiliser.unsqueeze(-1), token_max], dim=-1))
     first = running.masked_fill(torch.isinf(running), float("inf")).amin(dim=-1, keepdim=True)
-    level = torch.where(torch.isinf(running), _finite(first), running)  # [B, H_kv, T + 1]
-    keep = None if key_padding_mask is None else _head_mask(key_padding_mask)[..., None]
-    phi_k = _masked_keys(fmap, logits, (offset + level[..., 1:]).unsqueeze(-1), keep)
+    level = torch.where(torch.isinf(running), finite_stabiliser(first), running)  # [B, H_kv, T + 1]
+    keep = None if key_padding_mask is None else head_mask(key_padding_mask)[..., None]
+    phi_k = masked_key_features(fmap, logits, (offset + level[..., 1:]).unsqueeze(-1), keep)
     decay = None
     if fmap.calibrated:
         decay = level[..., :-1] - level[..., 1:]

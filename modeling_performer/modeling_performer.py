@@ -39,15 +39,14 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
-from .fast_attention import kernel_for as fast_kernel_for
 from .attention import (
-    causal_linear_variant,
     linear_attention,
     linear_attention_from_state,
     linear_attention_state,
     softmax_attention,
     windowed_linear_attention,
 )
+from .attention_kernels import CausalLinearKernel, PerformerKernelMixin
 from .cache_performer import PerformerCache, PerformerLayerCache
 from .configuration_performer import PerformerConfig
 from .feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init, hedgehog_key_init
@@ -130,6 +129,16 @@ class PerformerAttention(nn.Module):
         # Decay-gated linear attention: the causal linear state forgets at a learned rate.
         self.decay = (PerformerDecayGate(config) if config.linear_decay and attention_type == "favor"
                       and self.is_causal else None)
+        # The causal linear kernel is chosen here, once: its variant and its chunked sums' fast path.
+        self.kernel = self.choose_kernel() if attention_type == "favor" and self.is_causal else None
+
+    def choose_kernel(self, sparse_cache_size: Optional[int] = None) -> CausalLinearKernel:
+        """The causal linear kernel of this layer's options (`attention_kernels`); sparse_cache_size:
+        another sparse cache than the config's (a switch at inference, `set_sparse_cache_size`)."""
+        size = self.config.sparse_cache_size if sparse_cache_size is None else sparse_cache_size
+        return CausalLinearKernel.for_layer(self.config.feature_map, self.local_window,
+                                            size if self.local_window else 0, self.config.chunk_size,
+                                            self.config.use_fast_kernels)
 
     @property
     def feature_parameters(self) -> Optional[Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
@@ -198,20 +207,11 @@ class PerformerAttention(nn.Module):
                                                  self.linear_log_weight, current_mask, self.config.sink_tokens)
             return linear_attention(query, key, value, features, feature_map, current_mask)
         state = layer_cache.self_attention if layer_cache is not None else None
-        out, state = causal_linear_variant(query, key, value, features, feature_map, window,
-                                           self.config.sparse_cache_size if window else 0, self.linear_log_weight,
-                                           current_mask, state, self.config.chunk_size, self._fast_kernel,
-                                           log_decay=log_decay)
+        out, state = self.kernel(q=query, k=key, v=value, features=features, linear_log_weight=self.linear_log_weight,
+                                 key_padding_mask=current_mask, state=state, log_decay=log_decay)
         if layer_cache is not None:
             layer_cache.self_attention = state
         return out
-
-    def _fast_kernel(self, query):
-        """The Triton kernel causal sums run on (training and prefill), or None for the PyTorch ones:
-        see `fast_attention.kernel_for`; never while compiling or exporting (their graphs keep PyTorch ops)."""
-        if not self.config.use_fast_kernels or torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return None
-        return fast_kernel_for(query.device)
 
     def _cross_attention(self, query, key_value_states, attention_mask, layer_cache):
         cached = layer_cache.cross_attention if layer_cache is not None else None
@@ -381,12 +381,13 @@ def _positions(padding_mask, batch, length, past_length, device):
     return positions.clamp_min(0)[:, -length:]
 
 
-class PerformerPreTrainedModel(PerformerStorageMixin, PerformerRedrawMixin, PreTrainedModel):
+class PerformerPreTrainedModel(PerformerStorageMixin, PerformerRedrawMixin, PerformerKernelMixin, PreTrainedModel):
     """The base of every Performer head: transformers' `PreTrainedModel` with the package's saving
     and loading (`save_pretrained` writes the modeling files and checksums; `from_pretrained`
     verifies them, renames one-stack checkpoints and rebuilds missing projections: see
-    `storage_performer`) and its projection redraws (`redraw_projections`, `redraw_for_step`,
-    `redraw_on_steps`: see `redraw_performer`)."""
+    `storage_performer`), its projection redraws (`redraw_projections`, `redraw_for_step`,
+    `redraw_on_steps`: see `redraw_performer`) and its kernel switches (`set_chunk_kernel`,
+    `set_sparse_cache_size`: see `attention_kernels`)."""
 
     config_class = PerformerConfig
     base_model_prefix = "model"
@@ -431,6 +432,7 @@ class PerformerModel(NotGenerative, PerformerPreTrainedModel):
     (`is_encoder_decoder`)."""
 
     def __init__(self, config: PerformerConfig):
+        config._normalise_and_validate()  # a head's copy, or a config changed since it was made
         super().__init__(config)
         self.embeddings = PerformerEmbeddings(config)
         sizes = config.stack_sizes()
@@ -454,9 +456,6 @@ class PerformerModel(NotGenerative, PerformerPreTrainedModel):
                 "(encoder) stack, whose linear attention sums every key at once: use linear_decay=None, or a "
                 "decoder-only model (PerformerForCausalLM, or is_decoder=True)"
             )
-        if config.sink_tokens and self.encoder is None:
-            raise ValueError(f"sink_tokens={config.sink_tokens} applies to non-causal (encoder) attention, and this "
-                             "model has a causal stack only: set sink_tokens=0")
         if self.encoder is not None:
             # The encoder embeds its own inputs when called alone (generate() runs `get_encoder()`);
             # the embeddings stay one module of this model, shared with the decoder.

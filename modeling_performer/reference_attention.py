@@ -5,7 +5,10 @@ nothing in the models uses them.
 
 import torch
 
-from .attention_common import _resolve, repeat_key_heads
+from .attention_common import (
+    repeat_key_heads,
+    resolve_feature_map,
+)
 from .attention_softmax import build_attention_mask
 from .feature_maps import KEY_SCALE_BOUND
 
@@ -30,7 +33,7 @@ def naive_linear_attention(q, k, v, projection, feature_map="softmax", key_paddi
                            log_decay=None):
     """The T x S matrix phi(q) phi(k)^T written out, in float64, with one global key constant.
     log_decay (causal only): [B, H_kv, T] log gates, each score weighed by `_decay_weights`."""
-    fmap = _resolve(feature_map)
+    fmap = resolve_feature_map(feature_map)
     q, k, v, projection = q.double(), k.double(), v.double(), _double(projection)
     head_dim = q.shape[-1]
     qs, ks = q * head_dim**-0.25, k * head_dim**-0.25
@@ -84,7 +87,7 @@ def naive_windowed_attention(q, k, v, projection, feature_map="softmax", window=
     real keys of each row are exact for every query too, weighed like the window's (an uncalibrated map's linear
     part stays at the scale of the window's maximum score). log_decay (causal only): [B, H_kv, T] log gates of the
     linear part, which a key enters when it leaves the window (`_decay_weights` with a delay of the window)."""
-    fmap = _resolve(feature_map)
+    fmap = resolve_feature_map(feature_map)
     q, k, v, projection = q.double(), k.double(), v.double(), _double(projection)
     head_dim = q.shape[-1]
     heads = q.shape[1]
@@ -142,7 +145,7 @@ def naive_sparse_windowed_attention(q, k, v, projection, feature_map="softmax", 
     token by token in float64, with explicit sets: a list of cached positions, a list of folded
     ones, every score and product written out. Uncalibrated maps' linear part is weighed against the
     window's maximum score, as without a cache."""
-    fmap = _resolve(feature_map)
+    fmap = resolve_feature_map(feature_map)
     q, k, v, projection = q.double(), k.double(), v.double(), _double(projection)
     batch, heads, length, head_dim = q.shape
     kv_heads = k.shape[1]

@@ -65,7 +65,7 @@ def run_one(args, device, attention, feature_map, window, features, sparse, deca
     record = train(model, args, device)
     record["accuracy"] = accuracy(model, args, device, args.pairs, args.seq_len)
     for size in args.score_sparse_cache:
-        model.config.sparse_cache_size = size  # a switch at inference: the same trained weights
+        model.set_sparse_cache_size(size)  # a switch at inference: the same trained weights
         record.setdefault("sparse_cache_accuracy", {})[size] = accuracy(model, args, device, args.pairs, args.seq_len)
     return record
 

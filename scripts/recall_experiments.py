@@ -85,12 +85,12 @@ def linearize(args, device, task_class=MQARTask) -> dict:
         student.save_pretrained(student_folder)
         (student_folder / "transfer.json").write_text(json.dumps(record["transfer_loss"]))
     for size in [0] + args.linearize_cache:
-        student.config.sparse_cache_size = size  # a switch at inference: the same fitted weights
+        student.set_sparse_cache_size(size)  # a switch at inference: the same fitted weights
         name = f"Hedgehog + W{window}" + (f" + sparse {size}" if size else "")
         results[name] = task.score(student)
     # Control: a cache as long as the sequence keeps every key exact and leaves the linear part
     # empty, so the student computes the teacher's softmax: what it loses is the linear part's.
-    student.config.sparse_cache_size = task.length
+    student.set_sparse_cache_size(task.length)
     results[f"Hedgehog + W{window} + sparse {task.length} (every key exact: control)"] = task.score(student)
     teacher_accuracy = results["softmax teacher"]
     record["accuracy"] = results
@@ -124,11 +124,11 @@ def decoding_cost(args, device) -> dict:
     token = torch.ones(1, 1, dtype=torch.long, device=device)
     caches, spent, results = {}, dict.fromkeys(kinds, 0.0), {name: [] for name in kinds}
     for name, (model, cache_size) in kinds.items():
-        model.config.sparse_cache_size = cache_size
+        model.set_sparse_cache_size(cache_size)
         caches[name] = model(token, use_cache=True).cache
     for step in range(2, args.decode_tokens + 1):
         for name, (model, cache_size) in kinds.items():
-            model.config.sparse_cache_size = cache_size
+            model.set_sparse_cache_size(cache_size)
             clock = time.perf_counter()
             model(token, cache=caches[name], use_cache=True)
             if any(m - TIMED_STEPS < step <= m for m in marks):

@@ -17,55 +17,16 @@ from transformers import AutoModelForCausalLM
 import modeling_performer  # noqa: F401
 from modeling_performer.conversion import ConversionError, convert_to_performer, save_converted
 
+from .helpers import FAMILIES, tiny_source
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "convert_to_performer.py"
-LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 
-FAMILIES = {
-    # name: (config class, model class, settings)
-    "llama-gqa-llama3-untied": ("LlamaConfig", "LlamaForCausalLM",
-                                dict(num_key_value_heads=2, rope_parameters=LLAMA3, tie_word_embeddings=False,
-                                     attention_bias=True, mlp_bias=True)),
-    "llama-mqa-linear-tied": ("LlamaConfig", "LlamaForCausalLM",
-                              dict(num_key_value_heads=1, tie_word_embeddings=True,
-                                   rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
-    "mistral-gqa": ("MistralConfig", "MistralForCausalLM",
-                    dict(num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False)),
-    "qwen2-biases-yarn": ("Qwen2Config", "Qwen2ForCausalLM",
-                          dict(num_key_value_heads=2, tie_word_embeddings=True,
-                               rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1000000.0,
-                                                "original_max_position_embeddings": 16})),
-    "qwen3-qk-norm-head-dim": ("Qwen3Config", "Qwen3ForCausalLM",
-                               dict(num_key_value_heads=1, head_dim=16, tie_word_embeddings=False,
-                                    rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
-                                    max_position_embeddings=8)),  # the prompts go beyond: NTK scaling applies
-}
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return transformers.AutoTokenizer.from_pretrained(ROOT / "configuration" / "tokenizer")
-
-
-def tiny_source(family, folder, tokenizer, **changes):
-    """A random checkpoint of the family, every weight (norms and biases included) moved off its
-    initial value, saved with the bundled tokenizer."""
-    config_class, model_class, settings = FAMILIES[family]
-    values = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    values.update(settings)
-    values.update(changes)
-    config = getattr(transformers, config_class)(**values)
-    torch.manual_seed(0)
-    source = getattr(transformers, model_class)(config).eval()
-    with torch.no_grad():
-        for name, parameter in source.named_parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter) + (0.1 if name.endswith("norm.weight") else 0.0))
-    source.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return source
 
 
 def left_padded(tokenizer):

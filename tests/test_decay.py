@@ -12,7 +12,7 @@ import torch
 from modeling_performer import PerformerConfig, PerformerForCausalLM, PerformerModel
 from modeling_performer.attention import (
     causal_linear_attention,
-    causal_linear_variant,
+    CausalLinearKernel,
     causal_windowed_attention,
     recurrent_linear_attention,
     recurrent_windowed_attention,
@@ -168,8 +168,8 @@ def test_padded_steps_decay_nothing(path):
 def test_the_sparse_cache_takes_no_decay():
     q, k, v, log_decay, mask = inputs(9)
     with pytest.raises(ValueError, match="sparse cache"):
-        causal_linear_variant(q, k, v, features("hedgehog"), "hedgehog", 4, 2, None, mask, None, 8,
-                              log_decay=log_decay)
+        CausalLinearKernel("hedgehog", window=4, cache_size=2, chunk_size=8)(
+            q=q, k=k, v=v, features=features("hedgehog"), key_padding_mask=mask, log_decay=log_decay)
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,8 +13,11 @@ from modeling_performer.attention import causal_linear_attention, causal_windowe
 from modeling_performer.reference_attention import naive_linear_attention, naive_windowed_attention
 
 from .conftest import max_error, perturbed
-from .test_sparse_cache import MAPS, B, D, H, features, padding, qkv  # the same kernel inputs
-from .test_sparse_cache import tiny_config as sparse_tiny_config
+from .helpers import MAPS, KernelCase, sparse_tiny_config
+
+B, H, D = 2, 4, 8
+CASE = KernelCase(B, H, 2, D, 16, 6, right_pad=3)  # the sparse cache tests' kernel inputs
+features, qkv, padding = CASE.features, CASE.qkv, CASE.padding
 
 naive = pytest.importorskip("fla.ops.simple_gla.naive", reason="fla-core is installed by the dev extra")
 
@@ -112,27 +115,46 @@ def test_prefill_on_the_fast_path_then_pytorch_decoding_gives_the_same_tokens(mo
     pytorch = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     calls = []
 
-    def forced(device):
-        calls.append(device.type)
-        return KERNELS["fla-chunked"]
+    def counted(*args, **kwargs):
+        calls.append(kwargs["q"].device.type)
+        return KERNELS["fla-chunked"](*args, **kwargs)
 
-    monkeypatch.setattr("modeling_performer.modeling_performer.fast_kernel_for", forced)
+    model.set_chunk_kernel(counted, devices=("cpu",))  # the public switch, here on the CPU
     with torch.no_grad():
         logits_fast = model(ids, attention_mask=mask).logits
     fast = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     assert calls, "the fast path never ran"
     assert torch.equal(fast, pytorch)
-    monkeypatch.undo()
+    # The switch back: the PyTorch kernels, and the fast ones are never asked.
+    calls.clear()
+    model.set_chunk_kernel(None)
     with torch.no_grad():
         logits = model(ids, attention_mask=mask).logits
+    assert calls == []
     assert max_error(logits_fast[mask.bool()], logits[mask.bool()]) < 1e-5
-    # The switch forces the PyTorch kernels even where the fast ones would run.
-    calls.clear()
-    monkeypatch.setattr("modeling_performer.modeling_performer.fast_kernel_for", forced)
-    model.config.use_fast_kernels = False
+    # Sums meant for CUDA never run on CPU tensors.
+    model.set_chunk_kernel(counted)
     with torch.no_grad():
         model(ids, attention_mask=mask)
     assert calls == []
+
+
+def test_the_kernel_is_chosen_once_when_the_layer_is_built(monkeypatch):
+    """The config and the device decide at construction; a forward asks nothing again."""
+    monkeypatch.setattr(fast_attention, "load_fla_kernel", lambda: chunked_reference)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fast_attention, "_announced", set())
+    model = PerformerForCausalLM(tiny_config(feature_map="hedgehog", local_window=3))
+    kernels = [layer.self_attn.kernel for layer in model.model.decoder.layers]
+    assert all(k.sums is chunked_reference and k.variant == "window" and k.window == 3 for k in kernels)
+    off = PerformerForCausalLM(tiny_config(feature_map="hedgehog", use_fast_kernels=False))
+    assert all(layer.self_attn.kernel.sums is None for layer in off.model.decoder.layers)
+    monkeypatch.setattr(fast_attention, "load_fla_kernel", lambda: pytest.fail("asked again in a forward"))
+    monkeypatch.setattr(fast_attention, "kernel_for", lambda device: pytest.fail("asked again in a forward"))
+    with torch.no_grad():
+        model(torch.randint(3, 99, (1, 8)))
+    softmax = PerformerForCausalLM(tiny_config(attention_type="softmax"))
+    assert all(layer.self_attn.kernel is None for layer in softmax.model.decoder.layers)
 
 
 def test_fallback_without_fla_logs_once_how_to_install(monkeypatch, caplog):

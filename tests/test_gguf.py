@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 from modeling_performer.conversion import ConversionError, check_gguf, convert_to_performer, resolve_source
 
 from .conftest import ROOT
-from .test_modeling import run_remote
+from .helpers import run_remote
 
 gguf = pytest.importorskip("gguf", reason="gguf is in the dev extras")
 

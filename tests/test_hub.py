@@ -13,7 +13,7 @@ from transformers.utils import hub as transformers_hub
 from modeling_performer import PerformerForCausalLM
 
 from .conftest import tiny_config
-from .test_modeling import run_remote
+from .helpers import run_remote
 
 TOKENIZER = pathlib.Path(__file__).resolve().parent.parent / "configuration" / "tokenizer"
 

@@ -21,8 +21,11 @@ from modeling_performer.reference_attention import (
 )
 
 from .conftest import assert_equivalent, max_error, perturbed
-from .test_sinks import tiny_config as sink_config
-from .test_window import log_weight, padding, run_recurrent
+from .helpers import KernelCase, run_recurrent_window as run_recurrent
+from .helpers import sink_tiny_config as sink_config
+
+CASE = KernelCase(2, 3, 3, 16, 32, 8, right_pad=4, stacked=True)  # the window tests' kernel inputs
+log_weight, padding = CASE.log_weight, CASE.padding
 
 B, H, H_KV, D, F, T = 2, 4, 2, 16, 8, 37
 

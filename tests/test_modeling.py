@@ -1,9 +1,6 @@
 """Core stack and heads: every option combination, save/load, Auto classes, errors."""
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -29,7 +26,8 @@ from modeling_performer import (
 )
 from modeling_performer.reference_attention import naive_softmax_attention
 
-from .conftest import numerics_env, tiny_config
+from .conftest import tiny_config
+from .helpers import run_remote
 
 HEADS = TASK_HEADS
 AUTO = {
@@ -200,43 +198,6 @@ def test_seq2seq_base_checkpoint_loads_into_head(tmp_path):
     model, info = PerformerForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["unexpected_keys"]
     assert all(k.startswith("lm_head.") for k in info["missing_keys"]), info["missing_keys"]
-
-
-REMOTE_LOAD = textwrap.dedent(
-    """
-    import sys
-    class Block:
-        def find_spec(self, name, path=None, target=None):
-            if name == "modeling_performer" or name.startswith("modeling_performer."):
-                raise ModuleNotFoundError("blocked " + name)
-    sys.meta_path.insert(0, Block())
-    try:
-        import modeling_performer
-        raise SystemExit("the package must not be importable here")
-    except ModuleNotFoundError:
-        pass
-    import torch, transformers
-    folder, reference, auto_name = sys.argv[1:4]
-    model = getattr(transformers, auto_name).from_pretrained(folder, trust_remote_code=True).eval()
-    assert "transformers_modules" in type(model).__module__, type(model).__module__
-    ref = torch.load(reference)
-    out = model(ref["ids"])
-    torch.testing.assert_close(out.logits, ref["logits"], rtol=0, atol=0)
-    if hasattr(model, "generate"):
-        generated = model.generate(ref["ids"], max_new_tokens=5, do_sample=False)
-        assert torch.equal(generated, ref["generated"]), (generated, ref["generated"])
-    print("remote ok")
-    """
-)
-
-
-def run_remote(folder, reference, auto_name, tmp_path):
-    script = tmp_path / "load_remote.py"
-    script.write_text(REMOTE_LOAD)
-    done = subprocess.run([sys.executable, str(script), str(folder), str(reference), auto_name],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **numerics_env()})
-    assert "remote ok" in done.stdout, done.stdout + done.stderr
 
 
 def test_remote_code_round_trip_without_the_package(tmp_path):

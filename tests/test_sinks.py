@@ -13,8 +13,11 @@ from modeling_performer.attention import windowed_linear_attention
 from modeling_performer.reference_attention import naive_softmax_attention, naive_windowed_attention
 
 from .conftest import ROOT, load_script, max_error, perturbed
-from .test_conversion_llama import tiny_source
-from .test_window import MAPS, features, log_weight, padding, qkv
+from .helpers import MAPS, KernelCase, tiny_source
+from .helpers import sink_tiny_config as tiny_config
+
+CASE = KernelCase(2, 3, 3, 16, 32, 8, right_pad=4, stacked=True)  # the window tests' kernel inputs
+features, qkv, log_weight, padding = CASE.features, CASE.qkv, CASE.log_weight, CASE.padding
 
 B, H, D = 2, 3, 16
 
@@ -86,13 +89,6 @@ def test_bad_sink_argument_is_rejected():
         windowed_linear_attention(q, k, v, features("hedgehog"), "hedgehog", 3, sink_tokens=-1)
 
 
-def tiny_config(**overrides):
-    values = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=37, hedgehog_dim=8, hidden_dropout_prob=0.0, feature_map="hedgehog",
-                  local_window=3, sink_tokens=1, pad_token_id=0)
-    values.update(overrides)
-    return PerformerConfig(**values)
-
 
 def test_encoder_with_sinks_is_padding_invariant_and_saves_exactly(tmp_path):
     """A left-padded row gives what the row gives alone: its sink is its first real token, not
@@ -128,8 +124,13 @@ def test_config_rejects_bad_sinks(overrides, message):
 
 
 def test_models_without_an_encoder_refuse_sinks():
-    with pytest.raises(ValueError, match="causal stack only"):
+    """The head's causal copy of an encoder config goes through the config's own check."""
+    with pytest.raises(ValueError, match="decoder only"):
         PerformerForCausalLM(tiny_config())
+    changed = tiny_config()
+    changed.is_decoder = True  # changed after it was checked
+    with pytest.raises(ValueError, match="decoder only"):
+        PerformerModel(changed)
     assert PerformerModel(tiny_config()).encoder is not None  # an encoder takes them
 
 

@@ -5,7 +5,7 @@ generation, beam search and saving."""
 import pytest
 import torch
 
-from modeling_performer import PerformerConfig, PerformerForCausalLM
+from modeling_performer import PerformerForCausalLM
 from modeling_performer.attention import (
     SparseWindowState,
     causal_sparse_windowed_attention,
@@ -15,32 +15,17 @@ from modeling_performer.attention import (
 from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix
 from modeling_performer.reference_attention import naive_softmax_attention, naive_sparse_windowed_attention
 
-from .conftest import kernel_features, max_error, perturbed
+from .conftest import max_error, perturbed
+from .helpers import MAPS, KernelCase
+from .helpers import sparse_tiny_config as tiny_config
 
 B, H, H_KV, D, M, F = 2, 4, 2, 8, 16, 6
-MAPS = ["softmax", "relu", "hedgehog"]
+CASE = KernelCase(B, H, H_KV, D, M, F, right_pad=3)
+features, qkv, log_weight, padding = CASE.features, CASE.qkv, CASE.log_weight, CASE.padding
 
 
-def features(feature_map, seed=0):
-    return kernel_features(feature_map, H, H_KV, D, M, F, seed)
 
 
-def qkv(length, seed=0, kv_heads=H_KV):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, length, D, generator=g), torch.randn(B, kv_heads, length, D, generator=g),
-            torch.randn(B, kv_heads, length, D, generator=g))
-
-
-def log_weight(seed=3):
-    return 0.5 * torch.randn(H, generator=torch.Generator().manual_seed(seed))
-
-
-def padding(length):
-    """Row 0 right-padded, row 1 left-padded."""
-    mask = torch.ones(B, length, dtype=torch.bool)
-    mask[0, length - 3:] = False
-    mask[1, :5] = False
-    return mask
 
 
 def run_steps(q, k, v, w, feature_map, window, size, weight, mask, state):
@@ -159,13 +144,6 @@ def test_bad_arguments_and_mismatched_states_are_refused():
 # --------------------------------------------------------------------------------------------
 # Models
 
-
-def tiny_config(**overrides):
-    values = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=37, num_random_features=16, hedgehog_dim=8, chunk_size=4, hidden_dropout_prob=0.0,
-                  local_window=3, sparse_cache_size=2)
-    values.update(overrides)
-    return PerformerConfig(**values)
 
 
 def left_padded_batch(length=14, seed=0):

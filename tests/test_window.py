@@ -7,51 +7,24 @@ import torch
 from modeling_performer import PerformerConfig, PerformerForCausalLM, PerformerForMaskedLM, PerformerModel
 from modeling_performer.attention import (
     causal_windowed_attention,
-    recurrent_windowed_attention,
     windowed_linear_attention,
 )
 from modeling_performer.reference_attention import naive_softmax_attention, naive_windowed_attention
 from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init
 
 from .conftest import max_error, perturbed
+from .helpers import MAPS, KernelCase
+from .helpers import run_recurrent_window as run_recurrent
 
 B, H, D, M, F = 2, 3, 16, 32, 8
-MAPS = ["softmax", "relu", "hedgehog"]
+CASE = KernelCase(B, H, H, D, M, F, right_pad=4, stacked=True)
+features, qkv, log_weight, padding = CASE.features, CASE.qkv, CASE.log_weight, CASE.padding
 WINDOWS = [1, 2, 5, 8]
 
 
-def features(feature_map, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    if feature_map == "hedgehog":
-        return hedgehog_init(H, D, F) + 0.3 * torch.randn(2, H, D, F, generator=g)
-    return gaussian_orthogonal_random_matrix(M, D, g)
 
 
-def qkv(length, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, H, length, D, generator=g) for _ in range(3)]
 
-
-def log_weight(seed=3):
-    return 0.5 * torch.randn(H, generator=torch.Generator().manual_seed(seed))
-
-
-def padding(length):
-    """Row 0 right-padded, row 1 left-padded."""
-    mask = torch.ones(B, length, dtype=torch.bool)
-    mask[0, length - 4:] = False
-    mask[1, :5] = False
-    return mask
-
-
-def run_recurrent(q, k, v, w, feature_map, window, weight, mask=None, state=None):
-    outs = []
-    for t in range(q.shape[2]):
-        step = slice(t, t + 1)
-        out, state = recurrent_windowed_attention(q[:, :, step], k[:, :, step], v[:, :, step], w, feature_map, window,
-                                                  weight, None if mask is None else mask[:, step], state)
-        outs.append(out)
-    return torch.cat(outs, dim=2), state
 
 
 @pytest.mark.parametrize("feature_map", MAPS)
