@@ -176,8 +176,11 @@ class _Capture:
             handle.remove()
 
 
-def _teacher_pass(teacher, pairs, batch):
-    """Runs the teacher once; -> [(call args, call kwargs, attention output before o_proj)] per pair."""
+def _teacher_pass(teacher, pairs, batch, cache=None):
+    """Runs the teacher once (or reads what it gave from `cache`, a TeacherCache); -> [(call args,
+    call kwargs, attention output before o_proj)] per pair."""
+    if cache is not None:
+        return cache.layer_records(teacher, pairs, batch)
     captures = [_Capture(t, True) for _, t, _ in pairs]
     try:
         with torch.no_grad():
@@ -279,16 +282,22 @@ def attention_errors(teacher, student, batch) -> dict:
 END_TO_END_LOSSES = ("hidden_states", "next_token_kl")
 
 
-def next_token_kl(teacher, student, batch, positions: Optional[torch.Tensor] = None):
+def next_token_kl(teacher, student, batch, positions: Optional[torch.Tensor] = None, cache=None):
     """Mean over real tokens of KL(teacher || student) between the two models' next-token
     distributions (causal-LM heads), at every position or at the sequence positions given (a 1-d
     tensor of indices: the LM head then runs on those only, which is most of the cost at a large
-    vocabulary)."""
+    vocabulary). With `cache` (a TeacherCache), the teacher's side is its `top_k` most likely tokens
+    plus the rest as one outcome (`top_k_kl`), computed once per batch and read back after."""
     keep = 0 if positions is None else positions
-    with torch.no_grad():
-        expected = teacher(**batch, use_cache=False, logits_to_keep=keep).logits.float().log_softmax(-1)
-    actual = student(**batch, use_cache=False, logits_to_keep=keep).logits.float().log_softmax(-1)
-    per_token = (expected.exp() * (expected - actual)).sum(-1)
+    actual_logits = lambda: student(**batch, use_cache=False, logits_to_keep=keep).logits  # noqa: E731
+    if cache is not None:
+        indices, log_probs = cache.top_k_targets(teacher, batch, positions)
+        per_token = top_k_kl(indices, log_probs, actual_logits().float().log_softmax(-1))
+    else:
+        with torch.no_grad():
+            expected = teacher(**batch, use_cache=False, logits_to_keep=keep).logits.float().log_softmax(-1)
+        actual = actual_logits().float().log_softmax(-1)
+        per_token = (expected.exp() * (expected - actual)).sum(-1)
     mask = batch.get("attention_mask")
     if mask is None:
         return per_token.mean()
@@ -306,15 +315,16 @@ def _kl_positions(batch, count: int, step: int):
     return drawn.sort().values.to(batch["input_ids"].device)
 
 
-def _step_loss(teacher, student, pairs, batch, layer_by_layer, end_to_end_loss="hidden_states", positions=None):
+def _step_loss(teacher, student, pairs, batch, layer_by_layer, end_to_end_loss="hidden_states", positions=None,
+               cache=None):
     """The transfer objective on one batch: the mean over layers of the attention outputs' relative
     error (layer by layer); end to end, the hidden states' or the next-token KL to the teacher."""
     if not layer_by_layer:
         if end_to_end_loss == "next_token_kl":
-            return next_token_kl(teacher, student, batch, positions)
+            return next_token_kl(teacher, student, batch, positions, cache)
         return _hidden_state_error(teacher, student, batch)
     loss = 0.0
-    for (_, _, module), (args, kwargs, expected) in zip(pairs, _teacher_pass(teacher, pairs, batch)):
+    for (_, _, module), (args, kwargs, expected) in zip(pairs, _teacher_pass(teacher, pairs, batch, cache)):
         actual = _student_core(module, args, kwargs)
         loss = loss + _relative_error(actual, expected, _token_weights(batch, expected))
     return loss / len(pairs)
@@ -354,6 +364,7 @@ def transfer_attention(
     lora_alpha: Optional[float] = None,
     lora_learning_rate: Optional[float] = None,
     lora_targets: tuple = LORA_TARGETS,
+    teacher_cache: Optional["TeacherCache"] = None,
 ) -> dict:
     """Fits the student's linear attention to the teacher's softmax attention (see the module
     docstring): `steps` steps layer by layer, then `end_to_end_steps` steps on the whole stack's
@@ -377,7 +388,12 @@ def transfer_attention(
     lora_rank > 0 trains low-rank updates of the linear layers' `lora_targets` projections in the
     end-to-end stage beside the maps (learning rate `lora_learning_rate`, default the end-to-end
     one; scale lora_alpha / rank, alpha 2 * rank by default) and merges them into the weights at
-    the end; checkpoints hold them, and snapshots hold the updated weights themselves."""
+    the end; checkpoints hold them, and snapshots hold the updated weights themselves.
+
+    teacher_cache (a TeacherCache) keeps what the teacher gives for each batch on disk and reads it
+    back when the same batch comes again (another run on the same rows, a resumed one): every
+    layer's input and attention output for the layer-by-layer stage, the top-k next-token
+    distribution for the next-token KL."""
     if end_to_end_loss not in END_TO_END_LOSSES:
         raise TransferError(f"end_to_end_loss must be one of {END_TO_END_LOSSES}, not {end_to_end_loss!r}")
     if steps < 0 or end_to_end_steps < 0:
@@ -449,7 +465,7 @@ def transfer_attention(
             for part in _micro_batches(batch, accumulation_steps):
                 with autocast():
                     loss = _step_loss(teacher, student, pairs, part, layer_by_layer=step < steps,
-                                      end_to_end_loss=end_to_end_loss, positions=positions)
+                                      end_to_end_loss=end_to_end_loss, positions=positions, cache=teacher_cache)
                 (loss / accumulation_steps).backward()
                 step_loss += loss.item() / accumulation_steps
             optimizer.step()
@@ -476,6 +492,134 @@ def transfer_attention(
     return {"loss": history[:steps], "end_to_end_loss": history[steps:], "steps": steps,
             "end_to_end_steps": end_to_end_steps, "end_to_end_learning_rate": end_to_end_learning_rate}
 
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate on both sides of -log 2; x is held below -1e-6 (the mass a
+    float32 sum of probabilities can round away)."""
+    x = x.clamp(max=-1e-6)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def top_k_kl(indices: torch.Tensor, log_probs: torch.Tensor, student_log_probs: torch.Tensor) -> torch.Tensor:
+    """Per token, KL(teacher || student) over the teacher's top-k tokens plus one outcome for all the
+    others: indices, log_probs [..., k] the teacher's k most likely tokens and their log-probabilities,
+    student_log_probs [..., V] the student's log-softmax. A lower bound of the full KL that loses only
+    what the two say about the tail's shape; equal to it when k is the whole vocabulary. -> [...]."""
+    student_top = student_log_probs.gather(-1, indices)
+    kl = (log_probs.exp() * (log_probs - student_top)).sum(-1)
+    if indices.shape[-1] < student_log_probs.shape[-1]:
+        teacher_rest, student_rest = _log1mexp(log_probs.logsumexp(-1)), _log1mexp(student_top.logsumexp(-1))
+        kl = kl + teacher_rest.exp() * (teacher_rest - student_rest)
+    return kl
+
+
+class TeacherCache:
+    """What the teacher gives for a batch, computed once and kept on disk under `directory`; a later
+    call with the same teacher and the same batch (another fit on the same rows, a resumed run)
+    reads it back instead of running the teacher. Files are named by a digest of the teacher's
+    weights and of the batch's tensors, so a changed teacher or batch can never be served stale
+    results, and written atomically, so a killed run leaves only whole files.
+
+    - `layer_records`: for the layer-by-layer stage, every attention layer's input and output before
+      o_proj (all the teacher's layers, so a fit that keeps other layers exact reuses the same file),
+      stored in `dtype` (float16 by default: half the bytes of the teacher's float32 states; float32
+      makes a cached fit equal to an uncached one bit for bit);
+    - `top_k_targets`: for the next-token KL, the teacher's `top_k` most likely next tokens and their
+      log-probabilities at the scored positions (`top_k_kl`; the whole vocabulary when top_k is 0).
+
+    `hits` and `misses` count the batches read back and the ones the teacher ran for."""
+
+    def __init__(self, directory: str, top_k: int = 64, dtype: torch.dtype = torch.float16):
+        if top_k < 0:
+            raise TransferError(f"the teacher cache's top_k must be 0 (every token) or more, not {top_k}")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TransferError(f"the teacher cache stores float16, bfloat16 or float32, not {dtype}")
+        self.directory, self.top_k, self.dtype = directory, top_k, dtype
+        self.hits = self.misses = 0
+        self._fingerprints = {}
+
+    def _fingerprint(self, teacher) -> str:
+        import hashlib
+
+        if id(teacher) not in self._fingerprints:
+            digest = hashlib.sha1(type(teacher).__name__.encode())
+            for name, tensor in teacher.state_dict().items():
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+            self._fingerprints[id(teacher)] = digest.hexdigest()
+        return self._fingerprints[id(teacher)]
+
+    def _path(self, kind, teacher, batch, *extra) -> str:
+        import hashlib
+
+        digest = hashlib.sha1(f"{kind} {self._fingerprint(teacher)} {extra[1:] if extra else ()}".encode())
+        tensors = {**batch, **({"positions": extra[0]} if extra and extra[0] is not None else {})}
+        for key in sorted(tensors):
+            value = tensors[key]
+            if isinstance(value, torch.Tensor):
+                digest.update(f"{key} {value.dtype} {tuple(value.shape)}".encode())
+                digest.update(value.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+            else:
+                digest.update(f"{key} {value!r}".encode())
+        name = digest.hexdigest()
+        return os.path.join(self.directory, kind, name[:2], name + ".pt")
+
+    def _read(self, path):
+        if not os.path.exists(path):
+            return None
+        self.hits += 1
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def _write(self, path, value):
+        self.misses += 1
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_atomically(value, path)
+        return value  # what a later read gives
+
+    def layer_records(self, teacher, pairs, batch):
+        """`_teacher_pass`'s records for these pairs: [(call args, call kwargs, output before o_proj)]."""
+        path = self._path("layers", teacher, batch, None, str(self.dtype))
+        saved = self._read(path)
+        if saved is None or any(name not in saved for name, _, _ in pairs):
+            modules = [(name, module, None) for name, module in teacher.base_model.named_modules()
+                       if isinstance(module, PerformerAttention)]
+            if saved is not None:
+                self.hits -= 1
+            records = _teacher_pass(teacher, modules, batch)
+            saved = self._write(path, {
+                name: {"input": args[0].to(self.dtype), "core": core.to(self.dtype), "dtype": str(args[0].dtype),
+                       "kwargs": {k: v for k, v in kwargs.items() if k != "layer_cache"}}
+                for (name, _, _), (args, kwargs, core) in zip(modules, records)})
+        device = batch["input_ids"].device
+        moved = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        records = []
+        for name, _, _ in pairs:
+            entry = saved[name]
+            dtype = getattr(torch, entry["dtype"].removeprefix("torch."))
+            kwargs = {k: tuple(moved(x) for x in v) if isinstance(v, tuple) else moved(v)
+                      for k, v in entry["kwargs"].items()}
+            records.append(((entry["input"].to(device, dtype),), {**kwargs, "layer_cache": None},
+                            entry["core"].to(device, dtype)))
+        return records
+
+    def top_k_targets(self, teacher, batch, positions=None):
+        """The teacher's top_k next tokens at `positions` (None: every position) -> (indices [B, P, k]
+        int64, log-probabilities [B, P, k] float32), on the batch's device."""
+        path = self._path("top-k", teacher, batch, positions, self.top_k)
+        saved = self._read(path)
+        if saved is None:
+            with torch.no_grad():
+                logits = teacher(**batch, use_cache=False, logits_to_keep=0 if positions is None else positions).logits
+                log_probs = logits.float().log_softmax(-1)
+            if self.top_k and self.top_k < log_probs.shape[-1]:
+                values, indices = log_probs.topk(self.top_k, dim=-1)
+            else:
+                values, indices = log_probs, torch.arange(log_probs.shape[-1], device=log_probs.device).expand_as(
+                    log_probs)
+            saved = self._write(path, {"indices": indices.to(torch.int32).cpu(), "log_probs": values.cpu()})
+        device = batch["input_ids"].device
+        return saved["indices"].to(device, torch.long), saved["log_probs"].to(device)
 
 
 def load_snapshot(student: PerformerPreTrainedModel, path: str) -> None:

@@ -11,8 +11,11 @@
 # decay (maps only, the data-dependent decay gate).
 # FRONTIER_SCALE (default 0.5) scales every fitting budget (1 = the recipe's); FRONTIER_EVALUATION=full
 # scores as the recipe does, screening (the default) at 512 / 2,048 tokens, documents of 300 / 1,000 /
-# 2,000 tokens and the short chat. A killed run resumes with the same command. Outputs:
-# outputs/frontier/ROW/ (FRONTIER_OUT), each with its results.json.
+# 2,000 tokens and the short chat. FRONTIER_TEACHER_CACHE=1 has every row read the teacher's layer
+# states and top-64 next-token distributions from one store (outputs/frontier/shared/teacher-cache)
+# instead of running the teacher in each fitting step. After the rows, their students' batch-1 decoding
+# at 8,192 tokens is timed against the teacher's in one process (FRONTIER_DECODE=0: not). A killed run
+# resumes with the same command. Outputs: outputs/frontier/ROW/ (FRONTIER_OUT), each with its results.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
@@ -58,10 +61,18 @@ for row in $rows; do
     if [ -e $shared/teacher-parts.json ] && [ ! -e $out/chat/results.json.partial.json ]; then
         cp $shared/teacher-parts.json $out/chat/results.json.partial.json
     fi
-    echo "{\"budget\": $scale, \"evaluation\": \"${FRONTIER_EVALUATION:-screening}\", \"settings\": \"$settings\"}" \
-        > $out/frontier_row.json
+    cache=()
+    if [ "${FRONTIER_TEACHER_CACHE:-0}" = 1 ]; then cache=(CHAT_TEACHER_CACHE=$shared/teacher-cache); fi
+    python - "$out/frontier_row.json" "$scale" "${FRONTIER_EVALUATION:-screening}" "$settings" \
+        "${FRONTIER_TEACHER_CACHE:-0}" <<'EOF'
+import json, os, sys
+path, scale, evaluation, settings, cache = sys.argv[1:]
+row = json.load(open(path)) if os.path.exists(path) else {}  # a decode time measured before stays
+row.update(budget=float(scale), evaluation=evaluation, settings=settings, teacher_cache=cache == "1")
+json.dump(row, open(path, "w"))
+EOF
     echo "== frontier row $row: $settings"
-    env $settings OUT=$out STEPS_SCALE=$scale CHAT_LAYER_RANKING=$shared/layers.json \
+    env $settings "${cache[@]}" OUT=$out STEPS_SCALE=$scale CHAT_LAYER_RANKING=$shared/layers.json \
         CHAT_EVALUATE_OPTIONS="${screening[*]} ${CHAT_EVALUATE_OPTIONS:-}" CHAT_RESULTS=$out/results.json \
         bash scripts/convert_recipe.sh chat-lm
     [ -e $shared/teacher-parts.json ] || python -c "
@@ -69,3 +80,10 @@ import json, sys
 partial = json.load(open('$out/chat/results.json.partial.json'))
 json.dump({k: v for k, v in partial.items() if k.endswith('-teacher')}, open('$shared/teacher-parts.json', 'w'))"
 done
+
+if [ "${FRONTIER_DECODE:-1}" = 1 ]; then
+    students=() into=()
+    for row in $rows; do students+=($root/$row/chat/student) into+=($root/$row/frontier_row.json); done
+    python scripts/decode_speed.py "$source_model" "${students[@]}" --context 8192 --into "${into[@]}" \
+        --output $shared/decode-$(echo $rows | tr ' ' '-').json
+fi

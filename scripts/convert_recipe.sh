@@ -32,7 +32,8 @@
 #                   which a decaying state does not take). CHAT_SOFTMAX_LAYERS=top:K keeps the K layers that
 #                   chat_lm.py rank-layers measures as retrieval's exact softmax (uniform:K evenly spaced
 #                   ones, or a list "4,12"); CHAT_LORA_RANK=8 also fits low-rank updates of the linear
-#                   layers' q/k/v/o in the distillation stage (merged into the weights)
+#                   layers' q/k/v/o in the distillation stage (merged into the weights); CHAT_TEACHER_CACHE=DIR
+#                   keeps what the teacher gives for each fitting row there and reads it back in later fits
 #
 # Outputs: $OUT (default outputs/recipe); minutes per step in $OUT/minutes.tsv. STEPS_SCALE=2 doubles
 # every budget (STEPS_SCALE=0.02 makes a smoke run of the whole pipeline).
@@ -187,7 +188,8 @@ print(*u($count, json.load(open('$chat/teacher/config.json'))['num_hidden_layers
         $chat/converted $chat/fitted --data $chat/rows.jsonl --whole-rows --seq-len ${CHAT_SEQ_LEN:-2048} \
         --batch-size 1 --steps $layer_steps --end-to-end-steps $kl_steps --end-to-end-loss next-token-kl \
         --kl-positions 512 --end-to-end-learning-rate 3e-3 --snapshots $snapshots --lora-rank ${CHAT_LORA_RANK:-0} \
-        --lora-learning-rate ${CHAT_LORA_LEARNING_RATE:-1e-3} ${CHAT_DEVICE_OPTIONS:-}
+        --lora-learning-rate ${CHAT_LORA_LEARNING_RATE:-1e-3} ${CHAT_TEACHER_CACHE:+--teacher-cache $CHAT_TEACHER_CACHE} \
+        ${CHAT_DEVICE_OPTIONS:-}
     timed chat-finish $chat/student/config.json python scripts/chat_lm.py finish $chat/fitted $chat/student \
         --sparse-cache-size $chat_sparse_cache
     snapshot_files=()

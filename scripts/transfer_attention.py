@@ -81,6 +81,12 @@ def main(argv=None):
     parser.add_argument("--lora-learning-rate", type=float, default=None, help="(the end-to-end learning rate)")
     parser.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"],
                         help="projections that get updates (%(default)s)")
+    parser.add_argument("--teacher-cache", metavar="DIR",
+                        help="keep what the teacher gives for each batch here and read it back when the same batch "
+                             "comes again (another fit on the same --data, a resumed run)")
+    parser.add_argument("--teacher-top-k", type=int, default=64,
+                        help="with --teacher-cache: the teacher's most likely tokens kept per position for the "
+                             "next-token KL, the rest as one outcome (0: every token; %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     from modeling_performer.recipes import devices
@@ -97,7 +103,8 @@ def main(argv=None):
 
     import modeling_performer
     from modeling_performer.checkpoint_performer import fresh_stage, publish_folder
-    from modeling_performer.transfer import TransferError, attention_errors, hidden_state_error, transfer_attention
+    from modeling_performer.transfer import (TeacherCache, TransferError, attention_errors, hidden_state_error,
+                                             transfer_attention)
 
     output = pathlib.Path(args.output)
     if (output / "transfer_metrics.json").exists() and (output / "config.json").exists():
@@ -145,7 +152,14 @@ def main(argv=None):
             ids[i, :len(row)], mask[i, :len(row)] = row, 1
         return ids, mask
 
+    counted = {"tokens": 0}
+
     def get_batch(step):
+        batch = batch_at(step)
+        counted["tokens"] += int(batch["attention_mask"].sum())
+        return batch
+
+    def batch_at(step):
         epoch, index = divmod(step, per_epoch)
         # one seeded order per (seed, epoch): seeds apart by more than any run's epoch count (a prime)
         order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed * EPOCH_SEEDS + epoch))
@@ -154,8 +168,9 @@ def main(argv=None):
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
     # A fixed probe batch from the end of the order of epoch 0 (reported, not a held-out score).
-    probe = get_batch(per_epoch - 1)
+    probe = batch_at(per_epoch - 1)
     try:
+        cache = TeacherCache(args.teacher_cache, top_k=args.teacher_top_k) if args.teacher_cache else None
         before = attention_errors(teacher, student, probe)
         hidden_before = hidden_state_error(teacher, student, probe)
         output.mkdir(parents=True, exist_ok=True)
@@ -169,9 +184,11 @@ def main(argv=None):
                                      end_to_end_loss=args.end_to_end_loss.replace("-", "_"),
                                      kl_positions=args.kl_positions, snapshot_steps=tuple(args.snapshots),
                                      lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                                     lora_learning_rate=args.lora_learning_rate, lora_targets=tuple(args.lora_targets))
+                                     lora_learning_rate=args.lora_learning_rate, lora_targets=tuple(args.lora_targets),
+                                     teacher_cache=cache)
     except TransferError as error:
         raise SystemExit(f"transfer_attention: {error}")
+    seconds = time.time() - start
     after = attention_errors(teacher, student, probe)
     hidden_after = hidden_state_error(teacher, student, probe)
     # Assembled aside and moved into place with config.json last: a kill during the save leaves
@@ -188,7 +205,11 @@ def main(argv=None):
         "end_to_end_learning_rate": history["end_to_end_learning_rate"],
         "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_learning_rate": args.lora_learning_rate,
         "lora_targets": args.lora_targets if args.lora_rank else [],
-        "seconds_this_run": round(time.time() - start, 1), "loss_first": history["loss"][:1],
+        "seconds_this_run": round(seconds, 1), "tokens_this_run": counted["tokens"],
+        "tokens_per_second": round(counted["tokens"] / max(seconds, 1e-9), 1),
+        "teacher_cache": None if cache is None else {"directory": args.teacher_cache, "top_k": args.teacher_top_k,
+                                                     "read": cache.hits, "computed": cache.misses},
+        "loss_first": history["loss"][:1],
         "loss_last": history["loss"][-1:], "end_to_end_loss_first": history["end_to_end_loss"][:1],
         "end_to_end_loss_last": history["end_to_end_loss"][-1:],
         "probe_error_before": before, "probe_error_after": after,

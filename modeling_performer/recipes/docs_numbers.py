@@ -461,8 +461,8 @@ def frontier_table(name: str = "smollm2/frontier.json") -> str:
     lengths = sorted({n for row in data["rows"] for n in row["documents"]}, key=int)
     contexts = sorted({n for row in data["rows"] for n in row["perplexity_ratio"]}, key=int)
     head = (["configuration", "kept softmax layers", "LoRA"] + [f"documents {int(n):,}" for n in lengths]
-            + [f"perplexity {int(n):,}" for n in contexts] + ["short chat", "cache 8,192", "fitting tokens / min",
-                                                               "budget, evaluation"])
+            + [f"perplexity {int(n):,}" for n in contexts] + ["short chat", "cache 8,192", "decoding 8,192",
+                                                               "fitting tokens / min", "budget, evaluation"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in data["rows"]:
         docs = [mark(row, f"documents_{n}", _percent((row["documents"].get(n) or {}).get("fraction"))) for n in lengths]
@@ -471,12 +471,14 @@ def frontier_table(name: str = "smollm2/frontier.json") -> str:
         cells = ([row["name"], ", ".join(map(str, row["softmax_layers"])) or "none", str(row["lora_rank"] or "")]
                  + docs + ppl + [mark(row, "chat", _percent(row["chat"]["fraction"])),
                                  mark(row, "cache_8192", "" if cache is None else f"1/{1 / cache:.0f}"),
+                                 mark(row, "decode_8192", ratio(row.get("decode_speedup_8192"))),
                                  mark(row, "fitting_minutes",
                                       f"{row['fitting']['tokens'] / 1e6:.2f}M / {row['fitting']['minutes']:.0f}"),
                                  f"{row['budget']:g}, {row['evaluation']}"])
         lines.append("| " + " | ".join(cells) + " |")
     return ("\n".join(lines) + f"\n\nFrom `docs/figures/{name}` ({data['date'][:10]}); documents and short chat as a "
-            "fraction of the teacher's score, perplexity and cache as a ratio to the teacher's; a target met in bold. "
+            "fraction of the teacher's score, perplexity and cache as a ratio to the teacher's, decoding as the "
+            "teacher's batch-1 ms per token over the student's; a target met in bold. "
             f"Recommended: {data['recommended']}.\n")
 
 

@@ -85,6 +85,7 @@ def row_of(name: str, results: dict, budget: float, evaluation: str, shared_minu
         "cache_mib_8192": None if cache is None else {"teacher": round(cache["teacher"] / 2**20, 2),
                                                       "student": round(cache["student"] / 2**20, 2)},
         "decode_speedup_8192": None if not decode else round(decode["teacher_ms"] / decode["student_ms"], 3),
+        "decode_ms_8192": None if not decode else {"teacher": decode["teacher_ms"], "student": decode["student_ms"]},
         "fitting": {"steps": steps, "tokens": steps * results["fitted_tokens_per_step"] * transfer["batch_size"],
                     "minutes": round(sum(minutes.values()), 1), "by_step": minutes},
     }
