@@ -54,6 +54,12 @@ class CausalLinearKernel:
         """The same kernel on other chunked sums (None: the PyTorch ones)."""
         return CausalLinearKernel(self.feature_map, self.window, self.cache_size, self.chunk_size, sums, sums_devices)
 
+    def with_cache_size(self, cache_size: int) -> "CausalLinearKernel":
+        """The same kernel with a sparse cache of `cache_size` entries (0: none; a kernel without a
+        window keeps none)."""
+        return CausalLinearKernel(self.feature_map, self.window, cache_size if self.window else 0, self.chunk_size,
+                                  self.sums, self.sums_devices)
+
     @property
     def variant(self) -> str:
         """"linear", "window" or "sparse" (window + sparse cache)."""
@@ -139,4 +145,4 @@ class PerformerKernelMixin:
             raise ValueError(f"sparse_cache_size={size} needs an exact local window, but local_window=0")
         self.config.sparse_cache_size = size
         for module in self._causal_linear_layers():
-            module.kernel = module.choose_kernel(size).with_sums(module.kernel.sums, module.kernel.sums_devices)
+            module.kernel = module.kernel.with_cache_size(size)

@@ -87,7 +87,7 @@ def causal_sums_on(kernel, fmap, phi_q, logits, offset, token_max, v1, key_paddi
 
 def gla_causal_terms(kernel, fmap, phi_q, logits, offset, token_max, v1, key_padding_mask, state, dtype=None,
                      log_decay=None):
-    """`attention_linear._causal_terms` on a simple-GLA kernel (fla's signature: q, k, v [B, T, H, X],
+    """`attention_common.causal_sums` on a simple-GLA kernel (fla's signature: q, k, v [B, T, H, X],
     g [B, T, H] or None, scale, initial_state [B, H, K, V], output_final_state). Same arguments and
     results: (sum_{j <= t} phi(q_t) phi(k_j) [v_j, 1] [B, H, T, D + 1] at scale exp(-stabiliser_t),
     stabiliser_t [B, H, T] (finite), the state after the last token). dtype: what the kernel

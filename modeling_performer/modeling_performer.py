@@ -130,15 +130,11 @@ class PerformerAttention(nn.Module):
         self.decay = (PerformerDecayGate(config) if config.linear_decay and attention_type == "favor"
                       and self.is_causal else None)
         # The causal linear kernel is chosen here, once: its variant and its chunked sums' fast path.
-        self.kernel = self.choose_kernel() if attention_type == "favor" and self.is_causal else None
-
-    def choose_kernel(self, sparse_cache_size: Optional[int] = None) -> CausalLinearKernel:
-        """The causal linear kernel of this layer's options (`attention_kernels`); sparse_cache_size:
-        another sparse cache than the config's (a switch at inference, `set_sparse_cache_size`)."""
-        size = self.config.sparse_cache_size if sparse_cache_size is None else sparse_cache_size
-        return CausalLinearKernel.for_layer(self.config.feature_map, self.local_window,
-                                            size if self.local_window else 0, self.config.chunk_size,
-                                            self.config.use_fast_kernels)
+        self.kernel = None
+        if attention_type == "favor" and self.is_causal:
+            self.kernel = CausalLinearKernel.for_layer(
+                config.feature_map, self.local_window, config.sparse_cache_size if self.local_window else 0,
+                config.chunk_size, config.use_fast_kernels)
 
     @property
     def feature_parameters(self) -> Optional[Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:

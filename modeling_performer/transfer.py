@@ -25,6 +25,7 @@ its checkpoint sees exactly the batches an uninterrupted one would.
 """
 
 import contextlib
+import hashlib
 import os
 from typing import Callable, Optional
 
@@ -289,14 +290,15 @@ def next_token_kl(teacher, student, batch, positions: Optional[torch.Tensor] = N
     vocabulary). With `cache` (a TeacherCache), the teacher's side is its `top_k` most likely tokens
     plus the rest as one outcome (`top_k_kl`), computed once per batch and read back after."""
     keep = 0 if positions is None else positions
-    actual_logits = lambda: student(**batch, use_cache=False, logits_to_keep=keep).logits  # noqa: E731
     if cache is not None:
-        indices, log_probs = cache.top_k_targets(teacher, batch, positions)
-        per_token = top_k_kl(indices, log_probs, actual_logits().float().log_softmax(-1))
+        indices, expected = cache.top_k_targets(teacher, batch, positions)
     else:
         with torch.no_grad():
             expected = teacher(**batch, use_cache=False, logits_to_keep=keep).logits.float().log_softmax(-1)
-        actual = actual_logits().float().log_softmax(-1)
+    actual = student(**batch, use_cache=False, logits_to_keep=keep).logits.float().log_softmax(-1)
+    if cache is not None:
+        per_token = top_k_kl(indices, expected, actual)
+    else:
         per_token = (expected.exp() * (expected - actual)).sum(-1)
     mask = batch.get("attention_mask")
     if mask is None:
@@ -514,6 +516,11 @@ def top_k_kl(indices: torch.Tensor, log_probs: torch.Tensor, student_log_probs: 
     return kl
 
 
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's raw bytes (any dtype, any device), for a digest."""
+    return tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes()
+
+
 class TeacherCache:
     """What the teacher gives for a batch, computed once and kept on disk under `directory`; a later
     call with the same teacher and the same batch (another fit on the same rows, a resumed run)
@@ -540,52 +547,46 @@ class TeacherCache:
         self._fingerprints = {}
 
     def _fingerprint(self, teacher) -> str:
-        import hashlib
-
         if id(teacher) not in self._fingerprints:
             digest = hashlib.sha1(type(teacher).__name__.encode())
             for name, tensor in teacher.state_dict().items():
                 digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+                digest.update(_tensor_bytes(tensor))
             self._fingerprints[id(teacher)] = digest.hexdigest()
         return self._fingerprints[id(teacher)]
 
-    def _path(self, kind, teacher, batch, *extra) -> str:
-        import hashlib
-
-        digest = hashlib.sha1(f"{kind} {self._fingerprint(teacher)} {extra[1:] if extra else ()}".encode())
-        tensors = {**batch, **({"positions": extra[0]} if extra and extra[0] is not None else {})}
+    def _path(self, kind: str, teacher, batch: dict, positions=None, setting="") -> str:
+        """kind/xx/<digest of the teacher, the batch's tensors, the positions and the setting>.pt"""
+        digest = hashlib.sha1(f"{kind} {self._fingerprint(teacher)} {setting}".encode())
+        tensors = dict(batch) if positions is None else {**batch, "positions": positions}
         for key in sorted(tensors):
             value = tensors[key]
             if isinstance(value, torch.Tensor):
                 digest.update(f"{key} {value.dtype} {tuple(value.shape)}".encode())
-                digest.update(value.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+                digest.update(_tensor_bytes(value))
             else:
                 digest.update(f"{key} {value!r}".encode())
         name = digest.hexdigest()
         return os.path.join(self.directory, kind, name[:2], name + ".pt")
 
     def _read(self, path):
-        if not os.path.exists(path):
-            return None
-        self.hits += 1
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
 
     def _write(self, path, value):
-        self.misses += 1
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_atomically(value, path)
         return value  # what a later read gives
 
     def layer_records(self, teacher, pairs, batch):
         """`_teacher_pass`'s records for these pairs: [(call args, call kwargs, output before o_proj)]."""
-        path = self._path("layers", teacher, batch, None, str(self.dtype))
+        path = self._path("layers", teacher, batch, setting=str(self.dtype))
         saved = self._read(path)
-        if saved is None or any(name not in saved for name, _, _ in pairs):
+        if saved is not None and all(name in saved for name, _, _ in pairs):
+            self.hits += 1
+        else:
+            self.misses += 1
             modules = [(name, module, None) for name, module in teacher.base_model.named_modules()
                        if isinstance(module, PerformerAttention)]
-            if saved is not None:
-                self.hits -= 1
             records = _teacher_pass(teacher, modules, batch)
             saved = self._write(path, {
                 name: {"input": args[0].to(self.dtype), "core": core.to(self.dtype), "dtype": str(args[0].dtype),
@@ -606,9 +607,12 @@ class TeacherCache:
     def top_k_targets(self, teacher, batch, positions=None):
         """The teacher's top_k next tokens at `positions` (None: every position) -> (indices [B, P, k]
         int64, log-probabilities [B, P, k] float32), on the batch's device."""
-        path = self._path("top-k", teacher, batch, positions, self.top_k)
+        path = self._path("top-k", teacher, batch, positions, setting=self.top_k)
         saved = self._read(path)
-        if saved is None:
+        if saved is not None:
+            self.hits += 1
+        else:
+            self.misses += 1
             with torch.no_grad():
                 logits = teacher(**batch, use_cache=False, logits_to_keep=0 if positions is None else positions).logits
                 log_probs = logits.float().log_softmax(-1)

@@ -39,16 +39,17 @@ def main(argv=None):
     from modeling_performer.recipes.texts import read_texts
 
     tokenizer = AutoTokenizer.from_pretrained(args.student)
-    batches = transfer_timing.row_batches(tokenizer, read_texts(pathlib.Path(args.data)), args.seq_len, args.steps * 2)
+    texts = read_texts(pathlib.Path(args.data))
+    batches = transfer_timing.row_batches(tokenizer, texts, args.seq_len, args.steps * 2)
     result = transfer_timing.measure(
         lambda: PerformerForCausalLM.from_pretrained(args.teacher), lambda: PerformerForCausalLM.from_pretrained(
             args.student), batches, args.steps, args.steps, args.rounds, args.top_k,
         {"kl_positions": args.kl_positions, "lora_rank": args.lora_rank, "learning_rate": 3e-2,
          "end_to_end_learning_rate": 3e-3})
     result["recipe_minutes"] = transfer_timing.projected_minutes(result, *args.recipe_steps)
-    result.update({"recipe_steps": args.recipe_steps, "teacher": args.teacher, "student": args.student, "seq_len": args.seq_len, "top_k": args.top_k,
-                   "kl_positions": args.kl_positions, "lora_rank": args.lora_rank, "threads": torch.get_num_threads(),
-                   "cpus": os.cpu_count()})
+    result.update({"recipe_steps": args.recipe_steps, "teacher": args.teacher, "student": args.student,
+                   "seq_len": args.seq_len, "top_k": args.top_k, "kl_positions": args.kl_positions,
+                   "lora_rank": args.lora_rank, "threads": torch.get_num_threads(), "cpus": os.cpu_count()})
     print(json.dumps(result, indent=2))
     if args.output:
         write_json(args.output, result)

@@ -66,10 +66,11 @@ for row in $rows; do
     python - "$out/frontier_row.json" "$scale" "${FRONTIER_EVALUATION:-screening}" "$settings" \
         "${FRONTIER_TEACHER_CACHE:-0}" <<'EOF'
 import json, os, sys
+from modeling_performer.recipes.chat_lm import write_json
 path, scale, evaluation, settings, cache = sys.argv[1:]
 row = json.load(open(path)) if os.path.exists(path) else {}  # a decode time measured before stays
 row.update(budget=float(scale), evaluation=evaluation, settings=settings, teacher_cache=cache == "1")
-json.dump(row, open(path, "w"))
+write_json(path, row)
 EOF
     echo "== frontier row $row: $settings"
     env $settings "${cache[@]}" OUT=$out STEPS_SCALE=$scale CHAT_LAYER_RANKING=$shared/layers.json \
