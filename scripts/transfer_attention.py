@@ -205,10 +205,13 @@ def main(argv=None):
         "end_to_end_learning_rate": history["end_to_end_learning_rate"],
         "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_learning_rate": args.lora_learning_rate,
         "lora_targets": args.lora_targets if args.lora_rank else [],
-        "seconds_this_run": round(seconds, 1), "tokens_this_run": counted["tokens"],
-        "tokens_per_second": round(counted["tokens"] / max(seconds, 1e-9), 1),
-        "teacher_cache": None if cache is None else {"directory": args.teacher_cache, "top_k": args.teacher_top_k,
-                                                     "read": cache.hits, "computed": cache.misses},
+        # What this invocation did: a resumed run counts only its own part, so these differ
+        # from an uninterrupted run's while everything else is the same.
+        "this_run": {"seconds": round(seconds, 1), "tokens": counted["tokens"],
+                     "tokens_per_second": round(counted["tokens"] / max(seconds, 1e-9), 1),
+                     "teacher_cache_read": None if cache is None else cache.hits,
+                     "teacher_cache_computed": None if cache is None else cache.misses},
+        "teacher_cache": None if cache is None else {"directory": args.teacher_cache, "top_k": args.teacher_top_k},
         "loss_first": history["loss"][:1],
         "loss_last": history["loss"][-1:], "end_to_end_loss_first": history["end_to_end_loss"][:1],
         "end_to_end_loss_last": history["end_to_end_loss"][-1:],
@@ -217,8 +220,9 @@ def main(argv=None):
     }
     (stage / "transfer_metrics.json").write_text(json.dumps(metrics, indent=2))
     publish_folder(str(stage), str(output))
-    print(json.dumps({k: metrics[k] for k in ("steps", "loss_first", "loss_last", "end_to_end_steps",
-                                               "end_to_end_loss_last", "seconds_this_run")}))
+    print(json.dumps({**{k: metrics[k] for k in ("steps", "loss_first", "loss_last", "end_to_end_steps",
+                                                  "end_to_end_loss_last")},
+                      "seconds_this_run": metrics["this_run"]["seconds"]}))
 
 
 if __name__ == "__main__":
