@@ -490,7 +490,7 @@ class PerformerBatchManager:
             mask = torch.cat([self._key_mask, self._key_mask.new_ones(len(requests), 1)], dim=1)
         # The tokens the batch cache holds, as the forward reads them: the softmax layers' padded key
         # length (hybrid stacks), else the longest row (linear layers' states know their own).
-        self._cache.seen_tokens = self._key_mask.shape[1] if self._key_mask is not None else int(positions.max())
+        self._cache.set_seq_length(self._key_mask.shape[1] if self._key_mask is not None else int(positions.max()))
         try:
             out = self.model(input_ids=self._tokens, position_ids=positions, attention_mask=mask, cache=self._cache,
                              use_cache=True)

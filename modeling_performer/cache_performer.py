@@ -80,6 +80,15 @@ class PerformerCache(Cache):
             self.layers.append(PerformerLayerCache())
         return self.layers[layer_idx]
 
+    def advance(self, num_tokens: int) -> None:
+        """Counts the tokens one forward absorbed (every layer has taken them in)."""
+        self.seen_tokens += num_tokens
+
+    def set_seq_length(self, num_tokens: int) -> None:
+        """Sets the count of tokens held, for a cache whose rows were assembled outside a forward
+        (continuous batching: rows of different lengths, joined and dropped)."""
+        self.seen_tokens = num_tokens
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 

@@ -1,5 +1,5 @@
 """Argument checks at the boundary of a Performer forward: each input is checked once, where it
-enters the model (`PerformerModel._embed` and the heads' labels), never inside a layer.
+enters the model (`PerformerStack._embed` and the heads' labels), never inside a layer.
 
 Shape and dtype checks always run. Checks that read tensor values (token ids in the vocabulary,
 0/1 masks, label ranges) run in eager mode and synchronise with the host; compiled and exported

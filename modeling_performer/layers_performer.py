@@ -99,11 +99,46 @@ def rotary_frequencies(config: PerformerConfig, device=None, seq_len: Optional[i
 
 def rotary_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
                    dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """position_ids: [B, T] -> cos, sin: [B, 1, T, D] (times `scaling`), computed once per forward for
-    every layer: cos repeated over both halves, sin with the first half negated (what `apply_rotary` takes)."""
-    angles = position_ids.float()[:, None, :, None] * inv_freq
+    """position_ids: [B, T] -> cos, sin: [B, T, D] (times `scaling`), computed once per forward for
+    every layer: cos repeated over both halves, sin with the first half negated (what `apply_rotary`
+    takes, with a head axis: [B, 1, T, D])."""
+    angles = position_ids.float()[:, :, None] * inv_freq
     cos, sin = angles.cos() * scaling, angles.sin() * scaling
     return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
+
+
+class PerformerRotaryEmbedding(nn.Module):
+    """Rotary positions as modeling_llama.py keeps them: the inverse frequencies are a buffer that is
+    never saved (`inv_freq`, and `original_inv_freq`, which transformers' weight init fills again
+    after from_pretrained); forward(x, position_ids [B, T]) -> (cos, sin) [B, T, D] in x's dtype
+    (`rotary_cos_sin`), computed once per forward for every layer. Dynamic NTK scaling computes the
+    frequencies again for positions beyond max_position_embeddings, at the length the positions
+    reach, as transformers does for a sequence that grows."""
+
+    def __init__(self, config: PerformerConfig, device=None):
+        super().__init__()
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        inv_freq, self.attention_scaling = rotary_frequencies(config, device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: PerformerConfig, device=None, seq_len=None):
+        """(inverse frequencies, scaling) of the unscaled rotary: what transformers' weight init
+        calls for rope_type 'default'."""
+        return rotary_frequencies(config, device)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq, scaling = self.inv_freq.to(position_ids.device), self.attention_scaling
+        if inv_freq.dtype != torch.float32:
+            # A model cast to half precision rounded the buffer: computed again, in float32.
+            inv_freq, scaling = rotary_frequencies(self.config, position_ids.device)
+        if self.rope_type == "dynamic" and not torch.compiler.is_compiling():
+            length = int(position_ids.max()) + 1
+            if length > self.config.max_position_embeddings:
+                inv_freq, scaling = rotary_frequencies(self.config, position_ids.device, seq_len=length)
+        return rotary_cos_sin(position_ids, inv_freq, scaling, x.dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,10 @@ Design:
 - `PerformerAttention` serves self- and cross-attention (BART style: `key_value_states`), with
   exact softmax (SDPA) or FAVOR+; the random projection is a persistent buffer, so a saved model
   reloads bit-exactly, and is redrawn only in training, from a seeded generator.
-- `PerformerModel` holds the embeddings and the stack `encoder` (a causal decoder when
-  `is_decoder`, as BERT's LM head model keeps its stack under `encoder`), plus `decoder` for
-  encoder-decoder models. Encoder and decoder share the one embedding module.
+- `PerformerModel` holds the embeddings and its stacks: `encoder` (bidirectional), `decoder`
+  (causal: a decoder-only model has only this one), or both for encoder-decoder models, which
+  share the one embedding module. Each stack checks and embeds its own inputs, owns its rotary
+  positions (`PerformerRotaryEmbedding`) and has one forward, as T5's stacks do.
 - Decoding state lives in `PerformerCache` (constant size for FAVOR+ layers), never in modules.
 
 Policy lives beside this file, not in it: argument checks at the boundary (`inputs_performer`),
@@ -58,13 +59,12 @@ from .layers_performer import (
     PerformerMLP,
     PerformerResidual,
     PerformerRMSNorm,
+    PerformerRotaryEmbedding,
     PerformerScaleNorm,
     apply_rotary,
     decay_bias,
     decay_rates,
     make_norm,
-    rotary_cos_sin,
-    rotary_frequencies,
 )
 from .inputs_performer import (
     NotGenerative,
@@ -286,72 +286,78 @@ DECODER_PROJECTION_OFFSET = 1000
 
 
 class PerformerStack(nn.Module):
-    """A stack of PerformerLayers with a final norm for pre-norm types."""
+    """A stack of PerformerLayers over the model's embeddings (as T5's stacks share one embedding):
+    checks and embeds its inputs, rotates them (`PerformerRotaryEmbedding`), runs the layers and,
+    for pre-norm types, a final norm. The encoder of an encoder-decoder runs on its own this way
+    (what generate() calls through `get_encoder()`)."""
 
-    def __init__(self, config: PerformerConfig, num_layers: int, is_causal: bool, has_cross_attention: bool,
-                 projection_offset: int):
+    main_input_name = "input_ids"
+
+    def __init__(self, config: PerformerConfig, embeddings: PerformerEmbeddings, num_layers: int, is_causal: bool,
+                 has_cross_attention: bool, projection_offset: int):
         super().__init__()
         self.config = config
         self.is_causal = is_causal
+        # Registered once, in the model that owns it: a second registration would save it twice.
+        object.__setattr__(self, "embeddings", embeddings)
         types = config.attention_type if isinstance(config.attention_type, list) else [config.attention_type] * num_layers
         self.layers = nn.ModuleList(
             PerformerLayer(config, i, is_causal=is_causal, has_cross_attention=has_cross_attention,
                            attention_type=types[i], projection_offset=projection_offset) for i in range(num_layers)
         )
         self.norm = make_norm(config) if config.norm_type.startswith("pre_") else None
-
-    # Set by PerformerModel on its encoder: the model's input embedding and checks.
-    embed_inputs = None
-    _rotary = None
-    main_input_name = "input_ids"
+        self.rotary_emb = PerformerRotaryEmbedding(config) if config.position_embedding_type == "rotary" else None
 
     @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, token_type_ids=None, position_ids=None,
-                output_hidden_states=None, **kwargs):
-        """The encoder on its own (what generate() calls through `get_encoder()`): embeds the
-        inputs with the model's shared embeddings, runs the stack. -> BaseModelOutput."""
+                encoder_hidden_states=None, encoder_attention_mask=None, cache=None, output_hidden_states=None,
+                **kwargs) -> BaseModelOutput:
+        """input_ids [B, T] (or inputs_embeds [B, T, C]); attention_mask: padding [B, past + T] or a
+        general [B, 1, T, S] mask (softmax layers); encoder_hidden_states [B, S, C] with its padding
+        (cross-attention); cache: the decoder's PerformerCache, which counts the tokens taken in."""
         refuse_misleading_kwargs(kwargs, FORWARDS)
-        if self.embed_inputs is None or self.is_causal:
-            raise TypeError("only the encoder of a PerformerModel runs on its own; call the model instead")
-        hidden, padding_mask, general_mask, position_ids = self.embed_inputs(
-            input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, 0)
-        last, all_hidden = self.run(hidden, padding_mask, general_mask, position_ids,
-                                    output_hidden_states=bool(output_hidden_states))
-        return BaseModelOutput(last_hidden_state=last, hidden_states=all_hidden)
-
-    def _rotary_frequencies(self, position_ids) -> tuple[torch.Tensor, float]:
-        """The rotary frequencies for these positions, kept as a plain attribute (nothing to save,
-        nothing from_pretrained could leave empty). Dynamic NTK scaling recomputes them for
-        positions beyond max_position_embeddings, at the length the positions reach, as
-        transformers does for a sequence that grows."""
-        if self.config.rope_parameters["rope_type"] == "dynamic" and not torch.compiler.is_compiling():
-            length = int(position_ids.max()) + 1
-            if length > self.config.max_position_embeddings:
-                return rotary_frequencies(self.config, position_ids.device, seq_len=length)
-        cached = self._rotary
-        if cached is None or cached[0].device != position_ids.device or torch.compiler.is_compiling():
-            cached = rotary_frequencies(self.config, position_ids.device)
-            if not torch.compiler.is_compiling():
-                self._rotary = cached
-        return cached
-
-    def run(self, hidden_states, attention_mask=None, general_mask=None, position_ids=None,
-            encoder_hidden_states=None, encoder_attention_mask=None, cache=None, output_hidden_states=False):
-        """hidden_states: embedded inputs [B, T, C]; attention_mask: padding [B, S] (bool)."""
+        hidden_states, padding_mask, general_mask, position_ids = self._embed(
+            input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids,
+            cache.get_seq_length() if cache is not None else 0)
+        length = hidden_states.shape[1]
         rotary = None
-        if self.config.position_embedding_type == "rotary":
-            rotary = rotary_cos_sin(position_ids, *self._rotary_frequencies(position_ids), hidden_states.dtype)
+        if self.rotary_emb is not None:  # [B, 1, T, D]: one rotation for every head
+            rotary = tuple(t.unsqueeze(1) for t in self.rotary_emb(hidden_states, position_ids))
+        cross_padding = encoder_padding(encoder_attention_mask, encoder_hidden_states)
         all_hidden = [hidden_states] if output_hidden_states else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask, general_mask, rotary, encoder_hidden_states,
-                                  encoder_attention_mask, cache)
+            hidden_states = layer(hidden_states, padding_mask, general_mask, rotary, encoder_hidden_states,
+                                  cross_padding, cache)
             if output_hidden_states:
                 all_hidden.append(hidden_states)
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
             if output_hidden_states:
                 all_hidden[-1] = hidden_states
-        return hidden_states, tuple(all_hidden) if output_hidden_states else None
+        if cache is not None:
+            cache.advance(length)
+        return BaseModelOutput(last_hidden_state=hidden_states,
+                               hidden_states=tuple(all_hidden) if output_hidden_states else None)
+
+    def _embed(self, input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, past_length):
+        """The one place a forward's inputs are checked (`inputs_performer`), then embedded."""
+        batch, length, device = check_token_inputs(self.config, input_ids, inputs_embeds)
+        # Values are checked when a sequence starts; decoding steps after the prefill (tokens that
+        # generate() picked itself) skip the host syncs.
+        check_values = checking_values(device) and past_length == 0
+        padding_mask, general_mask = split_masks(attention_mask, batch, length, past_length + length, device,
+                                                 check_values)
+        given_positions = position_ids is not None
+        if position_ids is None:
+            position_ids = _positions(padding_mask, batch, length, past_length, device)
+        elif tuple(position_ids.shape) not in ((batch, length), (1, length)):
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected {(batch, length)} or (1, {length})")
+        else:
+            position_ids = position_ids.expand(batch, length)
+        check_embedding_inputs(self.config, input_ids, position_ids, token_type_ids, batch, length, check_values,
+                               given_positions=given_positions)
+        hidden = self.embeddings(input_ids, inputs_embeds, position_ids, token_type_ids)
+        return hidden, padding_mask, general_mask, position_ids
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,13 +365,12 @@ class PerformerStack(nn.Module):
 
 
 def _decoder_cache(cache, use_cache, num_layers):
-    """The cache a decoder forward reads and updates (a new one when use_cache asks for it), and
-    the number of tokens it already holds."""
+    """The cache a decoder forward reads and updates (a new one when use_cache asks for it)."""
     if use_cache and cache is None:
         cache = PerformerCache(num_layers)
     if cache is not None and not isinstance(cache, PerformerCache):
         raise TypeError(f"Performer decoders need a PerformerCache, got {type(cache).__name__}")
-    return cache, cache.get_seq_length() if cache is not None else 0
+    return cache
 
 
 def _positions(padding_mask, batch, length, past_length, device):
@@ -435,27 +440,25 @@ class PerformerModel(NotGenerative, PerformerPreTrainedModel):
         # `encoder`: bidirectional stack; `decoder`: causal stack (with cross-attention in an
         # encoder-decoder, or with add_cross_attention). A decoder-only model has no encoder.
         self.encoder = self.decoder = None
+
+        def stack(num_layers, is_causal, has_cross_attention, projection_offset=0):
+            return PerformerStack(config, self.embeddings, num_layers, is_causal, has_cross_attention, projection_offset)
+
         if config.is_encoder_decoder:
-            self.encoder = PerformerStack(config, sizes["encoder"], is_causal=False, has_cross_attention=False,
-                                          projection_offset=0)
-            self.decoder = PerformerStack(config, sizes["decoder"], is_causal=True, has_cross_attention=True,
-                                          projection_offset=DECODER_PROJECTION_OFFSET)
+            self.encoder = stack(sizes["encoder"], is_causal=False, has_cross_attention=False)
+            self.decoder = stack(sizes["decoder"], is_causal=True, has_cross_attention=True,
+                                 projection_offset=DECODER_PROJECTION_OFFSET)
         elif config.is_decoder:
-            self.decoder = PerformerStack(config, config.num_hidden_layers, is_causal=True,
-                                          has_cross_attention=config.add_cross_attention, projection_offset=0)
+            self.decoder = stack(config.num_hidden_layers, is_causal=True,
+                                 has_cross_attention=config.add_cross_attention)
         else:
-            self.encoder = PerformerStack(config, config.num_hidden_layers, is_causal=False, has_cross_attention=False,
-                                          projection_offset=0)
+            self.encoder = stack(config.num_hidden_layers, is_causal=False, has_cross_attention=False)
         if config.linear_decay and self.encoder is not None:
             raise ValueError(
                 f"linear_decay={config.linear_decay!r} gates a causal state, and this model has a bidirectional "
                 "(encoder) stack, whose linear attention sums every key at once: use linear_decay=None, or a "
                 "decoder-only model (PerformerForCausalLM, or is_decoder=True)"
             )
-        if self.encoder is not None:
-            # The encoder embeds its own inputs when called alone (generate() runs `get_encoder()`);
-            # the embeddings stay one module of this model, shared with the decoder.
-            self.encoder.embed_inputs = self._embed
         self.redraw_state = PerformerRedrawState()
         self.post_init()
 
@@ -468,28 +471,11 @@ class PerformerModel(NotGenerative, PerformerPreTrainedModel):
     def get_encoder(self, modality=None):
         return self.encoder
 
-    def _embed(self, input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, past_length):
-        """The one place a forward's inputs are checked (`inputs_performer`), then embedded."""
-        batch, length, device = check_token_inputs(self.config, input_ids, inputs_embeds)
-        # Values are checked when a sequence starts; decoding steps after the prefill (tokens that
-        # generate() picked itself) skip the host syncs.
-        check_values = checking_values(device) and past_length == 0
-        padding_mask, general_mask = split_masks(attention_mask, batch, length, past_length + length, device,
-                                                 check_values)
-        given_positions = position_ids is not None
-        if position_ids is None:
-            position_ids = _positions(padding_mask, batch, length, past_length, device)
-        elif tuple(position_ids.shape) not in ((batch, length), (1, length)):
-            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected {(batch, length)} or (1, {length})")
-        else:
-            position_ids = position_ids.expand(batch, length)
-        check_embedding_inputs(self.config, input_ids, position_ids, token_type_ids, batch, length, check_values,
-                               given_positions=given_positions)
-        hidden = self.embeddings(input_ids, inputs_embeds, position_ids, token_type_ids)
-        return hidden, padding_mask, general_mask, position_ids
-
     def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, token_type_ids=None, position_ids=None,
-               output_hidden_states=False):
+               output_hidden_states=False) -> BaseModelOutput:
+        """The bidirectional encoder on its own inputs -> BaseModelOutput."""
+        if self.encoder is None:
+            raise TypeError("this model has no bidirectional encoder (a decoder-only model): call the model instead")
         return self.encoder(input_ids, attention_mask, inputs_embeds, token_type_ids, position_ids,
                             output_hidden_states=output_hidden_states)
 
@@ -526,16 +512,11 @@ class PerformerModel(NotGenerative, PerformerPreTrainedModel):
         if not is_decoder and cache is not None:
             raise ValueError("A cache is only used by decoders (config.is_decoder=True)")
         stack = self.decoder if is_decoder else self.encoder
-        cache, past_length = _decoder_cache(cache, use_cache, len(stack.layers))
-        hidden, padding_mask, general_mask, position_ids = self._embed(
-            input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, past_length
-        )
-        cross_padding = encoder_padding(encoder_attention_mask, encoder_hidden_states)
-        last, all_hidden = stack.run(hidden, padding_mask, general_mask, position_ids, encoder_hidden_states,
-                                     cross_padding, cache, output_hidden_states)
-        if cache is not None:
-            cache.seen_tokens += hidden.shape[1]
-        return PerformerModelOutput(last_hidden_state=last, cache=cache if use_cache else None, hidden_states=all_hidden)
+        cache = _decoder_cache(cache, use_cache, len(stack.layers))
+        out = stack(input_ids, attention_mask, inputs_embeds, token_type_ids, position_ids, encoder_hidden_states,
+                    encoder_attention_mask, cache, output_hidden_states)
+        return PerformerModelOutput(last_hidden_state=out.last_hidden_state, cache=cache if use_cache else None,
+                                    hidden_states=out.hidden_states)
 
     def _forward_seq2seq(self, input_ids, attention_mask, token_type_ids, inputs_embeds, decoder_input_ids,
                          decoder_attention_mask, decoder_position_ids, decoder_inputs_embeds, encoder_outputs, cache,
@@ -550,18 +531,13 @@ class PerformerModel(NotGenerative, PerformerPreTrainedModel):
             raise ValueError(
                 "The encoder-decoder model needs decoder_input_ids (or labels, from which the heads build them)"
             )
-        cross_padding = encoder_padding(attention_mask, encoder_hidden)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        cache, past_length = _decoder_cache(cache, use_cache, len(self.decoder.layers))
-        hidden, padding_mask, general_mask, position_ids = self._embed(
-            decoder_input_ids, decoder_inputs_embeds, decoder_attention_mask, decoder_position_ids, None, past_length
-        )
-        last, all_hidden = self.decoder.run(hidden, padding_mask, general_mask, position_ids, encoder_hidden,
-                                            cross_padding, cache, output_hidden_states)
-        if cache is not None:
-            cache.seen_tokens += hidden.shape[1]
+        cache = _decoder_cache(cache, use_cache, len(self.decoder.layers))
+        out = self.decoder(decoder_input_ids, decoder_attention_mask, decoder_inputs_embeds, None, decoder_position_ids,
+                           encoder_hidden, attention_mask, cache, output_hidden_states)
         return Seq2SeqModelOutput(
-            last_hidden_state=last, cache=cache if use_cache else None, decoder_hidden_states=all_hidden,
+            last_hidden_state=out.last_hidden_state, cache=cache if use_cache else None,
+            decoder_hidden_states=out.hidden_states,
             encoder_last_hidden_state=encoder_hidden, encoder_hidden_states=encoder_outputs.hidden_states,
         )
 

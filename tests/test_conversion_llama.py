@@ -114,7 +114,7 @@ def test_norm_and_rotary_compute_what_llama_computes(dtype):
     reduction may round differently on other CPUs: a tolerance."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-    from modeling_performer.modeling_performer import PerformerRMSNorm, apply_rotary, rotary_cos_sin
+    from modeling_performer.layers_performer import PerformerRMSNorm, apply_rotary, rotary_cos_sin
 
     g = torch.Generator().manual_seed(0)
     ours, theirs = PerformerRMSNorm(48, eps=1e-5).to(dtype), LlamaRMSNorm(48, eps=1e-5).to(dtype)
@@ -126,7 +126,7 @@ def test_norm_and_rotary_compute_what_llama_computes(dtype):
     q, k = (torch.randn(2, 3, 5, 16, generator=g).to(dtype) for _ in range(2))
     positions = torch.arange(7, 12).expand(2, 5)
     inv_freq = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16)
-    cos, sin = rotary_cos_sin(positions, inv_freq, 1.0, dtype)
+    cos, sin = (t.unsqueeze(1) for t in rotary_cos_sin(positions, inv_freq, 1.0, dtype))
     angles = positions[:, :, None].float() * inv_freq
     full = torch.cat([angles, angles], dim=-1)
     expected_q, expected_k = apply_rotary_pos_emb(q, k, full.cos().to(dtype), full.sin().to(dtype))
