@@ -1,9 +1,9 @@
 """mkdocs hooks (mkdocs.yml `hooks:`): every page's numbers are checked against the committed
-results files (modeling_performer.recipes.docs_numbers) before it is built."""
+results files (modeling_performer.recipes.docs_check) before it is built."""
 
 from mkdocs.exceptions import PluginError
 
-from modeling_performer.recipes.docs_numbers import check_page
+from modeling_performer.recipes.docs_check import check_page
 
 
 def on_page_markdown(markdown, page, config, files):

@@ -1,5 +1,3 @@
-import functools
-import importlib.util
 import math
 import os
 import pathlib
@@ -29,16 +27,6 @@ except ImportError:  # pragma: no cover
 
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-@functools.cache
-def load_script(name: str):
-    """A command-line tool of scripts/ as a module (its main() and helpers), loaded from its file:
-    scripts/ never goes on sys.path."""
-    spec = importlib.util.spec_from_file_location(f"scripts.{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def prepare_data(out, *datasets, max_rows=60, check=True):

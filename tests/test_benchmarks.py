@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .conftest import load_script
+from modeling_performer.recipes.commands import estimate_recipe_time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ["--layers", "1", "--hidden", "32", "--heads", "2", "--features", "8", "--vocab", "64"]
@@ -102,7 +102,7 @@ def test_benchmarks_leave_the_committed_figures_alone_unless_asked():
 
 
 def test_recipe_time_estimate_fits_fixed_and_per_layer_seconds():
-    estimate = load_script("estimate_recipe_time")
+    estimate = estimate_recipe_time
     costs = {"layer_by_layer": (3.0, 0.5), "end_to_end": (1.0, 2.0), "lora": (4.0, 0.25)}
     points = [{"layers": n, **{kind: {"seconds_per_step": a + b * n} for kind, (a, b) in costs.items()}}
               for n in (1, 2, 4)]

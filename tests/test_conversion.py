@@ -13,8 +13,8 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, 
 
 import modeling_performer  # noqa: F401
 from modeling_performer.conversion import ConversionError, convert_to_performer, save_converted
+from modeling_performer.recipes.commands import embedding_similarity
 
-from .conftest import load_script
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "convert_to_performer.py"
@@ -191,7 +191,6 @@ def test_similarity_script(tmp_path, bert_tokenizer):
         save_converted(model, tokenizer, tmp_path / attention)
     data = tmp_path / "texts.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 4))
-    embedding_similarity = load_script("embedding_similarity")
     results = embedding_similarity.main([str(folder), str(tmp_path / "softmax"), str(tmp_path / "favor"),
                                          "--data", str(data)])
     assert results[str(tmp_path / "softmax")]["min_cosine"] > 0.99999  # exact conversion

@@ -9,8 +9,9 @@ import torch
 
 from modeling_performer import PerformerForCausalLM
 from modeling_performer.recipes import decode_timing
+from modeling_performer.recipes.commands import decode_speed
 
-from .conftest import load_script, tiny_config
+from .conftest import tiny_config
 
 
 @pytest.fixture
@@ -49,12 +50,12 @@ def test_the_script_adds_decode_times_to_each_row_file_and_keeps_the_rest(folder
     teacher, student = folders
     row = tmp_path / "frontier_row.json"
     row.write_text(json.dumps({"budget": 0.5, "evaluation": "screening"}))
-    load_script("decode_speed").main([str(teacher), str(student), "--context", "10", "--steps", "2", "--warmup", "1",
+    decode_speed.main([str(teacher), str(student), "--context", "10", "--steps", "2", "--warmup", "1",
                                       "--into", str(row)])
     written = json.loads(row.read_text())
     assert written["budget"] == 0.5 and written["decode"]["context"] == 10
     assert written["decode"]["teacher_ms"] > 0 and written["decode"]["student_ms"] > 0
     with pytest.raises(SystemExit, match="config.json"):
-        load_script("decode_speed").main([str(teacher), str(tmp_path / "missing")])
+        decode_speed.main([str(teacher), str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="--into"):
-        load_script("decode_speed").main([str(teacher), str(student), "--into"])
+        decode_speed.main([str(teacher), str(student), "--into"])

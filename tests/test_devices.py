@@ -8,8 +8,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 from modeling_performer.recipes import devices
-
-from .conftest import load_script
+from modeling_performer.recipes.commands import generate
 
 
 def test_auto_is_the_cpu_here_and_fp32_on_it():
@@ -50,8 +49,6 @@ def test_autocast_contexts():
 
 def test_generate_script_on_a_chosen_device(tmp_path, capsys):
     from transformers import AutoTokenizer
-
-    generate = load_script("generate")
     from modeling_performer import PerformerConfig, PerformerForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "configuration" / "tokenizer")

@@ -181,7 +181,7 @@ def kill_processes_naming(path):
 
 
 def test_fsdp_refuses_a_global_batch_the_processes_do_not_divide(tmp_path, monkeypatch):
-    from modeling_performer.recipes import train_command as train
+    from modeling_performer.recipes.commands import train
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from modeling_performer.recipes import docs_numbers
+from modeling_performer.recipes import docs_check, docs_numbers, docs_tables
 
 from .conftest import ROOT
 
@@ -30,21 +30,21 @@ def test_the_check_finds_numbers_and_files_that_no_results_file_holds(tmp_path):
                                                    "accuracy": 0.997, "peak_bytes": 1388318720}))
     held = ("46.0 ms and 46.04 ms, 0.75x (a ratio of two values), 99.7%, 1324 MiB, 1.3 GiB; "
             "see `docs/figures/run.json`")
-    assert docs_numbers.check_page(held, "page.md", tmp_path) == []
-    problems = docs_numbers.check_page("46.1 ms, 0.76x, 98.0%; `docs/figures/gone.json`", "page.md", tmp_path)
+    assert docs_check.check_page(held, "page.md", tmp_path) == []
+    problems = docs_check.check_page("46.1 ms, 0.76x, 98.0%; `docs/figures/gone.json`", "page.md", tmp_path)
     assert len(problems) == 4, problems
     assert "gone.json, which does not exist" in problems[0] and "'46.1 ms'" in problems[1]
     # commands and outputs in code blocks are not quotes
-    assert docs_numbers.check_page("```\n12.345x\n```\n", "page.md", tmp_path) == []
+    assert docs_check.check_page("```\n12.345x\n```\n", "page.md", tmp_path) == []
 
 
 def test_a_table_goes_stale_when_its_results_file_changes(tmp_path, monkeypatch):
-    original = docs_numbers.serving_table()
+    original = docs_tables.serving_table()
     data = json.loads((ROOT / "docs" / "figures" / "serving.json").read_text())
     data["results"][0]["decode_tokens_per_s"] *= 2
     (tmp_path / "serving.json").write_text(json.dumps(data))
-    monkeypatch.setattr(docs_numbers, "FIGURES", tmp_path)
-    assert docs_numbers.serving_table() != original
+    monkeypatch.setattr(docs_tables, "FIGURES", tmp_path)
+    assert docs_tables.serving_table() != original
 
 
 def command_lines(text: str):

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from modeling_performer import PerformerConfig, PerformerForCausalLM
+from modeling_performer.recipes.commands import evaluate_lm, recipe_report
 
-from .conftest import load_script
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -21,7 +21,6 @@ LINEAR = dict(attention_type="favor", feature_map="hedgehog", local_window=4)
 
 
 def test_evaluate_lm_perplexity_and_cache(tmp_path):
-    evaluate_lm = load_script("evaluate_lm")
     torch.manual_seed(0)
     from transformers import AutoTokenizer
 
@@ -71,7 +70,6 @@ def test_evaluate_lm_perplexity_and_cache(tmp_path):
 
 
 def test_recipe_report_reads_every_stage(tmp_path):
-    recipe_report = load_script("recipe_report")
     folder = tmp_path / "recipe"
     folder.mkdir()
     for tokens, value in ((256, 0.9612), (512, 0.9873)):

@@ -8,6 +8,7 @@ import pathlib
 import pytest
 
 from modeling_performer.recipes import frontier
+from modeling_performer.recipes.commands import chat_lm
 
 from .conftest import ROOT
 
@@ -65,9 +66,7 @@ def test_the_recommended_row_meets_the_most_targets_then_reads_best():
 
 
 def test_the_command_assembles_rows_from_folders_and_results_files(tmp_path):
-    from .conftest import load_script
-
-    script = load_script("chat_lm")
+    script = chat_lm
     row = tmp_path / "top3"
     row.mkdir()
     (row / "results.json").write_text(RESULTS.read_text())

@@ -12,6 +12,7 @@ from .conftest import ROOT
 PACKAGE = ROOT / "modeling_performer"
 SCRIPTS = ROOT / "scripts"
 MAX_LINES = 850
+SCRIPT_LINES = 80  # a script is its docstring and a call into modeling_performer.recipes
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -108,3 +109,20 @@ def test_scripts_are_entry_points_that_neither_touch_sys_path_nor_import_each_ot
 def test_every_module_reads_in_a_sitting(path):
     lines = len((ROOT / path).read_text().splitlines())
     assert lines <= MAX_LINES, f"{path} has {lines} lines: split it by what its parts do"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in SCRIPTS.glob("*.py")))
+def test_scripts_are_thin(script):
+    """A script is a command's name and description: its steps live in the package, where their
+    tests import them (no test loads a script as a module)."""
+    lines = len((SCRIPTS / script).read_text().splitlines())
+    assert lines <= SCRIPT_LINES, f"scripts/{script} has {lines} lines: move its steps into modeling_performer/recipes"
+    imports = [n for n in ast.walk(ast.parse((SCRIPTS / script).read_text())) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert imports and all(isinstance(n, ast.ImportFrom) and (n.module or "").startswith("modeling_performer.recipes")
+                           for n in imports), f"scripts/{script} should only call into modeling_performer.recipes"
+
+
+def test_no_test_loads_a_script_as_a_module():
+    """Tests import the package's commands; a script file only ever runs as a command."""
+    loader = "spec_from_" + "file_location"
+    assert not [p.name for p in (ROOT / "tests").glob("*.py") if loader in p.read_text()]

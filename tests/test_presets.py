@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from modeling_performer import PerformerConfig
+from modeling_performer.recipes.commands import count_parameters
 
-from .conftest import load_script
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXPECTED_MILLIONS = {
@@ -22,7 +22,7 @@ EXPECTED_MILLIONS = {
 
 @pytest.mark.parametrize("name", EXPECTED_MILLIONS)
 def test_preset_parameter_counts(name):
-    count = load_script("count_parameters").count
+    count = count_parameters.count
     millions = count(ROOT / "configuration" / "presets" / f"{name}.json") / 1e6
     assert abs(millions - EXPECTED_MILLIONS[name]) <= 0.1 * EXPECTED_MILLIONS[name], millions
     # Every field the preset sets is one the config knows (a misspelled key would be kept as a stray
@@ -44,7 +44,7 @@ def test_count_script_prints_every_preset():
 
 
 def test_llama_teacher_preset_counts_as_a_transformers_llama():
-    count = load_script("count_parameters").count
+    count = count_parameters.count
     from transformers import AutoConfig, LlamaModel
 
     path = ROOT / "configuration" / "presets" / "llama-small-decoder.json"

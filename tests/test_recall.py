@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from modeling_performer.recipes import recall
-from modeling_performer.recipes.recall import ANSWERS, DIGITS, Curriculum, PasskeySteps, mqar_batch, passkey_batch
+from modeling_performer.recipes import recall, recall_data
+from modeling_performer.recipes.recall_data import ANSWERS, DIGITS, mqar_batch, passkey_batch
+from modeling_performer.recipes.recall_training import Curriculum, PasskeySteps
 
 from .conftest import ROOT, prepare_data
 
@@ -31,7 +32,7 @@ def test_mqar_sequences_pose_each_key_once_after_the_pairs():
             assert row_targets[position] == pairing[row_ids[position].item()]
         others = torch.ones(64, dtype=torch.bool)
         others[:8], others[asked] = False, False
-        assert (row_ids[others] == recall.FILLER).all()
+        assert (row_ids[others] == recall_data.FILLER).all()
     again, _ = mqar_batch(torch.Generator().manual_seed(0), 16, 64, 4, 64, 8)
     assert torch.equal(ids, again)
 

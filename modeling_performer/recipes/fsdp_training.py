@@ -70,7 +70,7 @@ def main(args):
     import torch
     import torch.distributed as dist
 
-    from . import devices, training as train
+    from . import devices, training_data
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise SystemExit("--fsdp runs one process per device under torchrun: "
@@ -94,7 +94,7 @@ def main(args):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     precision = devices.resolve_precision(args.precision, device)
-    task_data = train.TaskData(args)  # every problem with the data is reported before anything is written
+    task_data = training_data.TaskData(args)  # every problem with the data is reported before anything is written
 
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
@@ -121,7 +121,7 @@ def _train(args, world, rank, device, precision, micro, global_batch, task_data)
     from modeling_performer.checkpoint_performer import fresh_stage, publish_folder
     from modeling_performer.modeling_performer import PerformerLayer
 
-    from . import training as train
+    from . import hub_publishing, training as train
 
     output = pathlib.Path(args.output)
     checkpoints = pathlib.Path(args.checkpoint_dir or f"{output}.checkpoints")
@@ -243,7 +243,8 @@ def _train(args, world, rank, device, precision, micro, global_batch, task_data)
             metrics[f"{split}_perplexity"] = math.exp(min(loss, 50))
         stage = pathlib.Path(fresh_stage(str(output)))
         plain.save_pretrained(stage)
-        train.finish_folder(args, stage, plain, tokenizer, metrics, train.card_facts(args, task_data, args.init))
+        hub_publishing.finish_folder(args, stage, plain, tokenizer, metrics,
+                                     hub_publishing.card_facts(args, task_data, args.init))
         publish_folder(str(stage), str(output))
         print(json.dumps({k: v for k, v in metrics.items() if k != "train_loss_history"}, indent=2))
     dist.barrier()
