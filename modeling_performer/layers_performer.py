@@ -129,11 +129,17 @@ class PerformerRotaryEmbedding(nn.Module):
         calls for rope_type 'default'."""
         return rotary_frequencies(config, device)
 
+    def _apply(self, fn, recurse=True):
+        # Casting the model (.half(), .to(torch.bfloat16)) would round the frequencies: they are
+        # computed again in float32, once, where the cast put them.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            inv_freq, _ = rotary_frequencies(self.config, self.inv_freq.device)
+            self.inv_freq, self.original_inv_freq = inv_freq, inv_freq.clone()
+        return self
+
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq, scaling = self.inv_freq.to(position_ids.device), self.attention_scaling
-        if inv_freq.dtype != torch.float32:
-            # A model cast to half precision rounded the buffer: computed again, in float32.
-            inv_freq, scaling = rotary_frequencies(self.config, position_ids.device)
         if self.rope_type == "dynamic" and not torch.compiler.is_compiling():
             length = int(position_ids.max()) + 1
             if length > self.config.max_position_embeddings:
