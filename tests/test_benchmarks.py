@@ -102,20 +102,19 @@ def test_benchmarks_leave_the_committed_figures_alone_unless_asked():
 
 
 def test_recipe_time_estimate_fits_fixed_and_per_layer_seconds():
-    estimate = estimate_recipe_time
     costs = {"layer_by_layer": (3.0, 0.5), "end_to_end": (1.0, 2.0), "lora": (4.0, 0.25)}
     points = [{"layers": n, **{kind: {"seconds_per_step": a + b * n} for kind, (a, b) in costs.items()}}
               for n in (1, 2, 4)]
-    result = estimate.fit_and_estimate(points, 16)
+    result = estimate_recipe_time.fit_and_estimate(points, 16)
     minutes = 0.0
     for kind, (a, b) in costs.items():
         assert result[kind]["fixed_seconds"] == pytest.approx(a)
         assert result[kind]["seconds_per_layer"] == pytest.approx(b)
         assert result[kind]["seconds_per_step"] == pytest.approx(a + 16 * b)
-        minutes += (a + 16 * b) * estimate.RECIPE_STEPS[kind]["steps"] / 60
+        minutes += (a + 16 * b) * estimate_recipe_time.RECIPE_STEPS[kind]["steps"] / 60
     assert result["minutes_per_student"] == pytest.approx(minutes)
     with pytest.raises(SystemExit, match="two different depths"):
-        estimate.fit_and_estimate(points[:1] * 2, 16)
+        estimate_recipe_time.fit_and_estimate(points[:1] * 2, 16)
 
 
 @pytest.mark.slow

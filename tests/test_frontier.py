@@ -66,7 +66,6 @@ def test_the_recommended_row_meets_the_most_targets_then_reads_best():
 
 
 def test_the_command_assembles_rows_from_folders_and_results_files(tmp_path):
-    script = chat_lm
     row = tmp_path / "top3"
     row.mkdir()
     (row / "results.json").write_text(RESULTS.read_text())
@@ -75,7 +74,7 @@ def test_the_command_assembles_rows_from_folders_and_results_files(tmp_path):
     (tmp_path / "shared" / "minutes.tsv").write_text("chat-rank-layers-extra\t2.5\n")
     (tmp_path / "shared" / "layers.json").write_text(json.dumps({"ranking": [3, 1, 2], "minutes": 1.5}))
     output = tmp_path / "frontier.json"
-    script.main(["frontier", str(tmp_path), "--output", str(output), "--results", f"full={RESULTS}"])
+    chat_lm.main(["frontier", str(tmp_path), "--output", str(output), "--results", f"full={RESULTS}"])
     record = json.loads(output.read_text())
     assert [r["name"] for r in record["rows"]] == ["top3", "full"]
     assert record["rows"][0]["budget"] == 0.5 and record["rows"][0]["evaluation"] == "screening"
@@ -83,4 +82,4 @@ def test_the_command_assembles_rows_from_folders_and_results_files(tmp_path):
     assert record["ranking"] == [3, 1, 2] and record["recommended"] in {"top3", "full"}
     assert pathlib.Path(output.with_suffix(".png")).exists()
     with pytest.raises(SystemExit, match="missing"):
-        script.main(["frontier", str(tmp_path), "--output", str(output), "--rows", "nothing"])
+        chat_lm.main(["frontier", str(tmp_path), "--output", str(output), "--rows", "nothing"])
