@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(pathlib.Path(__file__).resolve().parent.parent / ".cache" / (
     "torchinductor-" + os.environ.get("ATEN_CPU_CAPABILITY", "native"))))
 
-from modeling_performer import PerformerConfig  # noqa: E402
+from modeling_performer import PerformerConfig, PerformerForCausalLM  # noqa: E402
 
 try:  # the same examples on every run (CI must not turn red or green by chance)
     from hypothesis import settings
@@ -177,3 +177,11 @@ def tiny_chat_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("chat") / "tiny-chat"
     model, tokenizer = tiny_chat_model(folder, steps=200)
     return folder, model, tokenizer
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A tiny causal LM and the folder it was saved to (tmp_path / "saved")."""
+    model = PerformerForCausalLM(tiny_config()).eval()
+    model.save_pretrained(tmp_path / "saved")
+    return model, tmp_path / "saved"

@@ -1,7 +1,9 @@
 """What several test files share, in one place (test files never import each other): kernel
-inputs of one shape (`KernelCase`), the token-by-token windowed kernel, tiny checkpoints of the
-Llama-family sources, tiny Performer configs, and loading a saved folder through remote code in
-a process without the package."""
+inputs of one shape (`KernelCase`), the token-by-token linear and windowed kernels, their relative
+error, tiny checkpoints of the Llama-family sources, tiny Performer configs, causal LMs and
+inputs for every head, weights
+dropped from a saved folder, a seeded training run, and loading a saved folder through remote code
+in a process without the package."""
 
 import subprocess
 import sys
@@ -9,11 +11,19 @@ import textwrap
 
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+)
 
-from modeling_performer import PerformerConfig
-from modeling_performer.attention import recurrent_windowed_attention
+from modeling_performer import PerformerConfig, PerformerForCausalLM
+from modeling_performer.attention import recurrent_linear_attention, recurrent_windowed_attention
 
-from .conftest import kernel_features, numerics_env
+from .conftest import kernel_features, numerics_env, tiny_config
 
 MAPS = ["softmax", "relu", "hedgehog"]
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -158,3 +168,133 @@ def run_remote(folder, reference, auto_name, tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=300,
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **numerics_env()})
     assert "remote ok" in done.stdout, done.stdout + done.stderr
+
+
+ATTENTION = {"favor": "favor", "softmax": "softmax", "hybrid": ["favor", "softmax"]}
+
+
+def causal_lm(attention, **overrides):
+    """The tiny causal LM with `attention` ("favor", "softmax" or "hybrid": one layer of each)."""
+    return PerformerForCausalLM(tiny_config(attention_type=ATTENTION[attention], **overrides)).eval()
+
+
+def relative_error(actual, expected, mask=None):
+    """max |actual - expected| / max |expected|, over the real tokens of `mask` [B, T] if given."""
+    diff = (actual.double() - expected.double()).abs()
+    if mask is not None:
+        diff = diff * mask[:, None, :, None]
+    return (diff.max() / expected.double().abs().max().clamp_min(1e-30)).item()
+
+
+def run_recurrent_linear(q, k, v, w, feature_map, mask=None, state=None):
+    """The linear kernel one token at a time -> (out [B, H, T, D], the last state)."""
+    outs = []
+    for t in range(q.shape[2]):
+        step_mask = None if mask is None else mask[:, t : t + 1]
+        out, state = recurrent_linear_attention(
+            q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], w, feature_map, step_mask, state
+        )
+        outs.append(out)
+    return torch.cat(outs, dim=2), state
+
+
+def drop_weights(folder, *suffixes):
+    """Removes the tensors whose names end with `suffixes` from a saved folder -> their names."""
+    weights = load_file(folder / "model.safetensors")
+    dropped = [k for k in weights if k.endswith(suffixes)]
+    for key in dropped:
+        del weights[key]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return dropped
+
+
+def seeded_training_losses(steps=8):
+    """A short training run with dropout and a projection redraw every 2 steps."""
+    torch.manual_seed(1234)
+    model = PerformerForCausalLM(tiny_config(hidden_dropout_prob=0.1, feature_redraw_interval=2)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.redraw_on_steps(optimizer)
+    data = torch.randint(3, 99, (steps, 4, 16), generator=torch.Generator().manual_seed(7))
+    losses = []
+    for batch in data:
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert int(model.model.redraw_state.draws) == steps // 2
+    return losses
+
+
+def decay_config(decay, **overrides):
+    """The tiny decoder with Hedgehog maps and a decaying state (`decay`: "head" or "data")."""
+    values = dict(is_decoder=True, num_key_value_heads=2, feature_map="hedgehog", linear_decay=decay)
+    values.update(overrides)
+    return tiny_config(**values)
+
+
+AUTO = {
+    "base": AutoModel,
+    "mlm": AutoModelForMaskedLM,
+    "classification": AutoModelForSequenceClassification,
+    "clm": AutoModelForCausalLM,
+    "seq2seq": AutoModelForSeq2SeqLM,
+}
+
+
+def inputs_for(head, batch=2, length=7, seed=0):
+    """Two rows of random ids (the second right-padded by two) and the labels `head` takes."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 99, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, -2:] = 0  # right padding in the second row
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    if head in ("mlm", "clm", "seq2seq"):
+        kwargs["labels"] = ids.masked_fill(mask == 0, -100)
+    if head == "classification":
+        kwargs["labels"] = torch.tensor([0, 1])
+    return kwargs
+
+
+def left_padded_batch(length, seed=0):
+    """Two rows of random ids, the second left-padded by 4 tokens -> (ids, mask)."""
+    ids = torch.randint(3, 99, (2, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, :4] = 0
+    return ids, mask
+
+
+def decode_in_steps(model, ids, mask, prefill=5):
+    """The full forward's logits, and the same positions from a prefill of `prefill` tokens then one
+    token at a time through the cache -> (full, stepped, the last cache)."""
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=False).logits
+        out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
+        steps, cache = [out.logits], out.cache
+        for t in range(prefill, ids.shape[1]):
+            out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache, use_cache=True)
+            steps.append(out.logits)
+            cache = out.cache
+    return full, torch.cat(steps, 1), cache
+
+
+def assert_cached_generation_equals_uncached(model, ids, mask, max_new_tokens):
+    """Greedy and beam search give the same tokens with and without the cache."""
+    for kwargs in ({"do_sample": False}, {"num_beams": 3, "do_sample": False}):
+        cached = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs)
+        uncached = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, use_cache=False, **kwargs)
+        assert torch.equal(cached, uncached), kwargs
+
+
+def decode_greedily(model, ids, steps):
+    """A prefill of `ids`, then `steps` greedy tokens through the cache -> (the last output, the
+    cache, its bytes after the prefill)."""
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache = out.cache
+        size = cache.num_bytes()
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            out = model(token, cache=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+    return out, cache, size

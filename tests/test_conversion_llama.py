@@ -23,7 +23,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "convert_to_performer.py"
 
 
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return transformers.AutoTokenizer.from_pretrained(ROOT / "configuration" / "tokenizer")
@@ -174,18 +173,3 @@ def test_a_hybrid_conversion_refuses_layers_it_cannot_keep(tokenizer, tmp_path, 
                            "--softmax-layers", "one"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "comma-separated layer indices" in done.stderr
     assert not (tmp_path / "out").exists()
-
-
-def test_rotary_frequencies_stay_float32_when_the_model_is_cast():
-    """A converted model run in half precision rotates with the float32 frequencies it had: the
-    cast computes them again instead of rounding them."""
-    from modeling_performer import PerformerConfig, PerformerForCausalLM
-
-    model = PerformerForCausalLM(PerformerConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
-                                                 num_attention_heads=4, intermediate_size=37,
-                                                 position_embedding_type="rotary", norm_type="pre_rmsnorm"))
-    rotary = model.model.decoder.rotary_emb
-    before = rotary.inv_freq.clone()
-    model.to(torch.bfloat16)
-    assert rotary.inv_freq.dtype == torch.float32 and torch.equal(rotary.inv_freq, before)
-    assert "model.decoder.rotary_emb.inv_freq" not in model.state_dict()

@@ -9,21 +9,21 @@ import pathlib
 import pytest
 import torch
 
-from modeling_performer import PerformerConfig, PerformerForCausalLM, PerformerModel
+from modeling_performer import PerformerConfig, PerformerForCausalLM
 from modeling_performer.attention import (
-    causal_linear_attention,
     CausalLinearKernel,
+    causal_linear_attention,
     causal_windowed_attention,
     recurrent_linear_attention,
     recurrent_windowed_attention,
 )
-from modeling_performer.layers_performer import PerformerDecayGate, decay_bias
+from modeling_performer.layers_performer import PerformerDecayGate
 from modeling_performer.reference_attention import naive_linear_attention, naive_windowed_attention
 
-from .conftest import kernel_features, max_error, perturbed, tiny_config
+from .conftest import kernel_features, max_error, perturbed
+from .helpers import MAPS, decay_config, run_remote
 
 B, H, H_KV, D, M, F = 2, 4, 2, 8, 16, 6
-MAPS = ["softmax", "relu", "hedgehog"]
 
 
 def features(feature_map, seed=0):
@@ -214,12 +214,6 @@ def test_decay_on_the_cuda_kernel_equals_pytorch():
 # Models
 
 
-def decay_config(decay, **overrides):
-    values = dict(is_decoder=True, num_key_value_heads=2, feature_map="hedgehog", linear_decay=decay)
-    values.update(overrides)
-    return tiny_config(**values)
-
-
 MODEL_CASES = {
     "head-hedgehog": dict(decay="head"),
     "data-hedgehog-window": dict(decay="data", local_window=3),
@@ -272,25 +266,7 @@ def test_an_open_gate_is_the_additive_model():
         assert max_error(gated(ids).logits, additive(ids).logits) > 1e-3
 
 
-def test_gates_start_spread_and_are_computed_from_the_keys():
-    config = decay_config("data", num_key_value_heads=4)
-    gate = PerformerForCausalLM(config).model.decoder.layers[0].self_attn.decay
-    rates = torch.nn.functional.softplus(gate.bias)
-    assert torch.allclose(rates, torch.logspace(-4, -10, 4, base=2.0), rtol=1e-5)
-    assert torch.equal(gate.weight, torch.zeros_like(gate.weight))
-    key = torch.randn(1, 4, 5, config.head_dim)
-    with torch.no_grad():
-        gate.weight.normal_()
-    log_decay = gate(key)
-    assert log_decay.shape == (1, 4, 5) and (log_decay < 0).all()
-    expected = -torch.nn.functional.softplus(torch.einsum("bhtd,hd->bht", key, gate.weight) + gate.bias[:, None])
-    assert torch.allclose(log_decay, expected)
-    assert torch.allclose(decay_bias(torch.tensor([1e-6, 0.5])), torch.log(torch.expm1(torch.tensor([1e-6, 0.5]))))
-
-
 def test_save_load_and_remote_code(tmp_path):
-    from .test_modeling import run_remote
-
     model = perturbed(PerformerForCausalLM(decay_config("data", local_window=3)))
     model.save_pretrained(tmp_path / "model")
     loaded = PerformerForCausalLM.from_pretrained(tmp_path / "model").eval()
@@ -301,24 +277,6 @@ def test_save_load_and_remote_code(tmp_path):
     torch.save({"ids": ids, "logits": logits, "generated": model.generate(ids, max_new_tokens=5, do_sample=False)},
                tmp_path / "reference.pt")
     run_remote(tmp_path / "model", tmp_path / "reference.pt", "AutoModelForCausalLM", tmp_path)
-
-
-@pytest.mark.parametrize("values,message", [
-    (dict(linear_decay="yes"), "valid values"),
-    (dict(linear_decay="head", attention_type="softmax"), "every layer uses"),
-    (dict(linear_decay="head", local_window=4, sparse_cache_size=2), "sparse"),
-], ids=["unknown", "all-softmax", "sparse-cache"])
-def test_the_config_refuses_what_a_decay_cannot_do(values, message):
-    with pytest.raises(ValueError, match=message):
-        tiny_config(**values)
-
-
-def test_an_encoder_refuses_a_decay():
-    with pytest.raises(ValueError, match="bidirectional"):
-        PerformerModel(tiny_config(linear_decay="head"))
-    with pytest.raises(ValueError, match="bidirectional"):
-        PerformerModel(tiny_config(linear_decay="data", is_encoder_decoder=True))
-    PerformerModel(tiny_config(linear_decay="data", is_decoder=True))  # a decoder takes it
 
 
 # --------------------------------------------------------------------------------------------

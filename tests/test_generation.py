@@ -4,15 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from modeling_performer import PerformerCache, PerformerForCausalLM, PerformerForConditionalGeneration
+from modeling_performer import PerformerForCausalLM, PerformerForConditionalGeneration
 
 from .conftest import tiny_config
-
-ATTENTION = {"favor": "favor", "softmax": "softmax", "hybrid": ["favor", "softmax"]}
-
-
-def causal_lm(attention, **overrides):
-    return PerformerForCausalLM(tiny_config(attention_type=ATTENTION[attention], **overrides)).eval()
+from .helpers import ATTENTION, causal_lm
 
 
 def seq2seq(attention, **overrides):
@@ -148,46 +143,6 @@ def test_left_padded_logits_match_unpadded_full_forward():
                                rtol=1e-5, atol=1e-5)
 
 
-def test_favor_cache_size_is_constant():
-    model = causal_lm("favor", max_position_embeddings=4096)
-    ids = torch.randint(3, 99, (1, 4))
-    sizes = {}
-    cache = None
-    out = model(ids, use_cache=True)
-    cache = out.cache
-    token = out.logits[:, -1:].argmax(-1)
-    for step in range(1, 1025):
-        out = model(token, cache=cache, use_cache=True)
-        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-        if step in (16, 1024):
-            sizes[step] = cache.num_bytes()
-    assert sizes[16] == sizes[1024] > 0
-    assert cache.get_seq_length() == 1028
-    assert torch.isfinite(out.logits).all()
-
-
-def test_softmax_cache_grows():
-    model = causal_lm("softmax")
-    out = model(torch.randint(3, 99, (1, 4)), use_cache=True)
-    before = out.cache.num_bytes()
-    out = model(torch.tensor([[5]]), cache=out.cache, use_cache=True)
-    assert out.cache.num_bytes() > before
-
-
-def test_cache_reorder_reset_and_crop():
-    model = causal_lm("hybrid")
-    out = model(torch.randint(3, 99, (3, 4)), use_cache=True)
-    cache: PerformerCache = out.cache
-    state = cache.layers[0].self_attention.kv.clone()
-    cache.reorder_cache(torch.tensor([2, 2, 0]))
-    assert torch.equal(cache.layers[0].self_attention.kv[0], state[2])
-    assert torch.equal(cache.layers[0].self_attention.kv[2], state[0])
-    with pytest.raises(NotImplementedError, match="cannot be cropped"):
-        cache.crop(1)
-    cache.reset()
-    assert cache.get_seq_length() == 0 and cache.num_bytes() == 0
-
-
 def test_generate_after_from_pretrained(tmp_path):
     model = causal_lm("favor")
     model.save_pretrained(tmp_path)
@@ -195,18 +150,6 @@ def test_generate_after_from_pretrained(tmp_path):
     ids = torch.randint(3, 99, (2, 5))
     assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False),
                        loaded.generate(ids, max_new_tokens=6, do_sample=False))
-
-
-def test_past_key_values_name_is_refused():
-    model = causal_lm("favor")
-    with pytest.raises(TypeError, match="cache="):
-        model(torch.tensor([[4, 5]]), past_key_values=PerformerCache())
-    state = model(torch.tensor([[4, 5]]), use_cache=True).cache
-    with pytest.raises(TypeError, match="past_key_value= holds a decoding state.*cache="):  # any other name too
-        model(torch.tensor([[6]]), past_key_value=state)
-    legacy = tuple((torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8)) for _ in range(2))  # a pre-Cache tuple
-    with pytest.raises(TypeError, match="cache="):
-        model(torch.tensor([[6]]), past_key_values=legacy)
 
 
 @pytest.mark.parametrize("options", [{}, {"feature_map": "hedgehog", "local_window": 3}], ids=["favor", "hedgehog-window"])

@@ -15,21 +15,25 @@ from modeling_performer.attention import (
     softmax_attention,
     windowed_linear_attention,
 )
-from modeling_performer.reference_attention import naive_linear_attention, naive_softmax_attention, naive_windowed_attention
-from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init
+from modeling_performer.reference_attention import (
+    naive_linear_attention,
+    naive_softmax_attention,
+    naive_windowed_attention,
+)
+
+from .helpers import MAPS, KernelCase, relative_error
 
 B, H, D, M, F, T = 2, 4, 16, 32, 8, 23
-MAPS = ["softmax", "relu", "hedgehog"]
 KV_HEADS = [2, 1]  # grouped (2 queries per key/value head) and multi-query
 
 
+def case(kv_heads):
+    """The kernel inputs with `kv_heads` key/value heads; row 1 left-padded by 5 tokens."""
+    return KernelCase(B, H, kv_heads, D, M, F, right_pad=0, left_pad=5)
+
+
 def features(feature_map, kv_heads, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    if feature_map == "hedgehog":
-        query = hedgehog_init(H, D, F)[0] + 0.3 * torch.randn(H, D, F, generator=g)
-        key = hedgehog_init(kv_heads, D, F)[1] + 0.3 * torch.randn(kv_heads, D, F, generator=g)
-        return query, key
-    return gaussian_orthogonal_random_matrix(M, D, g)
+    return case(kv_heads).features(feature_map, seed)
 
 
 def repeated(projection, feature_map, kv_heads):
@@ -40,22 +44,11 @@ def repeated(projection, feature_map, kv_heads):
 
 
 def qkv(kv_heads, length=T, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, length, D, generator=g), torch.randn(B, kv_heads, length, D, generator=g),
-            torch.randn(B, kv_heads, length, D, generator=g))
+    return case(kv_heads).qkv(length, seed)
 
 
 def padding(length=T):
-    mask = torch.ones(B, length, dtype=torch.bool)
-    mask[1, :5] = False  # left-padded row
-    return mask
-
-
-def relative_error(actual, expected, mask=None):
-    diff = (actual.double() - expected.double()).abs()
-    if mask is not None:
-        diff = diff * mask[:, None, :, None]
-    return (diff.max() / expected.double().abs().max()).item()
+    return case(1).padding(length)
 
 
 def expand(x, kv_heads):

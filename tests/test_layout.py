@@ -126,3 +126,30 @@ def test_no_test_loads_a_script_as_a_module():
     """Tests import the package's commands; a script file only ever runs as a command."""
     loader = "spec_from_" + "file_location"
     assert not [p.name for p in (ROOT / "tests").glob("*.py") if loader in p.read_text()]
+
+
+TESTS = ROOT / "tests"
+
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"))
+def test_every_module_of_the_package_has_a_test_file_named_after_it(module):
+    """tests/test_<module>.py holds what that module promises; tests of a feature that spans
+    modules (decay, sinks, grouped heads, generation, ...) sit beside them under the feature's name."""
+    assert (TESTS / f"test_{module}.py").exists(), f"modeling_performer/{module}.py has no tests/test_{module}.py"
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in TESTS.glob("*.py")))
+def test_no_test_file_imports_another(path):
+    """What tests share lives in conftest.py and helpers.py; a test file is never imported, not even
+    by a script a test runs in another process."""
+    others = {p.stem for p in TESTS.glob("test_*.py")}
+    text = (TESTS / path).read_text()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom):
+            assert (node.module or "").split(".")[-1] not in others, f"{path} imports {node.module} (line {node.lineno})"
+        if isinstance(node, ast.Import):
+            assert not {a.name.split(".")[-1] for a in node.names} & others, f"{path} imports a test file"
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            for name in others:  # code run in a subprocess, written as a string
+                assert f"import {name}" not in node.value and f"tests.{name} import" not in node.value, \
+                    f"{path} runs code that imports {name}"

@@ -2,7 +2,6 @@
 half precision stay finite and close, damaged checkpoints are refused, and results are
 reproducible across runs and processes."""
 
-import json
 import pathlib
 import subprocess
 import sys
@@ -11,125 +10,22 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from modeling_performer import (
     PerformerForCausalLM,
-    PerformerForConditionalGeneration,
     PerformerForMaskedLM,
-    PerformerForSequenceClassification,
-    PerformerModel,
 )
 from modeling_performer.attention import causal_linear_attention, linear_attention
-from modeling_performer.reference_attention import naive_softmax_attention
-from modeling_performer.checkpoint_performer import CorruptCheckpointError
 from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix
+from modeling_performer.reference_attention import naive_softmax_attention
 
 from .conftest import tiny_config
+from .helpers import seeded_training_losses
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-IDS = torch.tensor([[5, 6, 7]])
 
 # ------------------------------------------------------------------------------------------
 # Bad input: each error names the problem and the fix
-
-
-@pytest.mark.parametrize("call,error,match", [
-    (lambda m: m(torch.tensor([[5.0, 6.0]])), ValueError, "integer token ids"),
-    (lambda m: m(inputs_embeds=torch.zeros(1, 3, 31)), ValueError, "hidden_size=32"),
-    (lambda m: m(IDS, attention_mask=torch.tensor([[1, 0.5, 1]])), ValueError, "1 \\(attend\\) and 0"),
-    (lambda m: m(IDS, attention_mask=torch.ones(1, 3, dtype=torch.complex64)), ValueError, "dtype"),
-    (lambda m: m(IDS, attention_mask=torch.ones(3)), ValueError, "not understood"),
-    (lambda m: m(IDS, position_ids=torch.tensor([[0, 1]])), ValueError, "position_ids has shape"),
-    (lambda m: m(IDS, position_ids=torch.tensor([[0, -1, 2]])), ValueError, "position_ids must be >= 0"),
-    (lambda m: m(torch.zeros(0, 3, dtype=torch.long)), ValueError, "Empty input"),
-    (lambda m: m(torch.zeros(2, 0, dtype=torch.long)), ValueError, "Empty input"),
-    (lambda m: m(IDS, labels=torch.tensor([[5, 6, 300]])), ValueError, "labels must be in \\[0, 99\\)"),
-    (lambda m: m(IDS, cache="not a cache"), TypeError, "PerformerCache"),
-])
-def test_bad_inputs_name_the_problem(call, error, match):
-    with pytest.raises(error, match=match):
-        call(PerformerForCausalLM(tiny_config()).eval())
-
-
-def test_bad_inputs_of_the_other_heads():
-    mlm = PerformerForMaskedLM(tiny_config()).eval()
-    with pytest.raises(ValueError, match="labels must have shape"):
-        mlm(IDS, labels=torch.tensor([[1, 2]]))
-    classifier = PerformerForSequenceClassification(tiny_config(num_labels=3)).eval()
-    with pytest.raises(ValueError, match="labels of shape \\(1,\\)"):
-        classifier(IDS, labels=torch.tensor([[1]]))
-    with pytest.raises(ValueError, match="labels must be in \\[0, 3\\)"):
-        classifier(IDS, labels=torch.tensor([5]))
-    typed = PerformerModel(tiny_config(type_vocab_size=2))
-    with pytest.raises(ValueError, match="type_vocab_size=2"):
-        typed(IDS, token_type_ids=torch.tensor([[0, 1, 2]]))
-    untyped = PerformerModel(tiny_config())
-    with pytest.raises(ValueError, match="type_vocab_size=0"):
-        untyped(IDS, token_type_ids=torch.tensor([[0, 1, 1]]))
-    seq2seq = PerformerForConditionalGeneration(tiny_config())
-    with pytest.raises(ValueError, match="decoder_input_ids \\(or labels"):
-        seq2seq(IDS)
-    with pytest.raises(ValueError, match="attention_mask has shape"):
-        seq2seq(IDS, attention_mask=torch.ones(1, 4), decoder_input_ids=IDS)
-
-
-def test_value_checks_run_where_they_cost_no_device_sync_unless_asked(monkeypatch):
-    """Checks that read values run on CPU tensors by default, on accelerators only under the debug
-    setting, and nowhere when it is switched off (shape checks always run)."""
-    from modeling_performer.inputs_performer import VALUE_CHECKS_ENV, checking_values
-
-    monkeypatch.delenv(VALUE_CHECKS_ENV, raising=False)
-    assert checking_values(torch.device("cpu")) and not checking_values(torch.device("cuda"))
-    monkeypatch.setenv(VALUE_CHECKS_ENV, "1")
-    assert checking_values(torch.device("cuda")) and checking_values(torch.device("cpu"))
-    monkeypatch.setenv(VALUE_CHECKS_ENV, "0")
-    assert not checking_values(torch.device("cpu"))
-    model = PerformerForCausalLM(tiny_config()).eval()
-    half_mask = torch.tensor([[1, 0.5, 1]])
-    model(IDS, attention_mask=half_mask)  # not read: treated as a boolean mask
-    with pytest.raises(ValueError, match="not understood"):
-        model(IDS, attention_mask=torch.ones(3))
-    monkeypatch.setenv(VALUE_CHECKS_ENV, "1")
-    with pytest.raises(ValueError, match="1 \\(attend\\) and 0"):
-        model(IDS, attention_mask=half_mask)
-
-
-@pytest.mark.parametrize("head", [PerformerModel, PerformerForMaskedLM, PerformerForSequenceClassification])
-def test_generate_on_a_head_that_cannot_generate(head):
-    model = head(tiny_config())
-    assert not model.can_generate()
-    with pytest.raises(TypeError, match="cannot generate text: load the checkpoint with PerformerForCausalLM"):
-        model.generate(IDS)
-
-
-@pytest.mark.parametrize("bad,match", [
-    ({"layer_norm_eps": 0.0}, "layer_norm_eps must be > 0"),
-    ({"pad_token_id": 99}, "pad_token_id=99 is outside the vocabulary"),
-    ({"eos_token_id": -1}, "eos_token_id=-1 is outside"),
-    ({"type_vocab_size": -1}, "type_vocab_size"),
-    ({"chunk_size": 0}, "chunk_size must be a positive integer"),
-    ({"hidden_dropout_prob": 1.5}, "hidden_dropout_prob must be in"),
-    ({"feature_redraw_interval": -2}, "feature_redraw_interval"),
-    ({"position_embedding_type": "alibi"}, "valid values"),
-])
-def test_invalid_config_values(bad, match):
-    with pytest.raises(ValueError, match=match):
-        tiny_config(**bad)
-
-
-def test_invalid_config_files_on_disk(tmp_path):
-    PerformerForCausalLM(tiny_config()).save_pretrained(tmp_path)
-    good = json.loads((tmp_path / "config.json").read_text())
-    for change, match in (({"norm_type": "layernorm"}, "valid values"), ({"hidden_sise": 32}, "hidden_sise"),
-                          ({"num_random_features": 0}, "positive")):
-        (tmp_path / "config.json").write_text(json.dumps({**good, **change}))
-        with pytest.raises(ValueError, match=match):
-            AutoConfig.from_pretrained(tmp_path)
-        with pytest.raises(ValueError, match=match):
-            PerformerForCausalLM.from_pretrained(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -304,145 +200,18 @@ def test_long_generation_stays_finite_with_a_bounded_state():
 # Checkpoints
 
 
-@pytest.fixture
-def saved(tmp_path):
-    model = PerformerForCausalLM(tiny_config()).eval()
-    model.save_pretrained(tmp_path / "saved")
-    return model, tmp_path / "saved"
-
-
-def test_truncated_checkpoint_is_refused(saved):
-    _, folder = saved
-    weights = folder / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(CorruptCheckpointError, match="model.safetensors is truncated"):
-        AutoModelForCausalLM.from_pretrained(folder)
-
-
-@pytest.mark.parametrize("where", ["header", "data"])
-def test_corrupted_checkpoint_is_refused(saved, where):
-    _, folder = saved
-    weights = folder / "model.safetensors"
-    raw = bytearray(weights.read_bytes())
-    if where == "header":
-        raw[10:20] = b"\x00" * 10
-    else:
-        raw[-40] ^= 0x01  # one flipped bit in the last tensor: still finite, still loadable
-    weights.write_bytes(bytes(raw))
-    match = "header cannot be read" if where == "header" else "does not match the checksum"
-    with pytest.raises(CorruptCheckpointError, match=match):
-        AutoModelForCausalLM.from_pretrained(folder)
-
-
-def test_config_of_another_model_type_is_refused(saved):
-    _, folder = saved
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
-    with pytest.raises(ValueError, match="describes a 'bert' model, not a Performer"):
-        PerformerForCausalLM.from_pretrained(folder)
-
-
-def _drop_weights(folder, *suffixes):
-    weights = load_file(folder / "model.safetensors")
-    dropped = [k for k in weights if k.endswith(suffixes)]
-    for key in dropped:
-        del weights[key]
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    return dropped
-
-
-def test_missing_weights_load_and_are_reported_or_refused_on_request(saved):
-    model, folder = saved
-    (dropped,) = _drop_weights(folder, "layers.0.mlp.up_proj.weight")
-    with pytest.raises(ValueError, match=f"no weights for 1 tensor.*{dropped}"):
-        AutoModelForCausalLM.from_pretrained(folder, allow_missing_weights=False)
-    loaded, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
-    assert set(info["missing_keys"]) == {dropped}
-    kept = [k for k in model.state_dict() if k != dropped]
-    for key in kept:
-        torch.testing.assert_close(loaded.state_dict()[key], model.state_dict()[key], rtol=0, atol=0)
-
-
-def test_a_missing_projection_is_rebuilt_exactly_from_the_seed_and_draw_count(tmp_path):
-    model = PerformerForCausalLM(tiny_config()).eval()
-    model.redraw_projections()
-    model.redraw_projections()  # draw 2: the default initialisation (draw 0) would differ
-    model.save_pretrained(tmp_path)
-    dropped = _drop_weights(tmp_path, "self_attn.projection")
-    assert len(dropped) == model.config.num_hidden_layers
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
-    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
-
-
-def test_missing_projection_and_draw_count_beside_trained_weights_are_refused(saved):
-    _, folder = saved
-    _drop_weights(folder, "self_attn.projection", "redraw_state.draws")
-    with pytest.raises(ValueError, match="neither the random projections .* nor the draw count"):
-        AutoModelForCausalLM.from_pretrained(folder)
-
-
-@pytest.mark.parametrize("head", [PerformerForCausalLM, PerformerForConditionalGeneration])
-def test_saving_twice_gives_identical_files(tmp_path, head):
-    model = head(tiny_config())
-    model.save_pretrained(tmp_path / "a")
-    model.save_pretrained(tmp_path / "b")
-    reloaded = type(model).from_pretrained(tmp_path / "a")
-    reloaded.save_pretrained(tmp_path / "c")
-    names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and "model.safetensors" in names
-    for name in names:
-        data = (tmp_path / "a" / name).read_bytes()
-        assert data == (tmp_path / "b" / name).read_bytes(), name
-        assert data == (tmp_path / "c" / name).read_bytes(), name  # save -> load -> save is a fixed point
-
-
-def test_bf16_load_then_save_keeps_bf16(saved, tmp_path):
-    model, folder = saved
-    half = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
-    half.save_pretrained(tmp_path / "bf16")
-    with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
-        dtypes = {f.get_slice(k).get_dtype() for k in f.keys() if "redraw_state" not in k}
-    assert dtypes == {"BF16"}
-    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
-    assert again.dtype == torch.bfloat16
-    for name, tensor in half.state_dict().items():
-        assert torch.equal(again.state_dict()[name], tensor), name
-    # the original fp32 folder is untouched
-    assert AutoModelForCausalLM.from_pretrained(folder).dtype == torch.float32
-
-
 # ------------------------------------------------------------------------------------------
 # Determinism
 
 DETERMINISM_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from tests.test_reliability import seeded_training_losses
+from tests.helpers import seeded_training_losses
 from transformers import AutoModelForCausalLM
 import modeling_performer
 model = AutoModelForCausalLM.from_pretrained({folder!r}).eval()
 torch.save({{"logits": model(torch.tensor([[5, 6, 7, 8, 9]])).logits, "losses": seeded_training_losses()}}, {out!r})
 """
-
-
-def seeded_training_losses(steps=8):
-    """A short training run with dropout and a projection redraw every 2 steps."""
-    torch.manual_seed(1234)
-    model = PerformerForCausalLM(tiny_config(hidden_dropout_prob=0.1, feature_redraw_interval=2)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.redraw_on_steps(optimizer)
-    data = torch.randint(3, 99, (steps, 4, 16), generator=torch.Generator().manual_seed(7))
-    losses = []
-    for batch in data:
-        loss = model(batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    assert int(model.model.redraw_state.draws) == steps // 2
-    return losses
 
 
 def test_eval_and_training_are_reproducible_across_runs_and_processes(saved, tmp_path):

@@ -16,16 +16,19 @@ from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix
 from modeling_performer.reference_attention import naive_softmax_attention, naive_sparse_windowed_attention
 
 from .conftest import max_error, perturbed
-from .helpers import MAPS, KernelCase
+from .helpers import (
+    MAPS,
+    KernelCase,
+    assert_cached_generation_equals_uncached,
+    decode_greedily,
+    decode_in_steps,
+    left_padded_batch,
+)
 from .helpers import sparse_tiny_config as tiny_config
 
 B, H, H_KV, D, M, F = 2, 4, 2, 8, 16, 6
 CASE = KernelCase(B, H, H_KV, D, M, F, right_pad=3)
 features, qkv, log_weight, padding = CASE.features, CASE.qkv, CASE.log_weight, CASE.padding
-
-
-
-
 
 
 def run_steps(q, k, v, w, feature_map, window, size, weight, mask, state):
@@ -145,52 +148,27 @@ def test_bad_arguments_and_mismatched_states_are_refused():
 # Models
 
 
-
-def left_padded_batch(length=14, seed=0):
-    ids = torch.randint(3, 99, (2, length), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones(2, length, dtype=torch.long)
-    mask[1, :4] = 0
-    return ids, mask
-
-
 @pytest.mark.parametrize("feature_map", MAPS)
 def test_prefill_and_decoding_equal_full_forward(feature_map):
     model = perturbed(PerformerForCausalLM(tiny_config(feature_map=feature_map)))
-    ids, mask = left_padded_batch()
-    with torch.no_grad():
-        full = model(ids, attention_mask=mask, use_cache=False).logits
-        out = model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
-        steps, cache = [out.logits], out.cache
-        for t in range(5, ids.shape[1]):
-            out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache, use_cache=True)
-            steps.append(out.logits)
-            cache = out.cache
+    ids, mask = left_padded_batch(14)
+    full, stepped, cache = decode_in_steps(model, ids, mask)
     assert isinstance(cache.layers[0].self_attention, SparseWindowState)
-    assert max_error(torch.cat(steps, 1)[mask.bool()], full[mask.bool()]) < 1e-5
+    assert max_error(stepped[mask.bool()], full[mask.bool()]) < 1e-5
 
 
 @pytest.mark.parametrize("feature_map", ["softmax", "hedgehog"])
 def test_cached_generation_equals_uncached_greedy_and_beam(feature_map):
     model = perturbed(PerformerForCausalLM(tiny_config(feature_map=feature_map)))
-    ids, mask = left_padded_batch()
-    for kwargs in ({"do_sample": False}, {"num_beams": 3, "do_sample": False}):
-        cached = model.generate(ids, attention_mask=mask, max_new_tokens=10, **kwargs)
-        uncached = model.generate(ids, attention_mask=mask, max_new_tokens=10, use_cache=False, **kwargs)
-        assert torch.equal(cached, uncached), kwargs
+    ids, mask = left_padded_batch(14)
+    assert_cached_generation_equals_uncached(model, ids, mask, max_new_tokens=10)
 
 
 def test_sparse_cache_changes_generation_and_memory_is_constant():
     config = tiny_config(feature_map="hedgehog", max_position_embeddings=2048, local_window=4, sparse_cache_size=3)
     model = perturbed(PerformerForCausalLM(config))
     ids = torch.randint(3, 99, (1, 20), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        out = model(ids, use_cache=True)
-        cache = out.cache
-        size = cache.num_bytes()
-        token = out.logits[:, -1:].argmax(-1)
-        for _ in range(600):
-            out = model(token, cache=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
+    out, cache, size = decode_greedily(model, ids, 600)
     assert cache.get_seq_length() == 620 and cache.num_bytes() == size
     assert torch.isfinite(out.logits).all()
     # W + L pairs and their scores plus the linear state, per key/value head and layer.
@@ -202,14 +180,14 @@ def test_sparse_cache_changes_generation_and_memory_is_constant():
     assert state.kvz.shape == (1, kv_heads, 2 * config.hedgehog_dim, head_dim + 1)
     plain = PerformerForCausalLM(tiny_config(feature_map="hedgehog", local_window=4, sparse_cache_size=0))
     plain.load_state_dict(model.state_dict())
-    ids, mask = left_padded_batch(length=24)
+    ids, mask = left_padded_batch(24)
     with torch.no_grad():
         assert not torch.allclose(plain.eval()(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
 
 
 def test_sparse_cache_size_saves_and_loads(tmp_path):
     model = perturbed(PerformerForCausalLM(tiny_config(feature_map="hedgehog")))
-    ids, mask = left_padded_batch()
+    ids, mask = left_padded_batch(14)
     with torch.no_grad():
         before = model(ids, attention_mask=mask).logits
     model.save_pretrained(tmp_path)
@@ -220,16 +198,6 @@ def test_sparse_cache_size_saves_and_loads(tmp_path):
     # The setting is a switch at inference: the same weights load with another cache size.
     other = PerformerForCausalLM.from_pretrained(tmp_path, sparse_cache_size=0).eval()
     assert other.config.sparse_cache_size == 0
-
-
-@pytest.mark.parametrize("overrides,message", [
-    ({"sparse_cache_size": -1}, "sparse_cache_size"),
-    ({"sparse_cache_size": 1.5}, "sparse_cache_size"),
-    ({"sparse_cache_size": 4, "local_window": 0}, "local_window > 0"),
-])
-def test_config_rejects_bad_values(overrides, message):
-    with pytest.raises(ValueError, match=message):
-        tiny_config(**overrides)
 
 
 def test_needle_beyond_the_window_is_recalled_only_with_the_cache():

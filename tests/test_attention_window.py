@@ -9,22 +9,24 @@ from modeling_performer.attention import (
     causal_windowed_attention,
     windowed_linear_attention,
 )
-from modeling_performer.reference_attention import naive_softmax_attention, naive_windowed_attention
 from modeling_performer.feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init
+from modeling_performer.reference_attention import naive_softmax_attention, naive_windowed_attention
 
 from .conftest import max_error, perturbed
-from .helpers import MAPS, KernelCase
+from .helpers import (
+    MAPS,
+    KernelCase,
+    assert_cached_generation_equals_uncached,
+    decode_greedily,
+    decode_in_steps,
+    left_padded_batch,
+)
 from .helpers import run_recurrent_window as run_recurrent
 
 B, H, D, M, F = 2, 3, 16, 32, 8
 CASE = KernelCase(B, H, H, D, M, F, right_pad=4, stacked=True)
 features, qkv, log_weight, padding = CASE.features, CASE.qkv, CASE.log_weight, CASE.padding
 WINDOWS = [1, 2, 5, 8]
-
-
-
-
-
 
 
 @pytest.mark.parametrize("feature_map", MAPS)
@@ -188,13 +190,6 @@ def tiny_config(**overrides):
     return PerformerConfig(**values)
 
 
-def left_padded_batch(length=11, seed=0):
-    ids = torch.randint(3, 99, (2, length), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones(2, length, dtype=torch.long)
-    mask[1, :4] = 0
-    return ids, mask
-
-
 CASES = [("softmax", 0), ("softmax", 3), ("relu", 3), ("hedgehog", 0), ("hedgehog", 3), ("hedgehog", 1)]
 CASE_IDS = [f"{m}-W{w}" for m, w in CASES]
 
@@ -202,32 +197,22 @@ CASE_IDS = [f"{m}-W{w}" for m, w in CASES]
 @pytest.mark.parametrize("feature_map,window", CASES, ids=CASE_IDS)
 def test_prefill_and_decoding_equal_full_forward(feature_map, window):
     model = perturbed(PerformerForCausalLM(tiny_config(feature_map=feature_map, local_window=window)))
-    ids, mask = left_padded_batch()
-    with torch.no_grad():
-        full = model(ids, attention_mask=mask, use_cache=False).logits
-        out = model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
-        steps, cache = [out.logits], out.cache
-        for t in range(5, ids.shape[1]):
-            out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache, use_cache=True)
-            steps.append(out.logits)
-            cache = out.cache
-    assert max_error(torch.cat(steps, 1)[mask.bool()], full[mask.bool()]) < 1e-5
+    ids, mask = left_padded_batch(11)
+    full, stepped, cache = decode_in_steps(model, ids, mask)
+    assert max_error(stepped[mask.bool()], full[mask.bool()]) < 1e-5
 
 
 @pytest.mark.parametrize("feature_map,window", CASES, ids=CASE_IDS)
 def test_cached_generation_equals_uncached(feature_map, window):
     model = perturbed(PerformerForCausalLM(tiny_config(feature_map=feature_map, local_window=window)))
-    ids, mask = left_padded_batch()
-    for kwargs in ({"do_sample": False}, {"num_beams": 3, "do_sample": False}):
-        cached = model.generate(ids, attention_mask=mask, max_new_tokens=8, **kwargs)
-        uncached = model.generate(ids, attention_mask=mask, max_new_tokens=8, use_cache=False, **kwargs)
-        assert torch.equal(cached, uncached), kwargs
+    ids, mask = left_padded_batch(11)
+    assert_cached_generation_equals_uncached(model, ids, mask, max_new_tokens=8)
 
 
 @pytest.mark.parametrize("feature_map", ["softmax", "hedgehog"])
 def test_no_future_leak(feature_map):
     model = perturbed(PerformerForCausalLM(tiny_config(feature_map=feature_map, local_window=3, chunk_size=4)))
-    ids, _ = left_padded_batch(length=13)
+    ids, _ = left_padded_batch(13)
     changed = ids.clone()
     changed[:, 9:] = (changed[:, 9:] + 7) % 99
     with torch.no_grad():
@@ -240,14 +225,7 @@ def test_window_cache_is_constant_over_a_thousand_tokens():
     model = perturbed(PerformerForCausalLM(tiny_config(feature_map="hedgehog", local_window=8,
                                                        max_position_embeddings=2048)))
     ids = torch.randint(3, 99, (1, 20), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        out = model(ids, use_cache=True)
-        cache = out.cache
-        size = cache.num_bytes()
-        token = out.logits[:, -1:].argmax(-1)
-        for _ in range(1000):
-            out = model(token, cache=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
+    out, cache, size = decode_greedily(model, ids, 1000)
     assert cache.get_seq_length() == 1020
     assert cache.num_bytes() == size
     assert torch.isfinite(out.logits).all()
@@ -261,7 +239,7 @@ def test_learned_maps_and_mixing_weights_save_and_load_exactly(head, tmp_path):
     attention = stack.layers[0].self_attn
     assert not torch.equal(attention.feature_map.query_weight, hedgehog_init(2, 16, 8)[0])
     assert attention.linear_log_weight.abs().sum() > 0
-    ids, mask = left_padded_batch()
+    ids, mask = left_padded_batch(11)
     with torch.no_grad():
         before = model(ids, attention_mask=mask).logits
     model.save_pretrained(tmp_path)
@@ -279,20 +257,8 @@ def test_encoder_window_changes_outputs_and_hedgehog_has_no_projection():
     assert attention.projection is None and "projection" not in dict(windowed.named_buffers())
     assert windowed.favor_modules() == []
     windowed.load_state_dict(plain.state_dict(), strict=False)
-    ids, mask = left_padded_batch()
+    ids, mask = left_padded_batch(11)
     with torch.no_grad():
         a = plain(ids, attention_mask=mask).last_hidden_state
         b = windowed(ids, attention_mask=mask).last_hidden_state
     assert torch.isfinite(b).all() and not torch.allclose(a, b)
-
-
-@pytest.mark.parametrize("overrides,message", [
-    ({"local_window": -1}, "local_window"),
-    ({"local_window": 2.5}, "local_window"),
-    ({"hedgehog_dim": 0}, "hedgehog_dim"),
-    ({"feature_map": "cosine"}, "hedgehog"),
-    ({"local_window": 4, "attention_type": "softmax"}, "already exact"),
-])
-def test_config_rejects_bad_values(overrides, message):
-    with pytest.raises(ValueError, match=message):
-        tiny_config(**overrides)

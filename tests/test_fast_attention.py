@@ -102,7 +102,7 @@ def test_bf16_inputs_run_the_kernel_in_bf16_with_fp32_states():
 
 
 def tiny_config(**overrides):
-    """test_sparse_cache's model without window or cache unless asked for."""
+    """test_attention_sparse's model without window or cache unless asked for."""
     return sparse_tiny_config(**{"local_window": 0, "sparse_cache_size": 0, **overrides})
 
 
@@ -169,11 +169,6 @@ def test_fallback_without_fla_logs_once_how_to_install(monkeypatch, caplog):
     assert any("PyTorch kernels on cpu" in r.getMessage() for r in caplog.records)
     monkeypatch.setattr(fast_attention, "load_fla_kernel", lambda: chunked_reference)
     assert fast_attention.kernel_for(torch.device("cuda")) is chunked_reference
-
-
-def test_config_switch_is_checked():
-    with pytest.raises(ValueError, match="use_fast_kernels"):
-        tiny_config(use_fast_kernels="no")
 
 
 def test_gpu_benchmark_script_runs_end_to_end_in_its_cpu_smoke_mode(tmp_path):
