@@ -15,10 +15,11 @@ a reader) needs this module and no other:
 Shapes: B batch, H heads, T query length, S key length, D head dim, M random features.
 All FAVOR+ functions share one calling convention:
 
-    fn(q, k, v, projection, feature_map, key_padding_mask=None, state=None, ...)
+    fn(q, k, v, feature_weights, feature_map, key_padding_mask=None, state=None, ...)
 
-with q: [B, H, T, D], k/v: [B, H_kv, S, D], projection W: [M, D] (Hedgehog: the query and key
-maps [H, D, F], [H_kv, D, F]), feature_map a name ("softmax", "relu", "hedgehog") or a feature-map
+with q: [B, H, T, D], k/v: [B, H_kv, S, D], feature_weights what the feature map multiplies by
+(FAVOR+ and ReLU: the random projection W [M, D]; Hedgehog: the learned query and key maps
+[H, D, F], [H_kv, D, F]), feature_map a name ("softmax", "relu", "hedgehog") or a feature-map
 class, key_padding_mask: [B, S] (True / 1 = real token). Grouped-query attention: H_kv divides H,
 query head h reads key/value head h // (H / H_kv); states hold one entry per key/value head. The causal
 functions take and return a `LinearAttentionState`, so a sequence can be split anywhere and
@@ -74,12 +75,14 @@ def empty_state(batch: int, heads: int, num_features: int, head_dim: int, device
 
 
 def resolve_feature_map(feature_map):
+    """A feature map's name ("softmax", "relu", "hedgehog") -> its class (`feature_maps`); a class
+    passes through."""
     return get_feature_map(feature_map) if isinstance(feature_map, str) else feature_map
 
 
-def finite_stabiliser(m: torch.Tensor) -> torch.Tensor:
+def finite_stabiliser(stabiliser: torch.Tensor) -> torch.Tensor:
     """A stabiliser usable in a subtraction: -inf (nothing seen yet) becomes 0."""
-    return torch.where(torch.isinf(m), 0.0, m)
+    return torch.where(torch.isinf(stabiliser), 0.0, stabiliser)
 
 
 def check_qkv(q, k, v, key_padding_mask):
@@ -135,10 +138,10 @@ def head_mask(key_padding_mask: torch.Tensor) -> torch.Tensor:
     return mask[:, None, :] if mask.dim() == 2 else mask
 
 
-def key_terms(k, projection, fmap, key_padding_mask):
+def key_terms(k, feature_weights, fmap, key_padding_mask):
     """Returns key logits [B, H, S, M], offsets [B, H, S] (r = logits - offset) and per-token
     maxima of r [B, H, S] (-inf where padded). key_padding_mask: [B, S] or [B, H, S]."""
-    logits, offset = fmap.key_logits(k, projection)
+    logits, offset = fmap.key_logits(k, feature_weights)
     token_max = fmap.token_max(logits, offset)
     if key_padding_mask is not None:
         token_max = token_max.masked_fill(~head_mask(key_padding_mask), float("-inf"))
@@ -257,7 +260,7 @@ def states_before_chunks(kvz, chunk_kvz, running, stabiliser, chunk_log_decay=No
     return before, last + chunk_kvz[:, :, -1]
 
 
-def absorb_key(state, k, v, projection, fmap, key_padding_mask, in_place=False, log_decay=None):
+def absorb_key(state, k, v, feature_weights, fmap, key_padding_mask, in_place=False, log_decay=None):
     """Adds one key/value (k, v: [B, H, 1, D]; key_padding_mask: [B, 1], [B, H, 1] or None) to a linear state.
     -> (joined state [B, H, M, D + 1] at the new scale, new running maximum [B, H] (-inf while
     empty), its finite version). in_place: state.kvz itself is rescaled and added to (two passes
@@ -266,8 +269,8 @@ def absorb_key(state, k, v, projection, fmap, key_padding_mask, in_place=False, 
     synchronise with the host at every layer of every step. log_decay: [B, H] (<= 0) the step's
     log gate: the old sums are multiplied by exp(log_decay) before the key is added (None: no decay)."""
     if not fmap.calibrated:
-        return _absorb_bounded_key(state, k, v, projection, fmap, key_padding_mask, in_place, log_decay)
-    logits, offset, token_max = key_terms(k, projection, fmap, key_padding_mask)
+        return _absorb_bounded_key(state, k, v, feature_weights, fmap, key_padding_mask, in_place, log_decay)
+    logits, offset, token_max = key_terms(k, feature_weights, fmap, key_padding_mask)
     running = torch.maximum(state.stabiliser, token_max[..., 0])
     stabiliser = finite_stabiliser(running)
     rescale = state.stabiliser - stabiliser
@@ -285,13 +288,13 @@ def absorb_key(state, k, v, projection, fmap, key_padding_mask, in_place=False, 
     return kvz, running, stabiliser
 
 
-def _absorb_bounded_key(state, k, v, projection, fmap, key_padding_mask, in_place, log_decay=None):
+def _absorb_bounded_key(state, k, v, feature_weights, fmap, key_padding_mask, in_place, log_decay=None):
     """`absorb_key` for a map without a stabiliser (ReLU, Hedgehog): token maxima are 0, so the
     running maximum is -inf until the first real key and 0 from then on, and the state is all
     zeros while it is -inf. The rescaling factor is therefore 1, or multiplies zeros: the key's
     features are simply added (a padded key's are zeroed), with the same result in fewer passes.
     A decay (log_decay [B, H]) multiplies the old sums first."""
-    phi_k = fmap.key_features(k, projection)[:, :, 0]  # [B, H, M]
+    phi_k = fmap.key_features(k, feature_weights)[:, :, 0]  # [B, H, M]
     if key_padding_mask is None:
         running = state.stabiliser.clamp_min(0.0)
     else:

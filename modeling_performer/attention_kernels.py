@@ -73,9 +73,9 @@ class CausalLinearKernel:
             return None
         return self.sums
 
-    def chunked(self, *, q, k, v, features, linear_log_weight=None, key_padding_mask=None, state=None,
+    def chunked(self, *, q, k, v, feature_weights, linear_log_weight=None, key_padding_mask=None, state=None,
                 log_decay=None):
-        """q [B, H, T, D], k and v [B, H_kv, T, D]; features: the random projection or the Hedgehog
+        """q [B, H, T, D], k and v [B, H_kv, T, D]; feature_weights: the random projection or the Hedgehog
         (query, key) weights; linear_log_weight [H]: the linear part's log weight against the window;
         key_padding_mask [B, T]; state: the state before these tokens (None: nothing seen yet);
         log_decay [B, H_kv, T]: the log gates of a decaying state (None: additive).
@@ -83,37 +83,38 @@ class CausalLinearKernel:
         if self.cache_size:
             if log_decay is not None:
                 raise ValueError("the sparse cache is defined for an additive state: it takes no log_decay")
-            return causal_sparse_windowed_attention(q, k, v, features, self.feature_map, self.window,
+            return causal_sparse_windowed_attention(q, k, v, feature_weights, self.feature_map, self.window,
                                                     self.cache_size, linear_log_weight, key_padding_mask, state)
         if self.window:
-            return causal_windowed_attention(q, k, v, features, self.feature_map, self.window, linear_log_weight,
-                                             key_padding_mask, state, self.chunk_size, self._sums_for(q),
-                                             log_decay=log_decay)
-        return causal_linear_attention(q, k, v, features, self.feature_map, key_padding_mask, state,
+            return causal_windowed_attention(q, k, v, feature_weights, self.feature_map, self.window,
+                                             linear_log_weight, key_padding_mask, state, self.chunk_size,
+                                             self._sums_for(q), log_decay=log_decay)
+        return causal_linear_attention(q, k, v, feature_weights, self.feature_map, key_padding_mask, state,
                                        self.chunk_size, self._sums_for(q), log_decay=log_decay)
 
     prefill = chunked  # a prompt is a chunked pass that keeps its state
 
-    def step(self, *, q, k, v, features, state, linear_log_weight=None, key_padding_mask=None, log_decay=None):
+    def step(self, *, q, k, v, feature_weights, state, linear_log_weight=None, key_padding_mask=None, log_decay=None):
         """One token (T = 1) onto `state`; arguments as `chunked`'s. -> (out [B, H, 1, D], the new state)."""
         in_place = may_update_in_place(state)
         if self.cache_size:
             if log_decay is not None:
                 raise ValueError("the sparse cache is defined for an additive state: it takes no log_decay")
-            return recurrent_sparse_windowed_attention(q, k, v, features, self.feature_map, self.window,
+            return recurrent_sparse_windowed_attention(q, k, v, feature_weights, self.feature_map, self.window,
                                                        self.cache_size, linear_log_weight, key_padding_mask, state,
                                                        in_place)
         if self.window:
-            return recurrent_windowed_attention(q, k, v, features, self.feature_map, self.window, linear_log_weight,
-                                                key_padding_mask, state, in_place, log_decay=log_decay)
-        return recurrent_linear_attention(q, k, v, features, self.feature_map, key_padding_mask, state, in_place,
-                                          log_decay=log_decay)
+            return recurrent_windowed_attention(q, k, v, feature_weights, self.feature_map, self.window,
+                                                linear_log_weight, key_padding_mask, state, in_place,
+                                                log_decay=log_decay)
+        return recurrent_linear_attention(q, k, v, feature_weights, self.feature_map, key_padding_mask, state,
+                                          in_place, log_decay=log_decay)
 
-    def __call__(self, *, q, k, v, features, linear_log_weight=None, key_padding_mask=None, state=None,
+    def __call__(self, *, q, k, v, feature_weights, linear_log_weight=None, key_padding_mask=None, state=None,
                  log_decay=None):
         """`step` for one token onto a state, `chunked` for anything else; -> (out, state)."""
         mode = self.step if q.shape[2] == 1 and state is not None else self.chunked
-        return mode(q=q, k=k, v=v, features=features, linear_log_weight=linear_log_weight,
+        return mode(q=q, k=k, v=v, feature_weights=feature_weights, linear_log_weight=linear_log_weight,
                     key_padding_mask=key_padding_mask, state=state, log_decay=log_decay)
 
     def __repr__(self):

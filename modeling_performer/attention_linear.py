@@ -30,7 +30,7 @@ from .attention_common import (
 def linear_attention_state(
     k: torch.Tensor,
     v: torch.Tensor,
-    projection: torch.Tensor,
+    feature_weights: torch.Tensor,
     feature_map="softmax",
     key_padding_mask: Optional[torch.Tensor] = None,
 ) -> LinearAttentionState:
@@ -40,7 +40,7 @@ def linear_attention_state(
     """
     fmap = resolve_feature_map(feature_map)
     with torch.autocast(device_type=k.device.type, enabled=False):
-        logits, offset, token_max = key_terms(k, projection, fmap, key_padding_mask)
+        logits, offset, token_max = key_terms(k, feature_weights, fmap, key_padding_mask)
         stabiliser = token_max.amax(dim=-1) if token_max.shape[-1] > 0 else token_max.new_full(token_max.shape[:2], float("-inf"))
         keep = None if key_padding_mask is None else key_padding_mask.to(torch.bool)[:, None, :, None]
         shift = (offset + finite_stabiliser(stabiliser)[..., None]).unsqueeze(-1)
@@ -52,12 +52,12 @@ def linear_attention_state(
 
 
 def linear_attention_from_state(
-    q: torch.Tensor, state: LinearAttentionState, projection: torch.Tensor, feature_map="softmax"
+    q: torch.Tensor, state: LinearAttentionState, feature_weights: torch.Tensor, feature_map="softmax"
 ) -> torch.Tensor:
     """q: [B, H, T, D] attends to everything summarised in state -> [B, H, T, D] in q's dtype."""
     fmap = resolve_feature_map(feature_map)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        phi_q = group_queries(fmap.queries(q, projection), state.kvz.shape[1])
+        phi_q = group_queries(fmap.queries(q, feature_weights), state.kvz.shape[1])
         out = divide_by_normaliser(ungroup_queries(phi_q @ state.kvz, q.shape[1]))
     return out.to(q.dtype)
 
@@ -66,14 +66,14 @@ def linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    projection: torch.Tensor,
+    feature_weights: torch.Tensor,
     feature_map="softmax",
     key_padding_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Non-causal FAVOR+: every query sees every unmasked key. -> [B, H, T, D]."""
     check_qkv(q, k, v, key_padding_mask)
-    state = linear_attention_state(k, v, projection, feature_map, key_padding_mask)
-    return linear_attention_from_state(q, state, projection, feature_map).to(v.dtype)
+    state = linear_attention_state(k, v, feature_weights, feature_map, key_padding_mask)
+    return linear_attention_from_state(q, state, feature_weights, feature_map).to(v.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ def causal_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    projection: torch.Tensor,
+    feature_weights: torch.Tensor,
     feature_map="softmax",
     key_padding_mask: Optional[torch.Tensor] = None,
     state: Optional[LinearAttentionState] = None,
@@ -107,13 +107,13 @@ def causal_linear_attention(
     batch, heads, length, head_dim = q.shape
     value_dim = v.shape[-1]
     if state is None:
-        state = empty_state(batch, k.shape[1], fmap.num_features(projection), value_dim, device=q.device)
+        state = empty_state(batch, k.shape[1], fmap.num_features(feature_weights), value_dim, device=q.device)
     if length == 0:
         return v.new_zeros(batch, heads, 0, value_dim), state
 
     with torch.autocast(device_type=q.device.type, enabled=False):
-        phi_q = fmap.queries(q, projection)
-        logits, offset, token_max = key_terms(k, projection, fmap, key_padding_mask)
+        phi_q = fmap.queries(q, feature_weights)
+        logits, offset, token_max = key_terms(k, feature_weights, fmap, key_padding_mask)
         out, _, new_state = causal_sums_on(kernel, fmap, phi_q, logits, offset, token_max, with_ones(v),
                                            key_padding_mask, state, chunk_size, q.dtype,
                                            log_decay=decay_gates(log_decay, key_padding_mask))
@@ -125,7 +125,7 @@ def recurrent_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    projection: torch.Tensor,
+    feature_weights: torch.Tensor,
     feature_map="softmax",
     key_padding_mask: Optional[torch.Tensor] = None,
     state: Optional[LinearAttentionState] = None,
@@ -142,11 +142,11 @@ def recurrent_linear_attention(
     fmap, _ = kernel_inputs(q, k, v, feature_map, key_padding_mask, mode="step", name="recurrent_linear_attention")
     batch, heads, _, _ = q.shape
     if state is None:
-        state = empty_state(batch, k.shape[1], fmap.num_features(projection), v.shape[-1], device=q.device)
+        state = empty_state(batch, k.shape[1], fmap.num_features(feature_weights), v.shape[-1], device=q.device)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        phi_q = group_queries(fmap.queries(q, projection), k.shape[1])  # [B, H_kv, G, M]
+        phi_q = group_queries(fmap.queries(q, feature_weights), k.shape[1])  # [B, H_kv, G, M]
         gate = decay_gates(log_decay, key_padding_mask)
-        kvz, running, _ = absorb_key(state, k, v, projection, fmap, key_padding_mask, in_place,
+        kvz, running, _ = absorb_key(state, k, v, feature_weights, fmap, key_padding_mask, in_place,
                                      log_decay=None if gate is None else gate[..., 0])
         out = divide_by_normaliser(ungroup_queries(phi_q @ kvz, heads))  # [B, H, 1, D]
     return out.to(v.dtype), LinearAttentionState(kvz, running)

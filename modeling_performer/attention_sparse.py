@@ -79,13 +79,13 @@ def empty_sparse_window_state(batch, heads, num_features, head_dim, value_dim, w
     )
 
 
-def _sparse_state_for(state, fmap, projection, k, v, window, cache_size):
+def _sparse_state_for(state, fmap, feature_weights, k, v, window, cache_size):
     """The incoming state, or an empty one; a state of another window or cache size is refused."""
     if not isinstance(cache_size, int) or isinstance(cache_size, bool) or cache_size < 1:
         raise ValueError(f"sparse cache size must be a positive integer, got {cache_size!r}")
     if state is None:
         batch, heads, _, head_dim = k.shape
-        return empty_sparse_window_state(batch, heads, fmap.num_features(projection), head_dim, v.shape[-1], window,
+        return empty_sparse_window_state(batch, heads, fmap.num_features(feature_weights), head_dim, v.shape[-1], window,
                                          cache_size, k.device, k.dtype)
     if not isinstance(state, SparseWindowState):
         raise ValueError(f"a {type(state).__name__} holds no sparse cache: it cannot continue with sparse cache "
@@ -104,9 +104,9 @@ def _gather_entries(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))
 
 
-def _own_features(k, projection, fmap):
+def _own_features(k, feature_weights, fmap):
     """phi(k) of each key at its own scale (the key as a query of the state): [B, H, S, M]."""
-    logits, offset = fmap.key_logits(k, projection)
+    logits, offset = fmap.key_logits(k, feature_weights)
     shift = (offset + finite_stabiliser(fmap.token_max(logits, offset))).unsqueeze(-1)
     return fmap.keys(logits, shift)
 
@@ -148,10 +148,10 @@ def _cache_members(member, cache_size, *candidates):
 
 def _merge_exact(first, second):
     """Two exact parts (numerator [..., D], denominator [...], max [...]) at their own scales -> one."""
-    top = torch.maximum(first[2], second[2])
-    scale = finite_stabiliser(top)
+    score_max = torch.maximum(first[2], second[2])
+    scale = finite_stabiliser(score_max)
     a, b = torch.exp(first[2] - scale), torch.exp(second[2] - scale)
-    return first[0] * a[..., None] + second[0] * b[..., None], first[1] * a + second[1] * b, top
+    return first[0] * a[..., None] + second[0] * b[..., None], first[1] * a + second[1] * b, score_max
 
 
 def _combine_with_cache(window_part, cache_part, linear, linear_scale, log_scale, linear_log_weight, calibrated):
@@ -159,13 +159,14 @@ def _combine_with_cache(window_part, cache_part, linear, linear_scale, log_scale
     scale; an uncalibrated map's (ReLU, Hedgehog) was set against the window alone, through g_h and
     the window's maximum score m_w: its weight stays g_h exp(m_w) phi(q).S, so a cached key enters
     at its softmax weight relative to the window, and without cached keys nothing changes."""
-    numerator, denominator, top = _merge_exact(window_part, cache_part)
+    numerator, denominator, score_max = _merge_exact(window_part, cache_part)
     if not calibrated:
-        log_scale = log_scale + finite_stabiliser(window_part[2]) - finite_stabiliser(top)
-    return combine_window(numerator, denominator, top, linear, linear_scale, log_scale, linear_log_weight, calibrated)
+        log_scale = log_scale + finite_stabiliser(window_part[2]) - finite_stabiliser(score_max)
+    return combine_window(numerator, denominator, score_max, linear, linear_scale, log_scale, linear_log_weight,
+                          calibrated)
 
 
-def _sparse_segment(q, k, v, mask, projection, fmap, window, linear_log_weight, state):
+def _sparse_segment(q, k, v, mask, feature_weights, fmap, window, linear_log_weight, state):
     """Up to W steps of window + sparse cache + linear attention (see above)."""
     batch, heads, steps, _ = q.shape
     kv_heads = k.shape[1]
@@ -180,11 +181,11 @@ def _sparse_segment(q, k, v, mask, projection, fmap, window, linear_log_weight, 
     scores = torch.cat([state.cache_scores, state.key_scores[:, :, :steps]], dim=-1)
     member, folded, fold = _streaming_cache(scores, valid, cache_size, steps)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        phi_q, log_scale = fmap.queries_with_log_scale(q, projection)
+        phi_q, log_scale = fmap.queries_with_log_scale(q, feature_weights)
         # The new keys read the state beside the queries, as one more member of their head's group.
         both = torch.cat([phi_q.view(batch, kv_heads, groups, steps, -1),
-                          _own_features(k, projection, fmap)[:, :, None]], dim=2).flatten(1, 2)
-        logits, offset, token_max = key_terms(_gather_entries(candidate_keys, fold), projection, fmap, folded)
+                          _own_features(k, feature_weights, fmap)[:, :, None]], dim=2).flatten(1, 2)
+        logits, offset, token_max = key_terms(_gather_entries(candidate_keys, fold), feature_weights, fmap, folded)
         terms, term_scale, linear_state = causal_sums(
             fmap, both, logits, offset, token_max, with_ones(_gather_entries(candidate_values, fold)), folded,
             LinearAttentionState(state.kvz, state.stabiliser), steps)
@@ -194,8 +195,8 @@ def _sparse_segment(q, k, v, mask, projection, fmap, window, linear_log_weight, 
         linear_scale = term_scale[:, :, :groups].reshape(batch, heads, steps)
         new_scores = _recall_error(v, terms[:, :, groups])
         window_part = causal_window_terms(q, keys, values, key_mask, window)
-        weights, top = window_scores(q, repeat_key_heads(candidate_keys, heads), repeat_key_heads(member, heads))
-        cache_part = (weights @ repeat_key_heads(candidate_values, heads).float(), weights.sum(-1), top)
+        weights, score_max = window_scores(q, repeat_key_heads(candidate_keys, heads), repeat_key_heads(member, heads))
+        cache_part = (weights @ repeat_key_heads(candidate_values, heads).float(), weights.sum(-1), score_max)
         out = _combine_with_cache(window_part, cache_part, linear, linear_scale, log_scale, linear_log_weight,
                                   fmap.calibrated)
     kept = _cache_members(member[:, :, -1], cache_size, candidate_keys, candidate_values, scores)
@@ -209,7 +210,7 @@ def causal_sparse_windowed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    projection: torch.Tensor,
+    feature_weights: torch.Tensor,
     feature_map="softmax",
     window: int = 64,
     cache_size: int = 64,
@@ -223,12 +224,12 @@ def causal_sparse_windowed_attention(
     scores, [W, L + W] cache scores and a W x W linear block; O(T) time, constant memory carried."""
     fmap, mask = kernel_inputs(q, k, v, feature_map, key_padding_mask, window=window, default_mask=True)
     batch, _, length, _ = q.shape
-    state = _sparse_state_for(state, fmap, projection, k, v, window, cache_size)
+    state = _sparse_state_for(state, fmap, feature_weights, k, v, window, cache_size)
     outputs = []
     for start in range(0, length, window):
         end = min(start + window, length)
         out, state = _sparse_segment(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], mask[:, start:end],
-                                     projection, fmap, window, linear_log_weight, state)
+                                     feature_weights, fmap, window, linear_log_weight, state)
         outputs.append(out)
     if not outputs:
         return v.new_zeros(batch, q.shape[1], 0, v.shape[-1]), state
@@ -239,7 +240,7 @@ def recurrent_sparse_windowed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    projection: torch.Tensor,
+    feature_weights: torch.Tensor,
     feature_map="softmax",
     window: int = 64,
     cache_size: int = 64,
@@ -255,7 +256,7 @@ def recurrent_sparse_windowed_attention(
                                name="recurrent_sparse_windowed_attention", window=window, default_mask=True)
     batch, heads = q.shape[:2]
     kv_heads = k.shape[1]
-    state = _sparse_state_for(state, fmap, projection, k, v, window, cache_size)
+    state = _sparse_state_for(state, fmap, feature_weights, k, v, window, cache_size)
     candidate_keys = torch.cat([state.cache_keys, state.keys[:, :, :1]], dim=2)
     candidate_values = torch.cat([state.cache_values, state.values[:, :, :1]], dim=2)
     valid = torch.cat([state.cache_mask, state.key_mask[:, None, :1].expand(batch, kv_heads, 1)], dim=-1)
@@ -265,19 +266,19 @@ def recurrent_sparse_windowed_attention(
     member = valid & ~(folded & (torch.arange(cache_size + 1, device=q.device) == lowest))
     with torch.autocast(device_type=q.device.type, enabled=False):
         leaving = _gather_entries(candidate_keys, lowest), _gather_entries(candidate_values, lowest)
-        kvz, running, stabiliser = absorb_key(state, *leaving, projection, fmap, folded, in_place)
-        phi_q, log_scale = fmap.queries_with_log_scale(q, projection)
+        kvz, running, stabiliser = absorb_key(state, *leaving, feature_weights, fmap, folded, in_place)
+        phi_q, log_scale = fmap.queries_with_log_scale(q, feature_weights)
         linear = ungroup_queries(group_queries(phi_q, kv_heads) @ kvz, heads)  # [B, H, 1, D + 1]
-        new_score = _recall_error(v, _own_features(k, projection, fmap) @ kvz)  # [B, H_kv, 1]
+        new_score = _recall_error(v, _own_features(k, feature_weights, fmap) @ kvz)  # [B, H_kv, 1]
 
         keys = torch.cat([state.keys[:, :, 1:], k.to(state.keys.dtype)], dim=2)
         values = torch.cat([state.values[:, :, 1:], v.to(state.values.dtype)], dim=2)
         key_mask = torch.cat([state.key_mask[:, 1:], mask], dim=1)
-        weights, top = window_scores(q, repeat_key_heads(keys, heads), key_mask[:, None, None, :])
-        window_part = (weights @ repeat_key_heads(values, heads).float(), weights.sum(-1), top)
-        weights, top = window_scores(q, repeat_key_heads(candidate_keys, heads),
+        weights, score_max = window_scores(q, repeat_key_heads(keys, heads), key_mask[:, None, None, :])
+        window_part = (weights @ repeat_key_heads(values, heads).float(), weights.sum(-1), score_max)
+        weights, score_max = window_scores(q, repeat_key_heads(candidate_keys, heads),
                                      repeat_key_heads(member, heads)[:, :, None, :])
-        cache_part = (weights @ repeat_key_heads(candidate_values, heads).float(), weights.sum(-1), top)
+        cache_part = (weights @ repeat_key_heads(candidate_values, heads).float(), weights.sum(-1), score_max)
         out = _combine_with_cache(window_part, cache_part, linear, repeat_key_heads(stabiliser, heads)[..., None],
                                   log_scale, linear_log_weight, fmap.calibrated)
     kept = _cache_members(member, cache_size, candidate_keys, candidate_values, scores)

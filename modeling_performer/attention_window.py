@@ -69,12 +69,12 @@ def empty_window_state(batch, heads, num_features, head_dim, value_dim, window, 
     )
 
 
-def _window_state_for(state, fmap, projection, k, v, window):
+def _window_state_for(state, fmap, feature_weights, k, v, window):
     """The incoming state, or an empty one of the right shapes; a state built for another
     window is refused."""
     if state is None:
         batch, heads, _, head_dim = k.shape
-        return empty_window_state(batch, heads, fmap.num_features(projection), head_dim, v.shape[-1], window,
+        return empty_window_state(batch, heads, fmap.num_features(feature_weights), head_dim, v.shape[-1], window,
                                   k.device, k.dtype)
     if state.keys.shape[2] != window:
         raise ValueError(f"the state holds {state.keys.shape[2]} keys but local window is {window}")
@@ -83,12 +83,13 @@ def _window_state_for(state, fmap, projection, k, v, window):
 
 def window_scores(q, keys, allowed):
     """q: [..., C, D], keys: [..., K, D], allowed: bool broadcastable to [..., C, K].
-    -> (sum_j exp(s - m) v-weights [..., C, K] (0 where not allowed), m: [..., C] (-inf if none))."""
+    -> (the weights exp(s - window_max) [..., C, K] (0 where not allowed), window_max: each query's
+    largest allowed score s [..., C] (-inf if none))."""
     scores = (q.float() @ keys.float().transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
     scores = scores.masked_fill_(~allowed, float("-inf"))
-    top = scores.amax(dim=-1)  # (its backward reads the scores: they are not overwritten below)
-    weights = (scores - finite_stabiliser(top)[..., None]).exp_()  # exp(-inf) = 0 where not allowed
-    return weights, top
+    window_max = scores.amax(dim=-1)  # (its backward reads the scores: they are not overwritten below)
+    weights = (scores - finite_stabiliser(window_max)[..., None]).exp_()  # exp(-inf) = 0 where not allowed
+    return weights, window_max
 
 
 def combine_window(window_num, window_den, window_max, linear, linear_stabiliser, query_log_scale,
@@ -110,8 +111,8 @@ def _mix(window_part, linear, log_weight):
     """window_part (numerator and denominator) + exp(log_weight) * linear, normalised. window_part,
     linear: [..., D + 1]; log_weight broadcastable to [..., 1]. Both parts are scaled by
     exp(-max(a, 0)): neither factor can overflow, the ratio is unchanged. -> [..., D]."""
-    top = log_weight.clamp_min(0.0)
-    return divide_by_normaliser(window_part * torch.exp(-top) + linear * torch.exp(log_weight - top))
+    shift = log_weight.clamp_min(0.0)
+    return divide_by_normaliser(window_part * torch.exp(-shift) + linear * torch.exp(log_weight - shift))
 
 
 def _mix_uncalibrated(window_part, linear, linear_log_weight):
@@ -140,7 +141,7 @@ def windowed_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    projection: torch.Tensor,
+    feature_weights: torch.Tensor,
     feature_map="softmax",
     window: int = 64,
     linear_log_weight: Optional[torch.Tensor] = None,
@@ -175,8 +176,8 @@ def windowed_linear_attention(
         mask = (key_padding_mask.to(torch.bool) if key_padding_mask is not None
                 else torch.ones(batch, length, dtype=torch.bool, device=q.device))
         mask = F.pad(mask, (0, padded), value=False)
-        phi_q, log_scale = fmap.queries_with_log_scale(q, projection)
-        logits, offset, token_max = key_terms(k, projection, fmap, key_padding_mask)
+        phi_q, log_scale = fmap.queries_with_log_scale(q, feature_weights)
+        logits, offset, token_max = key_terms(k, feature_weights, fmap, key_padding_mask)
         stabiliser = token_max.amax(dim=-1)  # [B, H]: one constant for every key
         shift = (offset + finite_stabiliser(stabiliser)[..., None]).unsqueeze(-1)
         phi_k = masked_key_features(fmap, logits, shift, mask[:, None, :length, None])
@@ -199,7 +200,8 @@ def windowed_linear_attention(
         distance = band_keys[None, :] - local[:, None]  # [C, 3C] ([T, T] dense)
         near = distance.abs() < window
         key_ok = band(mask[:, None, :length, None].float())[..., 0, :].bool()[:, :, :, None, :]  # [B, 1, NB, 1, 3C]
-        weights, top = window_scores(blocks(F.pad(q.float(), pad)), band(k.float()).transpose(-1, -2), key_ok & near)
+        weights, score_max = window_scores(blocks(F.pad(q.float(), pad)), band(k.float()).transpose(-1, -2),
+                                           key_ok & near)
         v1_band = band(v1[..., :length, :]).transpose(-1, -2)  # [B, H, NB, 3C, D + 1]
         exact = weights @ v1_band  # [..., D + 1]: numerator and, in the ones column, the denominator
         window_num, window_den = exact[..., :-1], exact[..., -1]
@@ -214,14 +216,14 @@ def windowed_linear_attention(
         def flat(x):
             return x.reshape(batch, heads, num_blocks * block, *x.shape[4:])[:, :, :length]
 
-        window_num, window_den, top, linear = flat(window_num), flat(window_den), flat(top), flat(linear)
+        window_num, window_den, score_max, linear = flat(window_num), flat(window_den), flat(score_max), flat(linear)
         if sink_tokens:
-            window_num, window_den, top, linear, log_scale = _add_sinks(
+            window_num, window_den, score_max, linear, log_scale = _add_sinks(
                 q, k, v1[..., :length, :], phi_q[..., :length, :], phi_k[..., :length, :], mask[:, :length], window,
-                sink_tokens, (window_num, window_den, top, linear, log_scale), fmap.calibrated)
+                sink_tokens, (window_num, window_den, score_max, linear, log_scale), fmap.calibrated)
         # The normaliser is a sum of positive terms: rounding must not make it negative.
         linear = torch.cat([linear[..., :-1], linear[..., -1:].clamp_min(0.0)], dim=-1)
-        out = combine_window(window_num, window_den, top, linear, finite_stabiliser(stabiliser)[..., None],
+        out = combine_window(window_num, window_den, score_max, linear, finite_stabiliser(stabiliser)[..., None],
                              log_scale, linear_log_weight, fmap.calibrated)
     return out.to(v.dtype)
 
@@ -234,7 +236,7 @@ def _add_sinks(q, k, v1, phi_q, phi_k, mask, window, sink_tokens, parts, calibra
     window's numerator, denominator and maximum, the linear sums and the queries' log scale, as
     `combine_window` takes them. The exact part is rescaled to the new maximum; an uncalibrated map's
     linear part stays weighed against the window's own maximum (as with a sparse cache)."""
-    window_num, window_den, top, linear, log_scale = parts
+    window_num, window_den, score_max, linear, log_scale = parts
     length = q.shape[2]
     positions = torch.arange(length, device=q.device)
     # the positions of each row's first S real tokens: [B, S], and whether the row has that many
@@ -249,16 +251,17 @@ def _add_sinks(q, k, v1, phi_q, phi_k, mask, window, sink_tokens, parts, calibra
     moved = real[:, None, None, :] & ((positions[None, None, :, None] - order[:, None, None, :]).abs() >= window)
     scores = (q.float() @ pick(k).float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, T, S]
     scores = scores.masked_fill(~moved, float("-inf"))
-    new_top = torch.maximum(top, scores.amax(dim=-1))
-    rescale = torch.exp(finite_stabiliser(top) - finite_stabiliser(new_top))  # window weights were taken at exp(-top)
+    new_max = torch.maximum(score_max, scores.amax(dim=-1))
+    # the window weights were taken at exp(-score_max)
+    rescale = torch.exp(finite_stabiliser(score_max) - finite_stabiliser(new_max))
     sink_v1 = pick(v1)
-    exact = torch.exp(scores - finite_stabiliser(new_top)[..., None]) @ sink_v1  # exp(-inf) = 0 where not moved
+    exact = torch.exp(scores - finite_stabiliser(new_max)[..., None]) @ sink_v1  # exp(-inf) = 0 where not moved
     window_num = window_num * rescale[..., None] + exact[..., :-1]
     window_den = window_den * rescale + exact[..., -1]
     linear = linear - ((phi_q @ pick(phi_k).transpose(-1, -2)) * moved) @ sink_v1
     if not calibrated:
-        log_scale = log_scale + finite_stabiliser(top) - finite_stabiliser(new_top)
-    return window_num, window_den, new_top, linear, log_scale
+        log_scale = log_scale + finite_stabiliser(score_max) - finite_stabiliser(new_max)
+    return window_num, window_den, new_max, linear, log_scale
 
 
 def causal_window_terms(q, keys, values, key_mask, window):
@@ -285,16 +288,17 @@ def causal_window_terms(q, keys, values, key_mask, window):
     ahead = torch.arange(2 * block, device=q.device)[None, :] - local[:, None]  # key slot a' - query slot a
     near = ((ahead >= 1) & (ahead <= window)).repeat(heads // kv_heads, 1)  # [G * C, 2C]
     allowed = near & band(key_mask[:, None, :, None])[..., 0, :].bool()[:, :, :, None, :]
-    weights, top = window_scores(q, band(keys).transpose(-1, -2), allowed)  # [B, H_kv, NB, G * C, 2C]
+    weights, score_max = window_scores(q, band(keys).transpose(-1, -2), allowed)  # [B, H_kv, NB, G * C, 2C]
     numerator = weights @ band(values).transpose(-1, -2)
-    return tuple(unstack_groups(x, heads, num_blocks, block)[:, :, :length] for x in (numerator, weights.sum(-1), top))
+    parts = (numerator, weights.sum(-1), score_max)
+    return tuple(unstack_groups(x, heads, num_blocks, block)[:, :, :length] for x in parts)
 
 
 def causal_windowed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    projection: torch.Tensor,
+    feature_weights: torch.Tensor,
     feature_map="softmax",
     window: int = 64,
     linear_log_weight: Optional[torch.Tensor] = None,
@@ -316,16 +320,16 @@ def causal_windowed_attention(
     fmap, mask = kernel_inputs(q, k, v, feature_map, key_padding_mask, window=window, chunk_size=chunk_size,
                                default_mask=True)
     batch, heads, length, head_dim = q.shape
-    state = _window_state_for(state, fmap, projection, k, v, window)
+    state = _window_state_for(state, fmap, feature_weights, k, v, window)
     if length == 0:
         return v.new_zeros(batch, heads, 0, v.shape[-1]), state
     keys = torch.cat([state.keys.to(k.dtype), k], dim=2)  # [B, H, W + T, D]
     values = torch.cat([state.values.to(v.dtype), v], dim=2)
     key_mask = torch.cat([state.key_mask, mask], dim=1)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        phi_q, log_scale = fmap.queries_with_log_scale(q, projection)
+        phi_q, log_scale = fmap.queries_with_log_scale(q, feature_weights)
         delayed_mask = key_mask[:, :length]
-        logits, offset, token_max = key_terms(keys[:, :, :length], projection, fmap, delayed_mask)
+        logits, offset, token_max = key_terms(keys[:, :, :length], feature_weights, fmap, delayed_mask)
         linear_state = LinearAttentionState(state.kvz, state.stabiliser)
         linear, linear_stabiliser, linear_state = causal_sums_on(
             kernel, fmap, phi_q, logits, offset, token_max, with_ones(values[:, :, :length]), delayed_mask,
@@ -346,7 +350,7 @@ def recurrent_windowed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    projection: torch.Tensor,
+    feature_weights: torch.Tensor,
     feature_map="softmax",
     window: int = 64,
     linear_log_weight: Optional[torch.Tensor] = None,
@@ -362,28 +366,28 @@ def recurrent_windowed_attention(
     fmap, mask = kernel_inputs(q, k, v, feature_map, key_padding_mask, mode="step",
                                name="recurrent_windowed_attention", window=window, default_mask=True)
     batch = q.shape[0]
-    state = _window_state_for(state, fmap, projection, k, v, window)
+    state = _window_state_for(state, fmap, feature_weights, k, v, window)
     heads, kv_heads = q.shape[1], k.shape[1]
     with torch.autocast(device_type=q.device.type, enabled=False):
         gate = decay_gates(log_decay, mask)
-        kvz, running, stabiliser = absorb_key(state, state.keys[:, :, :1], state.values[:, :, :1], projection, fmap,
+        kvz, running, stabiliser = absorb_key(state, state.keys[:, :, :1], state.values[:, :, :1], feature_weights, fmap,
                                               state.key_mask[:, :1], in_place,
                                               log_decay=None if gate is None else gate[..., 0])
         if fmap.calibrated:
-            phi_q, log_scale = fmap.queries_with_log_scale(q, projection)
+            phi_q, log_scale = fmap.queries_with_log_scale(q, feature_weights)
         else:  # nothing removed from the queries: no log scale to add
-            phi_q, log_scale = fmap.queries(q, projection), None
+            phi_q, log_scale = fmap.queries(q, feature_weights), None
         # Every product runs per key/value head with its group's queries side by side ([B, H_kv, G, X]):
         # nothing key-side is repeated per query head.
         linear = group_queries(phi_q, kv_heads) @ kvz  # [B, H_kv, G, D + 1]
         keys = torch.cat([state.keys[:, :, 1:], k.to(state.keys.dtype)], dim=2)
         values = torch.cat([state.values[:, :, 1:], v.to(state.values.dtype)], dim=2)
         key_mask = torch.cat([state.key_mask[:, 1:], mask], dim=1)
-        weights, top = window_scores(group_queries(q, kv_heads), keys, key_mask[:, None, None, :])
+        weights, score_max = window_scores(group_queries(q, kv_heads), keys, key_mask[:, None, None, :])
         window_part = torch.cat([weights @ values.float(), weights.sum(-1, keepdim=True)], dim=-1)  # [B, H_kv, G, D + 1]
         if fmap.calibrated:
             window_part = ungroup_queries(window_part, heads)
-            out = combine_window(window_part[..., :-1], window_part[..., -1], top.view(batch, heads, 1),
+            out = combine_window(window_part[..., :-1], window_part[..., -1], score_max.view(batch, heads, 1),
                                  ungroup_queries(linear, heads), repeat_key_heads(stabiliser, heads)[..., None],
                                  log_scale, linear_log_weight, True)
         else:

@@ -1,5 +1,6 @@
 """Configuration of Performer models: one config class serves every head (as BART's does)."""
 
+import copy
 import difflib
 from typing import Any
 
@@ -195,6 +196,21 @@ class PerformerConfig(PreTrainedConfig):
         for key, value in extra.items():
             setattr(config, key, value)
         return result
+
+    def with_changes(self, **changes) -> "PerformerConfig":
+        """This config with `changes` applied, checked as the constructor checks every value (the
+        heads derive their stack's config this way). Returns `self` when nothing changes; never
+        changes `self`."""
+        unknown = sorted(set(changes) - set(self.to_dict()) - set(self.attribute_map))
+        if unknown:
+            raise ValueError(f"Unknown PerformerConfig key(s) {unknown}")
+        if all(getattr(self, key) == value for key, value in changes.items()):
+            return self
+        config = copy.deepcopy(self)
+        for key, value in changes.items():
+            setattr(config, key, value)
+        config._normalise_and_validate()
+        return config
 
     @staticmethod
     def _is_generation_key(key: str) -> bool:

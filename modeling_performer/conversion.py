@@ -360,7 +360,7 @@ WEIGHT_MAPS = {"bert": _encoder_weights, "roberta": _encoder_weights, "gpt2": _g
                **{name: _llama_weights for name in LLAMA_TYPES}}
 
 
-def _take(state: dict, out: dict, source: str, target: str):
+def _move_weights(state: dict, out: dict, source: str, target: str):
     """Moves source.{weight,bias} to target.{weight,bias} when the source has them."""
     for suffix in (".weight", ".bias"):
         if source + suffix in state:
@@ -373,22 +373,22 @@ def _head_weights(head: str, model_type: str, state: dict, tied: bool = True) ->
     out = {}
     if head == "mlm":
         prefix, norm = ("cls.predictions.", "transform.LayerNorm") if model_type == "bert" else ("lm_head.", "layer_norm")
-        _take(state, out, prefix + ("transform.dense" if model_type == "bert" else "dense"), "lm_head.dense")
-        _take(state, out, prefix + norm, "lm_head.LayerNorm")
+        _move_weights(state, out, prefix + ("transform.dense" if model_type == "bert" else "dense"), "lm_head.dense")
+        _move_weights(state, out, prefix + norm, "lm_head.LayerNorm")
         if prefix + "bias" in state:
             out["lm_head.decoder.bias"] = state.pop(prefix + "bias")
         state.pop(prefix + "decoder.bias", None)  # the same tensor under a second name
         state.pop(prefix + "decoder.weight", None)  # tied to the word embeddings
     elif head == "classification":
         if model_type == "bert":
-            _take(state, out, "pooler.dense", "dense")
-            _take(state, out, "classifier", "classifier")
+            _move_weights(state, out, "pooler.dense", "dense")
+            _move_weights(state, out, "classifier", "classifier")
         else:
-            _take(state, out, "classifier.dense", "dense")
-            _take(state, out, "classifier.out_proj", "classifier")
+            _move_weights(state, out, "classifier.dense", "dense")
+            _move_weights(state, out, "classifier.out_proj", "classifier")
     elif head == "clm":
         if model_type in LLAMA_TYPES and not tied:
-            _take(state, out, "lm_head", "lm_head")
+            _move_weights(state, out, "lm_head", "lm_head")
         state.pop("lm_head.weight", None)  # tied to the word embeddings
     return out
 

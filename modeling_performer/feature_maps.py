@@ -22,8 +22,9 @@ phi(q).phi(k) * exp(log_scale + stabiliser) is the unbiased estimate of exp(q.k 
 Maps whose ``calibrated`` is False (ReLU, Hedgehog) estimate no absolute scale; a learned
 per-head weight sets their share against the window instead.
 
-``projection`` is the parameter tensor of the map: the random matrix W [M, D] for FAVOR+ and
-ReLU, the stacked query and key weights [2, H, D, F] for Hedgehog (M = 2F features).
+``feature_weights`` (W above) is what the map multiplies by: the random projection [M, D] for
+FAVOR+ and ReLU, the learned query and key maps ([H, D, F], [H_kv, D, F], or one [2, H, D, F]
+tensor) for Hedgehog (M = 2F features). Every method takes it second.
 Everything is computed in fp32 whatever the input dtype.
 """
 
@@ -121,17 +122,18 @@ class _BoundedFeatureMap:
     padding_logit = 0.0
 
     @classmethod
-    def queries_with_log_scale(cls, q: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return cls.queries(q, projection), q.new_zeros(q.shape[:-1], dtype=torch.float32)
+    def queries_with_log_scale(cls, q: torch.Tensor,
+                               feature_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return cls.queries(q, feature_weights), q.new_zeros(q.shape[:-1], dtype=torch.float32)
 
     @staticmethod
     def token_max(logits: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(offset)
 
     @classmethod
-    def key_features(cls, k: torch.Tensor, projection) -> torch.Tensor:
+    def key_features(cls, k: torch.Tensor, feature_weights) -> torch.Tensor:
         """phi(k): [B, H, S, M] directly (a bounded map needs no stabiliser in between)."""
-        logits, offset = cls.key_logits(k, projection)
+        logits, offset = cls.key_logits(k, feature_weights)
         return cls.keys(logits, offset.unsqueeze(-1))
 
 
@@ -177,7 +179,7 @@ KEY_SCALE_BOUND = 16.0
 
 class HedgehogFeatureMap(_BoundedFeatureMap):
     """Learned per-head maps phi(x) = [softmax(x W), softmax(-x W)] (Hedgehog, Zhang et al. 2024),
-    with separate weights for queries and keys. projection: (query maps [H, D, F], key maps [H_kv, D, F])
+    with separate weights for queries and keys. maps: (query maps [H, D, F], key maps [H_kv, D, F])
     or one [2, H, D, F] tensor when H_kv = H; M = 2F features per head. The two signs let phi(q).phi(k) grow both where x W agree in
     their largest and in their smallest coordinates, as exp(q.k) does; softmax keeps every feature
     positive and bounded.
@@ -190,17 +192,17 @@ class HedgehogFeatureMap(_BoundedFeatureMap):
     name = "hedgehog"
 
     @staticmethod
-    def num_features(projection) -> int:
-        return 2 * projection[0].shape[-1]
+    def num_features(maps) -> int:
+        return 2 * maps[0].shape[-1]
 
     @staticmethod
-    def queries(q: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
-        return _hedgehog_features(_hedgehog_logits(q, projection[0]))
+    def queries(q: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        return _hedgehog_features(_hedgehog_logits(q, maps[0]))
 
     @staticmethod
-    def key_logits(k: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = _hedgehog_logits(k, projection[1])
-        if logits.shape[-1] == projection[0].shape[-1] + 1:  # key maps with a scale column
+    def key_logits(k: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = _hedgehog_logits(k, maps[1])
+        if logits.shape[-1] == maps[0].shape[-1] + 1:  # key maps with a scale column
             scale = logits[..., -1]
             return logits[..., :-1], -KEY_SCALE_BOUND * torch.tanh(scale / KEY_SCALE_BOUND)
         return logits, logits.new_zeros(logits.shape[:-1])
@@ -211,10 +213,10 @@ class HedgehogFeatureMap(_BoundedFeatureMap):
         return _hedgehog_features(logits) * torch.exp(-shift)
 
     @staticmethod
-    def key_features(k: torch.Tensor, projection) -> torch.Tensor:
+    def key_features(k: torch.Tensor, maps) -> torch.Tensor:
         """As `keys(*key_logits(k))`, the same values, without the all-zero offset of unscaled maps."""
-        logits = _hedgehog_logits(k, projection[1])
-        if logits.shape[-1] == projection[0].shape[-1] + 1:  # the scale column: exp(B tanh(k.u / B))
+        logits = _hedgehog_logits(k, maps[1])
+        if logits.shape[-1] == maps[0].shape[-1] + 1:  # the scale column: exp(B tanh(k.u / B))
             scale = torch.exp(KEY_SCALE_BOUND * torch.tanh(logits[..., -1:] / KEY_SCALE_BOUND))
             return _hedgehog_features(logits[..., :-1]) * scale
         return _hedgehog_features(logits)

@@ -183,10 +183,12 @@ class PerformerMLP(nn.Module):
 # Learned feature maps
 
 
-class PerformerHedgehogMap(nn.Module):
-    """The learned feature maps of one attention layer: query_weight [H, D, F], one map per query
-    head, and key_weight [H_kv, D, F], one per key/value head (whose keys feed one shared state).
-    A module of its own so that tools can name it (peft's `modules_to_save=["feature_map"]`)."""
+class PerformerHedgehogWeights(nn.Module):
+    """The learned weights of one attention layer's Hedgehog maps: query_weight [H, D, F], one map per
+    query head, and key_weight [H_kv, D, F], one per key/value head (whose keys feed one shared
+    state). The map itself, the function of a query or key and these weights, is
+    `feature_maps.HedgehogFeatureMap`. A module of its own so that tools can name it: the layer holds
+    it as `feature_map` (peft's `modules_to_save=["feature_map"]`, and the name in saved weights)."""
 
     def __init__(self, config: PerformerConfig):
         super().__init__()
@@ -199,6 +201,9 @@ class PerformerHedgehogMap(nn.Module):
     @property
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.query_weight, self.key_weight
+
+
+PerformerHedgehogMap = PerformerHedgehogWeights  # its earlier name
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ saving and loading (`storage_performer`), when random projections are redrawn
 Shapes: B batch, T query length, S key length, H heads, D head dim, M random features, C hidden.
 """
 
-import copy
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -54,7 +53,7 @@ from .feature_maps import gaussian_orthogonal_random_matrix, hedgehog_init, hedg
 from .layers_performer import (
     PerformerDecayGate,
     PerformerEmbeddings,
-    PerformerHedgehogMap,
+    PerformerHedgehogWeights,
     PerformerLayerNorm,
     PerformerMLP,
     PerformerResidual,
@@ -120,7 +119,7 @@ class PerformerAttention(nn.Module):
         else:
             self.projection = None
         if attention_type == "favor" and config.feature_map == "hedgehog":
-            self.feature_map = PerformerHedgehogMap(config)
+            self.feature_map = PerformerHedgehogWeights(config)
         # Exact local window + linear part; the window never applies across sequences.
         self.local_window = config.local_window if attention_type == "favor" and not is_cross_attention else 0
         if self.local_window:
@@ -137,8 +136,9 @@ class PerformerAttention(nn.Module):
                 config.chunk_size, config.use_fast_kernels)
 
     @property
-    def feature_parameters(self) -> Optional[Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
-        """What the kernels take as `projection`: the random matrix, or the Hedgehog (query, key) weights."""
+    def feature_weights(self) -> Optional[Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+        """What the kernels take as `feature_weights`: the random projection, or the Hedgehog (query,
+        key) maps."""
         return self.feature_map.weights if self.feature_map is not None else self.projection
 
     def draw_projection(self, draw: int) -> torch.Tensor:
@@ -196,15 +196,16 @@ class PerformerAttention(nn.Module):
                 "padding mask, or use attention_type='softmax' (per layer, if needed) for general masks"
             )
         current_mask = None if attention_mask is None else attention_mask[:, -length:]
-        features, feature_map, window = self.feature_parameters, self.config.feature_map, self.local_window
+        feature_weights, feature_map, window = self.feature_weights, self.config.feature_map, self.local_window
         if not self.is_causal:
             if window:
-                return windowed_linear_attention(query, key, value, features, feature_map, window,
+                return windowed_linear_attention(query, key, value, feature_weights, feature_map, window,
                                                  self.linear_log_weight, current_mask, self.config.sink_tokens)
-            return linear_attention(query, key, value, features, feature_map, current_mask)
+            return linear_attention(query, key, value, feature_weights, feature_map, current_mask)
         state = layer_cache.self_attention if layer_cache is not None else None
-        out, state = self.kernel(q=query, k=key, v=value, features=features, linear_log_weight=self.linear_log_weight,
-                                 key_padding_mask=current_mask, state=state, log_decay=log_decay)
+        out, state = self.kernel(q=query, k=key, v=value, feature_weights=feature_weights,
+                                 linear_log_weight=self.linear_log_weight, key_padding_mask=current_mask, state=state,
+                                 log_decay=log_decay)
         if layer_cache is not None:
             layer_cache.self_attention = state
         return out
@@ -217,7 +218,7 @@ class PerformerAttention(nn.Module):
             key = self._heads(self.k_proj(key_value_states), self.k_norm)
             value = self._heads(self.v_proj(key_value_states))
             if self.attention_type == "favor":
-                cached = linear_attention_state(key, value, self.feature_parameters, self.config.feature_map,
+                cached = linear_attention_state(key, value, self.feature_weights, self.config.feature_map,
                                                 attention_mask)
             else:
                 # The encoder padding is kept with the keys: decoding steps need not pass it again.
@@ -227,7 +228,7 @@ class PerformerAttention(nn.Module):
             if layer_cache is not None:
                 layer_cache.cross_attention = cached
         if self.attention_type == "favor":
-            return linear_attention_from_state(query, cached, self.feature_parameters,
+            return linear_attention_from_state(query, cached, self.feature_weights,
                                                self.config.feature_map).to(query.dtype)
         dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
         return softmax_attention(query, cached[0], cached[1], cached[2], False, None, dropout)
@@ -414,7 +415,7 @@ class PerformerPreTrainedModel(PerformerStorageMixin, PerformerRedrawMixin, Perf
             init.copy_(module.bias, decay_bias(decay_rates(module.bias.shape[0])))
             if module.weight is not None:
                 init.zeros_(module.weight)
-        elif isinstance(module, PerformerHedgehogMap):
+        elif isinstance(module, PerformerHedgehogWeights):
             init.copy_(module.query_weight, hedgehog_init(*module.query_weight.shape)[0])
             _, head_dim, width = module.query_weight.shape
             init.copy_(module.key_weight, hedgehog_key_init(module.key_weight.shape[0], head_dim, width,
@@ -553,16 +554,6 @@ class PerformerModelOutput(ModelOutput):
 # Heads
 
 
-def _with_flags(config: PerformerConfig, **flags) -> PerformerConfig:
-    """Heads set the stack flags they need, on a copy so the caller's config is not changed."""
-    if all(getattr(config, k) == v for k, v in flags.items()):
-        return config
-    config = copy.deepcopy(config)
-    for key, value in flags.items():
-        setattr(config, key, value)
-    return config
-
-
 class PerformerLMHead(nn.Module):
     """dense -> activation -> LayerNorm -> vocabulary (tied to the input embeddings), as BERT."""
 
@@ -586,7 +577,7 @@ class PerformerForMaskedLM(NotGenerative, PerformerPreTrainedModel):
     _tied_weights_keys = {"lm_head.decoder.weight": "model.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: PerformerConfig):
-        config = _with_flags(config, is_decoder=False, is_encoder_decoder=False)
+        config = config.with_changes(is_decoder=False, is_encoder_decoder=False)
         super().__init__(config)
         self.model = PerformerModel(config)
         self.lm_head = PerformerLMHead(config)
@@ -623,7 +614,7 @@ class PerformerForSequenceClassification(NotGenerative, PerformerPreTrainedModel
     accepts_loss_kwargs = False
 
     def __init__(self, config: PerformerConfig):
-        config = _with_flags(config, is_decoder=False, is_encoder_decoder=False)
+        config = config.with_changes(is_decoder=False, is_encoder_decoder=False)
         super().__init__(config)
         self.num_labels = config.num_labels
         self.model = PerformerModel(config)
@@ -663,7 +654,7 @@ class _PerformerGenerativeModel(PerformerPreTrainedModel, GenerationMixin):
     _stack_flags: dict = {}
 
     def __init__(self, config: PerformerConfig):
-        config = _with_flags(config, **self._stack_flags)
+        config = config.with_changes(**self._stack_flags)
         super().__init__(config)
         self.model = PerformerModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -29,22 +29,22 @@ def _decay_weights(log_decay, key_padding_mask, delay=0):
     return weights
 
 
-def naive_linear_attention(q, k, v, projection, feature_map="softmax", key_padding_mask=None, causal=False,
+def naive_linear_attention(q, k, v, feature_weights, feature_map="softmax", key_padding_mask=None, causal=False,
                            log_decay=None):
     """The T x S matrix phi(q) phi(k)^T written out, in float64, with one global key constant.
     log_decay (causal only): [B, H_kv, T] log gates, each score weighed by `_decay_weights`."""
     fmap = resolve_feature_map(feature_map)
-    q, k, v, projection = q.double(), k.double(), v.double(), _double(projection)
+    q, k, v, feature_weights = q.double(), k.double(), v.double(), _double(feature_weights)
     head_dim = q.shape[-1]
     qs, ks = q * head_dim**-0.25, k * head_dim**-0.25
     if fmap.name == "softmax":
-        logits_q = qs @ projection.T
+        logits_q = qs @ feature_weights.T
         phi_q = torch.exp(logits_q - logits_q.amax(-1, keepdim=True))
-        r = ks @ projection.T - ks.pow(2).sum(-1, keepdim=True) / 2
+        r = ks @ feature_weights.T - ks.pow(2).sum(-1, keepdim=True) / 2
         valid = r if key_padding_mask is None else r.masked_fill(~key_padding_mask.bool()[:, None, :, None], float("-inf"))
         phi_k = torch.exp(r - valid.amax(dim=(-1, -2), keepdim=True))
     else:
-        phi_q, phi_k = _naive_features(fmap, q, k, projection)
+        phi_q, phi_k = _naive_features(fmap, q, k, feature_weights)
     scores = phi_q @ repeat_key_heads(phi_k, q.shape[1]).transpose(-1, -2)
     mask = build_attention_mask(q.shape[2], k.shape[2], key_padding_mask, causal, device=q.device)
     if mask is not None:
@@ -56,31 +56,31 @@ def naive_linear_attention(q, k, v, projection, feature_map="softmax", key_paddi
     return scores @ repeat_key_heads(v, q.shape[1]) / scores.sum(-1, keepdim=True).clamp_min(1e-300)
 
 
-def _double(projection):
-    """float64 copy of a projection or of a Hedgehog (query, key) pair."""
-    if isinstance(projection, (tuple, list)):
-        return tuple(p.double() for p in projection)
-    return projection.double()
+def _double(feature_weights):
+    """float64 copy of a feature_weights or of a Hedgehog (query, key) pair."""
+    if isinstance(feature_weights, (tuple, list)):
+        return tuple(p.double() for p in feature_weights)
+    return feature_weights.double()
 
 
-def _naive_features(fmap, q, k, projection):
+def _naive_features(fmap, q, k, feature_weights):
     """float64 phi(q), phi(k) of the uncalibrated maps (ReLU, Hedgehog), written out."""
     if fmap.name == "hedgehog":
         def phi(x, w):
             logits = torch.einsum("bhtd,hdf->bhtf", x, w)
             return torch.cat([torch.softmax(logits, -1), torch.softmax(-logits, -1)], dim=-1)
-        width = projection[0].shape[-1]
-        phi_k = phi(k, projection[1][..., :width])
-        if projection[1].shape[-1] == width + 1:  # each key's features scaled by exp(B tanh(k.u / B))
-            scale = torch.einsum("bhtd,hd->bht", k, projection[1][..., width])
+        width = feature_weights[0].shape[-1]
+        phi_k = phi(k, feature_weights[1][..., :width])
+        if feature_weights[1].shape[-1] == width + 1:  # each key's features scaled by exp(B tanh(k.u / B))
+            scale = torch.einsum("bhtd,hd->bht", k, feature_weights[1][..., width])
             phi_k = phi_k * torch.exp(KEY_SCALE_BOUND * torch.tanh(scale / KEY_SCALE_BOUND))[..., None]
-        return phi(q, projection[0]), phi_k
+        return phi(q, feature_weights[0]), phi_k
     head_dim = q.shape[-1]
     qs, ks = q * head_dim**-0.25, k * head_dim**-0.25
-    return torch.relu(qs @ projection.T) + fmap.epsilon, torch.relu(ks @ projection.T) + fmap.epsilon
+    return torch.relu(qs @ feature_weights.T) + fmap.epsilon, torch.relu(ks @ feature_weights.T) + fmap.epsilon
 
 
-def naive_windowed_attention(q, k, v, projection, feature_map="softmax", window=64, linear_log_weight=None,
+def naive_windowed_attention(q, k, v, feature_weights, feature_map="softmax", window=64, linear_log_weight=None,
                              key_padding_mask=None, causal=False, sink_tokens=0, log_decay=None):
     """The combined window + linear formula (above `windowed_linear_attention`) with T x S matrices, in float64. FAVOR+
     features carry their exact constants, exp(W x' - |x'|^2 / 2) / sqrt(M). sink_tokens (non-causal): the first
@@ -88,7 +88,7 @@ def naive_windowed_attention(q, k, v, projection, feature_map="softmax", window=
     part stays at the scale of the window's maximum score). log_decay (causal only): [B, H_kv, T] log gates of the
     linear part, which a key enters when it leaves the window (`_decay_weights` with a delay of the window)."""
     fmap = resolve_feature_map(feature_map)
-    q, k, v, projection = q.double(), k.double(), v.double(), _double(projection)
+    q, k, v, feature_weights = q.double(), k.double(), v.double(), _double(feature_weights)
     head_dim = q.shape[-1]
     heads = q.shape[1]
     scores = q @ repeat_key_heads(k, heads).transpose(-1, -2) / head_dim**0.5
@@ -110,11 +110,11 @@ def naive_windowed_attention(q, k, v, projection, feature_map="softmax", window=
     exact = torch.exp(scores - top) * (in_window | sinks)
     if fmap.calibrated:
         qs, ks = q * head_dim**-0.25, k * head_dim**-0.25
-        phi_q = torch.exp(qs @ projection.T - qs.pow(2).sum(-1, keepdim=True) / 2) / projection.shape[0] ** 0.5
-        phi_k = torch.exp(ks @ projection.T - ks.pow(2).sum(-1, keepdim=True) / 2) / projection.shape[0] ** 0.5
+        phi_q = torch.exp(qs @ feature_weights.T - qs.pow(2).sum(-1, keepdim=True) / 2) / feature_weights.shape[0] ** 0.5
+        phi_k = torch.exp(ks @ feature_weights.T - ks.pow(2).sum(-1, keepdim=True) / 2) / feature_weights.shape[0] ** 0.5
         linear = (phi_q @ repeat_key_heads(phi_k, heads).transpose(-1, -2)) * torch.exp(-top)
     else:
-        phi_q, phi_k = _naive_features(fmap, q, k, projection)
+        phi_q, phi_k = _naive_features(fmap, q, k, feature_weights)
         linear = phi_q @ repeat_key_heads(phi_k, heads).transpose(-1, -2)
     if linear_log_weight is not None:
         linear = linear * torch.exp(linear_log_weight.double()).view(1, -1, 1, 1)
@@ -127,32 +127,32 @@ def naive_windowed_attention(q, k, v, projection, feature_map="softmax", window=
     return weights @ repeat_key_heads(v, heads) / weights.sum(-1, keepdim=True).clamp_min(1e-300)
 
 
-def _exact_features(fmap, q, k, projection):
+def _exact_features(fmap, q, k, feature_weights):
     """float64 phi(q), phi(k): FAVOR+ with its exact constants, the other maps as they are."""
     if not fmap.calibrated:
-        return _naive_features(fmap, q, k, projection)
+        return _naive_features(fmap, q, k, feature_weights)
     head_dim = q.shape[-1]
 
     def phi(x):
         xs = x * head_dim**-0.25
-        return torch.exp(xs @ projection.T - xs.pow(2).sum(-1, keepdim=True) / 2) / projection.shape[0] ** 0.5
+        return torch.exp(xs @ feature_weights.T - xs.pow(2).sum(-1, keepdim=True) / 2) / feature_weights.shape[0] ** 0.5
     return phi(q), phi(k)
 
 
-def naive_sparse_windowed_attention(q, k, v, projection, feature_map="softmax", window=64, cache_size=1,
+def naive_sparse_windowed_attention(q, k, v, feature_weights, feature_map="softmax", window=64, cache_size=1,
                                     linear_log_weight=None, key_padding_mask=None):
     """Causal window + sparse cache + linear attention (above `SparseWindowState` in attention.py)
     token by token in float64, with explicit sets: a list of cached positions, a list of folded
     ones, every score and product written out. Uncalibrated maps' linear part is weighed against the
     window's maximum score, as without a cache."""
     fmap = resolve_feature_map(feature_map)
-    q, k, v, projection = q.double(), k.double(), v.double(), _double(projection)
+    q, k, v, feature_weights = q.double(), k.double(), v.double(), _double(feature_weights)
     batch, heads, length, head_dim = q.shape
     kv_heads = k.shape[1]
     groups = heads // kv_heads
     real = (key_padding_mask.bool() if key_padding_mask is not None
             else torch.ones(batch, length, dtype=torch.bool, device=q.device))
-    phi_q, phi_k = _exact_features(fmap, q, k, projection)
+    phi_q, phi_k = _exact_features(fmap, q, k, feature_weights)
     weight = (torch.exp(linear_log_weight.double()) if linear_log_weight is not None
               else torch.ones(heads, dtype=torch.float64))
     out = torch.zeros(batch, heads, length, v.shape[-1], dtype=torch.float64)

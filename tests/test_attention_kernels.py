@@ -33,19 +33,19 @@ def test_the_modes_are_the_variants_functions():
     w = kernel_features("hedgehog", H, H_KV, D, 2 * D, D, 0)
     weight = torch.full((H,), -0.3)
     kernel = CausalLinearKernel("hedgehog", window=3, chunk_size=4)
-    out, state = kernel.chunked(q=q[:, :, :-1], k=k[:, :, :-1], v=v[:, :, :-1], features=w, linear_log_weight=weight,
+    out, state = kernel.chunked(q=q[:, :, :-1], k=k[:, :, :-1], v=v[:, :, :-1], feature_weights=w, linear_log_weight=weight,
                                 key_padding_mask=mask[:, :-1])
     expected, expected_state = causal_windowed_attention(q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], w, "hedgehog", 3,
                                                          weight, mask[:, :-1], None, 4, None)
     assert torch.equal(out, expected)
-    stepped, _ = kernel(q=q[:, :, -1:], k=k[:, :, -1:], v=v[:, :, -1:], features=w, linear_log_weight=weight,
+    stepped, _ = kernel(q=q[:, :, -1:], k=k[:, :, -1:], v=v[:, :, -1:], feature_weights=w, linear_log_weight=weight,
                         key_padding_mask=mask[:, -1:], state=state)
     reference, _ = recurrent_windowed_attention(q[:, :, -1:], k[:, :, -1:], v[:, :, -1:], w, "hedgehog", 3, weight,
                                                 mask[:, -1:], expected_state, False)
     assert torch.equal(stepped, reference)
     sparse = CausalLinearKernel("hedgehog", window=3, cache_size=2)
     assert sparse.variant == "sparse" and sparse.prefill == sparse.chunked
-    out, _ = sparse(q=q, k=k, v=v, features=w, linear_log_weight=weight, key_padding_mask=mask)
+    out, _ = sparse(q=q, k=k, v=v, feature_weights=w, linear_log_weight=weight, key_padding_mask=mask)
     assert torch.equal(out, causal_sparse_windowed_attention(q, k, v, w, "hedgehog", 3, 2, weight, mask, None)[0])
 
 

@@ -123,3 +123,15 @@ def test_models_without_an_encoder_refuse_sinks():
     with pytest.raises(ValueError, match="decoder only"):
         PerformerModel(changed)
     assert PerformerModel(sink_tiny_config()).encoder is not None  # an encoder takes them
+
+
+def test_a_derived_config_is_checked_as_the_constructor_checks_and_leaves_its_source_alone():
+    config = sink_tiny_config()
+    with pytest.raises(ValueError, match="decoder only"):
+        config.with_changes(is_decoder=True)
+    with pytest.raises(ValueError, match="Unknown PerformerConfig key.*is_decodr"):
+        config.with_changes(is_decodr=True)
+    assert config.with_changes(is_decoder=False) is config  # nothing to change: the same object
+    causal = tiny_config().with_changes(is_decoder=True, chunk_size=8)
+    assert (causal.is_decoder, causal.chunk_size) == (True, 8)
+    assert tiny_config().is_decoder is False and config.is_decoder is False

@@ -169,7 +169,7 @@ def test_the_sparse_cache_takes_no_decay():
     q, k, v, log_decay, mask = inputs(9)
     with pytest.raises(ValueError, match="sparse cache"):
         CausalLinearKernel("hedgehog", window=4, cache_size=2, chunk_size=8)(
-            q=q, k=k, v=v, features=features("hedgehog"), key_padding_mask=mask, log_decay=log_decay)
+            q=q, k=k, v=v, feature_weights=features("hedgehog"), key_padding_mask=mask, log_decay=log_decay)
 
 
 # --------------------------------------------------------------------------------------------

@@ -207,7 +207,7 @@ def minilm(args):
         for name, student in students.items():
             module = student.encoder.layers[layer].self_attn
             with torch.no_grad():
-                out = approximate(q, k, v, module.feature_parameters, student.config.feature_map,
+                out = approximate(q, k, v, module.feature_weights, student.config.feature_map,
                                   module.local_window, module.linear_log_weight)
             errors[name] = relative_error(out, exact)
         per_layer.append(errors)

@@ -114,7 +114,7 @@ class Bench:
                 inputs = (q, k, v) if log_decay is None else (q, k, v, log_decay)
                 mask = torch.ones(2, length, dtype=torch.bool, device=self.device)
                 mask[1, :length // 8] = False
-                features = feature_parameters(feature_map, heads, dim, self.device)
+                features = feature_weights_for(feature_map, heads, dim, self.device)
                 probe = torch.randn(2, heads, length, dim, generator=g).to(self.device) * mask[:, None, :, None]
                 results = {}
                 for name, kernel in (("pytorch", None), ("fast", self.kernel)):
@@ -147,7 +147,7 @@ class Bench:
         lengths = [128, 256] if self.smoke else [4096, 16384, 65536]
         window = 8 if self.smoke else 64
         projection = gaussian_orthogonal_random_matrix(256, dim).to(self.device)
-        hedgehog = feature_parameters("hedgehog", heads, dim, self.device)
+        hedgehog = feature_weights_for("hedgehog", heads, dim, self.device)
         dtype = torch.float32 if self.smoke else torch.bfloat16
         rows = []
         for length in lengths:
@@ -290,7 +290,7 @@ class Bench:
         self.save()
 
 
-def feature_parameters(feature_map, heads, dim, device):
+def feature_weights_for(feature_map, heads, dim, device):
     if feature_map == "hedgehog":
         weights = hedgehog_init(heads, dim, dim) + 0.1 * torch.randn(2, heads, dim, dim,
                                                                     generator=torch.Generator().manual_seed(2))
