@@ -201,7 +201,7 @@ class PerformerConfig(PreTrainedConfig):
         """This config with `changes` applied, checked as the constructor checks every value (the
         heads derive their stack's config this way). Returns `self` when nothing changes; never
         changes `self`."""
-        unknown = sorted(set(changes) - set(self.to_dict()) - set(self.attribute_map))
+        unknown = sorted(key for key in changes if not hasattr(self, key))
         if unknown:
             raise ValueError(f"Unknown PerformerConfig key(s) {unknown}")
         if all(getattr(self, key) == value for key, value in changes.items()):
