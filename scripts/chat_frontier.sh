@@ -34,19 +34,28 @@ screening=(--parts language documents chat --ppl-lengths 512 2048 8192 --ppl-tok
 mkdir -p $shared
 [ -z "${CHAT_SOURCE:-}" ] && python scripts/prepare_data.py --datasets smollm2 > /dev/null
 python scripts/prepare_data.py --datasets text bible speeches > /dev/null
-[ -e $shared/teacher/config.json ] || python scripts/convert_to_performer.py "$source_model" $shared/teacher \
-    --attention-type softmax
-[ -e $shared/rows.jsonl ] || python scripts/chat_lm.py data $shared/teacher $shared/rows.jsonl --plain-rows 120 \
-    --documents 100 --passkeys 24 --prompts 64 --seq-len 2048 ${CHAT_DEVICE_OPTIONS:-}
+# shared_step NAME DONE_FILE COMMAND...: runs COMMAND unless DONE_FILE exists, its minutes into shared/minutes.tsv
+# (every row's fitting time counts them: `chat_lm.py frontier`)
+shared_step() {
+    local name=$1 done_file=$2; shift 2
+    [ -e "$done_file" ] && return
+    local start=$SECONDS
+    "$@"
+    awk -v n="$name" -v s=$((SECONDS - start)) 'BEGIN { printf "%s\t%.1f\n", n, s / 60 }' >> $shared/minutes.tsv
+}
+shared_step convert-teacher $shared/teacher/config.json python scripts/convert_to_performer.py "$source_model" \
+    $shared/teacher --attention-type softmax
+shared_step chat-data $shared/rows.jsonl python scripts/chat_lm.py data $shared/teacher $shared/rows.jsonl \
+    --plain-rows 120 --documents 100 --passkeys 24 --prompts 64 --seq-len 2048 ${CHAT_DEVICE_OPTIONS:-}
 
 row_settings() {  # NAME -> the recipe's variables for that row
     case $1 in
-        maps-w64) echo "CHAT_SPARSE_CACHE=64" ;;
-        lora) echo "CHAT_SPARSE_CACHE=64 CHAT_LORA_RANK=8" ;;
+        maps-w64) echo "CHAT_SOFTMAX_LAYERS=none CHAT_LORA_RANK=0 CHAT_SPARSE_CACHE=64" ;;
+        lora) echo "CHAT_SOFTMAX_LAYERS=none CHAT_LORA_RANK=8 CHAT_SPARSE_CACHE=64" ;;
         top[1-9]) echo "CHAT_SOFTMAX_LAYERS=top:${1#top} CHAT_LORA_RANK=8 CHAT_SPARSE_CACHE=0" ;;
         uniform[1-9]) echo "CHAT_SOFTMAX_LAYERS=uniform:${1#uniform} CHAT_LORA_RANK=8 CHAT_SPARSE_CACHE=0" ;;
-        w256) echo "CHAT_WINDOW=256 CHAT_SPARSE_CACHE=64" ;;
-        decay) echo "CHAT_LINEAR_DECAY=data" ;;
+        w256) echo "CHAT_SOFTMAX_LAYERS=none CHAT_LORA_RANK=0 CHAT_WINDOW=256 CHAT_SPARSE_CACHE=64" ;;
+        decay) echo "CHAT_SOFTMAX_LAYERS=none CHAT_LORA_RANK=0 CHAT_LINEAR_DECAY=data" ;;
         *) echo "unknown frontier row: $1" >&2; return 1 ;;
     esac
 }

@@ -19,21 +19,21 @@
 #                   validation perplexity at 512, 2,048 and 8,192 tokens (and by position), decoding
 #                   cache after 2,048 and 8,192 tokens against the teacher's KV cache
 #   chat-lm         SmolLM2-135M-Instruct (its Q4_1 GGUF from PyPI, dequantized; CHAT_SOURCE another
-#                   Llama-family folder or .gguf) -> the exact softmax teacher and a Hedgehog + window
-#                   copy; the teacher's own chat transcripts (short prompts, facts and pass keys in
-#                   documents of the training texts) beside plain training text, in rows of 2,048 tokens;
-#                   attention transfer layer by layer on them, then distillation of the teacher's
-#                   next-token distribution end to end (maps and window weights; every other weight of the
-#                   teacher is kept unless CHAT_LORA_RANK is set), with the sparse cache on throughout (the
-#                   recommended folder);
-#                   teacher against student on held-out text and questions -> $OUT/chat/results.json
-#                   (not part of the default run: about 75 minutes on 2 CPU cores). CHAT_LINEAR_DECAY=head|data
-#                   converts with decay-gated linear attention (fitted beside the maps; no sparse cache,
-#                   which a decaying state does not take). CHAT_SOFTMAX_LAYERS=top:K keeps the K layers that
-#                   chat_lm.py rank-layers measures as retrieval's exact softmax (uniform:K evenly spaced
-#                   ones, or a list "4,12"); CHAT_LORA_RANK=8 also fits low-rank updates of the linear
-#                   layers' q/k/v/o in the distillation stage (merged into the weights); CHAT_TEACHER_CACHE=DIR
-#                   keeps what the teacher gives for each fitting row there and reads it back in later fits
+#                   Llama-family folder or .gguf) -> the exact softmax teacher and a hybrid copy: the three
+#                   layers that chat_lm.py rank-layers measures retrieval resting on keep exact softmax, every
+#                   other layer Hedgehog + window; the teacher's own chat transcripts (short prompts, facts and
+#                   pass keys in documents of the training texts) beside plain training text, in rows of 2,048
+#                   tokens; attention transfer layer by layer on them, then distillation of the teacher's
+#                   next-token distribution end to end (maps, window weights and LoRA rank 8 on the linear
+#                   layers' q/k/v/o, merged into the weights); teacher against student on held-out text and
+#                   questions -> $OUT/chat/results.json (not part of the default run: about two hours on 2 CPU
+#                   cores). The defaults are the frontier's recommended row (scripts/chat_frontier.sh); other
+#                   rows: CHAT_SOFTMAX_LAYERS=top:K (the K measured layers), uniform:K (evenly spaced), a list
+#                   "4,12" or none; CHAT_LORA_RANK (0: the teacher's weights are kept but for the maps and the
+#                   window); CHAT_SPARSE_CACHE=64 fits and ships the sparse cache; CHAT_WINDOW; CHAT_LINEAR_DECAY=
+#                   head|data converts with decay-gated linear attention (fitted beside the maps; no sparse cache,
+#                   which a decaying state does not take); CHAT_TEACHER_CACHE=DIR keeps what the teacher gives for
+#                   each fitting row there and reads it back in later fits
 #
 # Outputs: $OUT (default outputs/recipe); minutes per step in $OUT/minutes.tsv. STEPS_SCALE=2 doubles
 # every budget (STEPS_SCALE=0.02 makes a smoke run of the whole pipeline).
@@ -158,13 +158,16 @@ if [[ " $stages " == *" chat-lm "* ]]; then
     total=$((layer_steps + kl_steps))
     snapshots=$(python -c "print(*sorted({max($total // 4, 1), max($total // 2, 1)} - {$total}))")
     convert "$source_model" $chat/teacher --attention-type softmax
-    student_options=(--feature-map hedgehog --local-window $chat_window) chat_sparse_cache=${CHAT_SPARSE_CACHE:-64}
+    # The defaults are the frontier's recommended row (docs/figures/smollm2/frontier.json): the three layers
+    # rank-layers measures kept softmax, LoRA rank 8, no sparse cache.
+    student_options=(--feature-map hedgehog --local-window $chat_window) chat_sparse_cache=${CHAT_SPARSE_CACHE:-0}
     if [ -n "${CHAT_LINEAR_DECAY:-}" ]; then
         student_options+=(--linear-decay "$CHAT_LINEAR_DECAY") chat_sparse_cache=0
     fi
     # CHAT_SOFTMAX_LAYERS: layers kept exact (a hybrid): "4,12", "uniform:K" (evenly spaced) or "top:K" (the K
     # that rank-layers measures on the training split: the teacher with one layer linear at a time)
-    kept=${CHAT_SOFTMAX_LAYERS:-}
+    kept=${CHAT_SOFTMAX_LAYERS:-top:3}
+    [ "$kept" = none ] && kept=""
     if [[ "$kept" == top:* || "$kept" == uniform:* ]]; then
         count=${kept#*:}
         if [[ "$kept" == top:* ]]; then
@@ -187,7 +190,7 @@ print(*u($count, json.load(open('$chat/teacher/config.json'))['num_hidden_layers
     timed chat-transfer $chat/fitted/transfer_metrics.json python scripts/transfer_attention.py $chat/teacher \
         $chat/converted $chat/fitted --data $chat/rows.jsonl --whole-rows --seq-len ${CHAT_SEQ_LEN:-2048} \
         --batch-size 1 --steps $layer_steps --end-to-end-steps $kl_steps --end-to-end-loss next-token-kl \
-        --kl-positions 512 --end-to-end-learning-rate 3e-3 --snapshots $snapshots --lora-rank ${CHAT_LORA_RANK:-0} \
+        --kl-positions 512 --end-to-end-learning-rate 3e-3 --snapshots $snapshots --lora-rank ${CHAT_LORA_RANK:-8} \
         --lora-learning-rate ${CHAT_LORA_LEARNING_RATE:-1e-3} ${CHAT_TEACHER_CACHE:+--teacher-cache $CHAT_TEACHER_CACHE} \
         ${CHAT_DEVICE_OPTIONS:-}
     timed chat-finish $chat/student/config.json python scripts/chat_lm.py finish $chat/fitted $chat/student \
