@@ -236,10 +236,19 @@ def test_a_hybrid_with_measured_layers_and_lora_comes_out_of_the_same_command(ti
 
 
 def test_the_token_budget_extends_the_curves_last_fall_as_a_power_law():
-    teacher = {"ppl_2048": 10.0}
-    # excess 0.4 at 1,000 tokens and 0.2 at 4,000: halving per x4, so 0.05 needs 4,000 x 4 x 4 tokens
-    curve = [{"tokens": 0, "ppl_2048": 30.0}, {"tokens": 1000, "ppl_2048": 14.0}, {"tokens": 4000, "ppl_2048": 12.0}]
-    assert chat_lm.tokens_needed(curve, teacher)["perplexity_2048"] == 64000
+    teacher = {"ppl_2048": 10.0, "documents": {"300": 0.8, "1000": 0.0}}
+    # excess 0.4 at 1,000 tokens and 0.2 at 4,000: halving per x4, so 0.05 needs 4,000 x 4 x 4 tokens;
+    # the document shortfall 1 - 0.4 / 0.8 = 0.5, then 0.8: it rose, so no budget
+    curve = [{"tokens": 0, "ppl_2048": 30.0, "documents": {"300": 0.0, "1000": 0.0}},
+             {"tokens": 1000, "ppl_2048": 14.0, "documents": {"300": 0.4, "1000": 0.0}},
+             {"tokens": 4000, "ppl_2048": 12.0, "documents": {"300": 0.16, "1000": 0.0}}]
+    needed = chat_lm.tokens_needed(curve, teacher, tokens_per_minute=1000.0)
+    assert needed["perplexity_2048"] == 64000 and needed["perplexity_2048_minutes"] == 64.0
+    assert needed["documents_300"] is None and "did not fall" in needed["notes"]["documents_300"]
+    assert "documents_1000" not in needed  # the teacher answers none there: no fraction to reach
+    # the shortfall 0.5 at 1,000 tokens and 0.25 at 4,000 (halving per x4): 0.1 needs about 4,000 x 4^1.32
+    curve[2]["documents"]["300"] = 0.6
+    assert chat_lm.tokens_needed(curve, teacher)["documents_300"] == round(4000 * (0.1 / 0.25) ** (1 / -0.5))
     assert chat_lm.tokens_needed(curve[:2] + [{"tokens": 4000, "ppl_2048": 10.4}], teacher)["perplexity_2048"] is None
     rising = curve[:2] + [{"tokens": 4000, "ppl_2048": 15.0}]
     assert chat_lm.tokens_needed(rising, teacher)["perplexity_2048"] is None

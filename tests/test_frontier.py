@@ -4,6 +4,7 @@ one meeting most targets, and the command assembles rows from run folders and re
 
 import json
 import pathlib
+import re
 
 import pytest
 
@@ -12,7 +13,8 @@ from modeling_performer.recipes.commands import chat_lm
 
 from .conftest import ROOT
 
-RESULTS = ROOT / "docs" / "figures" / "smollm2" / "results.json"
+FIGURES = ROOT / "docs" / "figures" / "smollm2"
+RESULTS = FIGURES / "maps-w64-full.json"  # the maps-only recipe run at the full budget (a frontier row)
 
 
 def results(**changes):
@@ -65,6 +67,24 @@ def test_the_recommended_row_meets_the_most_targets_then_reads_best():
     assert frontier.best_row([weak, reads])["name"] == "reads"
 
 
+def test_a_budget_curve_gathers_the_rows_of_one_configuration_by_fitting_tokens():
+    record = results()
+    full = frontier.row_of("full", record, 1.0, "full")
+    half = frontier.row_of("half", results(transfer={**record["transfer"], "steps": 60, "end_to_end_steps": 50}),
+                           0.5, "screening")
+    hybrid = frontier.row_of("hybrid", results(student={**record["student"], "attention_type": ["softmax", "favor"]}),
+                             1.0, "full")
+    assert [r["name"] for r in frontier.budget_rows([full, hybrid, half], "full")] == ["half", "full"]
+    assert [r["name"] for r in frontier.budget_rows([full, hybrid, half], "hybrid")] == ["hybrid"]
+    # Screening chooses the configuration; its full run is the one recommended, even where it reads less.
+    half["documents"] = {n: {**r, "fraction": 1.0} for n, r in half["documents"].items()}
+    half["targets"] = frontier.verdicts(half)
+    assert frontier.best_row([full, hybrid, half])["name"] == "half"
+    assert frontier.recommended([full, hybrid, half])["name"] == "full"
+    assert frontier.recommended([hybrid, half])["name"] == "half" and frontier.recommended([]) is None
+    assert full["tokens_needed"] == record["curve_tokens_needed"]
+
+
 def test_the_command_assembles_rows_from_folders_and_results_files(tmp_path):
     row = tmp_path / "top3"
     row.mkdir()
@@ -81,5 +101,41 @@ def test_the_command_assembles_rows_from_folders_and_results_files(tmp_path):
     assert record["rows"][0]["fitting"]["by_step"]["chat-rank-layers"] == 1.5
     assert record["ranking"] == [3, 1, 2] and record["recommended"] in {"top3", "full"}
     assert pathlib.Path(output.with_suffix(".png")).exists()
+    assert record["rows"][1]["measured"] == {k: json.loads(RESULTS.read_text())[k] for k in ("date", "commit")}
     with pytest.raises(SystemExit, match="missing"):
         chat_lm.main(["frontier", str(tmp_path), "--output", str(output), "--rows", "nothing"])
+    # A later table from one new row keeps the earlier rows, as they were measured, and their ranking.
+    (tmp_path / "shared" / "layers.json").unlink()
+    (row / "results.json").write_text(json.dumps({**json.loads(RESULTS.read_text()), "date": "2027-01-01"}))
+    later = tmp_path / "later.json"
+    chat_lm.main(["frontier", str(tmp_path), "--output", str(later), "--rows", "top3", "--previous", str(output)])
+    again = json.loads(later.read_text())
+    assert [r["name"] for r in again["rows"]] == ["full", "top3"]
+    assert again["rows"][0] == record["rows"][1] and again["rows"][1]["measured"]["date"] == "2027-01-01"
+    assert again["ranking"] == [3, 1, 2]
+
+
+def test_the_recipes_defaults_are_the_recommended_row_and_the_results_file_is_its_run():
+    """`bash scripts/convert_recipe.sh chat-lm` with no settings makes the frontier's recommended row,
+    and the README's results file is that command's run, at the recipe's full budget."""
+    from modeling_performer.transfer import RECIPE_SETTINGS
+
+    record = json.loads((FIGURES / "frontier.json").read_text())
+    best = next(row for row in record["rows"] if row["name"] == record["recommended"])
+    recipe = (ROOT / "scripts" / "convert_recipe.sh").read_text()
+
+    def default(variable):
+        return re.search(r"\$\{" + variable + r":-([^}]*)\}", recipe).group(1)
+
+    assert best["name"].startswith("top") and default("CHAT_SOFTMAX_LAYERS") == f"top:{len(best['softmax_layers'])}"
+    assert best["softmax_layers"] == sorted(record["ranking"][:len(best["softmax_layers"])])
+    assert int(default("CHAT_LORA_RANK")) == best["lora_rank"]
+    assert int(default("CHAT_SPARSE_CACHE")) == best["sparse_cache_size"]
+    assert best["local_window"] == RECIPE_SETTINGS["local_window"] and best["linear_decay"] is None
+    assert best["budget"] == 1.0 and best["evaluation"] == "full"
+    readme = json.loads((FIGURES / "results.json").read_text())
+    assert frontier.kept_layers(readme["student"]) == best["softmax_layers"]
+    assert readme["student"]["sparse_cache_size"] == best["sparse_cache_size"]
+    assert readme["transfer"]["lora_rank"] == best["lora_rank"]
+    assert readme["transfer"]["steps"] + readme["transfer"]["end_to_end_steps"] == (
+        int(default("CHAT_LAYER_STEPS")) + int(default("CHAT_KL_STEPS")))

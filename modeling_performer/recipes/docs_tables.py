@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
+from .chat_lm import BOUNDS
 from .docs_check import FIGURES
+from .frontier import kept_layers
 
 
 def _percent(value) -> str:
@@ -279,6 +281,18 @@ def decay_cost_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _bound(key: str) -> str:
+    """A chat-lm target's bound as the tables write it: ">= 90% of teacher", "<= 1.05x", "<= 1/8", "<= 60"."""
+    value, kind = BOUNDS[key]
+    if key.startswith(("documents", "chat")):
+        shown = f"{value:.0%} of teacher"
+    elif key.startswith("perplexity"):
+        shown = f"{value:.2f}x"
+    else:
+        shown = f"1/{1 / value:.0f}" if key == "cache_8192" else f"{value:g}"
+    return f"{'>=' if kind == 'min' else '<='} {shown}"
+
+
 def chat_lm_table(name: str = "smollm2/results.json") -> str:
     """The chat-lm recipe: a linearized chat model against its teacher on held-out text and questions."""
     data = _load(name)
@@ -291,14 +305,13 @@ def chat_lm_table(name: str = "smollm2/results.json") -> str:
         return "met" if target["met"] else "**missed**"
 
     lines = ["| measure | teacher | student | student, no sparse cache | target |", "|---|---|---|---|---|"]
-    bounds = {"512": "perplexity_512", "2048": "perplexity_2048"}
     def ppl(row, run):
         return f"{row[run]:.2f} ({row[run + '_ratio']:.3f}x)" if run in row else ""
 
     for length, row in data["perplexity"].items():
         lines.append(f"| perplexity, {int(length):,} tokens | {row['teacher']:.2f} | {ppl(row, 'student')} "
                      f"| {ppl(row, 'student_without_sparse_cache')} "
-                     f"| {'<= 1.05x: ' + verdict(bounds[length]) if length in bounds else ''} |")
+                     f"| {_bound(f'perplexity_{length}') + ': ' + verdict(f'perplexity_{length}') if f'perplexity_{length}' in targets else ''} |")
 
     def agree(row, run):
         return f"{_percent(row[run]['top1'])} / {row[run]['kl']:.3f}" if run in row else ""
@@ -309,28 +322,32 @@ def chat_lm_table(name: str = "smollm2/results.json") -> str:
     for task, label in (("documents", "fact in a document"), ("passkey", "pass key")):
         for length, row in data[task].items():
             key = f"documents_{length}"
-            target = f">= 90% of teacher: {verdict(key)}" if task == "documents" and key in targets else ""
+            target = f"{_bound(key)}: {verdict(key)}" if task == "documents" and key in targets else ""
             lines.append(f"| {label}, {int(length):,} tokens ({row['asked']} asked) | {_percent(row.get('teacher'))} "
                          f"| {_percent(row.get('student'))} | {_percent(row.get('student_without_sparse_cache'))} "
                          f"| {target} |")
     chat = data["chat"]
     lines.append(f"| short chat questions right ({chat['questions']}) | {_percent(chat['teacher'])} "
                  f"| {_percent(chat['student'])} "
-                 f"| | >= 95% of teacher: {verdict('chat')} |")
+                 f"| | {_bound('chat')}: {verdict('chat')} |")
     lines.append(f"| greedy chat answers identical to the teacher's | | {_percent(chat['identical_answers'])} | | |")
     for length, row in data["cache_bytes"].items():
-        target = f"<= 1/20: {verdict('cache_8192')}" if length == "8192" else ""
+        target = f"{_bound('cache_8192')}: {verdict('cache_8192')}" if length == "8192" else ""
         bare = row.get("student_without_sparse_cache")
         lines.append(f"| cache MiB after {int(length):,} tokens | {row['teacher'] / 2**20:.1f} | "
                      f"{row['student'] / 2**20:.2f} (1/{1 / row['fraction']:.0f}) "
                      f"| {'' if bare is None else f'{bare / 2**20:.2f}'} | {target} |")
     minutes = data["minutes"]
     lines.append(f"| minutes: fitting (convert, transcripts, transfer) / evaluation | | "
-                 f"{minutes['fitting_total']:.1f} / {minutes['evaluation_total']:.1f} | | <= 45: "
-                 f"{verdict('fitting_minutes')} |")
+                 f"{minutes['fitting_total']:.1f} / {minutes['evaluation_total']:.1f} | | "
+                 f"{_bound('fitting_minutes')}: {verdict('fitting_minutes')} |")
     student = data["student"]
-    source = (f"`docs/figures/{name}` ({data['teacher']}; student: {student['feature_map']} maps, window "
-              f"{student['local_window']}, sparse cache {student['sparse_cache_size']}; {data['transfer']['device']}, "
+    kept = kept_layers(student)
+    hybrid = f"layers {', '.join(map(str, kept))} softmax, the others " if kept else ""
+    lora = data["transfer"].get("lora_rank", 0)
+    source = (f"`docs/figures/{name}` ({data['teacher']}; student: {hybrid}{student['feature_map']} maps, window "
+              f"{student['local_window']}, sparse cache {student['sparse_cache_size']}"
+              f"{f', LoRA rank {lora}' if lora else ''}; {data['transfer']['device']}, "
               f"{data['threads']} threads, {data['date'][:10]})")
     return "\n".join(lines) + f"\n\nFrom {source}.\n"
 
@@ -362,26 +379,65 @@ def frontier_table(name: str = "smollm2/frontier.json") -> str:
 
     lengths = sorted({n for row in data["rows"] for n in row["documents"]}, key=int)
     contexts = sorted({n for row in data["rows"] for n in row["perplexity_ratio"]}, key=int)
+    keys = sorted({n for row in data["rows"] for n in row.get("passkey", {})}, key=int)
     head = (["configuration", "kept softmax layers", "LoRA"] + [f"documents {int(n):,}" for n in lengths]
-            + [f"perplexity {int(n):,}" for n in contexts] + ["short chat", "cache 8,192", "decoding 8,192",
+            + [f"pass key {int(n):,}" for n in keys] + [f"perplexity {int(n):,}" for n in contexts] + ["short chat", "cache 8,192", "decoding 8,192",
                                                                "fitting tokens / min", "budget, evaluation"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in data["rows"]:
         docs = [mark(row, f"documents_{n}", _percent((row["documents"].get(n) or {}).get("fraction"))) for n in lengths]
         ppl = [mark(row, f"perplexity_{n}", ratio(row["perplexity_ratio"].get(n))) for n in contexts]
+        passkey = [_percent((row.get("passkey", {}).get(n) or {}).get("fraction")) for n in keys]
         cache = row.get("cache_fraction_8192")
         cells = ([row["name"], ", ".join(map(str, row["softmax_layers"])) or "none", str(row["lora_rank"] or "")]
-                 + docs + ppl + [mark(row, "chat", _percent(row["chat"]["fraction"])),
+                 + docs + passkey + ppl + [mark(row, "chat", _percent(row["chat"]["fraction"])),
                                  mark(row, "cache_8192", "" if cache is None else f"1/{1 / cache:.0f}"),
                                  mark(row, "decode_8192", ratio(row.get("decode_speedup_8192"))),
                                  mark(row, "fitting_minutes",
                                       f"{row['fitting']['tokens'] / 1e6:.2f}M / {row['fitting']['minutes']:.0f}"),
                                  f"{row['budget']:g}, {row['evaluation']}"])
         lines.append("| " + " | ".join(cells) + " |")
-    return ("\n".join(lines) + f"\n\nFrom `docs/figures/{name}` ({data['date'][:10]}); documents and short chat as a "
+    return ("\n".join(lines) + f"\n\nFrom `docs/figures/{name}` ({data['date'][:10]}); documents, pass keys and short chat as a "
             "fraction of the teacher's score, perplexity and cache as a ratio to the teacher's, decoding as the "
             "teacher's batch-1 ms per token over the student's; a target met in bold. "
-            f"Recommended: {data['recommended']}.\n")
+            f"Recommended: {data['recommended']}"
+            + ("" if any(all(r["targets"].get(k) for k in r["targets"]) for r in data["rows"])
+               else " (the closest: no row meets every target)") + ".\n")
+
+
+def frontier_budget_table(name: str = "smollm2/frontier.json") -> str:
+    """The recommended configuration at each budget it was fitted on, and what its fitting curve says
+    each missed target would take."""
+    from .frontier import budget_rows
+
+    data = _load(name)
+    rows = budget_rows(data["rows"], data["recommended"])
+    lengths = sorted({n for row in rows for n in row["documents"]}, key=int)
+    contexts = sorted({n for row in rows for n in row["perplexity_ratio"]}, key=int)
+    head = (["configuration", "budget, evaluation", "fitting tokens", "fitting minutes"]
+            + [f"documents {int(n):,}" for n in lengths] + [f"perplexity {int(n):,}" for n in contexts])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        lines.append("| " + " | ".join(
+            [row["name"], f"{row['budget']:g}, {row['evaluation']}", f"{row['fitting']['tokens'] / 1e6:.2f}M",
+             f"{row['fitting']['minutes']:.0f}"]
+            + [_percent((row["documents"].get(n) or {}).get("fraction")) for n in lengths]
+            + ["" if row["perplexity_ratio"].get(n) is None else f"{row['perplexity_ratio'][n]:.2f}x"
+               for n in contexts]) + " |")
+    best = next(row for row in data["rows"] if row["name"] == data["recommended"])
+    needed = best.get("tokens_needed") or {}
+    notes = needed.get("notes", {})
+    text = []
+    for key, note in notes.items():
+        tokens = needed.get(key)
+        if tokens is None:
+            text.append(f"{key.replace('_', ' at ')}: {note}")
+        else:
+            minutes = needed.get(f"{key}_minutes")
+            at = "" if minutes is None else f", {minutes / 60:,.0f} hours at this run's transfer speed"
+            text.append(f"{key.replace('_', ' at ')}: {tokens / 1e6:,.1f}M tokens{at} ({note})")
+    return ("\n".join(lines) + f"\n\nFrom `docs/figures/{name}`. The fitting curve of {best['name']} extended "
+            "(a rough extrapolation): " + ("; ".join(text) or "not measured") + ".\n")
 
 
 TABLES = {"chat": chat_table, "chat_decode": chat_decode_table, "chat_prefill": chat_prefill_table,
@@ -390,4 +446,4 @@ TABLES = {"chat": chat_table, "chat_decode": chat_decode_table, "chat_prefill": 
           "recall": recall_table, "recall_linearized": recall_linearized_table, "chat_lm": chat_lm_table,
           "decay_recall": decay_recall_table, "decay_cost": decay_cost_table,
           "serving_batching": serving_batching_table, "layer_ranking": layer_ranking_table,
-          "frontier": frontier_table}
+          "frontier": frontier_table, "frontier_budget": frontier_budget_table}

@@ -338,12 +338,21 @@ def frontier(args):
         rows.append(rows_of.read_row(folder, name, steps))
     for item in args.results:  # NAME=FILE: a results file of a whole recipe run (budget 1, full evaluation)
         name, _, path = item.partition("=")
-        rows.append(rows_of.row_of(name, json.loads(pathlib.Path(path).read_text()), 1.0, "full"))
-    best = rows_of.best_row(rows)
+        results = json.loads(pathlib.Path(path).read_text())
+        rows.append(rows_of.row_of(name, results, 1.0, "full"))
+    now = provenance()
+    if args.previous:  # the rows of an earlier table that were not run again, as they were measured
+        earlier = json.loads(pathlib.Path(args.previous).read_text())
+        names = {row["name"] for row in rows}
+        kept = [{**row, "measured": row.get("measured") or {k: earlier.get(k) for k in ("date", "commit")}}
+                for row in earlier["rows"] if row["name"] not in names]
+        rows = kept + rows
+    best = rows_of.recommended(rows)
     record = {"rows": rows, "recommended": best and best["name"],
               "targets": {k: {"column": c, "bound": round(b, 4), "kind": kind}
                           for k, (c, b, kind) in rows_of.TARGETS.items()},
-              "ranking": ranking and ranking["ranking"], **provenance()}
+              "ranking": ranking["ranking"] if ranking else (earlier["ranking"] if args.previous else None),
+              **now}
     output = pathlib.Path(args.output)
     write_json(output, record)
     plots.plot_frontier(record, output.with_suffix(".png"))
@@ -419,6 +428,8 @@ def main(argv=None):
     p.add_argument("--rows", nargs="*", default=[], help="row folders under ROOT (default: every one with results)")
     p.add_argument("--results", nargs="*", default=[], metavar="NAME=FILE",
                    help="rows from results files of whole recipe runs (e.g. the committed maps-only one)")
+    p.add_argument("--previous", metavar="FILE",
+                   help="an earlier frontier .json: its rows not among the new ones are kept as measured then")
     p.set_defaults(func=frontier)
     p = commands.add_parser("rank-layers", help="which layers should keep softmax attention, measured")
     p.add_argument("teacher")
