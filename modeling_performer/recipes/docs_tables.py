@@ -294,53 +294,53 @@ def _bound(key: str) -> str:
 
 
 def chat_lm_table(name: str = "smollm2/results.json") -> str:
-    """The chat-lm recipe: a linearized chat model against its teacher on held-out text and questions."""
+    """The chat-lm recipe: a linearized chat model against its teacher on held-out text and questions
+    (the column of the student without its sparse cache where it has one)."""
     data = _load(name)
     targets = data["targets"]
+    bare = "student_without_sparse_cache"
 
     def verdict(key):
         target = targets.get(key)
         if target is None or target["met"] is None:
             return ""
-        return "met" if target["met"] else "**missed**"
+        return f"{_bound(key)}: " + ("met" if target["met"] else "**missed**")
 
-    lines = ["| measure | teacher | student | student, no sparse cache | target |", "|---|---|---|---|---|"]
     def ppl(row, run):
         return f"{row[run]:.2f} ({row[run + '_ratio']:.3f}x)" if run in row else ""
-
-    for length, row in data["perplexity"].items():
-        lines.append(f"| perplexity, {int(length):,} tokens | {row['teacher']:.2f} | {ppl(row, 'student')} "
-                     f"| {ppl(row, 'student_without_sparse_cache')} "
-                     f"| {_bound(f'perplexity_{length}') + ': ' + verdict(f'perplexity_{length}') if f'perplexity_{length}' in targets else ''} |")
 
     def agree(row, run):
         return f"{_percent(row[run]['top1'])} / {row[run]['kl']:.3f}" if run in row else ""
 
+    rows = []  # measure, teacher, student, student without the sparse cache, target
+    for length, row in data["perplexity"].items():
+        rows.append([f"perplexity, {int(length):,} tokens", f"{row['teacher']:.2f}", ppl(row, "student"),
+                     ppl(row, bare), verdict(f"perplexity_{length}")])
     for length, row in data["agreement"].items():
-        lines.append(f"| next token: top-1 agreement / KL to the teacher, {int(length):,} tokens | "
-                     f"| {agree(row, 'student')} | {agree(row, 'student_without_sparse_cache')} | |")
+        rows.append([f"next token: top-1 agreement / KL to the teacher, {int(length):,} tokens", "",
+                     agree(row, "student"), agree(row, bare), ""])
     for task, label in (("documents", "fact in a document"), ("passkey", "pass key")):
         for length, row in data[task].items():
-            key = f"documents_{length}"
-            target = f"{_bound(key)}: {verdict(key)}" if task == "documents" and key in targets else ""
-            lines.append(f"| {label}, {int(length):,} tokens ({row['asked']} asked) | {_percent(row.get('teacher'))} "
-                         f"| {_percent(row.get('student'))} | {_percent(row.get('student_without_sparse_cache'))} "
-                         f"| {target} |")
+            rows.append([f"{label}, {int(length):,} tokens ({row['asked']} asked)", _percent(row.get("teacher")),
+                         _percent(row.get("student")), _percent(row.get(bare)),
+                         verdict(f"documents_{length}") if task == "documents" else ""])
     chat = data["chat"]
-    lines.append(f"| short chat questions right ({chat['questions']}) | {_percent(chat['teacher'])} "
-                 f"| {_percent(chat['student'])} "
-                 f"| | {_bound('chat')}: {verdict('chat')} |")
-    lines.append(f"| greedy chat answers identical to the teacher's | | {_percent(chat['identical_answers'])} | | |")
+    rows.append([f"short chat questions right ({chat['questions']})", _percent(chat["teacher"]),
+                 _percent(chat["student"]), "", verdict("chat")])
+    rows.append(["greedy chat answers identical to the teacher's", "", _percent(chat["identical_answers"]), "", ""])
     for length, row in data["cache_bytes"].items():
-        target = f"{_bound('cache_8192')}: {verdict('cache_8192')}" if length == "8192" else ""
-        bare = row.get("student_without_sparse_cache")
-        lines.append(f"| cache MiB after {int(length):,} tokens | {row['teacher'] / 2**20:.1f} | "
-                     f"{row['student'] / 2**20:.2f} (1/{1 / row['fraction']:.0f}) "
-                     f"| {'' if bare is None else f'{bare / 2**20:.2f}'} | {target} |")
+        rows.append([f"cache MiB after {int(length):,} tokens", f"{row['teacher'] / 2**20:.1f}",
+                     f"{row['student'] / 2**20:.2f} (1/{1 / row['fraction']:.0f})",
+                     "" if row.get(bare) is None else f"{row[bare] / 2**20:.2f}",
+                     verdict("cache_8192") if length == "8192" else ""])
     minutes = data["minutes"]
-    lines.append(f"| minutes: fitting (convert, transcripts, transfer) / evaluation | | "
-                 f"{minutes['fitting_total']:.1f} / {minutes['evaluation_total']:.1f} | | "
-                 f"{_bound('fitting_minutes')}: {verdict('fitting_minutes')} |")
+    rows.append(["minutes: fitting (convert, rank the layers, transcripts, transfer) / evaluation", "",
+                 f"{minutes['fitting_total']:.1f} / {minutes['evaluation_total']:.1f}", "", verdict("fitting_minutes")])
+    head = ["measure", "teacher", "student", "student, no sparse cache", "target"]
+    if not any(row[3] for row in rows):  # no sparse cache: no such column
+        head, rows = head[:3] + head[4:], [row[:3] + row[4:] for row in rows]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     student = data["student"]
     kept = kept_layers(student)
     hybrid = f"layers {', '.join(map(str, kept))} softmax, the others " if kept else ""
@@ -430,12 +430,15 @@ def frontier_budget_table(name: str = "smollm2/frontier.json") -> str:
     text = []
     for key, note in notes.items():
         tokens = needed.get(key)
+        measure, length = key.rsplit("_", 1)
+        label = f"{measure} at {int(length):,} tokens"
         if tokens is None:
-            text.append(f"{key.replace('_', ' at ')}: {note}")
+            text.append(f"{label}: {note}")
         else:
             minutes = needed.get(f"{key}_minutes")
-            at = "" if minutes is None else f", {minutes / 60:,.0f} hours at this run's transfer speed"
-            text.append(f"{key.replace('_', ' at ')}: {tokens / 1e6:,.1f}M tokens{at} ({note})")
+            shown = None if minutes is None else (f"{minutes:.0f} minutes" if minutes < 120 else f"{minutes / 60:.1f} hours")
+            at = "" if shown is None else f", {shown} of transfer at this run's speed"
+            text.append(f"{label}: {tokens / 1e6:,.1f}M tokens{at} ({note})")
     return ("\n".join(lines) + f"\n\nFrom `docs/figures/{name}`. The fitting curve of {best['name']} extended "
             "(a rough extrapolation): " + ("; ".join(text) or "not measured") + ".\n")
 

@@ -45,7 +45,9 @@ def main(argv=None):
         row["decode"] = {"context": args.context, "teacher_ms": ms["teacher"], "student_ms": ms[folder]}
         write_json(str(target), row)
     if args.output:
-        write_json(args.output, record)
+        from modeling_performer.recipes.bench_common import provenance
+
+        write_json(args.output, {**record, **provenance()})
 
 
 if __name__ == "__main__":
