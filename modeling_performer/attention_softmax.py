@@ -7,6 +7,9 @@ import torch.nn.functional as F
 
 from .attention_common import repeat_key_heads
 
+# SDPA takes grouped key/value heads as they are (enable_gqa) from torch 2.5.
+_SDPA_GROUPS = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
 # --------------------------------------------------------------------------------------------
 # Exact softmax
 
@@ -47,16 +50,26 @@ def softmax_attention(
     """
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2]):
         raise ValueError(f"key_padding_mask must have shape [B, S] = {(k.shape[0], k.shape[2])}, got {tuple(key_padding_mask.shape)}")
-    k, v = repeat_key_heads(k, q.shape[1]), repeat_key_heads(v, q.shape[1])
     mask = build_attention_mask(q.shape[2], k.shape[2], key_padding_mask, causal, device=q.device)
     if attn_mask is not None:
         attn_mask = attn_mask.to(torch.bool)
         mask = attn_mask if mask is None else mask & attn_mask
+    groups = {}
+    if q.shape[1] != k.shape[1]:
+        # Without gradients, SDPA reads the grouped heads in place (the same outputs, bit for bit): a
+        # decoding step then does not copy the whole cache once per query group. On CUDA only without
+        # a mask, where the fused kernels take groups; gradients keep the repeated heads (their sums
+        # over a group would round differently).
+        grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if _SDPA_GROUPS and not grads and (q.device.type == "cpu" or mask is None):
+            groups = {"enable_gqa": True}
+        else:
+            k, v = repeat_key_heads(k, q.shape[1]), repeat_key_heads(v, q.shape[1])
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **groups)
     if causal and key_padding_mask is None and attn_mask is None and q.shape[2] == k.shape[2]:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, **groups)
     visible = mask.any(dim=-1, keepdim=True)  # [B, 1, T, 1]
     mask = mask | ~visible
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **groups)
     return out * visible.to(out.dtype)
