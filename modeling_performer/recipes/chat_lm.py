@@ -217,9 +217,8 @@ BOUNDS = {"documents_300": (0.9, "min"), "documents_1000": (0.9, "min"), "docume
           "fitting_minutes": (60.0, "max")}
 
 
-def meets(key: str, value: float) -> bool:
-    """Whether VALUE meets target KEY's bound."""
-    bound, kind = BOUNDS[key]
+def meets(value: float, bound: float, kind: str) -> bool:
+    """Whether VALUE meets a bound of KIND "max" (at most) or "min" (at least)."""
     return value <= bound if kind == "max" else value >= bound
 
 
@@ -322,20 +321,21 @@ def _power_law_budget(points: list, goal: float) -> tuple:
 def tokens_needed(curve: list, teacher: dict, tokens_per_minute: float | None = None) -> dict:
     """A rough transfer-token budget for each target the curve measures: perplexity within 5% of the
     teacher's at 2,048 tokens (the shortfall is the excess ratio - 1), and at least 90% of the teacher's
-    document score at each curve length (the shortfall is 1 - the fraction of the teacher's), each
+    document score at each curve length with a target (the shortfall is 1 - the fraction of the teacher's), each
     extended as a power law of the tokens through the curve's last two fitted points (None where met,
     or where the shortfall did not fall between them). With the transfer's `tokens_per_minute`, the
     minutes that budget takes at the same speed."""
     fitted = [p for p in curve if p["tokens"] > 0]
-    shortfalls = {}
+    shortfalls = {}  # target -> ((tokens, shortfall) points, the shortfall its bound allows)
     if teacher.get("ppl_2048"):
         shortfalls["perplexity_2048"] = ([(p["tokens"], p["ppl_2048"] / teacher["ppl_2048"] - 1)
-                                          for p in fitted if p.get("ppl_2048")], 0.05)
+                                          for p in fitted if p.get("ppl_2048")], BOUNDS["perplexity_2048"][0] - 1)
     for length, score in sorted((teacher.get("documents") or {}).items(), key=lambda kv: int(kv[0])):
-        if score:
-            shortfalls[f"documents_{length}"] = ([(p["tokens"], 1 - p["documents"][length] / score)
-                                                  for p in fitted if p.get("documents", {}).get(length) is not None],
-                                                 0.1)
+        key = f"documents_{length}"
+        if score and key in BOUNDS:
+            shortfalls[key] = ([(p["tokens"], 1 - p["documents"][length] / score)
+                                for p in fitted if p.get("documents", {}).get(length) is not None],
+                               1 - BOUNDS[key][0])
     out, notes = {}, {}
     for key, (points, goal) in shortfalls.items():
         tokens, power, note = _power_law_budget(points, goal)
@@ -362,5 +362,5 @@ def targets(results: dict) -> dict:
               "chat": results["chat"]["fraction_of_teacher"],
               "cache_8192": None if cache is None else cache["fraction"],
               "fitting_minutes": results["minutes"]["fitting_total"]}
-    return {k: {"target": TARGETS[k], "value": v, "met": None if v is None else meets(k, v)}
+    return {k: {"target": TARGETS[k], "value": v, "met": None if v is None else meets(v, *BOUNDS[k])}
             for k, v in values.items()}

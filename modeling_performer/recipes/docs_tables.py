@@ -7,7 +7,7 @@ import json
 
 from .chat_lm import BOUNDS
 from .docs_check import FIGURES
-from .frontier import kept_layers
+from .frontier import budget_rows, kept_layers
 
 
 def _percent(value) -> str:
@@ -401,15 +401,13 @@ def frontier_table(name: str = "smollm2/frontier.json") -> str:
             "fraction of the teacher's score, perplexity and cache as a ratio to the teacher's, decoding as the "
             "teacher's batch-1 ms per token over the student's; a target met in bold. "
             f"Recommended: {data['recommended']}"
-            + ("" if any(all(r["targets"].get(k) for k in r["targets"]) for r in data["rows"])
+            + ("" if any(all(r["targets"].values()) for r in data["rows"])
                else " (the closest: no row meets every target)") + ".\n")
 
 
 def frontier_budget_table(name: str = "smollm2/frontier.json") -> str:
     """The recommended configuration at each budget it was fitted on, and what its fitting curve says
     each missed target would take."""
-    from .frontier import budget_rows
-
     data = _load(name)
     rows = budget_rows(data["rows"], data["recommended"])
     lengths = sorted({n for row in rows for n in row["documents"]}, key=int)

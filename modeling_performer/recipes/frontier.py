@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-from .chat_lm import BOUNDS
+from .chat_lm import BOUNDS, meets
 
 # Each target: (column, bound, "max" or "min"): the recipe's bounds (chat_lm.BOUNDS), and decoding
 # at 8,192 tokens at least twice the teacher's speed.
@@ -21,7 +21,8 @@ _COLUMNS = {"documents_300": "documents.300.fraction", "documents_1000": "docume
             "perplexity_512": "perplexity_ratio.512", "perplexity_2048": "perplexity_ratio.2048",
             "perplexity_8192": "perplexity_ratio.8192", "chat": "chat.fraction", "cache_8192": "cache_fraction_8192",
             "decode_8192": "decode_speedup_8192", "fitting_minutes": "fitting.minutes"}
-TARGETS = {name: (column, *({**BOUNDS, "decode_8192": (2.0, "min")}[name])) for name, column in _COLUMNS.items()}
+_BOUNDS = {**BOUNDS, "decode_8192": (2.0, "min")}
+TARGETS = {name: (column, *_BOUNDS[name]) for name, column in _COLUMNS.items()}
 
 
 def _get(row: dict, column: str):
@@ -38,7 +39,7 @@ def verdicts(row: dict) -> dict:
     out = {}
     for name, (column, bound, kind) in TARGETS.items():
         value = _get(row, column)
-        out[name] = None if value is None else bool(value <= bound if kind == "max" else value >= bound)
+        out[name] = None if value is None else bool(meets(value, bound, kind))
     return out
 
 
@@ -153,4 +154,3 @@ def recommended(rows: list) -> dict | None:
         return None
     full = [row for row in budget_rows(rows, best["name"]) if row["evaluation"] == "full"]
     return max(full, key=lambda row: row["budget"]) if full else best
-
